@@ -1,0 +1,33 @@
+"""hf-sparse-ift: Sparse Wide GPT models (Sparse-IFT, arXiv 2303.11525) for the Hugging Face stack.
+
+Importing the package registers the model with AutoConfig / AutoModel / AutoModelForCausalLM, and
+marks the classes so that `save_pretrained` writes their code next to the weights: checkpoints then
+load with ``trust_remote_code=True`` where this package is not installed.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_sparse_wide_gpt import SparseWideGPTConfig
+from .modeling_sparse_wide_gpt import (
+    SparseLinear,
+    SparseWideGPTForCausalLM,
+    SparseWideGPTModel,
+    SparseWideGPTPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(SparseWideGPTConfig.model_type, SparseWideGPTConfig, exist_ok=True)
+AutoModel.register(SparseWideGPTConfig, SparseWideGPTModel, exist_ok=True)
+AutoModelForCausalLM.register(SparseWideGPTConfig, SparseWideGPTForCausalLM, exist_ok=True)
+SparseWideGPTConfig.register_for_auto_class()
+SparseWideGPTModel.register_for_auto_class("AutoModel")
+SparseWideGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "SparseLinear",
+    "SparseWideGPTConfig",
+    "SparseWideGPTForCausalLM",
+    "SparseWideGPTModel",
+    "SparseWideGPTPreTrainedModel",
+]

@@ -1,0 +1,183 @@
+"""Configuration of Sparse Wide GPT: a GPT-2/GPT-3 decoder widened by Sparse-IFT.
+
+The user gives the *dense* architecture and one number, the sparsity s. The config derives the
+widened sizes (``hidden_size``, ``intermediate_size``) and the sparsity each sparse layer actually has
+(``layer_sparsity``) from them, so the FLOPs stay those of the dense model.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from .iso_flop import BLOCK_LINEARS, GPTShape, calibrate_sparsity, sparse_wide_widths
+
+
+def _fail(field: str, value, allowed: str):
+    raise ValueError(f"SparseWideGPTConfig.{field}={value!r} is invalid: {allowed}")
+
+
+def _int_at_least(field: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(field, value, f"expected an integer >= {low}")
+    return value
+
+
+def _prob(field: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        _fail(field, value, "expected a number in [0, 1)")
+    return float(value)
+
+
+# Keys that PretrainedConfig itself reads or writes (serialised configs carry them); anything else
+# that is not one of our arguments is a typo and is rejected.
+_PRETRAINED_KEYS = frozenset(PretrainedConfig().to_dict()) | {
+    "torch_dtype", "dtype", "attn_implementation", "name_or_path", "_name_or_path", "_commit_hash",
+    "transformers_version", "architectures", "auto_map", "model_type", "num_labels", "id2label",
+    "label2id", "output_attentions", "output_hidden_states", "return_dict", "experts_implementation",
+    "_attn_implementation_autoset", "max_length", "min_length", "do_sample", "num_beams",
+}
+# Derived sizes are written to config.json so that tools which read the JSON see the real shapes;
+# on load they must agree with what the dense sizes and sparsity imply.
+_DERIVED_KEYS = ("hidden_size", "intermediate_size", "layer_sparsity", "head_dim")
+
+
+class SparseWideGPTConfig(PretrainedConfig):
+    r"""Configuration of [`SparseWideGPTForCausalLM`].
+
+    Args:
+        vocab_size: vocabulary size (GPT-2 BPE: 50257).
+        n_positions: context length (learned position embeddings).
+        n_layer: transformer blocks.
+        n_head: attention heads (kept when widening; head size grows with width).
+        dense_hidden_size: d_model of the dense model this one is iso-FLOP with (GPT-3 Small: 768).
+        dense_intermediate_size: d_ff of that dense model (default 4·dense_hidden_size).
+        sparsity: the Sparse-IFT hyperparameter s in [0, 1); layers widen by k = sqrt(1/(1-s)).
+        width_multiple: None reproduces the paper's widths (Table 14); an integer (e.g. 64) rounds the
+            widths to GPU-friendly multiples and re-calibrates the layer sparsity so the sparse layers'
+            FLOPs equal the dense model's (within 1e-6).
+        sparse_layers: which block linears are sparse (subset of q_proj, k_proj, v_proj, o_proj, fc_in,
+            fc_out). Embeddings, positions, LM head, norms and biases are always dense.
+        mask_seed: seed of the initial random masks (each layer draws from its own generator).
+        activation_function, resid_pdrop, embd_pdrop, attn_pdrop, layer_norm_epsilon,
+        initializer_range, tie_word_embeddings, use_cache, bos/eos/pad_token_id: as in GPT2Config.
+
+    Derived (read-only): ``hidden_size``, ``intermediate_size``, ``head_dim``, ``layer_sparsity``.
+    """
+
+    model_type = "sparse_wide_gpt"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "n_embd": "hidden_size",
+        "num_hidden_layers": "n_layer",
+        "num_attention_heads": "n_head",
+        "max_position_embeddings": "n_positions",
+        "n_ctx": "n_positions",
+    }
+
+    def __init__(
+        self,
+        vocab_size: int = 50257,
+        n_positions: int = 2048,
+        n_layer: int = 12,
+        n_head: int = 12,
+        dense_hidden_size: int = 768,
+        dense_intermediate_size: int | None = None,
+        sparsity: float = 0.0,
+        width_multiple: int | None = None,
+        sparse_layers: list[str] | tuple[str, ...] = BLOCK_LINEARS,
+        mask_seed: int = 0,
+        activation_function: str = "gelu_new",
+        resid_pdrop: float = 0.0,
+        embd_pdrop: float = 0.0,
+        attn_pdrop: float = 0.0,
+        layer_norm_epsilon: float = 1e-5,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        use_cache: bool = True,
+        bos_token_id: int | None = 50256,
+        eos_token_id: int | None = 50256,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        derived = {k: kwargs.pop(k) for k in _DERIVED_KEYS if k in kwargs}
+        unknown = sorted(set(kwargs) - _PRETRAINED_KEYS)
+        if unknown:
+            raise ValueError(
+                f"SparseWideGPTConfig got unknown option(s) {unknown}; valid options are the "
+                f"arguments documented on SparseWideGPTConfig and PretrainedConfig")
+
+        self.vocab_size = _int_at_least("vocab_size", vocab_size, 1)
+        self.n_positions = _int_at_least("n_positions", n_positions, 1)
+        self.n_layer = _int_at_least("n_layer", n_layer, 1)
+        self.n_head = _int_at_least("n_head", n_head, 1)
+        self.dense_hidden_size = _int_at_least("dense_hidden_size", dense_hidden_size, 1)
+        if dense_intermediate_size is None:
+            dense_intermediate_size = 4 * dense_hidden_size
+        self.dense_intermediate_size = _int_at_least("dense_intermediate_size", dense_intermediate_size, 1)
+        if dense_hidden_size % n_head:
+            _fail("n_head", n_head, f"must divide dense_hidden_size={dense_hidden_size}")
+        self.sparsity = _prob("sparsity", sparsity)
+        if width_multiple is not None:
+            _int_at_least("width_multiple", width_multiple, 1)
+        self.width_multiple = width_multiple
+        sparse_layers = list(sparse_layers)
+        bad = [name for name in sparse_layers if name not in BLOCK_LINEARS]
+        if bad or len(set(sparse_layers)) != len(sparse_layers):
+            _fail("sparse_layers", sparse_layers, f"expected distinct names from {list(BLOCK_LINEARS)}")
+        if self.sparsity > 0 and not sparse_layers:
+            _fail("sparse_layers", sparse_layers, "must name at least one layer when sparsity > 0")
+        self.sparse_layers = [name for name in BLOCK_LINEARS if name in sparse_layers]
+        if isinstance(mask_seed, bool) or not isinstance(mask_seed, int) or mask_seed < 0:
+            _fail("mask_seed", mask_seed, "expected an integer >= 0")
+        self.mask_seed = mask_seed
+        from transformers.activations import ACT2FN
+
+        if activation_function not in ACT2FN:
+            _fail("activation_function", activation_function, f"expected one of {sorted(ACT2FN)}")
+        self.activation_function = activation_function
+        self.resid_pdrop = _prob("resid_pdrop", resid_pdrop)
+        self.embd_pdrop = _prob("embd_pdrop", embd_pdrop)
+        self.attn_pdrop = _prob("attn_pdrop", attn_pdrop)
+        if isinstance(layer_norm_epsilon, bool) or not isinstance(layer_norm_epsilon, (int, float)) or layer_norm_epsilon <= 0:
+            _fail("layer_norm_epsilon", layer_norm_epsilon, "expected a number > 0")
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        if isinstance(initializer_range, bool) or not isinstance(initializer_range, (int, float)) or initializer_range <= 0:
+            _fail("initializer_range", initializer_range, "expected a number > 0")
+        self.initializer_range = float(initializer_range)
+        self.use_cache = use_cache
+
+        self.hidden_size, self.intermediate_size = sparse_wide_widths(
+            self.dense_hidden_size, self.dense_intermediate_size, self.n_head, self.sparsity, width_multiple)
+        self.head_dim = self.hidden_size // self.n_head
+        if width_multiple is None or self.sparsity == 0.0:
+            self.layer_sparsity = self.sparsity
+        else:
+            self.layer_sparsity = calibrate_sparsity(
+                self.dense_shape(), self.shape(layer_sparsity=0.0), scope="sparse_layers")
+        for key, value in derived.items():
+            mine = getattr(self, key)
+            if (abs(mine - value) > 1e-12) if isinstance(mine, float) else mine != value:
+                _fail(key, value, f"it is derived from the dense sizes and sparsity, which give {mine!r}")
+
+        super().__init__(
+            bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    # ------------------------------------------------------------------------------------------
+    def shape(self, seq_len: int | None = None, layer_sparsity: float | None = None) -> GPTShape:
+        """Sizes of this (widened) model for the FLOP counter in `iso_flop`."""
+        return GPTShape(
+            n_layer=self.n_layer, d_model=self.hidden_size, d_ff=self.intermediate_size,
+            vocab_size=self.vocab_size, seq_len=seq_len or self.n_positions,
+            layer_sparsity=self.layer_sparsity if layer_sparsity is None else layer_sparsity,
+            sparse_layers=tuple(self.sparse_layers) if self.sparsity > 0 else ())
+
+    def dense_shape(self, seq_len: int | None = None) -> GPTShape:
+        """Sizes of the dense model this one is iso-FLOP with."""
+        return GPTShape(
+            n_layer=self.n_layer, d_model=self.dense_hidden_size, d_ff=self.dense_intermediate_size,
+            vocab_size=self.vocab_size, seq_len=seq_len or self.n_positions, layer_sparsity=0.0,
+            sparse_layers=tuple(self.sparse_layers))
+
+
+__all__ = ["SparseWideGPTConfig"]

@@ -1,0 +1,250 @@
+"""Iso-FLOP arithmetic of Sparse-IFT (Thangarasa et al., arXiv 2303.11525).
+
+Pure Python (no torch): this file travels with every checkpoint as remote code, next to the
+configuration, so it must import nothing but the standard library.
+
+Three pieces:
+* the Sparse-IFT family formulas (Section 2.3): how wide / how many branches / which rank keeps a
+  layer at the FLOPs of the dense layer it replaces;
+* a per-token FLOP counter for a GPT, split into sparse block matmuls (active weights only), dense
+  matmuls (LM head and any block linear left dense) and attention scores (QK^T and AV);
+* calibration (Appendix A.2): bisection for the layer sparsity that makes a widened model's FLOPs
+  equal to the dense model's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+# The linear layers inside a transformer block, as named in the model.
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse-IFT family (one dense layer θ ∈ R^{d_in×d_out} at sparsity s, same FLOPs)
+# ----------------------------------------------------------------------------------------------
+def _check_sparsity(s: float) -> float:
+    if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0.0 <= s < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {s!r}")
+    return float(s)
+
+
+def sparse_wide_factor(sparsity: float) -> float:
+    """Sparse Wide: inputs and outputs of every layer widen by k = sqrt(1 / (1 - s))."""
+    return math.sqrt(1.0 / (1.0 - _check_sparsity(sparsity)))
+
+
+def sparse_parallel_branches(sparsity: float) -> float:
+    """Sparse Parallel: k = 1 / (1 - s) sparse branches, summed."""
+    return 1.0 / (1.0 - _check_sparsity(sparsity))
+
+
+def sparse_factorized_rank(d_in: int, d_out: int, sparsity: float) -> float:
+    """Sparse Factorized V^T σ(U^T z): inner width d = d_in·d_out / ((d_in + d_out)(1 - s))."""
+    return d_in * d_out / ((d_in + d_out) * (1.0 - _check_sparsity(sparsity)))
+
+
+def sparse_doped_rank(d_in: int, d_out: int, sparsity: float) -> float:
+    """Sparse Doped V^T(U^T z) + σ(θ^T z): dense low-rank width d = s·d_in·d_out / (d_in + d_out)."""
+    return _check_sparsity(sparsity) * d_in * d_out / (d_in + d_out)
+
+
+def family_layer_flops(member: str, d_in: int, d_out: int, sparsity: float) -> float:
+    """Multiply-accumulate FLOPs per input row (2 per active weight) of one transformed layer.
+
+    Equal to the dense layer's ``2·d_in·d_out`` for every member: that is the iso-FLOP property.
+    """
+    s = _check_sparsity(sparsity)
+    if member == "dense":
+        return 2.0 * d_in * d_out
+    if member == "wide":
+        k = sparse_wide_factor(s)
+        return 2.0 * (k * d_in) * (k * d_out) * (1 - s)
+    if member == "parallel":
+        return 2.0 * sparse_parallel_branches(s) * d_in * d_out * (1 - s)
+    if member == "factorized":
+        d = sparse_factorized_rank(d_in, d_out, s)
+        return 2.0 * (d_in * d + d * d_out) * (1 - s)
+    if member == "doped":
+        d = sparse_doped_rank(d_in, d_out, s)
+        return 2.0 * (d_in * d + d * d_out) + 2.0 * d_in * d_out * (1 - s)
+    raise ValueError(f"member must be one of dense, wide, parallel, factorized, doped; got {member!r}")
+
+
+def round_up(x: float, multiple: int) -> int:
+    """Smallest multiple of `multiple` that is >= x (tolerant to float noise such as 1536.0000001)."""
+    return int(math.ceil(x / multiple - 1e-9)) * multiple
+
+
+def sparse_wide_widths(
+    d_model: int, d_ff: int, n_head: int, sparsity: float, width_multiple: int | None = None
+) -> tuple[int, int]:
+    """Widened (d_model, d_ff) of Sparse Wide.
+
+    Default (``width_multiple=None``), as the paper's Table 14: d_model = k·d_model rounded up to a
+    multiple of the head count, d_ff = round(k·d_ff). GPT-3 Small: 50% -> 1092/4344, 75% -> 1536/6144.
+    With ``width_multiple=m``: d_model rounded up to a multiple of lcm(m, n_head) and d_ff rounded up to
+    a multiple of m, so head size and matmul shapes suit GPU kernels (the caller re-calibrates s).
+    """
+    k = sparse_wide_factor(sparsity)
+    if width_multiple is None:
+        return round_up(k * d_model, n_head), int(round(k * d_ff))
+    return round_up(k * d_model, math.lcm(width_multiple, n_head)), round_up(k * d_ff, width_multiple)
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOP counter
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GPTShape:
+    """What FLOPs depend on: sizes of a GPT-2/3 style decoder, and its block sparsity."""
+
+    n_layer: int
+    d_model: int
+    d_ff: int
+    vocab_size: int
+    seq_len: int
+    layer_sparsity: float = 0.0
+    sparse_layers: tuple[str, ...] = BLOCK_LINEARS
+
+
+def linear_shapes(d_model: int, d_ff: int) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each block linear."""
+    return {
+        "q_proj": (d_model, d_model),
+        "k_proj": (d_model, d_model),
+        "v_proj": (d_model, d_model),
+        "o_proj": (d_model, d_model),
+        "fc_in": (d_ff, d_model),
+        "fc_out": (d_model, d_ff),
+    }
+
+
+def num_inactive(numel: int, sparsity: float) -> int:
+    """Inactive weights of a layer with `numel` weights: exactly round(s·n) (the masks use this too)."""
+    return int(round(sparsity * numel))
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs per token. ``*_forward`` count one forward pass; training is 3× forward (the backward pass
+    computes the input and the weight gradient, each as costly as the forward matmul).
+
+    * sparse_matmul: block linears that are sparse, active weights only (ideal sparse hardware);
+    * sparse_matmul_executed: the same layers as masked-dense matmuls (what a GPU executes);
+    * dense_matmul: LM head plus block linears kept dense (embedding look-ups cost no FLOPs);
+    * attention: QK^T and AV, 2·2·seq_len·d_model per layer; they grow with width and context and do
+      not shrink with sparsity. Counted over the full context, like PaLM's 6N + 12·L·d·T.
+    """
+
+    sparse_matmul: float
+    sparse_matmul_executed: float
+    dense_matmul: float
+    attention: float
+
+    @property
+    def forward(self) -> float:
+        return self.sparse_matmul + self.dense_matmul + self.attention
+
+    @property
+    def forward_executed(self) -> float:
+        return self.sparse_matmul_executed + self.dense_matmul + self.attention
+
+    @property
+    def training(self) -> float:
+        return 3.0 * self.forward
+
+    @property
+    def training_executed(self) -> float:
+        return 3.0 * self.forward_executed
+
+    def as_dict(self) -> dict[str, float]:
+        d = asdict(self)
+        d.update(forward=self.forward, forward_executed=self.forward_executed,
+                 training=self.training, training_executed=self.training_executed)
+        return d
+
+
+def count_flops(shape: GPTShape) -> FlopCount:
+    """Per-token FLOPs of a GPT of the given shape (see `FlopCount`)."""
+    sparse = executed = dense = 0.0
+    for name, (d_out, d_in) in linear_shapes(shape.d_model, shape.d_ff).items():
+        n = d_out * d_in
+        if name in shape.sparse_layers:
+            sparse += 2.0 * (n - num_inactive(n, shape.layer_sparsity))
+            executed += 2.0 * n
+        else:
+            dense += 2.0 * n
+    per_layer_attention = 2.0 * 2.0 * shape.seq_len * shape.d_model
+    return FlopCount(
+        sparse_matmul=shape.n_layer * sparse,
+        sparse_matmul_executed=shape.n_layer * executed,
+        dense_matmul=shape.n_layer * dense + 2.0 * shape.d_model * shape.vocab_size,
+        attention=shape.n_layer * per_layer_attention,
+    )
+
+
+def flop_ratio(shape: GPTShape, dense: GPTShape) -> float:
+    """Forward FLOPs of `shape` over those of the dense reference: > 1 means more costly than dense."""
+    return count_flops(shape).forward / count_flops(dense).forward
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration (paper Appendix A.2)
+# ----------------------------------------------------------------------------------------------
+CALIBRATION_SCOPES = ("total", "sparse_layers")
+
+
+def calibrate_sparsity(
+    dense: GPTShape, wide: GPTShape, scope: str = "total", rtol: float = 1e-6
+) -> float:
+    """Sparsity of `wide`'s sparse layers that makes its FLOPs equal `dense`'s within `rtol`.
+
+    ``scope="total"`` matches whole-model forward FLOPs (A.2: dense embeddings/LM head and attention
+    included); ``scope="sparse_layers"`` matches the FLOPs of the transformed layers only (the
+    transformation's own iso-FLOP definition, which Table 14 follows). Bisection, since FLOPs fall
+    monotonically with sparsity; raises ValueError when no sparsity in [0, 1) reaches the target.
+    """
+    if scope not in CALIBRATION_SCOPES:
+        raise ValueError(f"scope must be one of {CALIBRATION_SCOPES}, got {scope!r}")
+    if not wide.sparse_layers:
+        raise ValueError("wide.sparse_layers is empty: there is no sparsity to calibrate")
+
+    def flops(shape: GPTShape) -> float:
+        c = count_flops(shape)
+        return c.forward if scope == "total" else c.sparse_matmul
+
+    def with_s(s: float) -> GPTShape:
+        return GPTShape(**{**asdict(wide), "layer_sparsity": s, "sparse_layers": tuple(wide.sparse_layers)})
+
+    dense_for_target = GPTShape(**{**asdict(dense), "sparse_layers": tuple(wide.sparse_layers)})
+    target = flops(dense_for_target)
+    lo, hi = 0.0, 1.0
+    if flops(with_s(lo)) < target * (1 - rtol):
+        raise ValueError(
+            f"widths d_model={wide.d_model}, d_ff={wide.d_ff} already cost fewer FLOPs ({flops(with_s(0)):.6g}) "
+            f"than the dense model ({target:.6g}) at sparsity 0: widen more")
+    if flops(with_s(hi)) > target * (1 + rtol):
+        raise ValueError(
+            f"widths d_model={wide.d_model}, d_ff={wide.d_ff} exceed the dense model's {scope} FLOPs "
+            f"({target:.6g}) even with every sparse weight removed: no sparsity is iso-FLOP")
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if flops(with_s(mid)) > target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-15:
+            break
+    # Masks round inactive counts to whole weights; pick the end of the bracket that is closer.
+    best = min((lo, hi), key=lambda s: abs(flops(with_s(s)) - target))
+    err = abs(flops(with_s(best)) / target - 1.0)
+    if err > rtol:
+        raise ValueError(f"calibration reached only {err:.3g} relative error (> rtol={rtol})")
+    return best
+
+
+def chinchilla_tokens(num_params: float, tokens_per_param: float = 20.0) -> float:
+    """Compute-optimal training tokens (Hoffmann et al. 2022: about 20 tokens per parameter)."""
+    return tokens_per_param * num_params

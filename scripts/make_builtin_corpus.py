@@ -1,0 +1,75 @@
+"""Build the corpus and tokenizer shipped in `hf_sparse_ift/builtin/` (run once; output is committed).
+
+Corpus: the docstrings of the Python standard library (English technical prose, PSF licence), one
+document per module / class / function, deduplicated; every 20th document goes to validation.
+Tokenizer: byte-level BPE with 4096 entries trained on the train split, ``<|endoftext|>`` = id 0
+(GPT-2's scheme at a size a 2-core CPU can train against in minutes).
+
+    python scripts/make_builtin_corpus.py
+"""
+
+import gzip
+import inspect
+import json
+import sys
+import warnings
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "hf_sparse_ift" / "builtin"
+SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__main__", "pydoc_data", "lib2to3"}
+
+
+def docstrings():
+    seen = set()
+    for name in sorted(sys.stdlib_module_names):
+        if name in SKIP or name.startswith("_"):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = __import__(name)
+        except Exception:
+            continue
+        objects = [module] + [v for k, v in sorted(vars(module).items()) if not k.startswith("_")]
+        for obj in objects:
+            if not (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isroutine(obj)):
+                continue
+            if inspect.ismodule(obj) and obj is not module:
+                continue
+            members = [obj] + ([v for k, v in sorted(vars(obj).items()) if not k.startswith("_") and inspect.isroutine(v)]
+                               if inspect.isclass(obj) else [])
+            for item in members:
+                doc = inspect.getdoc(item)
+                if doc and len(doc) >= 200 and doc not in seen:
+                    seen.add(doc)
+                    yield doc
+
+
+def main():
+    docs = list(docstrings())
+    train = [d for i, d in enumerate(docs) if i % 20]
+    validation = [d for i, d in enumerate(docs) if i % 20 == 0]
+    for split, rows in (("train", train), ("validation", validation)):
+        with gzip.open(OUT / f"corpus-{split}.jsonl.gz", "wt", encoding="utf-8", compresslevel=9) as f:
+            for text in rows:
+                f.write(json.dumps({"text": text}) + "\n")
+    print(f"{len(train)} train / {len(validation)} validation documents, "
+          f"{sum(map(len, train)) / 1e6:.2f}M / {sum(map(len, validation)) / 1e6:.2f}M characters")
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(train, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", model_max_length=128)
+    fast.save_pretrained(OUT / "tokenizer")
+    print("tokenizer:", len(fast), "tokens")
+
+
+if __name__ == "__main__":
+    main()

@@ -56,12 +56,39 @@ class _MaskGradient(torch.autograd.Function):
         return grad * mask, None
 
 
+class _CaptureDenseGradient(torch.autograd.Function):
+    """As `_MaskGradient`, and also accumulates the unmasked gradient into ``layer.dense_grad``.
+
+    Used only on the steps where RigL / SRigL update masks (they rank inactive positions by it).
+    """
+
+    @staticmethod
+    def forward(weight: torch.Tensor, mask: torch.Tensor, layer: "SparseLinear") -> torch.Tensor:
+        return weight.view_as(weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.layer = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        layer = ctx.layer
+        layer.dense_grad = grad.detach().clone() if layer.dense_grad is None else layer.dense_grad.add_(grad)
+        return grad * mask, None, None
+
+
 class SparseLinear(nn.Linear):
     """`nn.Linear` whose weight has a fixed-size set of active positions, ``weight_mask`` (bool).
 
     Invariant: ``weight[~weight_mask] == 0`` exactly. The mask is a persistent buffer (1 byte per
     weight) because regrown weights are zero too, so a mask cannot be read off the weights.
     """
+
+    # Set by the DST engine before the backward pass of a RigL / SRigL update step.
+    capture_dense_grad = False
+    dense_grad = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  sparsity: float = 0.0, mask_seed: int = 0, residual_projection: bool = False,
@@ -89,7 +116,10 @@ class SparseLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if weight.requires_grad and torch.is_grad_enabled():
-            weight = _MaskGradient.apply(weight, self.weight_mask)
+            if self.capture_dense_grad:
+                weight = _CaptureDenseGradient.apply(weight, self.weight_mask, self)
+            else:
+                weight = _MaskGradient.apply(weight, self.weight_mask)
         return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:

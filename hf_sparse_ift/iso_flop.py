@@ -185,6 +185,24 @@ def count_flops(shape: GPTShape) -> FlopCount:
     )
 
 
+def count_parameters(shape: GPTShape, n_positions: int, tied_embeddings: bool = True) -> dict[str, int]:
+    """Parameters of a GPT of `shape`: total, active (inactive sparse weights excluded), sparse weights and
+    inactive ones. Per block: 6 linears, their biases (5·d + d_ff) and two LayerNorms (4·d)."""
+    d = shape.d_model
+    sparse = inactive = 0
+    block = 9 * d + shape.d_ff
+    for name, (d_out, d_in) in linear_shapes(d, shape.d_ff).items():
+        block += d_out * d_in
+        if name in shape.sparse_layers:
+            sparse += d_out * d_in
+            inactive += num_inactive(d_out * d_in, shape.layer_sparsity)
+    total = (shape.vocab_size + n_positions) * d + shape.n_layer * block + 2 * d
+    if not tied_embeddings:
+        total += shape.vocab_size * d
+    return {"total": total, "active": total - shape.n_layer * inactive, "sparse_weights": shape.n_layer * sparse,
+            "inactive": shape.n_layer * inactive}
+
+
 def flop_ratio(shape: GPTShape, dense: GPTShape) -> float:
     """Forward FLOPs of `shape` over those of the dense reference: > 1 means more costly than dense."""
     return count_flops(shape).forward / count_flops(dense).forward

@@ -66,7 +66,7 @@ def main():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(train, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>", model_max_length=128)
+                                   unk_token="<|endoftext|>", model_max_length=2048)
     fast.save_pretrained(OUT / "tokenizer")
     print("tokenizer:", len(fast), "tokens")
 

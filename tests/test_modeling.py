@@ -154,3 +154,12 @@ def test_parameter_counts(tiny_model):
     sparse = sum(m.weight.numel() for m in tiny_model.sparse_modules().values())
     assert counts["inactive"] == round(0.75 * sparse)  # 0.75·n is whole for these sizes
     assert counts["active"] == counts["total"] - counts["inactive"]
+
+
+def test_parameter_formula_matches_the_model():
+    from hf_sparse_ift.iso_flop import count_parameters
+
+    for overrides in ({}, {"sparsity": 0.0}, {"sparsity": 0.6, "width_multiple": 8, "sparse_layers": ["fc_in"]}):
+        model = SparseWideGPTForCausalLM(tiny_config(**overrides))
+        c = model.config
+        assert count_parameters(c.shape(), c.n_positions) == model.num_parameters_sparse()

@@ -1,0 +1,4 @@
+HANDLERS = {}
+
+def add_parsers(sub):
+    pass

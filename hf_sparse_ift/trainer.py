@@ -1,0 +1,305 @@
+"""The pretraining loop: accelerate for devices / precision / accumulation / checkpoints / trackers,
+`DSTEngine` for the masks, `PackedStream` for the data, transformers' cosine schedule for the lr.
+
+Checkpoints (``<output_dir>/checkpoint-<step>``) hold the full training state written by
+``accelerator.save_state`` (model with masks, optimizer, scheduler, RNG, the DST engine and every rank's
+data position) plus ``hf/``, a `save_pretrained` export with tokenizer and model card. Each is written
+to a ``.tmp`` folder and renamed into place, so a crash while saving leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from .data import PackedStream, batches, load_tokenizer, resolve_data_config, validation_batches
+from .dst import DSTEngine, summarize
+from .iso_flop import count_flops
+from .modeling_sparse_wide_gpt import SparseWideGPTForCausalLM
+from .training_config import PretrainConfig
+
+logger = logging.getLogger("hf_sparse_ift.pretrain")
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class DataPosition:
+    """Every rank's `PackedStream` position, saved by the main process in one checkpoint object."""
+
+    def __init__(self, stream: PackedStream, accelerator: Accelerator):
+        self.stream, self.accelerator = stream, accelerator
+
+    def state_dict(self) -> dict:
+        return {"ranks": gather_object([self.stream.state_dict()])}
+
+    def load_state_dict(self, state: dict) -> None:
+        ranks = state["ranks"]
+        if len(ranks) != self.accelerator.num_processes:
+            raise ValueError(f"checkpoint was written by {len(ranks)} processes, this run has "
+                             f"{self.accelerator.num_processes}: data positions cannot be matched")
+        self.stream.load_state_dict(ranks[self.accelerator.process_index])
+
+
+class TrainingProgress:
+    """Step counter and tokens seen, checkpointed with the rest."""
+
+    def __init__(self):
+        self.step = 0
+        self.tokens = 0
+
+    def state_dict(self):
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, state):
+        self.step, self.tokens = state["step"], state["tokens"]
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a ``.tmp`` folder is an interrupted save and is ignored)."""
+    root = Path(output_dir)
+    found = [(int(m.group(1)), p) for p in root.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def _peak_flops(setting) -> float | None:
+    if setting not in ("auto", None):
+        return float(setting) * 1e12
+    if setting is None or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (biases, norms and position/token embeddings are exempt,
+    as in GPT-3 / Megatron). Fused on CUDA."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "wte" not in name and "wpe" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=fused)
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
+    """Train as `cfg` says; returns a summary (final step, losses, checkpoint paths, wall time)."""
+    start_time = time.time()
+    out_dir = Path(cfg.train.output_dir)
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = cfg.train.micro_batch_size * world
+    if cfg.train.global_batch_size % per_step:
+        raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} is invalid: must be a multiple of "
+                         f"micro_batch_size x processes = {cfg.train.micro_batch_size} x {world}")
+    accumulation = cfg.train.global_batch_size // per_step
+    trackers = [t for t in cfg.train.trackers if t]
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=accumulation,
+                              log_with=trackers or None, project_dir=str(out_dir),
+                              dynamo_backend="inductor" if cfg.train.compile else "no")
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "removed shared tensor" of tied lm_head
+    set_seed(cfg.train.seed)
+
+    data_cfg = resolve_data_config(cfg.data)
+    tokenizer = load_tokenizer(data_cfg.tokenizer)
+    model_config = cfg.model_config()
+    if len(tokenizer) > model_config.vocab_size:
+        raise ValueError(f"tokenizer {data_cfg.tokenizer!r} has {len(tokenizer)} tokens but model vocab_size is "
+                         f"{model_config.vocab_size}: set model.vocab_size >= {len(tokenizer)}")
+    model = SparseWideGPTForCausalLM(model_config)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.to(accelerator.device)
+    total_steps = cfg.steps()
+    optimizer = build_optimizer(model, cfg)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=cfg.warmup_steps(), num_training_steps=total_steps,
+        min_lr_rate=cfg.optim.min_lr_ratio)
+    # The scheduler steps once per optimizer step; accelerate must not multiply it by the process count.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    engine = DSTEngine(model, optimizer, cfg.dst, total_steps=total_steps)
+    stream = PackedStream(data_cfg, tokenizer, data_cfg.train_split, accelerator.process_index,
+                          accelerator.num_processes, seed=cfg.train.seed)
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(scheduler, engine, DataPosition(stream, accelerator), progress)
+
+    if resume:
+        found = list_checkpoints(out_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no complete checkpoint-<step> folder in {out_dir}")
+        accelerator.load_state(str(found[-1]))
+        logger.info("resumed from %s at step %d", found[-1], progress.step)
+    elif list_checkpoints(out_dir):
+        raise FileExistsError(f"{out_dir} already holds checkpoints: pass --resume to continue, or choose "
+                              "another train.output_dir")
+
+    val = validation_batches(data_cfg, tokenizer, cfg.train.micro_batch_size, cfg.train.eval_batches,
+                             accelerator.process_index, accelerator.num_processes)
+    unwrapped = accelerator.unwrap_model(model)
+    flops_per_token = count_flops(model_config.shape(seq_len=data_cfg.seq_len))
+    peak = _peak_flops(cfg.train.peak_tflops)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "pretrain_config.yaml").write_text(cfg.to_yaml())
+    if trackers:
+        flat = {f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+                for s, d in cfg.to_dict().items() for k, v in d.items()}
+        accelerator.init_trackers(cfg.train.project_name, config=flat)
+
+    counts = unwrapped.num_parameters_sparse()
+    logger.info("model: %s total / %s active parameters, sparsity %.3f, %d steps x %d sequences x %d tokens, "
+                "accumulation %d, precision %s, data %s", f"{counts['total']:,}", f"{counts['active']:,}",
+                engine.sparsity(), total_steps, cfg.train.global_batch_size, data_cfg.seq_len, accumulation,
+                precision, data_cfg.dataset)
+
+    def evaluate() -> float | None:
+        if not val:
+            return None
+        model.eval()
+        losses = []
+        with torch.no_grad():
+            for x in val:
+                x = x.to(accelerator.device)
+                losses.append(model(input_ids=x, labels=x).loss.float())
+        model.train()
+        return accelerator.gather(torch.stack(losses)).mean().item()
+
+    history = {"train_loss": [], "val_loss": []}
+    if progress.step == 0:
+        v = evaluate()
+        if v is not None:
+            history["val_loss"].append((0, v))
+            accelerator.log({"val/loss": v, "val/perplexity": math.exp(v)}, step=0)
+            logger.info("step 0: val loss %.4f", v)
+
+    bar = None
+    if accelerator.is_main_process and cfg.train.progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=progress.step, desc="pretrain", unit="step", dynamic_ncols=True)
+    train_batches = batches(stream, cfg.train.micro_batch_size)
+    tokens_per_step = cfg.train.global_batch_size * data_cfg.seq_len
+    window_start, window_tokens = time.perf_counter(), 0
+    model.train()
+    grad_norm = None
+    while progress.step < total_steps:
+        step_loss = torch.zeros((), device=accelerator.device)
+        for _ in range(accumulation):
+            x = next(train_batches).to(accelerator.device)
+            with accelerator.accumulate(model):
+                loss = model(input_ids=x, labels=x).loss
+                accelerator.backward(loss)
+                step_loss += loss.detach() / accumulation
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) \
+                        if cfg.optim.grad_clip > 0 else None
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
+        if not math.isfinite(mean_loss):
+            last = list_checkpoints(out_dir)
+            raise NonFiniteLossError(
+                f"loss is {mean_loss} at step {progress.step + 1}: stopping. The last good checkpoint is "
+                f"{last[-1] if last else 'none (no checkpoint was written yet)'}; lower optim.lr or check the data.")
+        scheduler.step()
+        telemetry = engine.step()
+        progress.step += 1
+        progress.tokens += tokens_per_step
+        window_tokens += tokens_per_step
+        history["train_loss"].append((progress.step, mean_loss))
+
+        if telemetry is not None:
+            accelerator.log(summarize(telemetry), step=progress.step)
+        if progress.step % cfg.train.log_interval == 0 or progress.step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            tok_s = window_tokens / max(elapsed, 1e-9)
+            logs = {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
+                    "train/tokens_seen": progress.tokens, "train/tokens_per_s": tok_s,
+                    "train/sparsity": engine.sparsity()}
+            if grad_norm is not None:
+                logs["train/grad_norm"] = float(grad_norm)
+            if peak:
+                logs["train/mfu_active"] = tok_s * flops_per_token.training / peak
+                logs["train/mfu_executed"] = tok_s * flops_per_token.training_executed / peak
+            accelerator.log(logs, step=progress.step)
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{logs['train/lr']:.2e}", tok_s=f"{tok_s:,.0f}",
+                                sparsity=f"{logs['train/sparsity']:.3f}")
+            window_start, window_tokens = time.perf_counter(), 0
+        if bar is not None:
+            bar.update(1)
+        if progress.step % cfg.train.eval_interval == 0 or progress.step == total_steps:
+            v = evaluate()
+            if v is not None:
+                history["val_loss"].append((progress.step, v))
+                accelerator.log({"val/loss": v, "val/perplexity": math.exp(v)}, step=progress.step)
+                if bar is not None:
+                    bar.write(f"step {progress.step}: val loss {v:.4f} (perplexity {math.exp(v):.1f})")
+        if progress.step % cfg.train.checkpoint_interval == 0 or progress.step == total_steps:
+            save_checkpoint(accelerator, model, tokenizer, cfg, out_dir, progress.step)
+    if bar is not None:
+        bar.close()
+    accelerator.end_training()
+    summary = {"steps": progress.step, "tokens": progress.tokens, "wall_seconds": time.time() - start_time,
+               "val_loss": history["val_loss"], "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
+               "checkpoints": [str(p) for p in list_checkpoints(out_dir)], "dataset": data_cfg.dataset}
+    if accelerator.is_main_process:
+        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def save_checkpoint(accelerator: Accelerator, model, tokenizer, cfg: PretrainConfig, out_dir: Path, step: int) -> Path:
+    """Write ``checkpoint-<step>`` atomically (``.tmp`` then rename) and keep the newest K."""
+    final = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        export = tmp / "hf"
+        unwrapped.save_pretrained(export, state_dict=accelerator.get_state_dict(model, unwrap=True)
+                                  if accelerator.distributed_type.name.startswith("FSDP") else None)
+        tokenizer.save_pretrained(export)
+        (export / "training_config.yaml").write_text(cfg.to_yaml())
+        from .model_card import write_model_card
+
+        write_model_card(export, training_config=cfg.to_dict())
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(out_dir)[:-cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file of a checkpoint to disk before it is renamed into place."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 DEFAULT_PRETRAIN_CONFIG = "pretrain-tiny"
@@ -47,15 +48,20 @@ def _plan_parser(sub) -> None:
 
 
 def cmd_pretrain(args) -> int:
-    from .trainer import pretrain
+    from .trainer import NonFiniteLossError, pretrain
     from .training_config import load_pretrain_config
 
     cfg = load_pretrain_config(args.config, args.overrides)
     if args.print_config:
         print(cfg.to_yaml())
         return 0
-    summary = pretrain(cfg, resume=args.resume)
-    print(json.dumps({k: summary[k] for k in ("steps", "tokens", "wall_seconds", "dataset")}))
+    try:
+        summary = pretrain(cfg, resume=args.resume)
+    except NonFiniteLossError as err:
+        print(f"hf-sparse-ift pretrain: stopped: {err}", file=sys.stderr)
+        return 3
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: summary[k] for k in ("steps", "tokens", "wall_seconds", "dataset", "processes")}))
     return 0
 
 
@@ -116,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"hf-sparse-ift {args.command}: error: {err}", file=sys.stderr)
         return 2
+
 
 
 if __name__ == "__main__":

@@ -325,6 +325,25 @@ class DSTEngine:
         self.initial_masks = {k: v.to(self.layers[k].weight.device) for k, v in state["initial_masks"].items()}
         self._arm_dense_grad_capture()
 
+    # --- distributed safety net ---
+    @torch.no_grad()
+    def masks_synchronized(self) -> bool:
+        """True when every rank holds the same masks (compares per-layer checksums; one all-gather).
+
+        Cheap enough to run after each update: a silent divergence would corrupt every later step.
+        """
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return True
+        sums = []
+        for layer in self.layers.values():
+            flat = layer.weight_mask.reshape(-1)
+            positions = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
+            sums.append(torch.stack([flat.sum(dtype=torch.float64), (positions * flat).sum(), (positions.sqrt() * flat).sum()]))
+        local = torch.stack(sums) if sums else torch.zeros(1, 3, dtype=torch.float64)
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
+
     # --- reporting ---
     def sparsity(self) -> float:
         """Current fraction of inactive weights over all sparse layers."""

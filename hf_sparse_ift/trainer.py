@@ -112,7 +112,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
                          f"micro_batch_size x processes = {cfg.train.micro_batch_size} x {world}")
     accumulation = cfg.train.global_batch_size // per_step
     trackers = [t for t in cfg.train.trackers if t]
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=accumulation,
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
+                              gradient_accumulation_steps=accumulation,
                               log_with=trackers or None, project_dir=str(out_dir),
                               dynamo_backend="inductor" if cfg.train.compile else "no")
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
@@ -203,6 +204,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     window_start, window_tokens = time.perf_counter(), 0
     model.train()
     grad_norm = None
+    mask_checks = 0  # DST updates after which all ranks were verified to hold the same masks
     while progress.step < total_steps:
         step_loss = torch.zeros((), device=accelerator.device)
         for _ in range(accumulation):
@@ -230,6 +232,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         history["train_loss"].append((progress.step, mean_loss))
 
         if telemetry is not None:
+            if not engine.masks_synchronized():
+                raise RuntimeError(f"sparse masks differ between ranks after the DST update at step {progress.step}")
+            mask_checks += accelerator.num_processes > 1
             accelerator.log(summarize(telemetry), step=progress.step)
         if progress.step % cfg.train.log_interval == 0 or progress.step == total_steps:
             elapsed = time.perf_counter() - window_start
@@ -263,7 +268,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     accelerator.end_training()
     summary = {"steps": progress.step, "tokens": progress.tokens, "wall_seconds": time.time() - start_time,
                "val_loss": history["val_loss"], "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
-               "checkpoints": [str(p) for p in list_checkpoints(out_dir)], "dataset": data_cfg.dataset}
+               "checkpoints": [str(p) for p in list_checkpoints(out_dir)], "dataset": data_cfg.dataset,
+               "processes": accelerator.num_processes, "mask_checks": mask_checks}
     if accelerator.is_main_process:
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -277,6 +283,7 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, cfg: PretrainCon
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank has written its RNG state into tmp before it is renamed
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         export = tmp / "hf"

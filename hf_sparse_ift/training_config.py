@@ -129,6 +129,8 @@ class TrainLoopConfig:
                     "checkpoint_interval", "keep_checkpoints"):
             _positive_int(f"train.{key}", getattr(self, key))
         _positive_int("train.max_steps", self.max_steps, allow_none=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            _bad("train.seed", self.seed, "expected an integer >= 0")
         if self.total_tokens is not None:
             _number("train.total_tokens", self.total_tokens, low=0, low_open=True)
         if self.max_steps is None and self.total_tokens is None:

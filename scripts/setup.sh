@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set-up on a fresh machine, idempotent: a virtual environment in .venv holding PyTorch and this package
+# with its test tools. Without a GPU it installs torch 2.13.0, whose CPU build this project's machines
+# keep on disk; with one (nvidia-smi present) it installs the default CUDA build from PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    .venv/bin/python -m pip install -q torch
+  else
+    .venv/bin/python -m pip install -q "torch==2.13.0"
+  fi
+fi
+.venv/bin/python -m pip install -q -e ".[dev]"

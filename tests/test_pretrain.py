@@ -1,0 +1,120 @@
+"""End-to-end pretraining: the real CLI on the built-in data, a tiny model, a few steps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_distributed import accelerate_launch
+from transformers import AutoModelForCausalLM
+
+import hf_sparse_ift  # noqa: F401  (registers the model)
+from hf_sparse_ift.trainer import NonFiniteLossError, pretrain
+from hf_sparse_ift.training_config import load_pretrain_config
+
+FAST = ["model.n_layer=2", "model.dense_hidden_size=32", "model.dense_intermediate_size=128", "model.n_head=2",
+        "data.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4", "train.eval_batches=2",
+        "train.log_interval=2", "train.trackers=[]", "train.progress_bar=false", "dst.update_interval=3"]
+
+
+def cli(*args, env=None):
+    return [sys.executable, "-m", "hf_sparse_ift.cli", *args]
+
+
+def overrides(out, steps, every):
+    return FAST + [f"train.output_dir={out}", f"train.max_steps={steps}", f"train.checkpoint_interval={every}",
+                   f"train.eval_interval={every}"]
+
+
+def test_short_run_lowers_loss_writes_loadable_checkpoints_and_keeps_last_k(tmp_path):
+    out = tmp_path / "run"
+    cfg = load_pretrain_config("pretrain-tiny", overrides(out, 12, 4) + ["train.keep_checkpoints=2",
+                                                                         "train.trackers=[tensorboard]"])
+    summary = pretrain(cfg)
+    assert summary["steps"] == 12 and summary["tokens"] == 12 * 8 * 32
+    assert [Path(p).name for p in summary["checkpoints"]] == ["checkpoint-8", "checkpoint-12"]
+    assert summary["val_loss"][-1][1] < summary["val_loss"][0][1]
+    assert not list(out.glob("*.tmp"))
+    export = out / "checkpoint-12" / "hf"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    for m in model.sparse_modules().values():
+        assert torch.count_nonzero(m.weight[~m.weight_mask]) == 0
+    assert (export / "tokenizer.json").exists() and (export / "README.md").exists()
+    assert list((out / "hf-sparse-ift").rglob("events.out.tfevents*"))  # TensorBoard logs
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        pretrain(load_pretrain_config("pretrain-tiny", overrides(tmp_path / "a", 2, 2)), resume=True)
+    pretrain(load_pretrain_config("pretrain-tiny", overrides(tmp_path / "b", 2, 2)))
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        pretrain(load_pretrain_config("pretrain-tiny", overrides(tmp_path / "b", 2, 2)))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    cfg = load_pretrain_config("pretrain-tiny", overrides(out, 10, 1) + ["optim.lr=1.0e+30", "optim.grad_clip=0"])
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step \d+: stopping. The last good checkpoint is"):
+        pretrain(cfg)
+    kept = sorted(out.glob("checkpoint-*"))
+    assert kept and not list(out.glob("*.tmp"))
+    assert AutoModelForCausalLM.from_pretrained(kept[-1] / "hf") is not None
+
+
+def final_state(ckpt: Path) -> dict:
+    state = {f"model.{k}": v for k, v in load_file(ckpt / "model.safetensors").items()}
+    optim = torch.load(ckpt / "optimizer.bin", weights_only=False)
+    for pid, s in optim["state"].items():
+        for k, v in s.items():
+            state[f"optim.{pid}.{k}"] = v
+    return state
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    steps, every = 30, 5
+    straight = tmp_path / "straight"
+    subprocess.run(cli("pretrain", *overrides(straight, steps, every)), env=env, check=True, timeout=600,
+                   capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli("pretrain", *overrides(killed, steps, every)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-15").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / f"checkpoint-{steps}").exists()
+    resumed = subprocess.run(cli("pretrain", "--resume", *overrides(killed, steps, every)), env=env, timeout=600,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+
+    a, b = final_state(straight / f"checkpoint-{steps}"), final_state(killed / f"checkpoint-{steps}")
+    assert a.keys() == b.keys() and any(k.endswith("weight_mask") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = json.loads((straight / "train_summary.json").read_text())
+    sb = json.loads((killed / "train_summary.json").read_text())
+    assert sa["val_loss"][-1] == sb["val_loss"][-1]
+
+
+@pytest.mark.slow
+def test_two_process_training_keeps_masks_identical(tmp_path):
+    out = tmp_path / "ddp"
+    script = str(Path(__file__).resolve().parent.parent / "scripts" / "pretrain.py")
+    proc = accelerate_launch(script, "--config", "pretrain-tiny", *overrides(out, 12, 6), tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["mask_checks"] == 2  # updates at steps 3 and 6 (< 0.75·12 = 9)
+    data = torch.load(out / "checkpoint-12" / "custom_checkpoint_2.pkl", weights_only=False)
+    assert len(data["ranks"]) == 2 and data["ranks"][0] != data["ranks"][1]  # each rank its own data position

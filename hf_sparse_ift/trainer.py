@@ -293,7 +293,7 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, cfg: PretrainCon
         (export / "training_config.yaml").write_text(cfg.to_yaml())
         from .model_card import write_model_card
 
-        write_model_card(export, training_config=cfg.to_dict())
+        write_model_card(export, repo_id=out_dir.name, training_config=cfg.to_dict())
         _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)

@@ -71,5 +71,32 @@ def main():
     print("tokenizer:", len(fast), "tokens")
 
 
+def make_tasks():
+    """Two small lm-eval tasks over the validation corpus, for offline evaluation tests:
+    multiple choice (pick the true continuation of a docstring among 4) and generate-until (arithmetic)."""
+    import random
+
+    rng = random.Random(0)
+    rows = [json.loads(line)["text"] for line in gzip.open(OUT / "corpus-validation.jsonl.gz", "rt")]
+    pieces = []
+    for text in rows:
+        words = text.split()
+        if len(words) >= 16:
+            pieces.append((" ".join(words[:10]), " ".join(words[10:16])))
+    tasks = OUT / "tasks"
+    tasks.mkdir(exist_ok=True)
+    with open(tasks / "docstring_mc.jsonl", "w") as f:
+        for i, (context, ending) in enumerate(pieces[:40]):
+            others = [p[1] for j, p in enumerate(pieces) if j != i]
+            choices = rng.sample(others, 3) + [ending]
+            rng.shuffle(choices)
+            f.write(json.dumps({"context": context, "choices": choices, "label": choices.index(ending)}) + "\n")
+    with open(tasks / "arithmetic_gen.jsonl", "w") as f:
+        for _ in range(40):
+            a, b = rng.randint(1, 50), rng.randint(1, 50)
+            f.write(json.dumps({"question": f"What is {a} plus {b}?", "answer": str(a + b)}) + "\n")
+
+
 if __name__ == "__main__":
     main()
+    make_tasks()

@@ -27,11 +27,11 @@ from .data import PackedStream, batches, load_tokenizer, resolve_data_config, va
 from .dst import DSTEngine, summarize
 from .iso_flop import count_flops
 from .modeling_sparse_wide_gpt import SparseWideGPTForCausalLM
+from .optimization import build_optimizer, peak_flops
 from .training_config import PretrainConfig
 
 logger = logging.getLogger("hf_sparse_ift.pretrain")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,28 +76,6 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _peak_flops(setting) -> float | None:
-    if setting not in ("auto", None):
-        return float(setting) * 1e12
-    if setting is None or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (biases, norms and position/token embeddings are exempt,
-    as in GPT-3 / Megatron). Fused on CUDA."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "wte" not in name and "wpe" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=fused)
-
-
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     """Train as `cfg` says; returns a summary (final step, losses, checkpoint paths, wall time)."""
     start_time = time.time()
@@ -133,7 +111,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         model.gradient_checkpointing_enable()
     model.to(accelerator.device)
     total_steps = cfg.steps()
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg.optim)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=cfg.warmup_steps(), num_training_steps=total_steps,
         min_lr_rate=cfg.optim.min_lr_ratio)
@@ -159,7 +137,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
                              accelerator.process_index, accelerator.num_processes)
     unwrapped = accelerator.unwrap_model(model)
     flops_per_token = count_flops(model_config.shape(seq_len=data_cfg.seq_len))
-    peak = _peak_flops(cfg.train.peak_tflops)
+    peak = peak_flops(cfg.train.peak_tflops)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "pretrain_config.yaml").write_text(cfg.to_yaml())

@@ -163,3 +163,22 @@ def test_parameter_formula_matches_the_model():
         model = SparseWideGPTForCausalLM(tiny_config(**overrides))
         c = model.config
         assert count_parameters(c.shape(), c.n_positions) == model.num_parameters_sparse()
+
+
+def test_head_size_padding_for_fused_attention_is_exact():
+    torch.manual_seed(0)
+    model = SparseWideGPTForCausalLM(tiny_config(dense_hidden_size=18, n_head=2, sparsity=0.5)).eval()
+    assert model.config.head_dim == 13  # 18·sqrt(2) = 25.5 -> 26 wide, 2 heads: padded to 16 for SDPA
+    x = torch.randint(0, 97, (2, 12))
+    model.set_attn_implementation("sdpa")
+    sdpa = model(x).logits
+    model.set_attn_implementation("eager")
+    torch.testing.assert_close(sdpa, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_training_forward_builds_no_kv_cache(tiny_model):
+    tiny_model.train()
+    x = torch.randint(0, 97, (2, 8))
+    assert tiny_model(x, labels=x).past_key_values is None
+    tiny_model.eval()
+    assert tiny_model(x).past_key_values is not None

@@ -1,0 +1,114 @@
+"""Cost of one DST mask update (SET, RigL, SRigL) on a GPT-3 Small Sparse Wide model, against a training step.
+
+    python benchmarks/dst_update_cost.py                    # GPT-3 Small SW-75 on the GPU, or the CPU without one
+    python benchmarks/dst_update_cost.py --smoke            # tiny dims (CI)
+
+For each method: median wall time of `engine.update()` over --repeats updates (RigL / SRigL rank a dense
+gradient, which a real run captures in the update step's backward; here one real backward provides it), and the
+amortised overhead at ΔT = 100: update / (100 x training step). The training step is one full step of the
+paper's recipe at micro-batch --micro-batch (bf16 on GPU, fp32 on CPU). Writes
+``<out>/<device>-<date>-dst-update.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hf_sparse_ift import SparseWideGPTForCausalLM
+from hf_sparse_ift.dst import DSTConfig, DSTEngine
+from hf_sparse_ift.presets import model_config
+from hf_sparse_ift.optimization import build_optimizer
+from hf_sparse_ift.training_config import OptimConfig
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="gpt3-small-sw75")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: 8 on GPU, 1 on CPU")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default="set,rigl,srigl")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    overrides = {}
+    if args.smoke:
+        overrides = dict(n_layer=2, n_head=2, dense_hidden_size=32, dense_intermediate_size=128, vocab_size=256)
+        args.seq, args.repeats = 32, 2
+    micro_batch = args.micro_batch or (8 if device.type == "cuda" else 1)
+    config = model_config(args.preset, n_positions=args.seq, **overrides)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+    report = {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "preset": args.preset, "d_model": config.hidden_size, "d_ff": config.intermediate_size,
+              "seq": args.seq, "micro_batch": micro_batch,
+              "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "methods": []}
+    x = torch.randint(0, config.vocab_size, (micro_batch, args.seq), device=device)
+    for method in args.methods.split(","):
+        torch.manual_seed(0)
+        model = SparseWideGPTForCausalLM(config).to(device).train()
+        opt = build_optimizer(model, OptimConfig())
+        engine = DSTEngine(model, opt, DSTConfig(method=method, update_interval=1), total_steps=1_000_000)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step_times, update_times = [], []
+        for i in range(args.repeats + 1):
+            sync(device)
+            start = time.perf_counter()
+            step()  # with update_interval=1 every step captures the dense gradient for RigL / SRigL
+            sync(device)
+            step_times.append(time.perf_counter() - start)
+            engine.step_count += 1
+            sync(device)
+            start = time.perf_counter()
+            engine.update()
+            sync(device)
+            update_times.append(time.perf_counter() - start)
+            engine._arm_dense_grad_capture()
+        step_s, update_s = statistics.median(step_times[1:]), statistics.median(update_times[1:])
+        row = {"method": method, "update_s": update_s, "train_step_s": step_s,
+               "overhead_pct_at_dT100": 100 * update_s / (100 * step_s), "sparse_layers": len(engine.layers)}
+        print(json.dumps(row), flush=True)
+        report["methods"].append(row)
+        del model, opt, engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    lines = [f"# DST update cost — {report['device']} — {report['date']}", "",
+             f"{args.preset} ({config.hidden_size}/{config.intermediate_size}), training step at micro-batch "
+             f"{micro_batch} x {args.seq} tokens; torch {torch.__version__}; median of {args.repeats}.", "",
+             f"Command: `{report['command']}`", "",
+             "| method | update s | training step s | overhead at ΔT = 100 |", "|---|---|---|---|"]
+    for r in report["methods"]:
+        lines.append(f"| {r['method']} | {r['update_s']:.4f} | {r['train_step_s']:.3f} | {r['overhead_pct_at_dT100']:.3f}% |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{name.replace(' ', '-')}-{report['date']}-dst-update" + ("-smoke" if args.smoke else "")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Training throughput of Sparse Wide GPT against Hugging Face GPT2LMHeadModel, in one run on one GPU.
+
+    python benchmarks/train_throughput.py                  # GPU: GPT-3 Small dims, context 2048, micro-batch 8
+    python benchmarks/train_throughput.py --smoke          # CPU: tiny dims, 2 steps (CI runs this)
+
+Variants (all bf16 autocast, fused AdamW, SDPA, torch.compile unless --no-compile):
+  hf-gpt2          GPT2LMHeadModel with GPT2Config defaults (dropout 0.1) at GPT-3 Small dims: the baseline of
+                   ../shared/measurements/h100-hf-gpt2-baseline.md, re-measured here in the same run
+  dense            our GPT-3 Small, s = 0
+  sw50-paper       Sparse Wide 50% at the paper's widths 1092/4344 (head size 91, padded to 96 for SDPA)
+  sw50-w64         Sparse Wide 50% at 1152/4352 (head 96), layer sparsity re-calibrated to 0.538
+  sw75             Sparse Wide 75%, 1536/6144
+Ours train the paper's recipe step: forward + loss, backward, clip to 1.0, AdamW step, DST engine step (SET,
+ΔT = 100). A SET update is timed separately (median of 3) and amortised over ΔT steps.
+
+Writes ``<out>/<gpu>-<date>.json`` and ``.md`` with the GPU, versions and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import hf_sparse_ift
+from hf_sparse_ift import SparseWideGPTConfig, SparseWideGPTForCausalLM
+from hf_sparse_ift.dst import DSTConfig, DSTEngine
+from hf_sparse_ift.iso_flop import count_flops
+from hf_sparse_ift.optimization import PEAK_TFLOPS, build_optimizer
+from hf_sparse_ift.training_config import OptimConfig
+
+VARIANTS = {
+    "dense": dict(sparsity=0.0),
+    "sw50-paper": dict(sparsity=0.5),
+    "sw50-w64": dict(sparsity=0.5, width_multiple=64),
+    "sw75": dict(sparsity=0.75),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step, steps: int, warmup: int, device) -> list[float]:
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_hf_gpt2(args, device, dims) -> dict:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_embd=dims["d_model"], n_inner=dims["d_ff"], n_layer=dims["n_layer"], n_head=dims["n_head"],
+                     n_positions=args.seq, vocab_size=dims["vocab"], attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-4, fused=device.type == "cuda")
+    run = torch.compile(model) if args.compile else model
+    x = torch.randint(0, dims["vocab"], (args.micro_batch, args.seq), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = run(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ours_shape = SparseWideGPTConfig(vocab_size=dims["vocab"], n_positions=args.seq, n_layer=dims["n_layer"],
+                                     n_head=dims["n_head"], dense_hidden_size=dims["d_model"],
+                                     dense_intermediate_size=dims["d_ff"]).shape(seq_len=args.seq)
+    flops = count_flops(ours_shape)
+    return _measure("hf-gpt2", step, args, device, flops, dst_seconds=None, extra={"dropout": 0.1})
+
+
+def bench_ours(name, args, device, dims) -> dict:
+    config = SparseWideGPTConfig(vocab_size=dims["vocab"], n_positions=args.seq, n_layer=dims["n_layer"],
+                                 n_head=dims["n_head"], dense_hidden_size=dims["d_model"],
+                                 dense_intermediate_size=dims["d_ff"], **VARIANTS[name])
+    torch.manual_seed(0)
+    model = SparseWideGPTForCausalLM(config).to(device)
+    model.set_attn_implementation("sdpa")
+    model.train()
+    opt = build_optimizer(model, OptimConfig())
+    engine = DSTEngine(model, opt, DSTConfig(method="set" if config.sparsity > 0 else "static", update_interval=100),
+                       total_steps=10_000)
+    run = torch.compile(model) if args.compile else model
+    x = torch.randint(0, dims["vocab"], (args.micro_batch, args.seq), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = run(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        engine.step()
+
+    dst_seconds = None
+    result = _measure(name, step, args, device, count_flops(config.shape(seq_len=args.seq)), None, {})
+    if config.sparsity > 0:
+        updates = []
+        for _ in range(3):
+            sync(device)
+            start = time.perf_counter()
+            engine.update()
+            sync(device)
+            updates.append(time.perf_counter() - start)
+        dst_seconds = statistics.median(updates)
+        result["dst_update_s"] = dst_seconds
+        result["dst_overhead_pct_at_dT100"] = 100 * dst_seconds / (100 * result["step_s"])
+        masks = sum(m.weight_mask.numel() * m.weight_mask.element_size() for m in engine.layers.values())
+        churn = sum(v.numel() for v in engine.initial_masks.values())
+        sparse_weights = sum(m.weight.numel() for m in engine.layers.values())
+        result["mask_bytes_per_sparse_weight"] = masks / sparse_weights
+        result["churn_reference_bytes_per_sparse_weight"] = churn / sparse_weights
+        zero = all(torch.count_nonzero(m.weight[~m.weight_mask]) == 0 for m in engine.layers.values())
+        result["inactive_weights_exactly_zero"] = bool(zero)
+    result.update(d_model=config.hidden_size, d_ff=config.intermediate_size, head_dim=config.head_dim,
+                  layer_sparsity=round(config.layer_sparsity, 4))
+    return result
+
+
+def _measure(name, step, args, device, flops, dst_seconds, extra) -> dict:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = time_steps(step, args.steps, args.warmup, device)
+    step_s = statistics.median(times)
+    tokens = args.micro_batch * args.seq
+    peak = args.peak_tflops * 1e12
+    out = {"variant": name, "step_s": step_s, "tokens_per_s": tokens / step_s,
+           "mfu_active": tokens / step_s * flops.training / peak,
+           "mfu_executed": tokens / step_s * flops.training_executed / peak,
+           "training_flops_per_token_active": flops.training,
+           "training_flops_per_token_executed": flops.training_executed,
+           "step_s_min": min(times), "step_s_max": max(times)}
+    if device.type == "cuda":
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    out.update(extra)
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def markdown(report: dict) -> str:
+    rows = report["results"]
+    base = next((r for r in rows if r["variant"] == "hf-gpt2"), None)
+    dense = next((r for r in rows if r["variant"] == "dense"), None)
+    lines = [f"# Training throughput — {report['gpu']} — {report['date']}", "",
+             f"torch {report['torch']}, transformers {report['transformers']}, hf-sparse-ift {report['hf_sparse_ift']}; "
+             f"context {report['seq']}, micro-batch {report['micro_batch']}, bf16 autocast, SDPA, fused AdamW, "
+             f"torch.compile={report['compile']}; median of {report['steps']} steps after {report['warmup']} warm-up; "
+             f"MFU against {report['peak_tflops']:g} TFLOP/s.", "",
+             f"Command: `{report['command']}`", "",
+             "| variant | d_model/d_ff | tokens/s | step s | vs HF GPT-2 | MFU active | MFU executed | peak GB "
+             "| step / (exec-FLOP ratio x dense step) | SET update s | DST overhead @ΔT=100 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "–"
+        ratio = "–"
+        if dense and r["variant"] not in ("hf-gpt2", "dense"):
+            exec_ratio = r["training_flops_per_token_executed"] / dense["training_flops_per_token_executed"]
+            ratio = f"{r['step_s'] / (exec_ratio * dense['step_s']):.2f}"
+        dims = f"{r.get('d_model', report['dims']['d_model'])}/{r.get('d_ff', report['dims']['d_ff'])}"
+        lines.append(
+            f"| {r['variant']} | {dims} | {r['tokens_per_s']:,.0f} | {r['step_s']:.4f} | {vs} | {r['mfu_active']:.3f} "
+            f"| {r['mfu_executed']:.3f} | {r.get('peak_memory_gb', float('nan')):.1f} | {ratio} "
+            f"| {r.get('dst_update_s', float('nan')):.4f} | {r.get('dst_overhead_pct_at_dT100', float('nan')):.3f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny dims on CPU, 2 steps: checks the script runs")
+    parser.add_argument("--variants", default="hf-gpt2,dense,sw50-paper,sw50-w64,sw75")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="default: 989 on H100/H200, 1 on CPU")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dims = dict(n_layer=12, n_head=12, d_model=768, d_ff=3072, vocab=50257)
+    if args.smoke:
+        dims = dict(n_layer=2, n_head=2, d_model=32, d_ff=128, vocab=256)
+        args.seq, args.micro_batch, args.steps, args.warmup, args.compile = 64, 2, 2, 1, False
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{platform.machine()}"
+    if args.peak_tflops is None:
+        args.peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), 1.0)
+    import transformers
+
+    report = {"gpu": gpu, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "hf_sparse_ift": hf_sparse_ift.__version__,
+              "python": platform.python_version(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+              "seq": args.seq, "micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup,
+              "compile": args.compile, "peak_tflops": args.peak_tflops, "dims": dims, "results": []}
+    for name in args.variants.split(","):
+        try:
+            r = bench_hf_gpt2(args, device, dims) if name == "hf-gpt2" else bench_ours(name, args, device, dims)
+        except torch.OutOfMemoryError as err:
+            r = {"variant": name, "error": f"out of memory: {err}"[:300]}
+            print(json.dumps(r), flush=True)
+        report["results"].append(r)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    ok = [r for r in report["results"] if "error" not in r]
+    report["results"] = ok
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{gpu.replace(' ', '-').replace('/', '-')}-{report['date']}" + ("-smoke" if args.smoke else "")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{stem}.md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

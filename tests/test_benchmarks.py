@@ -1,0 +1,34 @@
+"""The benchmarks' CPU smoke modes: the scripts run end to end and write well-formed results."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(script, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [result] = tmp_path.glob("*.json")
+    return json.loads(result.read_text()), next(tmp_path.glob("*.md")).read_text()
+
+
+def test_train_throughput_smoke(tmp_path):
+    report, table = run("train_throughput.py", tmp_path)
+    assert [r["variant"] for r in report["results"]] == ["hf-gpt2", "dense", "sw50-paper", "sw50-w64", "sw75"]
+    for r in report["results"]:
+        assert r["tokens_per_s"] > 0 and r["step_s"] > 0
+    sparse = [r for r in report["results"] if r["variant"].startswith("sw")]
+    assert all(r["inactive_weights_exactly_zero"] and r["mask_bytes_per_sparse_weight"] == 1.0 for r in sparse)
+    assert all(r["training_flops_per_token_executed"] > r["training_flops_per_token_active"] for r in sparse)
+    assert "| sw75 | 64/256 |" in table and report["command"].startswith("train_throughput.py --smoke")
+
+
+def test_dst_update_cost_smoke(tmp_path):
+    report, table = run("dst_update_cost.py", tmp_path)
+    assert [m["method"] for m in report["methods"]] == ["set", "rigl", "srigl"]
+    assert all(m["update_s"] > 0 and m["train_step_s"] > 0 for m in report["methods"])
+    assert "| srigl |" in table

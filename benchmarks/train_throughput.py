@@ -39,6 +39,7 @@ from hf_sparse_ift.training_config import OptimConfig
 
 VARIANTS = {
     "dense": dict(sparsity=0.0),
+    "dense-vocab50304": dict(sparsity=0.0, vocab_size=50304),  # vocabulary padded to a multiple of 128
     "sw50-paper": dict(sparsity=0.5),
     "sw50-w64": dict(sparsity=0.5, width_multiple=64),
     "sw75": dict(sparsity=0.75),
@@ -89,9 +90,12 @@ def bench_hf_gpt2(args, device, dims) -> dict:
 
 
 def bench_ours(name, args, device, dims) -> dict:
-    config = SparseWideGPTConfig(vocab_size=dims["vocab"], n_positions=args.seq, n_layer=dims["n_layer"],
-                                 n_head=dims["n_head"], dense_hidden_size=dims["d_model"],
-                                 dense_intermediate_size=dims["d_ff"], **VARIANTS[name])
+    values = dict(vocab_size=dims["vocab"], n_positions=args.seq, n_layer=dims["n_layer"], n_head=dims["n_head"],
+                  dense_hidden_size=dims["d_model"], dense_intermediate_size=dims["d_ff"])
+    values.update(VARIANTS[name])
+    if args.smoke and "vocab_size" in VARIANTS[name]:
+        values["vocab_size"] = dims["vocab"]
+    config = SparseWideGPTConfig(**values)
     torch.manual_seed(0)
     model = SparseWideGPTForCausalLM(config).to(device)
     model.set_attn_implementation("sdpa")
@@ -113,6 +117,8 @@ def bench_ours(name, args, device, dims) -> dict:
 
     dst_seconds = None
     result = _measure(name, step, args, device, count_flops(config.shape(seq_len=args.seq)), None, {})
+    if name in args.profile:
+        profile(step, device)
     if config.sparsity > 0:
         updates = []
         for _ in range(3):
@@ -134,6 +140,20 @@ def bench_ours(name, args, device, dims) -> dict:
     result.update(d_model=config.hidden_size, d_ff=config.intermediate_size, head_dim=config.head_dim,
                   layer_sparsity=round(config.layer_sparsity, 4))
     return result
+
+
+def profile(step, device, rows: int = 18) -> None:
+    """Print the kernels that take the most device time over 3 steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
 
 
 def _measure(name, step, args, device, flops, dst_seconds, extra) -> dict:
@@ -173,7 +193,7 @@ def markdown(report: dict) -> str:
     for r in rows:
         vs = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "–"
         ratio = "–"
-        if dense and r["variant"] not in ("hf-gpt2", "dense"):
+        if dense and not r["variant"].startswith(("hf-gpt2", "dense")):
             exec_ratio = r["training_flops_per_token_executed"] / dense["training_flops_per_token_executed"]
             ratio = f"{r['step_s'] / (exec_ratio * dense['step_s']):.2f}"
         dims = f"{r.get('d_model', report['dims']['d_model'])}/{r.get('d_ff', report['dims']['d_ff'])}"
@@ -187,7 +207,9 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny dims on CPU, 2 steps: checks the script runs")
-    parser.add_argument("--variants", default="hf-gpt2,dense,sw50-paper,sw50-w64,sw75")
+    parser.add_argument("--variants", default="hf-gpt2,dense,sw50-paper,sw50-w64,sw75",
+                        help=f"comma-separated, from hf-gpt2,{','.join(VARIANTS)}")
+    parser.add_argument("--profile", default="", help="comma-separated variants to profile after timing")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)

@@ -83,17 +83,29 @@ class DSTConfig:
 # ----------------------------------------------------------------------------------------------
 # Deterministic selection helpers (ties broken by the lowest flat index, on any device)
 # ----------------------------------------------------------------------------------------------
-def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat indices of the k smallest entries of a 1-D tensor; ties go to the lowest index.
+def _order_preserving_int(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys that sort like the float32 scores (IEEE bits, negative values' magnitude bits flipped)."""
+    bits = scores.float().contiguous().view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
 
-    O(n) (kthvalue + two nonzero passes) instead of a full sort.
+
+def top_k(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Flat indices of the k largest (or smallest) entries of a 1-D tensor; ties go to the lowest index.
+
+    Each score is packed with its index into one unique int64 key, so `torch.topk` (multi-block on GPUs,
+    unlike kthvalue / sort of one long slice) returns a fully determined set with no host sync.
     """
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=scores.device)
-    threshold = torch.kthvalue(scores, k).values
-    below = torch.nonzero(scores < threshold).squeeze(1)
-    ties = torch.nonzero(scores == threshold).squeeze(1)[: k - below.numel()]
-    return torch.cat([below, ties])
+    index = torch.arange(scores.numel(), device=scores.device)
+    tiebreak = (scores.numel() - 1 - index) if largest else index
+    keys = (_order_preserving_int(scores) << 32) | tiebreak
+    return keys.topk(k, largest=largest, sorted=False).indices
+
+
+def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices of the k smallest entries of a 1-D tensor; ties go to the lowest index."""
+    return top_k(scores, k, largest=False)
 
 
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -172,18 +184,22 @@ class DSTEngine:
         start = time.perf_counter()
         alpha = self.drop_fraction_at(self.step_count)
         telemetry = {"step": self.step_count, "drop_fraction": alpha, "layers": {}}
+        churn = {}
         for index, (name, layer) in enumerate(self.layers.items()):
             old = layer.weight_mask.clone()
             if self.config.method == "srigl":
                 new, stats = self._srigl_mask(name, layer, alpha)
             else:
-                new, stats = self._unstructured_mask(index, layer, alpha)
+                new, stats = self._unstructured_mask(name, index, layer, alpha)
             self._apply(layer, old, new)
             if name in self.initial_masks:
                 initial = _unpack_bits(self.initial_masks[name], new.numel()).view_as(new)
-                stats["churn"] = float((initial != new).sum()) / new.numel()
+                churn[name] = (initial != new).sum() / new.numel()
             telemetry["layers"][name] = stats
             layer.dense_grad = None
+        if churn:  # one device-to-host copy for all layers instead of one sync per layer
+            for name, value in zip(churn, torch.stack(list(churn.values())).tolist()):
+                telemetry["layers"][name]["churn"] = value
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         telemetry["seconds"] = time.perf_counter() - start
@@ -194,25 +210,22 @@ class DSTEngine:
         seed = (self.config.seed * 1_000_003 + self.step_count) * 10_007 + index
         return torch.Generator(device=device).manual_seed(seed)
 
-    def _unstructured_mask(self, index: int, layer: SparseLinear, alpha: float):
+    def _unstructured_mask(self, name: str, index: int, layer: SparseLinear, alpha: float):
         mask = layer.weight_mask.reshape(-1)
-        weight = layer.weight.detach().reshape(-1)
-        n_active = int(mask.sum())
+        n_active = self.layer_budget[name]  # constant for SET / RigL: no need to count (and sync) on device
         k = min(int(round(alpha * n_active)), n_active, mask.numel() - n_active)
-        inf = torch.tensor(float("inf"), device=weight.device)
-        dropped = smallest_k(torch.where(mask, weight.abs().float(), inf), k)
-        if self.config.method == "set":
-            inactive = torch.nonzero(~mask).squeeze(1)
-            order = torch.randperm(inactive.numel(), generator=self._growth_generator(index, inactive.device),
-                                   device=inactive.device)
-            grown = inactive[order[:k]]
+        inf = torch.tensor(float("inf"), device=mask.device)
+        dropped = top_k(torch.where(mask, layer.weight.detach().reshape(-1).abs().float(), inf), k, largest=False)
+        if self.config.method == "set":  # k uniformly random positions among those inactive before the update
+            noise = torch.rand(mask.numel(), generator=self._growth_generator(index, mask.device), device=mask.device)
+            growth_scores = torch.where(mask, -inf, noise)
         else:  # rigl: the largest dense-gradient magnitudes among positions inactive before this update
-            grad = self._dense_grad(layer).reshape(-1).abs().float()
-            grown = smallest_k(torch.where(mask, inf, -grad), k)
+            growth_scores = torch.where(mask, -inf, self._dense_grad(layer).reshape(-1).abs().float())
+        grown = top_k(growth_scores, k, largest=True)
         new = mask.clone()
         new[dropped] = False
         new[grown] = True
-        return new.view_as(layer.weight_mask), {"dropped": int(dropped.numel()), "grown": int(grown.numel())}
+        return new.view_as(layer.weight_mask), {"dropped": k, "grown": k}
 
     def _init_constant_fan_in(self) -> None:
         """SRigL starts from masks with the same number of active inputs on every output neuron.

@@ -183,6 +183,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     model.train()
     grad_norm = None
     mask_checks = 0  # DST updates after which all ranks were verified to hold the same masks
+    last_tok_s = None
     while progress.step < total_steps:
         step_loss = torch.zeros((), device=accelerator.device)
         for _ in range(accumulation):
@@ -226,9 +227,15 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
                 logs["train/mfu_active"] = tok_s * flops_per_token.training / peak
                 logs["train/mfu_executed"] = tok_s * flops_per_token.training_executed / peak
             accelerator.log(logs, step=progress.step)
+            last_tok_s = tok_s
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{logs['train/lr']:.2e}", tok_s=f"{tok_s:,.0f}",
                                 sparsity=f"{logs['train/sparsity']:.3f}")
+            else:
+                logger.info("step %d/%d: loss %.4f, lr %.3g, %s tokens/s, sparsity %.3f%s", progress.step, total_steps,
+                            mean_loss, logs["train/lr"], f"{tok_s:,.0f}", logs["train/sparsity"],
+                            f", MFU {logs['train/mfu_active']:.3f} active / {logs['train/mfu_executed']:.3f} executed"
+                            if peak else "")
             window_start, window_tokens = time.perf_counter(), 0
         if bar is not None:
             bar.update(1)
@@ -247,7 +254,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     summary = {"steps": progress.step, "tokens": progress.tokens, "wall_seconds": time.time() - start_time,
                "val_loss": history["val_loss"], "final_train_loss": history["train_loss"][-1][1] if history["train_loss"] else None,
                "checkpoints": [str(p) for p in list_checkpoints(out_dir)], "dataset": data_cfg.dataset,
-               "processes": accelerator.num_processes, "mask_checks": mask_checks}
+               "processes": accelerator.num_processes, "mask_checks": mask_checks, "tokens_per_s": last_tok_s,
+               "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
     if accelerator.is_main_process:
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -185,7 +185,7 @@ def test_telemetry_summary_has_per_layer_and_total_counts():
 
 def test_smallest_k_breaks_ties_by_index():
     scores = torch.tensor([3.0, 1.0, 2.0, 1.0, 1.0, 0.5])
-    assert smallest_k(scores, 3).tolist() == [5, 1, 3]
+    assert sorted(smallest_k(scores, 3).tolist()) == [1, 3, 5]  # 0.5, then the first two of three 1.0s
     assert smallest_k(scores, 0).numel() == 0
 
 
@@ -202,3 +202,17 @@ def test_engine_refuses_a_dense_model():
     model = SparseWideGPTForCausalLM(tiny_config(sparsity=0.0))
     with pytest.raises(ValueError, match="no SparseLinear"):
         DSTEngine(model, None, DSTConfig(method="set"), total_steps=10)
+
+
+def test_top_k_orders_negative_and_positive_scores_and_breaks_ties_by_index():
+    from hf_sparse_ift.dst import top_k
+
+    scores = torch.tensor([-2.0, 5.0, -2.0, 0.0, 5.0, float("inf"), -float("inf"), 0.0])
+    assert sorted(top_k(scores, 3, largest=True).tolist()) == [1, 4, 5]
+    assert sorted(top_k(scores, 2, largest=True).tolist()) == [1, 5]        # tie 1 vs 4: lower index wins
+    assert sorted(top_k(scores, 3, largest=False).tolist()) == [0, 2, 6]
+    assert sorted(top_k(scores, 2, largest=False).tolist()) == [0, 6]        # tie 0 vs 2: lower index wins
+    assert sorted(top_k(scores, 5, largest=False).tolist()) == [0, 2, 3, 6, 7]
+    values = torch.randn(10_000)
+    assert torch.equal(torch.sort(top_k(values, 100, largest=True)).values,
+                       torch.sort(torch.topk(values, 100).indices).values)

@@ -34,7 +34,7 @@ import hf_sparse_ift
 from hf_sparse_ift import SparseWideGPTConfig, SparseWideGPTForCausalLM
 from hf_sparse_ift.dst import DSTConfig, DSTEngine
 from hf_sparse_ift.iso_flop import count_flops
-from hf_sparse_ift.optimization import PEAK_TFLOPS, build_optimizer
+from hf_sparse_ift.optimization import PEAK_TFLOPS, build_optimizer, set_sdpa_backend
 from hf_sparse_ift.training_config import OptimConfig
 
 VARIANTS = {
@@ -43,6 +43,10 @@ VARIANTS = {
     "sw50-paper": dict(sparsity=0.5),
     "sw50-w64": dict(sparsity=0.5, width_multiple=64),
     "sw75": dict(sparsity=0.75),
+    # the same with attention restricted to PyTorch's FlashAttention-2 kernels instead of its default order
+    "dense-flash": dict(sparsity=0.0, attention_backend="flash"),
+    "dense-vocab50304-flash": dict(sparsity=0.0, vocab_size=50304, attention_backend="flash"),
+    "sw75-flash": dict(sparsity=0.75, attention_backend="flash"),
 }
 
 
@@ -93,9 +97,11 @@ def bench_ours(name, args, device, dims) -> dict:
     values = dict(vocab_size=dims["vocab"], n_positions=args.seq, n_layer=dims["n_layer"], n_head=dims["n_head"],
                   dense_hidden_size=dims["d_model"], dense_intermediate_size=dims["d_ff"])
     values.update(VARIANTS[name])
+    backend = values.pop("attention_backend", args.attention_backend)
     if args.smoke and "vocab_size" in VARIANTS[name]:
         values["vocab_size"] = dims["vocab"]
     config = SparseWideGPTConfig(**values)
+    set_sdpa_backend(backend)
     torch.manual_seed(0)
     model = SparseWideGPTForCausalLM(config).to(device)
     model.set_attn_implementation("sdpa")
@@ -138,7 +144,9 @@ def bench_ours(name, args, device, dims) -> dict:
         zero = all(torch.count_nonzero(m.weight[~m.weight_mask]) == 0 for m in engine.layers.values())
         result["inactive_weights_exactly_zero"] = bool(zero)
     result.update(d_model=config.hidden_size, d_ff=config.intermediate_size, head_dim=config.head_dim,
-                  layer_sparsity=round(config.layer_sparsity, 4))
+                  layer_sparsity=round(config.layer_sparsity, 4), vocab_size=config.vocab_size,
+                  attention_backend=backend)
+    set_sdpa_backend("auto")
     return result
 
 
@@ -184,7 +192,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Training throughput — {report['gpu']} — {report['date']}", "",
              f"torch {report['torch']}, transformers {report['transformers']}, hf-sparse-ift {report['hf_sparse_ift']}; "
              f"context {report['seq']}, micro-batch {report['micro_batch']}, bf16 autocast, SDPA, fused AdamW, "
-             f"torch.compile={report['compile']}; median of {report['steps']} steps after {report['warmup']} warm-up; "
+             f"torch.compile={report['compile']}; our SDPA kernels: {report['attention_backend']} (HF GPT-2: PyTorch default); "
+             f"median of {report['steps']} steps after {report['warmup']} warm-up; "
              f"MFU against {report['peak_tflops']:g} TFLOP/s.", "",
              f"Command: `{report['command']}`", "",
              "| variant | d_model/d_ff | tokens/s | step s | vs HF GPT-2 | MFU active | MFU executed | peak GB "
@@ -193,9 +202,13 @@ def markdown(report: dict) -> str:
     for r in rows:
         vs = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "–"
         ratio = "–"
-        if dense and not r["variant"].startswith(("hf-gpt2", "dense")):
-            exec_ratio = r["training_flops_per_token_executed"] / dense["training_flops_per_token_executed"]
-            ratio = f"{r['step_s'] / (exec_ratio * dense['step_s']):.2f}"
+        if not r["variant"].startswith(("hf-gpt2", "dense")):
+            # against our dense model with the same attention kernels
+            same = "dense-flash" if r.get("attention_backend") == "flash" else "dense"
+            ref = next((d for d in rows if d["variant"] == same), dense)
+            if ref:
+                exec_ratio = r["training_flops_per_token_executed"] / ref["training_flops_per_token_executed"]
+                ratio = f"{r['step_s'] / (exec_ratio * ref['step_s']):.2f}"
         dims = f"{r.get('d_model', report['dims']['d_model'])}/{r.get('d_ff', report['dims']['d_ff'])}"
         lines.append(
             f"| {r['variant']} | {dims} | {r['tokens_per_s']:,.0f} | {r['step_s']:.4f} | {vs} | {r['mfu_active']:.3f} "
@@ -209,6 +222,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny dims on CPU, 2 steps: checks the script runs")
     parser.add_argument("--variants", default="hf-gpt2,dense,sw50-paper,sw50-w64,sw75",
                         help=f"comma-separated, from hf-gpt2,{','.join(VARIANTS)}")
+    parser.add_argument("--attention-backend", default="auto",
+                        help="SDPA kernels for our variants (auto, flash, cudnn, efficient): train.attention_backend")
     parser.add_argument("--profile", default="", help="comma-separated variants to profile after timing")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=8)
@@ -232,7 +247,8 @@ def main(argv=None) -> int:
               "transformers": transformers.__version__, "hf_sparse_ift": hf_sparse_ift.__version__,
               "python": platform.python_version(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "seq": args.seq, "micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup,
-              "compile": args.compile, "peak_tflops": args.peak_tflops, "dims": dims, "results": []}
+              "compile": args.compile, "peak_tflops": args.peak_tflops, "dims": dims,
+              "attention_backend": args.attention_backend, "results": []}
     for name in args.variants.split(","):
         try:
             r = bench_hf_gpt2(args, device, dims) if name == "hf-gpt2" else bench_ours(name, args, device, dims)

@@ -83,24 +83,26 @@ class DSTConfig:
 # ----------------------------------------------------------------------------------------------
 # Deterministic selection helpers (ties broken by the lowest flat index, on any device)
 # ----------------------------------------------------------------------------------------------
-def _order_preserving_int(scores: torch.Tensor) -> torch.Tensor:
-    """int64 keys that sort like the float32 scores (IEEE bits, negative values' magnitude bits flipped)."""
-    bits = scores.float().contiguous().view(torch.int32)
-    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+def select_top_k(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Boolean mask of the k largest (or smallest) entries of a 1-D tensor; ties go to the lowest index.
+
+    `torch.topk` finds the k-th value (multi-block radix select on GPUs, unlike kthvalue or a sort of one
+    long slice); everything strictly beyond it is taken, then the first ties by index until k are chosen.
+    Exact and deterministic, with no host synchronisation.
+    """
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    values = scores.topk(k, largest=largest, sorted=False).values
+    threshold = values.min() if largest else values.max()
+    beyond = scores > threshold if largest else scores < threshold
+    ties = scores == threshold
+    room = k - beyond.sum()
+    return beyond | (ties & (ties.cumsum(0, dtype=torch.int32) <= room))
 
 
 def top_k(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """Flat indices of the k largest (or smallest) entries of a 1-D tensor; ties go to the lowest index.
-
-    Each score is packed with its index into one unique int64 key, so `torch.topk` (multi-block on GPUs,
-    unlike kthvalue / sort of one long slice) returns a fully determined set with no host sync.
-    """
-    if k <= 0:
-        return torch.empty(0, dtype=torch.long, device=scores.device)
-    index = torch.arange(scores.numel(), device=scores.device)
-    tiebreak = (scores.numel() - 1 - index) if largest else index
-    keys = (_order_preserving_int(scores) << 32) | tiebreak
-    return keys.topk(k, largest=largest, sorted=False).indices
+    """Flat indices of `select_top_k` (ascending)."""
+    return torch.nonzero(select_top_k(scores, k, largest)).squeeze(1)
 
 
 def smallest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -115,9 +117,7 @@ def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (flat * weights).sum(1, dtype=torch.uint8)
 
 
-def _unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].bool()
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
 
 
 def _raw_optimizer(optimizer):
@@ -193,8 +193,9 @@ class DSTEngine:
                 new, stats = self._unstructured_mask(name, index, layer, alpha)
             self._apply(layer, old, new)
             if name in self.initial_masks:
-                initial = _unpack_bits(self.initial_masks[name], new.numel()).view_as(new)
-                churn[name] = (initial != new).sum() / new.numel()
+                differing = (_pack_bits(new) ^ self.initial_masks[name]).long()
+                changed = _POPCOUNT.to(new.device)[differing].sum(dtype=torch.int64)
+                churn[name] = changed / new.numel()
             telemetry["layers"][name] = stats
             layer.dense_grad = None
         if churn:  # one device-to-host copy for all layers instead of one sync per layer
@@ -215,16 +216,15 @@ class DSTEngine:
         n_active = self.layer_budget[name]  # constant for SET / RigL: no need to count (and sync) on device
         k = min(int(round(alpha * n_active)), n_active, mask.numel() - n_active)
         inf = torch.tensor(float("inf"), device=mask.device)
-        dropped = top_k(torch.where(mask, layer.weight.detach().reshape(-1).abs().float(), inf), k, largest=False)
+        dropped = select_top_k(torch.where(mask, layer.weight.detach().reshape(-1).abs().float(), inf), k,
+                               largest=False)
         if self.config.method == "set":  # k uniformly random positions among those inactive before the update
             noise = torch.rand(mask.numel(), generator=self._growth_generator(index, mask.device), device=mask.device)
             growth_scores = torch.where(mask, -inf, noise)
         else:  # rigl: the largest dense-gradient magnitudes among positions inactive before this update
             growth_scores = torch.where(mask, -inf, self._dense_grad(layer).reshape(-1).abs().float())
-        grown = top_k(growth_scores, k, largest=True)
-        new = mask.clone()
-        new[dropped] = False
-        new[grown] = True
+        grown = select_top_k(growth_scores, k, largest=True)
+        new = (mask & ~dropped) | grown
         return new.view_as(layer.weight_mask), {"dropped": k, "grown": k}
 
     def _init_constant_fan_in(self) -> None:
@@ -261,13 +261,9 @@ class DSTEngine:
         inf = torch.tensor(float("inf"), device=weight.device)
         # Saliency as unstructured RigL would decide it: keep all but the k smallest |w|, regrow the k
         # largest |∇w| among inactive positions.
-        dropped = smallest_k(torch.where(mask, weight, inf).view(-1), k)
-        kept = mask.clone().view(-1)
-        kept[dropped] = False
-        kept = kept.view_as(mask)
-        grow = torch.zeros_like(kept).view(-1)
-        grow[smallest_k(torch.where(mask, inf, -grad).view(-1), k)] = True
-        salient = (kept | grow.view_as(mask)).sum(dim=1)
+        kept = mask & ~select_top_k(torch.where(mask, weight, inf).view(-1), k, largest=False).view_as(mask)
+        grow = select_top_k(torch.where(mask, -inf, grad).view(-1), k, largest=True).view_as(mask)
+        salient = (kept | grow).sum(dim=1)
         # Neuron ablation: an active neuron with too few salient weights is removed.
         alive = active_rows & (salient >= self.config.ablation_threshold * fan_in)
         # Never ablate below what the budget needs at full fan-in; then the most salient neurons stay.

@@ -31,3 +31,22 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.O
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused)
+
+
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+def set_sdpa_backend(choice: str = "auto") -> None:
+    """Restrict PyTorch's scaled-dot-product attention to one kernel family (process-wide, CUDA only).
+
+    "auto" leaves PyTorch's own priority order (cuDNN first on Hopper in recent releases).
+    """
+    if choice not in SDPA_BACKENDS:
+        raise ValueError(f"train.attention_backend={choice!r} is invalid: expected one of {list(SDPA_BACKENDS)}")
+    if not torch.cuda.is_available():
+        return
+    enable = {name: choice in ("auto", name) for name in SDPA_BACKENDS[1:]}
+    torch.backends.cuda.enable_flash_sdp(enable["flash"])
+    torch.backends.cuda.enable_cudnn_sdp(enable["cudnn"])
+    torch.backends.cuda.enable_mem_efficient_sdp(enable["efficient"])
+    torch.backends.cuda.enable_math_sdp(enable["math"] or choice == "auto")

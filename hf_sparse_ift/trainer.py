@@ -27,7 +27,7 @@ from .data import PackedStream, batches, load_tokenizer, resolve_data_config, va
 from .dst import DSTEngine, summarize
 from .iso_flop import count_flops
 from .modeling_sparse_wide_gpt import SparseWideGPTForCausalLM
-from .optimization import build_optimizer, peak_flops
+from .optimization import build_optimizer, peak_flops, set_sdpa_backend
 from .training_config import PretrainConfig
 
 logger = logging.getLogger("hf_sparse_ift.pretrain")
@@ -99,6 +99,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "removed shared tensor" of tied lm_head
     set_seed(cfg.train.seed)
+    set_sdpa_backend(cfg.train.attention_backend)
 
     data_cfg = resolve_data_config(cfg.data)
     tokenizer = load_tokenizer(data_cfg.tokenizer)

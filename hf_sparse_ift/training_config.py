@@ -103,7 +103,8 @@ class TrainLoopConfig:
     """global_batch_size: sequences per optimizer step (all ranks; reached by gradient accumulation).
     total_tokens or max_steps: training length (max_steps wins when both are set).
     mixed_precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or no. peak_tflops: the accelerator's
-    dense bf16 peak, for MFU (auto: 989 on H100, unset on CPU)."""
+    dense bf16 peak, for MFU (auto: 989 on H100, unset on CPU). attention_backend: restrict PyTorch's SDPA to
+    one kernel family on GPUs (auto keeps PyTorch's order; see benchmarks/results for which is faster)."""
 
     output_dir: str = "outputs/run"
     seed: int = 0
@@ -122,6 +123,7 @@ class TrainLoopConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     project_name: str = "hf-sparse-ift"
     peak_tflops: float | str = "auto"
+    attention_backend: str = "auto"
     progress_bar: bool = True
 
     def validate(self):
@@ -142,6 +144,8 @@ class TrainLoopConfig:
                  f"must be a multiple of train.micro_batch_size={self.micro_batch_size}")
         if not isinstance(self.trackers, list):
             _bad("train.trackers", self.trackers, "expected a list such as [tensorboard] or []")
+        if self.attention_backend not in ("auto", "flash", "cudnn", "efficient", "math"):
+            _bad("train.attention_backend", self.attention_backend, "expected auto, flash, cudnn, efficient or math")
         if self.peak_tflops != "auto" and self.peak_tflops is not None:
             _number("train.peak_tflops", self.peak_tflops, low=0, low_open=True)
 

@@ -306,6 +306,8 @@ def _causal_mask(config, inputs_embeds, attention_mask, past_key_values, positio
 
 
 _CAUSAL_MASK_PARAMS = frozenset(inspect.signature(create_causal_mask).parameters)
+# Attention implementations that are causal by themselves when given no mask.
+_CAUSAL_KERNELS = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
 class SparseWideGPTModel(SparseWideGPTPreTrainedModel):
@@ -353,7 +355,13 @@ class SparseWideGPTModel(SparseWideGPTPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past_seen, past_seen + inputs_embeds.shape[1], device=inputs_embeds.device)
             position_ids = position_ids.unsqueeze(0)
-        causal_mask = _causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids, past_seen)
+        if attention_mask is None and past_key_values is None and self.config._attn_implementation in _CAUSAL_KERNELS:
+            # Training and plain full-sequence forwards: the kernel applies causality itself (is_causal). An
+            # explicit mask would force slower SDPA kernels (transformers builds one whenever torch.compile traces).
+            causal_mask = None
+        else:
+            causal_mask = _causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids,
+                                       past_seen)
 
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
         all_hidden_states = () if output_hidden_states else None

@@ -70,6 +70,13 @@ def test_sdpa_and_eager_attention_agree():
     eager = model(x, attention_mask=mask).logits
     torch.testing.assert_close(sdpa[:, 5:], eager[:, 5:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sdpa[1], eager[1], rtol=1e-5, atol=1e-5)
+    model.train()  # no mask and no cache: SDPA's own is_causal path
+    no_mask_eager = model(x).logits
+    model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(model(x).logits, no_mask_eager, rtol=1e-5, atol=1e-5)
+    changed = x.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 97  # the future must not leak into earlier positions
+    torch.testing.assert_close(model(changed).logits[:, :10], no_mask_eager[:, :10], rtol=1e-5, atol=1e-5)
 
 
 def test_kv_cache_matches_full_forward_and_generate_with_cache_equals_without(tiny_model):

@@ -147,8 +147,9 @@ class DSTEngine:
         self.layer_budget: dict[str, int] = {}
         if config.method == "srigl":
             self._init_constant_fan_in()
-        for name, m in self.layers.items():
-            self.layer_budget.setdefault(name, int(m.weight_mask.sum()))
+        self.active_counts = {name: int(m.weight_mask.sum()) for name, m in self.layers.items()}
+        for name, count in self.active_counts.items():
+            self.layer_budget.setdefault(name, count)
         self.initial_masks = {name: _pack_bits(m.weight_mask) for name, m in self.layers.items()} \
             if config.track_churn else {}
         self._arm_dense_grad_capture()
@@ -197,6 +198,8 @@ class DSTEngine:
                 changed = _POPCOUNT.to(new.device)[differing].sum(dtype=torch.int64)
                 churn[name] = changed / new.numel()
             telemetry["layers"][name] = stats
+            if "fan_in" in stats:  # SRigL: the total follows the active neurons
+                self.active_counts[name] = stats["fan_in"] * stats["active_neurons"]
             layer.dense_grad = None
         if churn:  # one device-to-host copy for all layers instead of one sync per layer
             for name, value in zip(churn, torch.stack(list(churn.values())).tolist()):
@@ -332,6 +335,7 @@ class DSTEngine:
         self.total_steps = state["total_steps"]
         self.layer_budget = dict(state["layer_budget"])
         self.initial_masks = {k: v.to(self.layers[k].weight.device) for k, v in state["initial_masks"].items()}
+        self.active_counts = {name: int(m.weight_mask.sum()) for name, m in self.layers.items()}
         self._arm_dense_grad_capture()
 
     # --- distributed safety net ---
@@ -355,10 +359,9 @@ class DSTEngine:
 
     # --- reporting ---
     def sparsity(self) -> float:
-        """Current fraction of inactive weights over all sparse layers."""
+        """Current fraction of inactive weights over all sparse layers (from tracked counts: no device sync)."""
         total = sum(m.weight_mask.numel() for m in self.layers.values())
-        inactive = sum(int((~m.weight_mask).sum()) for m in self.layers.values())
-        return inactive / max(total, 1)
+        return 1.0 - sum(self.active_counts.values()) / max(total, 1)
 
 
 def summarize(telemetry: dict) -> dict[str, float]:

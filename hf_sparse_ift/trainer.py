@@ -55,6 +55,39 @@ class DataPosition:
         self.stream.load_state_dict(ranks[self.accelerator.process_index])
 
 
+class DeferredScalars:
+    """Device scalars read one step late: each push starts a non-blocking copy to pinned host memory and
+    returns the previous push's value, by which time the GPU has long produced it."""
+
+    def __init__(self, device: torch.device):
+        self.async_copy = device.type == "cuda"
+        self.pending = None
+
+    def push(self, value: torch.Tensor, **info) -> dict | None:
+        if self.async_copy:
+            host = torch.empty((), dtype=value.dtype, pin_memory=True)
+            host.copy_(value, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = value, None
+        previous, self.pending = self.pending, (host, event, info)
+        return self._read(previous)
+
+    def flush(self) -> dict | None:
+        previous, self.pending = self.pending, None
+        return self._read(previous)
+
+    @staticmethod
+    def _read(item) -> dict | None:
+        if item is None:
+            return None
+        host, event, info = item
+        if event is not None:
+            event.synchronize()
+        return {**info, "loss": float(host)}
+
+
 class TrainingProgress:
     """Step counter and tokens seen, checkpointed with the rest."""
 
@@ -185,10 +218,42 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     grad_norm = None
     mask_checks = 0  # DST updates after which all ranks were verified to hold the same masks
     last_tok_s = None
+    losses = DeferredScalars(accelerator.device)
+
+    def record(step: int, loss: float, lr: float) -> None:
+        """Book-keeping of a finished step, run once its loss has reached the host."""
+        nonlocal window_start, window_tokens, last_tok_s
+        if not math.isfinite(loss):
+            last = list_checkpoints(out_dir)
+            raise NonFiniteLossError(
+                f"loss is {loss} at step {step}: stopping. The last good checkpoint is "
+                f"{last[-1] if last else 'none (no checkpoint was written yet)'}; lower optim.lr or check the data.")
+        history["train_loss"].append((step, loss))
+        if step % cfg.train.log_interval and step != total_steps:
+            return
+        elapsed = time.perf_counter() - window_start
+        last_tok_s = tok_s = window_tokens / max(elapsed, 1e-9)
+        logs = {"train/loss": loss, "train/lr": lr, "train/tokens_seen": step * tokens_per_step,
+                "train/tokens_per_s": tok_s, "train/sparsity": engine.sparsity()}
+        if grad_norm is not None:
+            logs["train/grad_norm"] = float(grad_norm)
+        if peak:
+            logs["train/mfu_active"] = tok_s * flops_per_token.training / peak
+            logs["train/mfu_executed"] = tok_s * flops_per_token.training_executed / peak
+        accelerator.log(logs, step=step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", sparsity=f"{logs['train/sparsity']:.3f}")
+        else:
+            logger.info("step %d/%d: loss %.4f, lr %.3g, %s tokens/s, sparsity %.3f%s", step, total_steps, loss, lr,
+                        f"{tok_s:,.0f}", logs["train/sparsity"],
+                        f", MFU {logs['train/mfu_active']:.3f} active / {logs['train/mfu_executed']:.3f} executed"
+                        if peak else "")
+        window_start, window_tokens = time.perf_counter(), 0
+
     while progress.step < total_steps:
         step_loss = torch.zeros((), device=accelerator.device)
         for _ in range(accumulation):
-            x = next(train_batches).to(accelerator.device)
+            x = next(train_batches).to(accelerator.device, non_blocking=True)
             with accelerator.accumulate(model):
                 loss = model(input_ids=x, labels=x).loss
                 accelerator.backward(loss)
@@ -198,56 +263,39 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
                         if cfg.optim.grad_clip > 0 else None
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
-        if not math.isfinite(mean_loss):
-            last = list_checkpoints(out_dir)
-            raise NonFiniteLossError(
-                f"loss is {mean_loss} at step {progress.step + 1}: stopping. The last good checkpoint is "
-                f"{last[-1] if last else 'none (no checkpoint was written yet)'}; lower optim.lr or check the data.")
+        # The loss is read one step late, so the host prepares the next batch while the GPU still computes.
+        finished = losses.push(accelerator.reduce(step_loss, reduction="mean"),
+                               step=progress.step + 1, lr=scheduler.get_last_lr()[0])
         scheduler.step()
         telemetry = engine.step()
         progress.step += 1
         progress.tokens += tokens_per_step
         window_tokens += tokens_per_step
-        history["train_loss"].append((progress.step, mean_loss))
-
+        if finished is not None:
+            record(**finished)
         if telemetry is not None:
             if not engine.masks_synchronized():
                 raise RuntimeError(f"sparse masks differ between ranks after the DST update at step {progress.step}")
             mask_checks += accelerator.num_processes > 1
             accelerator.log(summarize(telemetry), step=progress.step)
-        if progress.step % cfg.train.log_interval == 0 or progress.step == total_steps:
-            elapsed = time.perf_counter() - window_start
-            tok_s = window_tokens / max(elapsed, 1e-9)
-            logs = {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
-                    "train/tokens_seen": progress.tokens, "train/tokens_per_s": tok_s,
-                    "train/sparsity": engine.sparsity()}
-            if grad_norm is not None:
-                logs["train/grad_norm"] = float(grad_norm)
-            if peak:
-                logs["train/mfu_active"] = tok_s * flops_per_token.training / peak
-                logs["train/mfu_executed"] = tok_s * flops_per_token.training_executed / peak
-            accelerator.log(logs, step=progress.step)
-            last_tok_s = tok_s
-            if bar is not None:
-                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{logs['train/lr']:.2e}", tok_s=f"{tok_s:,.0f}",
-                                sparsity=f"{logs['train/sparsity']:.3f}")
-            else:
-                logger.info("step %d/%d: loss %.4f, lr %.3g, %s tokens/s, sparsity %.3f%s", progress.step, total_steps,
-                            mean_loss, logs["train/lr"], f"{tok_s:,.0f}", logs["train/sparsity"],
-                            f", MFU {logs['train/mfu_active']:.3f} active / {logs['train/mfu_executed']:.3f} executed"
-                            if peak else "")
-            window_start, window_tokens = time.perf_counter(), 0
+        evaluate_now = progress.step % cfg.train.eval_interval == 0 or progress.step == total_steps
+        save_now = progress.step % cfg.train.checkpoint_interval == 0 or progress.step == total_steps
+        if evaluate_now or save_now:  # never evaluate or checkpoint a step whose loss was not checked
+            finished = losses.flush()
+            if finished is not None:
+                record(**finished)
         if bar is not None:
             bar.update(1)
-        if progress.step % cfg.train.eval_interval == 0 or progress.step == total_steps:
+        if evaluate_now:
             v = evaluate()
             if v is not None:
                 history["val_loss"].append((progress.step, v))
                 accelerator.log({"val/loss": v, "val/perplexity": math.exp(v)}, step=progress.step)
                 if bar is not None:
                     bar.write(f"step {progress.step}: val loss {v:.4f} (perplexity {math.exp(v):.1f})")
-        if progress.step % cfg.train.checkpoint_interval == 0 or progress.step == total_steps:
+                else:
+                    logger.info("step %d: val loss %.4f (perplexity %.1f)", progress.step, v, math.exp(v))
+        if save_now:
             save_checkpoint(accelerator, model, tokenizer, cfg, out_dir, progress.step)
     if bar is not None:
         bar.close()

@@ -216,3 +216,14 @@ def test_top_k_orders_negative_and_positive_scores_and_breaks_ties_by_index():
     values = torch.randn(10_000)
     assert torch.equal(torch.sort(top_k(values, 100, largest=True)).values,
                        torch.sort(torch.topk(values, 100).indices).values)
+
+
+@pytest.mark.parametrize("method", ["set", "srigl"])
+def test_reported_sparsity_matches_the_masks(method):
+    model, opt, engine = make(method, ablation_threshold=0.6, drop_fraction=0.5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        train_step(model, opt, engine, g)
+        layers = model.sparse_modules().values()
+        counted = sum(int((~m.weight_mask).sum()) for m in layers) / sum(m.weight_mask.numel() for m in layers)
+        assert engine.sparsity() == pytest.approx(counted, abs=1e-12)

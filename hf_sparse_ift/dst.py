@@ -19,6 +19,11 @@ active neuron has the same fan-in); inactive weights and their optimizer state a
 every step; regrown weights start at zero; the same seed gives the same masks on any number of ranks
 (growth randomness comes from a generator seeded by (seed, step, layer), dense gradients are summed
 over ranks before they are ranked); ``state_dict`` / ``load_state_dict`` make a resume exact.
+
+FSDP2: parameters and optimizer state are DTensor shards, masks (buffers) stay whole on every rank. On update
+steps the engine gathers each weight (``full_tensor``), computes the new mask, identical on all ranks, and applies
+it to its own shard of the weight and of Adam's moments; the mask gradient multiply runs in backward, where FSDP2
+has the weight unsharded. Nothing is gathered between updates.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .modeling_sparse_wide_gpt import SparseLinear
 
@@ -118,6 +124,19 @@ def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: FSDP2 keeps parameters as DTensor shards outside forward / backward."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `target`: sliced to this rank's shard when `target` is a DTensor. Every rank holds
+    the same `full`, so the slicing needs no communication."""
+    if isinstance(target, DTensor):
+        return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+    return full
 
 
 def _raw_optimizer(optimizer):
@@ -219,7 +238,7 @@ class DSTEngine:
         n_active = self.layer_budget[name]  # constant for SET / RigL: no need to count (and sync) on device
         k = min(int(round(alpha * n_active)), n_active, mask.numel() - n_active)
         inf = torch.tensor(float("inf"), device=mask.device)
-        dropped = select_top_k(torch.where(mask, layer.weight.detach().reshape(-1).abs().float(), inf), k,
+        dropped = select_top_k(torch.where(mask, _full(layer.weight.detach()).reshape(-1).abs().float(), inf), k,
                                largest=False)
         if self.config.method == "set":  # k uniformly random positions among those inactive before the update
             noise = torch.rand(mask.numel(), generator=self._growth_generator(index, mask.device), device=mask.device)
@@ -254,7 +273,7 @@ class DSTEngine:
 
     def _srigl_mask(self, name: str, layer: SparseLinear, alpha: float):
         mask = layer.weight_mask
-        weight = layer.weight.detach().abs().float()
+        weight = _full(layer.weight.detach()).abs().float()
         grad = self._dense_grad(layer).abs().float()
         d_out, d_in = mask.shape
         active_rows = mask.any(dim=1)
@@ -311,11 +330,11 @@ class DSTEngine:
         """
         keep = old & new
         layer.weight_mask.copy_(new)
-        layer.weight.mul_(keep)
+        layer.weight.mul_(_like(keep, layer.weight))
         state = _raw_optimizer(self.optimizer).state.get(layer.weight, {}) if self.optimizer is not None else {}
         for value in state.values():
             if torch.is_tensor(value) and value.shape == layer.weight.shape:
-                value.mul_(keep)
+                value.mul_(_like(keep, value))
 
     # --- checkpointing ---
     def state_dict(self) -> dict:

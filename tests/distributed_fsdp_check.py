@@ -1,0 +1,63 @@
+"""Run by tests/test_distributed.py with 2 CPU processes (torchrun, gloo): DST under FSDP2 (fully_shard).
+
+Each rank holds a shard of every weight; it trains on its own data. After many SET / RigL updates the masks
+must be identical on all ranks, inactive weights and Adam moments exactly zero in the gathered tensors, and
+each rank's shard must really be a shard. Writes one JSON line with the verdict from rank 0.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_config  # noqa: E402
+
+from hf_sparse_ift import SparseWideGPTForCausalLM  # noqa: E402
+from hf_sparse_ift.dst import DSTConfig, DSTEngine  # noqa: E402
+
+
+def main(method: str, out: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = SparseWideGPTForCausalLM(tiny_config())
+    initial = {k: m.weight_mask.clone() for k, m in model.sparse_modules().items()}
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    engine = DSTEngine(model, opt, DSTConfig(method=method, update_interval=2), total_steps=40)
+    g = torch.Generator().manual_seed(1000 + rank)
+    updates = 0
+    for _ in range(20):
+        x = torch.randint(0, 97, (4, 16), generator=g)
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        updates += engine.step() is not None
+    layers = model.sparse_modules()
+    sharded = all(isinstance(m.weight, DTensor) and m.weight.to_local().shape[0] < m.weight.shape[0]
+                  for m in layers.values())
+    zero_weights = all(torch.count_nonzero(m.weight.full_tensor()[~m.weight_mask]) == 0 for m in layers.values())
+    zero_state = all(torch.count_nonzero(opt.state[m.weight][key].full_tensor()[~m.weight_mask]) == 0
+                     for m in layers.values() for key in ("exp_avg", "exp_avg_sq"))
+    counts = all(int(m.weight_mask.sum()) == int(initial[k].sum()) for k, m in layers.items())
+    masks = [m.weight_mask.to(torch.uint8).flatten().tolist() for m in layers.values()]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, masks)
+    if rank == 0:
+        changed = sum(int((initial[k] != m.weight_mask).sum()) for k, m in layers.items())
+        with open(out, "w") as f:
+            json.dump({"ranks": len(everyone), "same_masks": all(m == everyone[0] for m in everyone),
+                       "sharded": sharded, "zero_weights": zero_weights, "zero_state": zero_state,
+                       "constant_counts": counts, "updates": updates, "changed_positions": changed}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -23,7 +23,7 @@ FAST = ["model.n_layer=2", "model.dense_hidden_size=32", "model.dense_intermedia
         "train.log_interval=2", "train.trackers=[]", "train.progress_bar=false", "dst.update_interval=3"]
 
 
-def cli(*args, env=None):
+def cli(*args):
     return [sys.executable, "-m", "hf_sparse_ift.cli", *args]
 
 

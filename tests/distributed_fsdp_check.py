@@ -56,6 +56,7 @@ def main(method: str, out: str) -> None:
             json.dump({"ranks": len(everyone), "same_masks": all(m == everyone[0] for m in everyone),
                        "sharded": sharded, "zero_weights": zero_weights, "zero_state": zero_state,
                        "constant_counts": counts, "updates": updates, "changed_positions": changed}, f)
+    dist.barrier()  # no rank tears gloo down while another still communicates
     dist.destroy_process_group()
 
 

@@ -29,10 +29,8 @@ from hf_sparse_ift.presets import model_config
 from hf_sparse_ift.optimization import build_optimizer
 from hf_sparse_ift.training_config import OptimConfig
 
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import sync, training_step  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -64,34 +62,21 @@ def main(argv=None) -> int:
         opt = build_optimizer(model, OptimConfig())
         engine = DSTEngine(model, opt, DSTConfig(method=method, update_interval=1), total_steps=1_000_000)
 
-        def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step = training_step(model, model, opt, x, device)
         step_times, update_times = [], []
-        for i in range(args.repeats + 1):
+        for _ in range(args.repeats + 1):
             sync(device)
             start = time.perf_counter()
             step()  # with update_interval=1 every step captures the dense gradient for RigL / SRigL
             sync(device)
             step_times.append(time.perf_counter() - start)
-            engine.step_count += 1
-            sync(device)
-            start = time.perf_counter()
-            engine.update()
-            sync(device)
-            update_times.append(time.perf_counter() - start)
-            engine._arm_dense_grad_capture()
+            update_times.append(engine.step()["seconds"])  # an update every step; it times itself
         step_s, update_s = statistics.median(step_times[1:]), statistics.median(update_times[1:])
         row = {"method": method, "update_s": update_s, "train_step_s": step_s,
                "overhead_pct_at_dT100": 100 * update_s / (100 * step_s), "sparse_layers": len(engine.layers)}
         print(json.dumps(row), flush=True)
         report["methods"].append(row)
-        del model, opt, engine
+        del model, opt, engine, step  # the step closure holds the model too
         if device.type == "cuda":
             torch.cuda.empty_cache()
     lines = [f"# DST update cost — {report['device']} — {report['date']}", "",

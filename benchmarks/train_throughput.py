@@ -55,6 +55,23 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def training_step(run, model, opt, x, device, clip: bool = True, after=None):
+    """One optimizer step on a fixed batch: bf16 autocast on GPU, loss, backward, (clip), AdamW, then `after`."""
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = run(input_ids=x, labels=x).loss
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if after is not None:
+            after()
+
+    return step
+
+
 def time_steps(step, steps: int, warmup: int, device) -> list[float]:
     for _ in range(warmup):
         step()
@@ -78,19 +95,12 @@ def bench_hf_gpt2(args, device, dims) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, fused=device.type == "cuda")
     run = torch.compile(model) if args.compile else model
     x = torch.randint(0, dims["vocab"], (args.micro_batch, args.seq), device=device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = run(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = training_step(run, model, opt, x, device, clip=False)  # as the shared baseline script: no clipping
     ours_shape = SparseWideGPTConfig(vocab_size=dims["vocab"], n_positions=args.seq, n_layer=dims["n_layer"],
                                      n_head=dims["n_head"], dense_hidden_size=dims["d_model"],
                                      dense_intermediate_size=dims["d_ff"]).shape(seq_len=args.seq)
     flops = count_flops(ours_shape)
-    return _measure("hf-gpt2", step, args, device, flops, dst_seconds=None, extra={"dropout": 0.1})
+    return _measure("hf-gpt2", step, args, device, flops, extra={"dropout": 0.1})
 
 
 def bench_ours(name, args, device, dims) -> dict:
@@ -111,18 +121,8 @@ def bench_ours(name, args, device, dims) -> dict:
                        total_steps=10_000)
     run = torch.compile(model) if args.compile else model
     x = torch.randint(0, dims["vocab"], (args.micro_batch, args.seq), device=device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = run(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        engine.step()
-
-    dst_seconds = None
-    result = _measure(name, step, args, device, count_flops(config.shape(seq_len=args.seq)), None, {})
+    step = training_step(run, model, opt, x, device, after=engine.step)
+    result = _measure(name, step, args, device, count_flops(config.shape(seq_len=args.seq)), {})
     if name in args.profile:
         profile(step, device)
     if config.sparsity > 0:
@@ -164,7 +164,7 @@ def profile(step, device, rows: int = 18) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
 
 
-def _measure(name, step, args, device, flops, dst_seconds, extra) -> dict:
+def _measure(name, step, args, device, flops, extra) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

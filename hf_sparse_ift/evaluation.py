@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .presets import builtin_dir
@@ -29,10 +29,6 @@ class TaskSpec:
     metric: str          # lm-eval result key, e.g. "acc_norm,none"
     label: str           # column name in tables
 
-    @property
-    def metric_name(self) -> str:
-        return self.metric.split(",")[0]
-
 
 SUITES: dict[str, list[TaskSpec]] = {
     "openllm": [
@@ -43,18 +39,14 @@ SUITES: dict[str, list[TaskSpec]] = {
         TaskSpec("winogrande", 5, "acc,none", "Winogrande"),
         TaskSpec("gsm8k", 5, "exact_match,strict-match", "GSM8K"),
     ],
-    "paper": [
-        TaskSpec("arc_challenge", 0, "acc_norm,none", "ARC"),
-        TaskSpec("hellaswag", 0, "acc_norm,none", "HellaSwag"),
-        TaskSpec("truthfulqa_mc2", 0, "acc,none", "TruthfulQA"),
-        TaskSpec("mmlu", 0, "acc,none", "MMLU"),
-        TaskSpec("winogrande", 0, "acc,none", "Winogrande"),
-    ],
     "builtin": [
         TaskSpec("sparse_ift_docstring_mc", 0, "acc_norm,none", "DocstringMC"),
         TaskSpec("sparse_ift_arithmetic_gen", 0, "exact_match,strip", "ArithmeticGen"),
     ],
 }
+
+# The paper's Table 15: the leaderboard's first five tasks, zero-shot.
+SUITES["paper"] = [replace(spec, num_fewshot=0) for spec in SUITES["openllm"][:5]]
 
 # Sparse-IFT paper, Table 15 (GPT-3 Small on the Pile, SET), in percent.
 PAPER_TABLE15 = [
@@ -201,7 +193,7 @@ def perplexity(model: str, dataset: str = "builtin", tokenizer: str | None = Non
                data_files: str | None = None, text_column: str = "text") -> dict:
     """Mean next-token loss and perplexity of `model` on a held-out text stream (packed like training)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import hf_sparse_ift  # noqa: F401
 
@@ -209,8 +201,7 @@ def perplexity(model: str, dataset: str = "builtin", tokenizer: str | None = Non
     from .training_config import DataConfig
 
     lm = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=True).eval()
-    tok = AutoTokenizer.from_pretrained(tokenizer or model) if (tokenizer or dataset != "builtin") else \
-        load_tokenizer("builtin")
+    tok = load_tokenizer(tokenizer or str(model))  # checkpoints exported by the trainer carry their tokenizer
     seq_len = seq_len or lm.config.max_position_embeddings
     cfg = DataConfig(dataset=dataset, data_files=data_files, text_column=text_column, validation_split=split,
                      seq_len=seq_len, tokenizer=tokenizer or "builtin")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .configuration_sparse_wide_gpt import SparseWideGPTConfig
 from .iso_flop import count_flops, count_parameters
 
 
@@ -49,12 +49,7 @@ def render_model_card(checkpoint: str | Path, repo_id: str | None = None, result
                       training_config: dict | None = None, license: str = "apache-2.0") -> ModelCard:
     """The card of a `save_pretrained` folder. `results`: rows {task, metric, value, dataset?}."""
     checkpoint = Path(checkpoint)
-    config = json.loads((checkpoint / "config.json").read_text())
-    from .configuration_sparse_wide_gpt import SparseWideGPTConfig
-
-    keep = {k: v for k, v in config.items() if k not in ("architectures", "auto_map", "transformers_version",
-                                                         "model_type", "dtype", "torch_dtype")}
-    c = SparseWideGPTConfig(**keep)
+    c = SparseWideGPTConfig.from_pretrained(checkpoint)
     if training_config is None and (checkpoint / "training_config.yaml").exists():
         training_config = yaml.safe_load((checkpoint / "training_config.yaml").read_text())
     flops, dense = count_flops(c.shape()), count_flops(c.dense_shape())

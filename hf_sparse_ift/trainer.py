@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from .data import PackedStream, batches, load_tokenizer, resolve_data_config, validation_batches
+from .data import Batches, PackedStream, load_tokenizer, resolve_data_config, validation_batches
 from .dst import DSTEngine, summarize
 from .iso_flop import count_flops
 from .modeling_sparse_wide_gpt import SparseWideGPTForCausalLM
@@ -39,20 +39,21 @@ class NonFiniteLossError(RuntimeError):
 
 
 class DataPosition:
-    """Every rank's `PackedStream` position, saved by the main process in one checkpoint object."""
+    """Every rank's data position (after the last batch it trained on), saved by the main process in one
+    checkpoint object."""
 
-    def __init__(self, stream: PackedStream, accelerator: Accelerator):
-        self.stream, self.accelerator = stream, accelerator
+    def __init__(self, batches: Batches, accelerator: Accelerator):
+        self.batches, self.accelerator = batches, accelerator
 
     def state_dict(self) -> dict:
-        return {"ranks": gather_object([self.stream.state_dict()])}
+        return {"ranks": gather_object([self.batches.state_dict()])}
 
     def load_state_dict(self, state: dict) -> None:
         ranks = state["ranks"]
         if len(ranks) != self.accelerator.num_processes:
             raise ValueError(f"checkpoint was written by {len(ranks)} processes, this run has "
                              f"{self.accelerator.num_processes}: data positions cannot be matched")
-        self.stream.load_state_dict(ranks[self.accelerator.process_index])
+        self.batches.load_state_dict(ranks[self.accelerator.process_index])
 
 
 class DeferredScalars:
@@ -154,8 +155,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     engine = DSTEngine(model, optimizer, cfg.dst, total_steps=total_steps)
     stream = PackedStream(data_cfg, tokenizer, data_cfg.train_split, accelerator.process_index,
                           accelerator.num_processes, seed=cfg.train.seed)
+    train_batches = Batches(stream, cfg.train.micro_batch_size, prefetch=data_cfg.prefetch_batches,
+                            pin_memory=accelerator.device.type == "cuda")
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(scheduler, engine, DataPosition(stream, accelerator), progress)
+    accelerator.register_for_checkpointing(scheduler, engine, DataPosition(train_batches, accelerator), progress)
 
     if resume:
         found = list_checkpoints(out_dir)
@@ -211,7 +214,6 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=progress.step, desc="pretrain", unit="step", dynamic_ncols=True)
-    train_batches = batches(stream, cfg.train.micro_batch_size)
     tokens_per_step = cfg.train.global_batch_size * data_cfg.seq_len
     window_start, window_tokens = time.perf_counter(), 0
     model.train()
@@ -250,53 +252,57 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
                         if peak else "")
         window_start, window_tokens = time.perf_counter(), 0
 
-    while progress.step < total_steps:
-        step_loss = torch.zeros((), device=accelerator.device)
-        for _ in range(accumulation):
-            x = next(train_batches).to(accelerator.device, non_blocking=True)
-            with accelerator.accumulate(model):
-                loss = model(input_ids=x, labels=x).loss
-                accelerator.backward(loss)
-                step_loss += loss.detach() / accumulation
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) \
-                        if cfg.optim.grad_clip > 0 else None
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        # The loss is read one step late, so the host prepares the next batch while the GPU still computes.
-        finished = losses.push(accelerator.reduce(step_loss, reduction="mean"),
-                               step=progress.step + 1, lr=scheduler.get_last_lr()[0])
-        scheduler.step()
-        telemetry = engine.step()
-        progress.step += 1
-        progress.tokens += tokens_per_step
-        window_tokens += tokens_per_step
-        if finished is not None:
-            record(**finished)
-        if telemetry is not None:
-            if not engine.masks_synchronized():
-                raise RuntimeError(f"sparse masks differ between ranks after the DST update at step {progress.step}")
-            mask_checks += accelerator.num_processes > 1
-            accelerator.log(summarize(telemetry), step=progress.step)
-        evaluate_now = progress.step % cfg.train.eval_interval == 0 or progress.step == total_steps
-        save_now = progress.step % cfg.train.checkpoint_interval == 0 or progress.step == total_steps
-        if evaluate_now or save_now:  # never evaluate or checkpoint a step whose loss was not checked
-            finished = losses.flush()
+    try:
+        while progress.step < total_steps:
+            step_loss = torch.zeros((), device=accelerator.device)
+            for _ in range(accumulation):
+                x = next(train_batches).to(accelerator.device, non_blocking=True)
+                with accelerator.accumulate(model):
+                    loss = model(input_ids=x, labels=x).loss
+                    accelerator.backward(loss)
+                    step_loss += loss.detach() / accumulation
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) \
+                            if cfg.optim.grad_clip > 0 else None
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            # The loss is read one step late, so the host prepares the next batch while the GPU still computes.
+            finished = losses.push(accelerator.reduce(step_loss, reduction="mean"),
+                                   step=progress.step + 1, lr=scheduler.get_last_lr()[0])
+            scheduler.step()
+            telemetry = engine.step()
+            progress.step += 1
+            progress.tokens += tokens_per_step
+            window_tokens += tokens_per_step
             if finished is not None:
                 record(**finished)
-        if bar is not None:
-            bar.update(1)
-        if evaluate_now:
-            v = evaluate()
-            if v is not None:
-                history["val_loss"].append((progress.step, v))
-                accelerator.log({"val/loss": v, "val/perplexity": math.exp(v)}, step=progress.step)
-                if bar is not None:
-                    bar.write(f"step {progress.step}: val loss {v:.4f} (perplexity {math.exp(v):.1f})")
-                else:
-                    logger.info("step %d: val loss %.4f (perplexity %.1f)", progress.step, v, math.exp(v))
-        if save_now:
-            save_checkpoint(accelerator, model, tokenizer, cfg, out_dir, progress.step)
+            if telemetry is not None:
+                if not engine.masks_synchronized():
+                    raise RuntimeError("sparse masks differ between ranks after the DST update at step "
+                                       f"{progress.step}")
+                mask_checks += accelerator.num_processes > 1
+                accelerator.log(summarize(telemetry), step=progress.step)
+            evaluate_now = progress.step % cfg.train.eval_interval == 0 or progress.step == total_steps
+            save_now = progress.step % cfg.train.checkpoint_interval == 0 or progress.step == total_steps
+            if evaluate_now or save_now:  # never evaluate or checkpoint a step whose loss was not checked
+                finished = losses.flush()
+                if finished is not None:
+                    record(**finished)
+            if bar is not None:
+                bar.update(1)
+            if evaluate_now:
+                v = evaluate()
+                if v is not None:
+                    history["val_loss"].append((progress.step, v))
+                    accelerator.log({"val/loss": v, "val/perplexity": math.exp(v)}, step=progress.step)
+                    if bar is not None:
+                        bar.write(f"step {progress.step}: val loss {v:.4f} (perplexity {math.exp(v):.1f})")
+                    else:
+                        logger.info("step %d: val loss %.4f (perplexity %.1f)", progress.step, v, math.exp(v))
+            if save_now:
+                save_checkpoint(accelerator, model, tokenizer, cfg, out_dir, progress.step)
+    finally:
+        train_batches.close()
     if bar is not None:
         bar.close()
     accelerator.end_training()

@@ -50,7 +50,9 @@ class DataConfig:
     with `datasets` (e.g. monology/pile-uncopyrighted), or a loader name (json, parquet, text) with
     ``data_files``. tokenizer: ``builtin`` or any tokenizer name/path (GPT-2 BPE:
     openai-community/gpt2). offline_fallback: when a Hub dataset cannot be reached (offline), train on
-    the built-in corpus and tokenizer instead, with a warning, rather than fail."""
+    the built-in corpus and tokenizer instead, with a warning, rather than fail. prefetch_batches:
+    micro-batches packed ahead in a background thread so the accelerator never waits for the tokenizer
+    (0: pack on demand)."""
 
     dataset: str = BUILTIN
     dataset_config: str | None = None
@@ -62,11 +64,15 @@ class DataConfig:
     seq_len: int = 128
     shuffle_buffer: int = 0
     offline_fallback: bool = True
+    prefetch_batches: int = 32
 
     def validate(self):
         _positive_int("data.seq_len", self.seq_len)
         if isinstance(self.shuffle_buffer, bool) or not isinstance(self.shuffle_buffer, int) or self.shuffle_buffer < 0:
             _bad("data.shuffle_buffer", self.shuffle_buffer, "expected an integer >= 0")
+        if isinstance(self.prefetch_batches, bool) or not isinstance(self.prefetch_batches, int) \
+                or self.prefetch_batches < 0:
+            _bad("data.prefetch_batches", self.prefetch_batches, "expected an integer >= 0 (0: no background thread)")
         for key in ("dataset", "text_column", "train_split", "tokenizer"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
                 _bad(f"data.{key}", getattr(self, key), "expected a non-empty string")

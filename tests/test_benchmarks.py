@@ -32,3 +32,12 @@ def test_dst_update_cost_smoke(tmp_path):
     assert [m["method"] for m in report["methods"]] == ["set", "rigl", "srigl"]
     assert all(m["update_s"] > 0 and m["train_step_s"] > 0 for m in report["methods"])
     assert "| srigl |" in table
+
+
+def test_data_loading_smoke(tmp_path):
+    report, table = run("data_loading.py", tmp_path)
+    assert [(r["tokenize_batch_docs"], r["prefetch_batches"]) for r in report["results"]] == [(1000, 0), (64, 0), (64, 32)] * 2
+    for r in report["results"]:
+        assert r["pipeline_tokens_per_s"] > 0 and 0 < r["fraction_of_accelerator_rate"] <= 1.0
+        assert r["accelerator_busy_s"] <= r["wall_s"]
+    assert "| 4 KB documents, 1 in 100 a 400 KB book | prefetch 32 batches" in table

@@ -88,3 +88,39 @@ def test_local_text_files_and_offline_fallback(tmp_path, tokenizer, caplog):
     assert resolve_data_config(strict) is strict
     with pytest.raises(Exception):  # offline here: datasets raises its own connection error
         next(iter(load_documents(strict, "train")))
+
+
+def test_prefetched_batches_equal_on_demand_ones_and_resume_exactly(corpus, tokenizer):
+    from hf_sparse_ift.data import Batches
+
+    _, path = corpus
+    cfg = DataConfig(dataset="json", data_files=path, text_column="body", seq_len=16)
+    on_demand = Batches(PackedStream(cfg, tokenizer, "train"), batch_size=8, prefetch=0)
+    ahead = Batches(PackedStream(cfg, tokenizer, "train"), batch_size=8, prefetch=4)
+    for _ in range(25):  # 200 sequences: crosses into the second epoch (the corpus packs into 190)
+        assert torch.equal(next(on_demand), next(ahead))
+    # The position is that of the last batch handed out, although the thread has made more by now.
+    state = ahead.state_dict()
+    assert state == on_demand.state_dict() and state["epoch"] == 1
+    following = [next(ahead) for _ in range(10)]
+    resumed = Batches(PackedStream(cfg, tokenizer, "train"), batch_size=8, prefetch=4)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, next(resumed)) for a in following)
+    for batches in (on_demand, ahead, resumed):
+        batches.close()
+    assert not ahead._thread.is_alive() and not resumed._thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(ahead)
+    with pytest.raises(RuntimeError, match="before the first batch"):
+        on_demand.load_state_dict(state)
+
+
+def test_prefetch_thread_errors_reach_the_training_loop(corpus, tokenizer):
+    from hf_sparse_ift.data import Batches
+
+    _, path = corpus
+    cfg = DataConfig(dataset="json", data_files=path, text_column="text", seq_len=16)
+    batches = Batches(PackedStream(cfg, tokenizer, "train"), batch_size=2, prefetch=4)
+    with pytest.raises(ValueError, match="data.text_column='text' is not a column"):
+        next(batches)
+    assert not batches._thread.is_alive()

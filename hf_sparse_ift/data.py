@@ -205,10 +205,11 @@ class Batches:
         return batch
 
     def close(self) -> None:
-        """Stop the producer thread (it is a daemon: a process that forgets this still exits)."""
+        """Stop the producer thread. It is a daemon, so a process that forgets this still exits, and one
+        stuck reading a stalled network stream is left behind after a minute rather than waited for."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=60)
 
     def state_dict(self) -> dict:
         return self.stream.state_dict() if self._position is None else self._position

@@ -36,6 +36,7 @@ def test_dotted_overrides_are_typed_and_applied():
     ("model.sparsity=1.2", r"model: SparseWideGPTConfig.sparsity=1.2 is invalid"),
     ("model.n_head=5", r"model: SparseWideGPTConfig.n_head=5 is invalid"),
     ("data.seq_len=4096", r"data.seq_len=4096 is invalid: must be <= model n_positions=128"),
+    ("data.prefetch_batches=-1", r"data.prefetch_batches=-1 is invalid: expected an integer >= 0"),
     ("max_steps", "expected section.key=value"),
     ("train.seed=-1x", r"train.seed=.-1x. is invalid"),
 ])

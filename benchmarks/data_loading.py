@@ -35,7 +35,6 @@ import datasets
 import tokenizers
 import torch
 
-from hf_sparse_ift import data
 from hf_sparse_ift.data import Batches, PackedStream, load_tokenizer
 from hf_sparse_ift.presets import builtin_dir
 from hf_sparse_ift.training_config import DataConfig
@@ -94,14 +93,14 @@ def simulate(batches: Batches, steps: int, step_s: float, launch_s: float, warmu
             "mean_batch_wait_ms": 1e3 * sum(waits) / len(waits), "worst_batch_wait_ms": 1e3 * max(waits)}
 
 
-def raw_throughput(cfg: DataConfig, tokenizer, batch_size: int, seconds: float) -> float:
-    batches = Batches(PackedStream(cfg, tokenizer, "train"), batch_size, prefetch=0)
+def raw_throughput(stream: PackedStream, batch_size: int, seconds: float) -> float:
+    batches = Batches(stream, batch_size, prefetch=0)
     next(batches)
     start, n = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
         next(batches)
         n += 1
-    return n * batch_size * cfg.seq_len / (time.perf_counter() - start)
+    return n * batch_size * stream.cfg.seq_len / (time.perf_counter() - start)
 
 
 def main(argv=None) -> int:
@@ -133,9 +132,10 @@ def main(argv=None) -> int:
         for corpus, files in corpora:
             cfg = DataConfig(dataset="json", data_files=files, seq_len=args.seq, validation_split=None)
             for name, docs_per_call, prefetch in SETTINGS:
-                data.TOKENIZE_BATCH_DOCS = docs_per_call
-                raw = raw_throughput(cfg, tokenizer, args.micro_batch, 1.0 if args.smoke else 5.0)
-                batches = Batches(PackedStream(cfg, tokenizer, "train"), args.micro_batch, prefetch=prefetch)
+                raw = raw_throughput(PackedStream(cfg, tokenizer, "train", tokenize_batch_docs=docs_per_call),
+                                     args.micro_batch, 1.0 if args.smoke else 5.0)
+                batches = Batches(PackedStream(cfg, tokenizer, "train", tokenize_batch_docs=docs_per_call),
+                                  args.micro_batch, prefetch=prefetch)
                 sim = simulate(batches, args.steps, args.step_ms / 1e3, args.launch_ms / 1e3, warmup=2)
                 batches.close()
                 tok_s = args.steps * tokens_per_step / sim["wall_s"]
@@ -145,7 +145,6 @@ def main(argv=None) -> int:
                 print(f"{corpus} | {name}: pipeline alone {raw:,.0f} tokens/s; with the accelerator {tok_s:,.0f} "
                       f"tokens/s ({tok_s / ideal:.1%} of {ideal:,.0f}), idle {sim['idle_fraction']:.1%}, "
                       f"worst wait {sim['worst_batch_wait_ms']:.0f} ms", flush=True)
-        data.TOKENIZE_BATCH_DOCS = SETTINGS[-1][1]
 
     machine = f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
     today = datetime.date.today().isoformat()

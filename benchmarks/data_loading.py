@@ -35,9 +35,9 @@ import datasets
 import tokenizers
 import torch
 
-from hf_sparse_ift.data import Batches, PackedStream, load_tokenizer
-from hf_sparse_ift.presets import builtin_dir
-from hf_sparse_ift.training_config import DataConfig
+from hf_sparse_ift.training.data import Batches, PackedStream, load_tokenizer
+from hf_sparse_ift.resources import builtin_dir
+from hf_sparse_ift.training.config import DataConfig
 
 # (name, documents per tokenizer call, batches made ahead); the first is the pipeline before prefetching.
 SETTINGS = [("on demand, 1000 docs per tokenizer call", 1000, 0),

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
-from hf_sparse_ift.dst import DSTConfig, DSTEngine
-from hf_sparse_ift.presets import model_config
-from hf_sparse_ift.optimization import build_optimizer
-from hf_sparse_ift.training_config import OptimConfig
+from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine
+from hf_sparse_ift.resources import model_config
+from hf_sparse_ift.training.optimizer import build_optimizer
+from hf_sparse_ift.training.config import OptimConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import sync, training_step  # noqa: E402

@@ -32,10 +32,10 @@ import torch
 
 import hf_sparse_ift
 from hf_sparse_ift import SparseWideGPTConfig, SparseWideGPTForCausalLM
-from hf_sparse_ift.dst import DSTConfig, DSTEngine
-from hf_sparse_ift.iso_flop import count_flops
-from hf_sparse_ift.optimization import PEAK_TFLOPS, build_optimizer, set_sdpa_backend
-from hf_sparse_ift.training_config import OptimConfig
+from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine
+from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import count_flops
+from hf_sparse_ift.training.optimizer import PEAK_TFLOPS, build_optimizer, set_sdpa_backend
+from hf_sparse_ift.training.config import OptimConfig
 
 VARIANTS = {
     "dense": dict(sparsity=0.0),

@@ -3,19 +3,22 @@
 Importing the package registers the model with AutoConfig / AutoModel / AutoModelForCausalLM, and
 marks the classes so that `save_pretrained` writes their code next to the weights: checkpoints then
 load with ``trust_remote_code=True`` where this package is not installed.
+
+Rooms (imports point down only): ``models`` (the model, self-contained for remote code) <- ``sparsity``
+(masks, dynamic sparse training) <- ``training`` / ``evaluation`` <- ``cli``.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_sparse_wide_gpt import SparseWideGPTConfig
-from .modeling_sparse_wide_gpt import (
+from .models.sparse_wide_gpt import (
     SparseLinear,
+    SparseWideGPTConfig,
     SparseWideGPTForCausalLM,
     SparseWideGPTModel,
     SparseWideGPTPreTrainedModel,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 AutoConfig.register(SparseWideGPTConfig.model_type, SparseWideGPTConfig, exist_ok=True)
 AutoModel.register(SparseWideGPTConfig, SparseWideGPTModel, exist_ok=True)

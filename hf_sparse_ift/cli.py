@@ -48,8 +48,8 @@ def _plan_parser(sub) -> None:
 
 
 def cmd_pretrain(args) -> int:
-    from .trainer import NonFiniteLossError, pretrain
-    from .training_config import load_pretrain_config
+    from .training.loop import NonFiniteLossError, pretrain
+    from .training.config import load_pretrain_config
 
     cfg = load_pretrain_config(args.config, args.overrides)
     if args.print_config:
@@ -66,7 +66,7 @@ def cmd_pretrain(args) -> int:
 
 
 def plan(cfg, mfu: float, peak_tflops: float) -> dict:
-    from .iso_flop import chinchilla_tokens, count_flops, count_parameters
+    from .models.sparse_wide_gpt.iso_flop import chinchilla_tokens, count_flops, count_parameters
 
     c = cfg.model_config()
     shape = c.shape(seq_len=cfg.data.seq_len)
@@ -93,7 +93,7 @@ def plan(cfg, mfu: float, peak_tflops: float) -> dict:
 
 
 def cmd_plan(args) -> int:
-    from .training_config import load_pretrain_config
+    from .training.config import load_pretrain_config
 
     cfg = load_pretrain_config(args.config, args.overrides)
     result = plan(cfg, args.mfu, args.peak_tflops)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _pretrain_parser(sub)
     _plan_parser(sub)
-    from . import evaluation
+    from .evaluation import harness as evaluation
 
     evaluation.add_parsers(sub)
     args = parser.parse_args(argv)

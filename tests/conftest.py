@@ -28,6 +28,6 @@ def tiny_model():
 def builtin_tokenizer():
     from transformers import AutoTokenizer
 
-    from hf_sparse_ift.presets import builtin_dir
+    from hf_sparse_ift.resources import builtin_dir
 
     return AutoTokenizer.from_pretrained(builtin_dir() / "tokenizer")

@@ -8,6 +8,8 @@ import json
 import sys
 
 import torch
+
+from hf_sparse_ift.sparsity import parameter_counts, sparse_layers
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
@@ -15,14 +17,14 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from conftest import tiny_config  # noqa: E402
 
 from hf_sparse_ift import SparseWideGPTForCausalLM  # noqa: E402
-from hf_sparse_ift.dst import DSTConfig, DSTEngine  # noqa: E402
+from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine  # noqa: E402
 
 
 def main(method: str, out: str) -> None:
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     model = SparseWideGPTForCausalLM(tiny_config())
-    initial = {k: m.weight_mask.clone() for k, m in model.sparse_modules().items()}
+    initial = {k: m.weight_mask.clone() for k, m in sparse_layers(model).items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     model, opt = accelerator.prepare(model, opt)
     engine = DSTEngine(model, opt, DSTConfig(method=method, update_interval=2), total_steps=40)
@@ -34,7 +36,7 @@ def main(method: str, out: str) -> None:
         opt.step()
         opt.zero_grad()
         updates += engine.step() is not None
-    layers = accelerator.unwrap_model(model).sparse_modules()
+    layers = sparse_layers(accelerator.unwrap_model(model))
     digest = {k: m.weight_mask.to(torch.uint8).flatten().tolist() for k, m in layers.items()}
     params = [p.detach().flatten().tolist() for p in model.parameters()]
     everyone = gather_object([(digest, params)])

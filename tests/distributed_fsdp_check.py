@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from hf_sparse_ift.sparsity import parameter_counts, sparse_layers
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -18,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_config  # noqa: E402
 
 from hf_sparse_ift import SparseWideGPTForCausalLM  # noqa: E402
-from hf_sparse_ift.dst import DSTConfig, DSTEngine  # noqa: E402
+from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine  # noqa: E402
 
 
 def main(method: str, out: str) -> None:
@@ -26,7 +28,7 @@ def main(method: str, out: str) -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = SparseWideGPTForCausalLM(tiny_config())
-    initial = {k: m.weight_mask.clone() for k, m in model.sparse_modules().items()}
+    initial = {k: m.weight_mask.clone() for k, m in sparse_layers(model).items()}
     for block in model.transformer.h:
         fully_shard(block)
     fully_shard(model)
@@ -40,7 +42,7 @@ def main(method: str, out: str) -> None:
         opt.step()
         opt.zero_grad()
         updates += engine.step() is not None
-    layers = model.sparse_modules()
+    layers = sparse_layers(model)
     sharded = all(isinstance(m.weight, DTensor) and m.weight.to_local().shape[0] < m.weight.shape[0]
                   for m in layers.values())
     zero_weights = all(torch.count_nonzero(m.weight.full_tensor()[~m.weight_mask]) == 0 for m in layers.values())

@@ -1,7 +1,7 @@
 import pytest
 
 from hf_sparse_ift import SparseWideGPTConfig
-from hf_sparse_ift.presets import model_config
+from hf_sparse_ift.resources import model_config
 
 
 @pytest.mark.parametrize("preset, d_model, d_ff, layer_s", [
@@ -20,7 +20,7 @@ def test_presets_reproduce_table14(preset, d_model, d_ff, layer_s):
 def test_width_multiple_recalibrates_to_stay_iso_flop():
     c = model_config("gpt3-small-sw50-w64")
     assert (c.hidden_size, c.intermediate_size, c.head_dim) == (1152, 4352, 96)
-    from hf_sparse_ift.iso_flop import count_flops
+    from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import count_flops
     dense_blocks = count_flops(c.dense_shape()).sparse_matmul
     assert abs(count_flops(c.shape()).sparse_matmul / dense_blocks - 1) < 1e-6
     assert 0.53 < c.layer_sparsity < 0.54

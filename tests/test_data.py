@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from hf_sparse_ift.data import PackedStream, load_documents, load_tokenizer, validation_batches
-from hf_sparse_ift.training_config import DataConfig
+from hf_sparse_ift.training.data import PackedStream, load_documents, load_tokenizer, validation_batches
+from hf_sparse_ift.training.config import DataConfig
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_builtin_corpus_and_validation_batches(tokenizer):
 
 
 def test_local_text_files_and_offline_fallback(tmp_path, tokenizer, caplog):
-    from hf_sparse_ift.data import resolve_data_config
+    from hf_sparse_ift.training.data import resolve_data_config
 
     (tmp_path / "a.txt").write_text("line one of text\nline two of text\n" * 50)
     cfg = DataConfig(dataset="text", data_files=str(tmp_path / "a.txt"), seq_len=8, validation_split=None)
@@ -91,7 +91,7 @@ def test_local_text_files_and_offline_fallback(tmp_path, tokenizer, caplog):
 
 
 def test_prefetched_batches_equal_on_demand_ones_and_resume_exactly(corpus, tokenizer):
-    from hf_sparse_ift.data import Batches
+    from hf_sparse_ift.training.data import Batches
 
     _, path = corpus
     cfg = DataConfig(dataset="json", data_files=path, text_column="body", seq_len=16)
@@ -116,7 +116,7 @@ def test_prefetched_batches_equal_on_demand_ones_and_resume_exactly(corpus, toke
 
 
 def test_prefetch_thread_errors_reach_the_training_loop(corpus, tokenizer):
-    from hf_sparse_ift.data import Batches
+    from hf_sparse_ift.training.data import Batches
 
     _, path = corpus
     cfg = DataConfig(dataset="json", data_files=path, text_column="text", seq_len=16)

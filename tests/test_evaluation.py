@@ -13,9 +13,9 @@ from test_pretrain import overrides
 from test_remote_code import BLOCKER
 
 from hf_sparse_ift.cli import main
-from hf_sparse_ift.evaluation import PAPER_TABLE15, builtin_tasks_dir, compare, evaluate, perplexity
-from hf_sparse_ift.trainer import pretrain
-from hf_sparse_ift.training_config import load_pretrain_config
+from hf_sparse_ift.evaluation.harness import PAPER_TABLE15, builtin_tasks_dir, compare, evaluate, perplexity
+from hf_sparse_ift.training.loop import pretrain
+from hf_sparse_ift.training.config import load_pretrain_config
 
 
 @pytest.fixture(scope="module")

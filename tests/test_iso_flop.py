@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_sparse_ift.iso_flop import (
+from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import (
     GPTShape,
     calibrate_sparsity,
     count_flops,

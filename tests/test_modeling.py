@@ -1,15 +1,17 @@
 import torch
+
+from hf_sparse_ift.sparsity import parameter_counts, sparse_layers
 import torch.nn.functional as F
 from conftest import tiny_config
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, pipeline
 
 from hf_sparse_ift import SparseLinear, SparseWideGPTForCausalLM
-from hf_sparse_ift.convert import gpt2_to_sparse_wide, sparse_wide_to_gpt2
+from hf_sparse_ift.models.sparse_wide_gpt.convert_gpt2 import gpt2_to_sparse_wide, sparse_wide_to_gpt2
 
 
 def test_masks_have_exactly_round_s_n_inactive_weights_and_zeros():
     model = SparseWideGPTForCausalLM(tiny_config(sparsity=0.6, width_multiple=8))
-    sparse = model.sparse_modules()
+    sparse = sparse_layers(model)
     assert len(sparse) == 2 * 6
     for name, m in sparse.items():
         n = m.weight.numel()
@@ -20,9 +22,9 @@ def test_masks_have_exactly_round_s_n_inactive_weights_and_zeros():
 
 
 def test_masks_are_seeded_and_differ_between_layers():
-    a = SparseWideGPTForCausalLM(tiny_config()).sparse_modules()
-    b = SparseWideGPTForCausalLM(tiny_config()).sparse_modules()
-    c = SparseWideGPTForCausalLM(tiny_config(mask_seed=1)).sparse_modules()
+    a = sparse_layers(SparseWideGPTForCausalLM(tiny_config()))
+    b = sparse_layers(SparseWideGPTForCausalLM(tiny_config()))
+    c = sparse_layers(SparseWideGPTForCausalLM(tiny_config(mask_seed=1)))
     assert all(torch.equal(a[k].weight_mask, b[k].weight_mask) for k in a)
     assert not any(torch.equal(a[k].weight_mask, c[k].weight_mask) for k in a)
     q0, q1 = a["transformer.h.0.attn.q_proj"].weight_mask, a["transformer.h.1.attn.q_proj"].weight_mask
@@ -31,7 +33,7 @@ def test_masks_are_seeded_and_differ_between_layers():
 
 def test_only_block_linears_listed_are_sparse():
     model = SparseWideGPTForCausalLM(tiny_config(sparse_layers=["fc_in", "fc_out"]))
-    assert sorted({n.rsplit(".", 1)[-1] for n in model.sparse_modules()}) == ["fc_in", "fc_out"]
+    assert sorted({n.rsplit(".", 1)[-1] for n in sparse_layers(model)}) == ["fc_in", "fc_out"]
     assert not isinstance(model.transformer.h[0].attn.q_proj, SparseLinear)
     assert not isinstance(model.lm_head, SparseLinear)
 
@@ -49,12 +51,12 @@ def test_inactive_weights_get_zero_gradient_and_stay_zero_under_adamw(tiny_model
     for _ in range(3):
         x = torch.randint(0, 97, (4, 16))
         tiny_model(x, labels=x).loss.backward()
-        for m in tiny_model.sparse_modules().values():
+        for m in sparse_layers(tiny_model).values():
             assert torch.count_nonzero(m.weight.grad[~m.weight_mask]) == 0
             assert torch.count_nonzero(m.weight.grad[m.weight_mask]) > 0
         opt.step()
         opt.zero_grad()
-    for m in tiny_model.sparse_modules().values():
+    for m in sparse_layers(tiny_model).values():
         assert torch.count_nonzero(m.weight[~m.weight_mask]) == 0
 
 
@@ -133,8 +135,8 @@ def test_save_load_keeps_masks_zeros_and_logits(tiny_model, tmp_path):
     assert type(loaded) is SparseWideGPTForCausalLM
     x = torch.randint(0, 97, (2, 20))
     assert torch.equal(loaded(x).logits, tiny_model(x).logits)
-    for name, m in loaded.sparse_modules().items():
-        assert torch.equal(m.weight_mask, tiny_model.sparse_modules()[name].weight_mask)
+    for name, m in sparse_layers(loaded).items():
+        assert torch.equal(m.weight_mask, sparse_layers(tiny_model)[name].weight_mask)
         assert torch.count_nonzero(m.weight[~m.weight_mask]) == 0
 
 
@@ -158,19 +160,19 @@ def test_text_generation_pipeline(builtin_tokenizer):
 
 
 def test_parameter_counts(tiny_model):
-    counts = tiny_model.num_parameters_sparse()
-    sparse = sum(m.weight.numel() for m in tiny_model.sparse_modules().values())
+    counts = parameter_counts(tiny_model)
+    sparse = sum(m.weight.numel() for m in sparse_layers(tiny_model).values())
     assert counts["inactive"] == round(0.75 * sparse)  # 0.75·n is whole for these sizes
     assert counts["active"] == counts["total"] - counts["inactive"]
 
 
 def test_parameter_formula_matches_the_model():
-    from hf_sparse_ift.iso_flop import count_parameters
+    from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import count_parameters
 
     for overrides in ({}, {"sparsity": 0.0}, {"sparsity": 0.6, "width_multiple": 8, "sparse_layers": ["fc_in"]}):
         model = SparseWideGPTForCausalLM(tiny_config(**overrides))
         c = model.config
-        assert count_parameters(c.shape(), c.n_positions) == model.num_parameters_sparse()
+        assert count_parameters(c.shape(), c.n_positions) == parameter_counts(model)
 
 
 def test_head_size_padding_for_fused_attention_is_exact():

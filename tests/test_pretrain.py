@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from hf_sparse_ift.sparsity import parameter_counts, sparse_layers
 from safetensors.torch import load_file
 from test_distributed import accelerate_launch
 from transformers import AutoModelForCausalLM
 
 import hf_sparse_ift  # noqa: F401  (registers the model)
-from hf_sparse_ift.trainer import NonFiniteLossError, pretrain
-from hf_sparse_ift.training_config import load_pretrain_config
+from hf_sparse_ift.training.loop import NonFiniteLossError, pretrain
+from hf_sparse_ift.training.config import load_pretrain_config
 
 FAST = ["model.n_layer=2", "model.dense_hidden_size=32", "model.dense_intermediate_size=128", "model.n_head=2",
         "data.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4", "train.eval_batches=2",
@@ -43,7 +45,7 @@ def test_short_run_lowers_loss_writes_loadable_checkpoints_and_keeps_last_k(tmp_
     assert not list(out.glob("*.tmp"))
     export = out / "checkpoint-12" / "hf"
     model = AutoModelForCausalLM.from_pretrained(export)
-    for m in model.sparse_modules().values():
+    for m in sparse_layers(model).values():
         assert torch.count_nonzero(m.weight[~m.weight_mask]) == 0
     assert (export / "tokenizer.json").exists() and (export / "README.md").exists()
     assert list((out / "hf-sparse-ift").rglob("events.out.tfevents*"))  # TensorBoard logs

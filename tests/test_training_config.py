@@ -1,6 +1,6 @@
 import pytest
 
-from hf_sparse_ift.training_config import load_pretrain_config
+from hf_sparse_ift.training.config import load_pretrain_config
 
 
 def test_paper_configs_carry_the_recipe():

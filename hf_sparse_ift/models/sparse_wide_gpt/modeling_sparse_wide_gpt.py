@@ -39,44 +39,34 @@ class _MaskGradient(torch.autograd.Function):
 
     A view costs nothing in forward; the backward multiply is one elementwise pass over the weight
     gradient (tiny next to the weight-gradient matmul) and keeps every inactive gradient at 0, so
-    clipping, Adam moments and weight decay never see or revive inactive weights.
+    clipping, Adam moments and weight decay never see or revive inactive weights. An `observer`
+    (set from outside the model, e.g. by a training algorithm that ranks inactive positions by their
+    gradient) is handed the gradient before it is masked.
     """
 
     @staticmethod
-    def forward(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(weight: torch.Tensor, mask: torch.Tensor, observer=None) -> torch.Tensor:
         return weight.view_as(weight)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[1])
+        ctx.observer = inputs[2]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
-        return grad * mask, None
-
-
-class _CaptureDenseGradient(torch.autograd.Function):
-    """As `_MaskGradient`, and also accumulates the unmasked gradient into ``layer.dense_grad``.
-
-    Used only on the steps where RigL / SRigL update masks (they rank inactive positions by it).
-    """
-
-    @staticmethod
-    def forward(weight: torch.Tensor, mask: torch.Tensor, layer: "SparseLinear") -> torch.Tensor:
-        return weight.view_as(weight)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-        ctx.layer = inputs[2]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (mask,) = ctx.saved_tensors
-        layer = ctx.layer
-        layer.dense_grad = grad.detach().clone() if layer.dense_grad is None else layer.dense_grad.add_(grad)
+        if ctx.observer is not None:
+            ctx.observer(grad)
         return grad * mask, None, None
+
+
+def derive_seed(*parts: int) -> int:
+    """One reproducible seed from several integers (a base seed, a layer index, a step, ...)."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + int(part)) % 2**63
+    return seed
 
 
 class SparseLinear(nn.Linear):
@@ -86,10 +76,6 @@ class SparseLinear(nn.Linear):
     weight) because regrown weights are zero too, so a mask cannot be read off the weights.
     """
 
-    # Set by the DST engine before the backward pass of a RigL / SRigL update step.
-    capture_dense_grad = False
-    dense_grad = None
-
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  sparsity: float = 0.0, mask_seed: int = 0, residual_projection: bool = False,
                  device=None, dtype=None):
@@ -98,11 +84,9 @@ class SparseLinear(nn.Linear):
         self.mask_seed = mask_seed
         # GPT-2 scales the init of the projections that write into the residual stream by 1/sqrt(2L).
         self.residual_projection = residual_projection
+        # Called with the unmasked weight gradient in backward when set (see `_MaskGradient`).
+        self.grad_observer = None
         self.register_buffer("weight_mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device))
-
-    @property
-    def num_active(self) -> int:
-        return self.weight.numel() - num_inactive(self.weight.numel(), self.sparsity)
 
     def random_mask(self) -> torch.Tensor:
         """Uniform random mask with exactly round(s·n) inactive weights, reproducible from the seed."""
@@ -117,9 +101,7 @@ class SparseLinear(nn.Linear):
         """The weight to multiply with: itself in forward, with the mask applied to its gradient."""
         weight = self.weight
         if weight.requires_grad and torch.is_grad_enabled():
-            if self.capture_dense_grad:
-                return _CaptureDenseGradient.apply(weight, self.weight_mask, self)
-            return _MaskGradient.apply(weight, self.weight_mask)
+            return _MaskGradient.apply(weight, self.weight_mask, self.grad_observer)
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +118,7 @@ def _effective_weight(linear: nn.Linear) -> torch.Tensor:
 def _block_linear(config: SparseWideGPTConfig, name: str, layer_idx: int, d_in: int, d_out: int) -> nn.Linear:
     residual = name in ("o_proj", "fc_out")
     if config.sparsity > 0 and name in config.sparse_layers:
-        seed = config.mask_seed * 1_000_003 + layer_idx * len(BLOCK_LINEARS) + BLOCK_LINEARS.index(name)
+        seed = derive_seed(config.mask_seed, layer_idx * len(BLOCK_LINEARS) + BLOCK_LINEARS.index(name))
         return SparseLinear(d_in, d_out, sparsity=config.layer_sparsity, mask_seed=seed, residual_projection=residual)
     linear = nn.Linear(d_in, d_out)
     linear.residual_projection = residual
@@ -273,24 +255,6 @@ class SparseWideGPTPreTrainedModel(PreTrainedModel):
                 module.weight.fill_(1.0)
             if not getattr(module.bias, "_is_hf_initialized", False):
                 module.bias.zero_()
-
-    # --- sparsity helpers, used by the DST engine, the trainer and the tests ---
-    def sparse_modules(self) -> dict[str, SparseLinear]:
-        """Name -> `SparseLinear` for every sparse layer, in model order."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, SparseLinear)}
-
-    @torch.no_grad()
-    def apply_masks_(self) -> None:
-        """Zero every inactive weight (restores the invariant after external edits of the weights)."""
-        for module in self.sparse_modules().values():
-            module.weight.mul_(module.weight_mask)
-
-    def num_parameters_sparse(self) -> dict[str, int]:
-        """Total parameters, active parameters (inactive sparse weights excluded) and sparse weights."""
-        total = sum(p.numel() for p in self.parameters())
-        sparse = sum(m.weight.numel() for m in self.sparse_modules().values())
-        inactive = sum(int((~m.weight_mask).sum()) for m in self.sparse_modules().values())
-        return {"total": total, "active": total - inactive, "sparse_weights": sparse, "inactive": inactive}
 
 
 def _causal_mask(config, inputs_embeds, attention_mask, past_key_values, position_ids, past_seen):
@@ -432,4 +396,4 @@ class SparseWideGPTForCausalLM(SparseWideGPTPreTrainedModel, GenerationMixin):
         return output if return_dict is not False else output.to_tuple()
 
 
-__all__ = ["SparseLinear", "SparseWideGPTPreTrainedModel", "SparseWideGPTModel", "SparseWideGPTForCausalLM"]
+__all__ = ["SparseLinear", "derive_seed", "SparseWideGPTPreTrainedModel", "SparseWideGPTModel", "SparseWideGPTForCausalLM"]

@@ -23,8 +23,8 @@ import torch
 from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
-from .presets import builtin_dir
-from .training_config import BUILTIN, DataConfig
+from ..resources import builtin_dir
+from .config import BUILTIN, DataConfig
 
 logger = logging.getLogger(__name__)
 TOKENIZE_BATCH_DOCS = 64

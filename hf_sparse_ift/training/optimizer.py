@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .training_config import OptimConfig
+from .config import OptimConfig
 
 # Dense bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}

@@ -7,17 +7,9 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configuration_sparse_wide_gpt import SparseWideGPTConfig
-from .iso_flop import count_flops, count_parameters
-
-
-def template_path() -> Path:
-    checkout = Path(__file__).resolve().parent.parent / "model_cards" / "sparse_wide_gpt.md"
-    if checkout.exists():
-        return checkout
-    from importlib import resources
-
-    return Path(str(resources.files("hf_sparse_ift.model_cards") / "sparse_wide_gpt.md"))
+from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
+from ..models.sparse_wide_gpt.iso_flop import count_flops, count_parameters
+from ..resources import model_card_template
 
 
 def _human(n: float) -> str:
@@ -68,7 +60,7 @@ def render_model_card(checkpoint: str | Path, repo_id: str | None = None, result
              + ([dst_method] if dst_method else []),
         model_name=repo_id, eval_results=eval_results or None)
     return ModelCard.from_template(
-        card_data, template_path=str(template_path()), model_name=repo_id, repo_id=repo_id,
+        card_data, template_path=str(model_card_template()), model_name=repo_id, repo_id=repo_id,
         dst_method=dst_method.upper() if dst_method else None, n_layer=c.n_layer, n_head=c.n_head,
         n_positions=c.n_positions, dense_hidden_size=c.dense_hidden_size,
         dense_intermediate_size=c.dense_intermediate_size, hidden_size=c.hidden_size,

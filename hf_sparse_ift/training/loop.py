@@ -24,11 +24,12 @@ from accelerate.utils import gather_object, set_seed
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from .data import Batches, PackedStream, load_tokenizer, resolve_data_config, validation_batches
-from .dst import DSTEngine, summarize
-from .iso_flop import count_flops
-from .modeling_sparse_wide_gpt import SparseWideGPTForCausalLM
-from .optimization import build_optimizer, peak_flops, set_sdpa_backend
-from .training_config import PretrainConfig
+from ..sparsity import parameter_counts
+from ..sparsity.dst import DSTEngine, summarize
+from ..models.sparse_wide_gpt.iso_flop import count_flops
+from ..models.sparse_wide_gpt.modeling_sparse_wide_gpt import SparseWideGPTForCausalLM
+from .optimizer import build_optimizer, peak_flops, set_sdpa_backend
+from .config import PretrainConfig
 
 logger = logging.getLogger("hf_sparse_ift.pretrain")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -183,7 +184,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
                 for s, d in cfg.to_dict().items() for k, v in d.items()}
         accelerator.init_trackers(cfg.train.project_name, config=flat)
 
-    counts = unwrapped.num_parameters_sparse()
+    counts = parameter_counts(unwrapped)
     logger.info("model: %s total / %s active parameters, sparsity %.3f, %d steps x %d sequences x %d tokens, "
                 "accumulation %d, precision %s, data %s", f"{counts['total']:,}", f"{counts['active']:,}",
                 engine.sparsity(), total_steps, cfg.train.global_batch_size, data_cfg.seq_len, accumulation,
@@ -332,7 +333,7 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, cfg: PretrainCon
                                   if accelerator.distributed_type.name.startswith("FSDP") else None)
         tokenizer.save_pretrained(export)
         (export / "training_config.yaml").write_text(cfg.to_yaml())
-        from .model_card import write_model_card
+        from ..evaluation.model_card import write_model_card
 
         write_model_card(export, repo_id=out_dir.name, training_config=cfg.to_dict())
         _fsync_tree(tmp)

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 import yaml
 
-from .configuration_sparse_wide_gpt import SparseWideGPTConfig
-from .dst import DSTConfig
-from .presets import load_yaml, resolve_config_path
+from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
+from ..sparsity.dst import DSTConfig
+from ..resources import load_yaml, resolve_config_path
 
 BUILTIN = "builtin"
 

@@ -1,4 +1,5 @@
-"""YAML presets shipped in `configs/` (installed as `hf_sparse_ift.configs`) and the built-in data."""
+"""Files shipped with the package: YAML presets (`configs/`), the model card template, the built-in corpus,
+tokenizer and tasks, and the YAML reading every config goes through."""
 
 from __future__ import annotations
 
@@ -7,15 +8,24 @@ from pathlib import Path
 
 import yaml
 
-from .configuration_sparse_wide_gpt import SparseWideGPTConfig
+from .models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
+
+
+def _shipped(folder: str) -> Path:
+    """A data folder at the repository root (``configs``, ``model_cards``): the checkout's, else the installed copy."""
+    checkout = Path(__file__).resolve().parent.parent / folder
+    if checkout.is_dir():
+        return checkout
+    return Path(str(resources.files(f"hf_sparse_ift.{folder}")))
 
 
 def configs_dir() -> Path:
-    """The `configs/` folder: the repository's in a checkout, the installed copy otherwise."""
-    checkout = Path(__file__).resolve().parent.parent / "configs"
-    if checkout.is_dir():
-        return checkout
-    return Path(str(resources.files("hf_sparse_ift.configs")))
+    """YAML presets: ``pretrain-*.yaml``, ``models/``, ``accelerate/``."""
+    return _shipped("configs")
+
+
+def model_card_template() -> Path:
+    return _shipped("model_cards") / "sparse_wide_gpt.md"
 
 
 def builtin_dir() -> Path:

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .presets import builtin_dir
+from ..resources import builtin_dir
 
 
 @dataclass(frozen=True)
@@ -197,8 +197,8 @@ def perplexity(model: str, dataset: str = "builtin", tokenizer: str | None = Non
 
     import hf_sparse_ift  # noqa: F401
 
-    from .data import load_tokenizer, validation_batches
-    from .training_config import DataConfig
+    from ..training.data import load_tokenizer, validation_batches
+    from ..training.config import DataConfig
 
     lm = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=True).eval()
     tok = load_tokenizer(tokenizer or str(model))  # checkpoints exported by the trainer carry their tokenizer

@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval suites, the harness, comparison tables, perplexity and model cards."""

@@ -1,0 +1,51 @@
+"""The ``dst:`` section of a training config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ... import checks
+from .methods import METHODS
+
+
+@dataclass
+class DSTConfig:
+    """Dynamic sparse training settings.
+
+    method: one of `METHODS` (static, set, rigl, srigl).
+    drop_fraction: α, the fraction of a layer's active weights replaced at the first update;
+        decays to 0 by cosine over the update period (RigL's schedule).
+    update_interval: ΔT, optimizer steps between mask updates.
+    stop_fraction: updates stop after this fraction of training (masks then stay fixed).
+    seed: seed of the regrowth randomness (SET) and of SRigL's constant fan-in initial masks.
+    ablation_threshold: SRigL's γ_sal: a neuron is ablated when fewer than γ_sal·fan_in of its weights
+        are salient (kept by magnitude or chosen for regrowth by gradient).
+    track_churn: keep a bit-packed copy of the initial masks (1/8 byte per weight) to report the
+        fraction of positions that changed since initialisation.
+    """
+
+    method: str = "set"
+    drop_fraction: float = 0.3
+    update_interval: int = 100
+    stop_fraction: float = 0.75
+    seed: int = 0
+    ablation_threshold: float = 0.3
+    track_churn: bool = True
+
+    def __post_init__(self):
+        checks.choice("dst.method", self.method, sorted(METHODS))
+        checks.number("dst.drop_fraction", self.drop_fraction, low=0, high=1, high_open=True)
+        checks.integer("dst.update_interval", self.update_interval, low=1)
+        checks.number("dst.stop_fraction", self.stop_fraction, low=0, high=1)
+        checks.integer("dst.seed", self.seed, low=0)
+        checks.number("dst.ablation_threshold", self.ablation_threshold, low=0, high=1)
+        if not isinstance(self.track_churn, bool):
+            checks.invalid("dst.track_churn", self.track_churn, "expected true or false")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DSTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown dst option(s) {unknown}; valid: {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,1 @@
+"""Pretraining: config, data, optimizer, checkpoints and the loop."""

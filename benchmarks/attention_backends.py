@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from hf_sparse_ift.training.optimizer import set_sdpa_backend
+from hf_sparse_ift.training.hardware import set_sdpa_backend
 
 
 def time_ms(fn, repeats=20):

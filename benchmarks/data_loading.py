@@ -35,7 +35,7 @@ import datasets
 import tokenizers
 import torch
 
-from hf_sparse_ift.training.data import Batches, PackedStream, load_tokenizer
+from hf_sparse_ift.training.data import Batches, PackedStream, load_tokenizer, resolve_data_source
 from hf_sparse_ift.resources import builtin_dir
 from hf_sparse_ift.training.config import DataConfig
 
@@ -130,7 +130,8 @@ def main(argv=None) -> int:
             ("4 KB documents, 1 in 100 a 400 KB book",
              str(synthetic_documents(Path(tmp) / "books.jsonl", count, book_every=100)))]
         for corpus, files in corpora:
-            cfg = DataConfig(dataset="json", data_files=files, seq_len=args.seq, validation_split=None)
+            cfg = resolve_data_source(DataConfig(dataset="json", data_files=files, seq_len=args.seq,
+                                                 validation_split=None))
             for name, docs_per_call, prefetch in SETTINGS:
                 raw = raw_throughput(PackedStream(cfg, tokenizer, "train", tokenize_batch_docs=docs_per_call),
                                      args.micro_batch, 1.0 if args.smoke else 5.0)

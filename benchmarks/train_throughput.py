@@ -34,7 +34,8 @@ import hf_sparse_ift
 from hf_sparse_ift import SparseWideGPTConfig, SparseWideGPTForCausalLM
 from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine
 from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import count_flops
-from hf_sparse_ift.training.optimizer import PEAK_TFLOPS, build_optimizer, set_sdpa_backend
+from hf_sparse_ift.training.hardware import PEAK_TFLOPS, set_sdpa_backend
+from hf_sparse_ift.training.optimizer import build_optimizer
 from hf_sparse_ift.training.config import OptimConfig
 
 VARIANTS = {
@@ -263,7 +264,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="default: 989 on H100/H200, 1 on CPU")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="default: the known peak of this GPU (hardware.PEAK_TFLOPS), 1 on CPU")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--render", metavar="JSON", help="only re-render the markdown of an existing results file")
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@ tokenizer and tasks, and the YAML reading every config goes through."""
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -45,9 +46,28 @@ def resolve_config_path(name_or_path: str | Path, folder: str = "") -> Path:
     raise ValueError(f"no config file or preset named {str(name_or_path)!r}; presets in configs/{folder}: {names}")
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; every float a person writes is a float here."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """A YAML document or scalar (``1e-4`` -> 0.0001, ``[a, b]`` -> list, ``null`` -> None)."""
+    return yaml.load(text, Loader=_YAMLLoader)
+
+
 def load_yaml(path: str | Path) -> dict:
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = parse_yaml(f.read()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

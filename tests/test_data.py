@@ -3,8 +3,13 @@ import json
 import pytest
 import torch
 
-from hf_sparse_ift.training.data import PackedStream, load_documents, load_tokenizer, validation_batches
 from hf_sparse_ift.training.config import DataConfig
+from hf_sparse_ift.training.data import (DataSource, PackedStream, load_tokenizer, resolve_data_source,
+                                         validation_batches)
+
+
+def source(**values) -> DataSource:
+    return resolve_data_source(DataConfig(**values))
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +32,7 @@ def one_epoch(stream):
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_packing_and_sharding_lose_and_repeat_no_token(corpus, tokenizer, world_size):
     docs, path = corpus
-    cfg = DataConfig(dataset="json", data_files=path, text_column="body", seq_len=16)
+    cfg = source(data_files=path, text_column="body", seq_len=16, validation_split=None)
     eos = tokenizer.eos_token_id
     for rank in range(world_size):
         stream = PackedStream(cfg, tokenizer, "train", rank=rank, world_size=world_size, endless=False)
@@ -44,7 +49,7 @@ def test_packing_and_sharding_lose_and_repeat_no_token(corpus, tokenizer, world_
 
 def test_stream_resumes_exactly_from_its_state(corpus, tokenizer):
     _, path = corpus
-    cfg = DataConfig(dataset="json", data_files=path, text_column="body", seq_len=16)
+    cfg = source(data_files=path, text_column="body", seq_len=16, validation_split=None)
     stream = PackedStream(cfg, tokenizer, "train")
     it = iter(stream)
     for _ in range(37):
@@ -57,15 +62,14 @@ def test_stream_resumes_exactly_from_its_state(corpus, tokenizer):
     assert all(torch.equal(a, next(it2)) for a in expected)
 
 
-def test_unknown_text_column_is_named(corpus, tokenizer):
+def test_unknown_text_column_is_named_before_any_work(corpus, tokenizer):
     _, path = corpus
-    cfg = DataConfig(dataset="json", data_files=path, text_column="text", seq_len=16)
     with pytest.raises(ValueError, match="data.text_column='text' is not a column"):
-        next(iter(PackedStream(cfg, tokenizer, "train")))
+        source(data_files=path, text_column="text", seq_len=16)
 
 
 def test_builtin_corpus_and_validation_batches(tokenizer):
-    cfg = DataConfig(seq_len=64)
+    cfg = source(seq_len=64)
     first = next(iter(PackedStream(cfg, tokenizer, "train")))
     assert first.shape == (64,) and int(first.max()) < len(tokenizer)
     val = validation_batches(cfg, tokenizer, batch_size=4, num_batches=3, rank=0, world_size=1)
@@ -74,27 +78,18 @@ def test_builtin_corpus_and_validation_batches(tokenizer):
     assert all(torch.equal(a, b) for a, b in zip(val, again))
 
 
-def test_local_text_files_and_offline_fallback(tmp_path, tokenizer, caplog):
-    from hf_sparse_ift.training.data import resolve_data_config
-
+def test_local_text_files(tmp_path, tokenizer):
     (tmp_path / "a.txt").write_text("line one of text\nline two of text\n" * 50)
-    cfg = DataConfig(dataset="text", data_files=str(tmp_path / "a.txt"), seq_len=8, validation_split=None)
+    cfg = source(data_files=str(tmp_path / "a.txt"), seq_len=8, validation_split=None)
+    assert cfg.dataset == "text"
     assert next(iter(PackedStream(cfg, tokenizer, "train"))).shape == (8,)
-    missing = DataConfig(dataset="no-such-user/no-such-dataset", tokenizer="openai-community/gpt2")
-    resolved = resolve_data_config(missing)
-    assert resolved.dataset == "builtin" and resolved.tokenizer == "builtin"
-    assert "BUILT-IN corpus" in caplog.text
-    strict = DataConfig(dataset="no-such-user/no-such-dataset", offline_fallback=False)
-    assert resolve_data_config(strict) is strict
-    with pytest.raises(Exception):  # offline here: datasets raises its own connection error
-        next(iter(load_documents(strict, "train")))
 
 
 def test_prefetched_batches_equal_on_demand_ones_and_resume_exactly(corpus, tokenizer):
     from hf_sparse_ift.training.data import Batches
 
     _, path = corpus
-    cfg = DataConfig(dataset="json", data_files=path, text_column="body", seq_len=16)
+    cfg = source(data_files=path, text_column="body", seq_len=16, validation_split=None)
     on_demand = Batches(PackedStream(cfg, tokenizer, "train"), batch_size=8, prefetch=0)
     ahead = Batches(PackedStream(cfg, tokenizer, "train"), batch_size=8, prefetch=4)
     for _ in range(25):  # 200 sequences: crosses into the second epoch (the corpus packs into 190)
@@ -119,7 +114,8 @@ def test_prefetch_thread_errors_reach_the_training_loop(corpus, tokenizer):
     from hf_sparse_ift.training.data import Batches
 
     _, path = corpus
-    cfg = DataConfig(dataset="json", data_files=path, text_column="text", seq_len=16)
+    cfg = DataSource(dataset="json", data_files={"train": [path]}, dataset_config=None, text_column="text",
+                     train_split="train", validation_split=None, holdout_every=None, tokenizer="builtin", seq_len=16)
     batches = Batches(PackedStream(cfg, tokenizer, "train"), batch_size=2, prefetch=4)
     with pytest.raises(ValueError, match="data.text_column='text' is not a column"):
         next(batches)

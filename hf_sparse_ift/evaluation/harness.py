@@ -197,7 +197,7 @@ def perplexity(model: str, dataset: str = "builtin", tokenizer: str | None = Non
 
     import hf_sparse_ift  # noqa: F401
 
-    from ..training.data import load_tokenizer, validation_batches
+    from ..training.data import load_tokenizer, resolve_data_source, validation_batches
     from ..training.config import DataConfig
 
     lm = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=True).eval()
@@ -205,7 +205,7 @@ def perplexity(model: str, dataset: str = "builtin", tokenizer: str | None = Non
     seq_len = seq_len or lm.config.max_position_embeddings
     cfg = DataConfig(dataset=dataset, data_files=data_files, text_column=text_column, validation_split=split,
                      seq_len=seq_len, tokenizer=tokenizer or "builtin")
-    batches = validation_batches(cfg, tok, batch_size, max_batches, rank=0, world_size=1)
+    batches = validation_batches(resolve_data_source(cfg), tok, batch_size, max_batches, rank=0, world_size=1)
     if not batches:
         raise ValueError(f"split {split!r} of {dataset!r} is shorter than one batch of {batch_size}x{seq_len} tokens")
     with torch.no_grad():

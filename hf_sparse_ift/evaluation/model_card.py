@@ -23,6 +23,10 @@ def _recipe(training_config: dict | None) -> list[tuple[str, str]]:
     if not training_config:
         return []
     data, optim, dst, train = (training_config.get(k, {}) for k in ("data", "optim", "dst", "train"))
+    resolved = training_config.get("resolved", {})
+    data = {**data, **resolved.get("data", {})}  # what the run read, not only what it asked for
+    train = {**train, "max_steps": resolved.get("total_steps", train.get("max_steps")),
+             "total_tokens": resolved.get("total_tokens", train.get("total_tokens"))}
     rows = [("dataset", data.get("dataset")), ("tokenizer", data.get("tokenizer")), ("context", data.get("seq_len")),
             ("sequences per step", train.get("global_batch_size")),
             ("steps / tokens", f"{train.get('max_steps')} / {train.get('total_tokens')}"),
@@ -47,7 +51,7 @@ def render_model_card(checkpoint: str | Path, repo_id: str | None = None, result
     flops, dense = count_flops(c.shape()), count_flops(c.dense_shape())
     params = count_parameters(c.shape(), c.n_positions, c.tie_word_embeddings)
     dense_params = count_parameters(c.dense_shape(), c.n_positions, c.tie_word_embeddings)["total"]
-    dataset = (training_config or {}).get("data", {}).get("dataset")
+    dataset = ((training_config or {}).get("resolved", {}).get("data") or (training_config or {}).get("data", {})).get("dataset")
     datasets = [dataset] if dataset and dataset != "builtin" else None
     repo_id = repo_id or checkpoint.name
     eval_results = [EvalResult(task_type="text-generation", dataset_type=r.get("dataset", r["task"]),

@@ -3,56 +3,46 @@
     model:  a preset from configs/models (``preset: gpt3-small-sw75``) and/or SparseWideGPTConfig fields
     data:   dataset, tokenizer, context length, validation stream
     optim:  AdamW and the learning-rate schedule (warm-up in tokens, cosine to a fraction of peak)
-    dst:    dynamic sparse training (`hf_sparse_ift.dst.DSTConfig`)
+    dst:    dynamic sparse training (`hf_sparse_ift.sparsity.dst.DSTConfig`)
     train:  batch sizes, length, precision, logging, evaluation and checkpoint cadence
 
-Every key is checked before any work starts: an unknown key or an impossible value raises
-ValueError naming it (``train.micro_batch_size=0 is invalid: ...``).
+Every key is checked before any work starts: an unknown key or an impossible value raises ValueError
+naming it (``train.micro_batch_size=0 is invalid: ...``). What the run then really uses, derived values
+included, is `hf_sparse_ift.training.run.RunConfig`.
 """
 
 from __future__ import annotations
 
-import math
+import inspect
 from dataclasses import asdict, dataclass, field, fields
 
 import yaml
 
+from .. import checks
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
+from ..resources import load_yaml, parse_yaml, resolve_config_path
 from ..sparsity.dst import DSTConfig
-from ..resources import load_yaml, resolve_config_path
+from .hardware import ATTENTION_BACKENDS, MIXED_PRECISION
 
 BUILTIN = "builtin"
-
-
-def _bad(key: str, value, allowed: str):
-    raise ValueError(f"{key}={value!r} is invalid: {allowed}")
-
-
-def _positive_int(key, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        _bad(key, value, "expected an integer >= 1" + (" or null" if allow_none else ""))
-
-
-def _number(key, value, low=None, high=None, low_open=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        _bad(key, value, "expected a number")
-    if low is not None and (value < low or (low_open and value == low)):
-        _bad(key, value, f"expected a number {'>' if low_open else '>='} {low}")
-    if high is not None and value > high:
-        _bad(key, value, f"expected a number <= {high}")
+LOCAL_LOADERS = ("json", "parquet", "text", "csv")
 
 
 @dataclass
 class DataConfig:
-    """dataset: ``builtin`` (the corpus shipped in hf_sparse_ift/builtin), a Hub dataset name streamed
-    with `datasets` (e.g. monology/pile-uncopyrighted), or a loader name (json, parquet, text) with
-    ``data_files``. tokenizer: ``builtin`` or any tokenizer name/path (GPT-2 BPE:
-    openai-community/gpt2). offline_fallback: when a Hub dataset cannot be reached (offline), train on
-    the built-in corpus and tokenizer instead, with a warning, rather than fail. prefetch_batches:
-    micro-batches packed ahead in a background thread so the accelerator never waits for the tokenizer
-    (0: pack on demand)."""
+    """Where the tokens come from.
+
+    dataset: ``builtin`` (the corpus shipped in hf_sparse_ift/builtin), a Hub dataset streamed with `datasets`
+        (e.g. monology/pile-uncopyrighted), or a loader (json, parquet, text, csv) for ``data_files``.
+    data_files: local files (a path, a glob, a list, or {split: files}); the loader follows from the file names
+        (.jsonl/.json, .parquet, .txt, .csv, also compressed) unless ``dataset`` names one.
+    validation_split: the held-out split; when the source has none (a single local file, say), every
+        ``holdout_every``-th document of the training split is held out instead, and never trained on.
+    tokenizer: ``builtin`` or any tokenizer name/path (GPT-2 BPE: openai-community/gpt2).
+    offline_fallback: when a *Hub* dataset cannot be reached because the machine is offline, train on the
+        built-in corpus and tokenizer instead; every record of the run says so. Any other problem is an error.
+    prefetch_batches: micro-batches packed ahead in a background thread (0: pack on demand).
+    """
 
     dataset: str = BUILTIN
     dataset_config: str | None = None
@@ -60,6 +50,7 @@ class DataConfig:
     text_column: str = "text"
     train_split: str = "train"
     validation_split: str | None = "validation"
+    holdout_every: int = 100
     tokenizer: str = BUILTIN
     seq_len: int = 128
     shuffle_buffer: int = 0
@@ -67,15 +58,19 @@ class DataConfig:
     prefetch_batches: int = 32
 
     def validate(self):
-        _positive_int("data.seq_len", self.seq_len)
-        if isinstance(self.shuffle_buffer, bool) or not isinstance(self.shuffle_buffer, int) or self.shuffle_buffer < 0:
-            _bad("data.shuffle_buffer", self.shuffle_buffer, "expected an integer >= 0")
-        if isinstance(self.prefetch_batches, bool) or not isinstance(self.prefetch_batches, int) \
-                or self.prefetch_batches < 0:
-            _bad("data.prefetch_batches", self.prefetch_batches, "expected an integer >= 0 (0: no background thread)")
+        checks.integer("data.seq_len", self.seq_len)
+        checks.integer("data.holdout_every", self.holdout_every, low=2)
+        checks.integer("data.shuffle_buffer", self.shuffle_buffer, low=0)
+        checks.integer("data.prefetch_batches", self.prefetch_batches, low=0)
         for key in ("dataset", "text_column", "train_split", "tokenizer"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                _bad(f"data.{key}", getattr(self, key), "expected a non-empty string")
+            checks.text(f"data.{key}", getattr(self, key))
+        if self.validation_split is not None:
+            checks.text("data.validation_split", self.validation_split)
+        if self.data_files is None and self.dataset in LOCAL_LOADERS:
+            checks.invalid("data.dataset", self.dataset, "a local-file loader needs data.data_files (the files to "
+                           "read); or name a Hub dataset, or builtin")
+        if self.data_files is not None and not isinstance(self.data_files, (str, list, dict)):
+            checks.invalid("data.data_files", self.data_files, "expected a path, a list of paths or {split: paths}")
 
 
 @dataclass
@@ -92,25 +87,30 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
 
     def validate(self):
-        _number("optim.lr", self.lr, low=0, low_open=True)
+        checks.number("optim.lr", self.lr, low=0, low_open=True)
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2 or not all(
-                isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
-            _bad("optim.betas", self.betas, "expected two numbers in [0, 1)")
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas):
+            checks.invalid("optim.betas", self.betas, "expected two numbers in [0, 1)")
         self.betas = tuple(float(b) for b in self.betas)
-        _number("optim.eps", self.eps, low=0, low_open=True)
-        _number("optim.weight_decay", self.weight_decay, low=0)
-        _number("optim.grad_clip", self.grad_clip, low=0)
-        _number("optim.warmup_tokens", self.warmup_tokens, low=0)
-        _number("optim.min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        checks.number("optim.eps", self.eps, low=0, low_open=True)
+        checks.number("optim.weight_decay", self.weight_decay, low=0)
+        checks.number("optim.grad_clip", self.grad_clip, low=0)
+        checks.number("optim.warmup_tokens", self.warmup_tokens, low=0)
+        checks.number("optim.min_lr_ratio", self.min_lr_ratio, low=0, high=1)
 
 
 @dataclass
 class TrainLoopConfig:
-    """global_batch_size: sequences per optimizer step (all ranks; reached by gradient accumulation).
+    """How long and how the loop runs.
+
+    global_batch_size: sequences per optimizer step (all ranks; reached by gradient accumulation).
     total_tokens or max_steps: training length (max_steps wins when both are set).
-    mixed_precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or no. peak_tflops: the accelerator's
-    dense bf16 peak, for MFU (auto: 989 on H100, unset on CPU). attention_backend: restrict PyTorch's SDPA to
-    one kernel family on GPUs (auto keeps PyTorch's order; see benchmarks/results for which is faster)."""
+    mixed_precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or no.
+    peak_tflops: the accelerator's dense bf16 peak for MFU (auto: known GPUs, none on CPU).
+    attention_backend: restrict PyTorch's SDPA to one kernel family on GPUs (auto keeps PyTorch's order).
+    check_memory: refuse, before allocating anything, a model whose estimated training memory exceeds the
+        machine's (set false to try anyway).
+    """
 
     output_dir: str = "outputs/run"
     seed: int = 0
@@ -128,51 +128,62 @@ class TrainLoopConfig:
     keep_checkpoints: int = 2
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     project_name: str = "hf-sparse-ift"
-    peak_tflops: float | str = "auto"
+    peak_tflops: float | str | None = "auto"
     attention_backend: str = "auto"
     progress_bar: bool = True
+    check_memory: bool = True
 
     def validate(self):
         for key in ("global_batch_size", "micro_batch_size", "log_interval", "eval_interval", "eval_batches",
                     "checkpoint_interval", "keep_checkpoints"):
-            _positive_int(f"train.{key}", getattr(self, key))
-        _positive_int("train.max_steps", self.max_steps, allow_none=True)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            _bad("train.seed", self.seed, "expected an integer >= 0")
+            checks.integer(f"train.{key}", getattr(self, key))
+        checks.integer("train.max_steps", self.max_steps, allow_none=True)
+        checks.integer("train.seed", self.seed, low=0)
         if self.total_tokens is not None:
-            _number("train.total_tokens", self.total_tokens, low=0, low_open=True)
+            checks.number("train.total_tokens", self.total_tokens, low=0, low_open=True)
         if self.max_steps is None and self.total_tokens is None:
-            _bad("train.max_steps", None, "set train.max_steps or train.total_tokens")
-        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-            _bad("train.mixed_precision", self.mixed_precision, "expected auto, bf16, fp16 or no")
-        if self.global_batch_size % self.micro_batch_size:
-            _bad("train.global_batch_size", self.global_batch_size,
-                 f"must be a multiple of train.micro_batch_size={self.micro_batch_size}")
+            checks.invalid("train.max_steps", None, "set train.max_steps or train.total_tokens")
+        checks.choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        checks.choice("train.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if not isinstance(self.trackers, list):
-            _bad("train.trackers", self.trackers, "expected a list such as [tensorboard] or []")
-        if self.attention_backend not in ("auto", "flash", "cudnn", "efficient", "math"):
-            _bad("train.attention_backend", self.attention_backend, "expected auto, flash, cudnn, efficient or math")
-        if self.peak_tflops != "auto" and self.peak_tflops is not None:
-            _number("train.peak_tflops", self.peak_tflops, low=0, low_open=True)
+            checks.invalid("train.trackers", self.trackers, "expected a list such as [tensorboard] or []")
+        if self.peak_tflops not in ("auto", None):
+            checks.number("train.peak_tflops", self.peak_tflops, low=0, low_open=True)
+        for key in ("compile", "gradient_checkpointing", "progress_bar", "check_memory"):
+            if not isinstance(getattr(self, key), bool):
+                checks.invalid(f"train.{key}", getattr(self, key), "expected true or false")
+        checks.text("train.output_dir", self.output_dir)
+
+
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "dst": DSTConfig, "train": TrainLoopConfig}
 
 
 @dataclass
 class PretrainConfig:
+    """The run as the user wrote it (YAML plus overrides), validated."""
+
     model: dict
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dst: DSTConfig = field(default_factory=DSTConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
 
-    def model_config(self) -> SparseWideGPTConfig:
+    def model_values(self) -> tuple[dict, list[str]]:
+        """SparseWideGPTConfig arguments (preset merged with explicit fields) and the decisions taken."""
         values = dict(self.model)
         preset = values.pop("preset", None)
         if preset is not None:
             values = {**load_yaml(resolve_config_path(preset, "models")), **values}
-        values.setdefault("n_positions", self.data.seq_len)
+        decisions = []
+        if "n_positions" not in values:
+            values["n_positions"] = self.data.seq_len
+            decisions.append(f"model.n_positions was not given: set to data.seq_len={self.data.seq_len}")
+        return values, decisions
+
+    def model_config(self) -> SparseWideGPTConfig:
         try:
-            return SparseWideGPTConfig(**values)
-        except ValueError as err:
+            return SparseWideGPTConfig(**self.model_values()[0])
+        except (TypeError, ValueError) as err:
             raise ValueError(f"model: {err}") from None
 
     def validate(self) -> PretrainConfig:
@@ -181,49 +192,52 @@ class PretrainConfig:
         self.train.validate()
         config = self.model_config()
         if self.data.seq_len > config.n_positions:
-            _bad("data.seq_len", self.data.seq_len, f"must be <= model n_positions={config.n_positions}")
+            checks.invalid("data.seq_len", self.data.seq_len, f"must be <= model n_positions={config.n_positions}")
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            checks.invalid("train.global_batch_size", self.train.global_batch_size,
+                           f"must be a multiple of train.micro_batch_size={self.train.micro_batch_size}")
         return self
 
     def steps(self) -> int:
         """Optimizer steps: max_steps, else total_tokens / tokens per step (rounded up)."""
         if self.train.max_steps is not None:
             return self.train.max_steps
-        return math.ceil(self.train.total_tokens / (self.train.global_batch_size * self.data.seq_len))
+        return -(-int(self.train.total_tokens) // (self.train.global_batch_size * self.data.seq_len))
 
     def warmup_steps(self) -> int:
         return min(self.steps(), round(self.optim.warmup_tokens / (self.train.global_batch_size * self.data.seq_len)))
 
     def to_dict(self) -> dict:
-        return {"model": dict(self.model), "data": asdict(self.data), "optim": asdict(self.optim),
-                "dst": asdict(self.dst), "train": asdict(self.train)}
+        tree = {"model": dict(self.model), **{name: asdict(getattr(self, name)) for name in SECTIONS}}
+        tree["optim"]["betas"] = list(tree["optim"]["betas"])
+        return tree
 
     def to_yaml(self) -> str:
-        d = self.to_dict()
-        d["optim"]["betas"] = list(d["optim"]["betas"])
-        return yaml.safe_dump(d, sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-SECTIONS = {"data": DataConfig, "optim": OptimConfig, "dst": DSTConfig, "train": TrainLoopConfig}
+def config_keys() -> dict[str, list[str]]:
+    """Every settable key, by section, read off the dataclasses (the CLI's help lists these)."""
+    model = [p for p in inspect.signature(SparseWideGPTConfig.__init__).parameters if p not in ("self", "kwargs")]
+    return {"model": ["preset", *model], **{name: [f.name for f in fields(cls)] for name, cls in SECTIONS.items()}}
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
-    """``train.max_steps=100`` -> (["train", "max_steps"], 100); values are parsed as YAML."""
+    """``train.max_steps=100`` -> (["train", "max_steps"], 100); values are parsed as YAML (``1e-4`` is a float)."""
     if "=" not in text:
         raise ValueError(f"override {text!r} is invalid: expected section.key=value, e.g. train.max_steps=100")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    return key.strip().split("."), parse_yaml(raw)
 
 
 def _set_dotted(tree: dict, path: list[str], value) -> None:
-    if len(path) < 2 or path[0] not in ("model", *SECTIONS):
-        raise ValueError(f"unknown config key {'.'.join(path)!r}: expected a key under one of "
+    if len(path) != 2 or path[0] not in ("model", *SECTIONS):
+        raise ValueError(f"unknown config key {'.'.join(path)!r}: expected section.key with a section of "
                          f"{['model', *SECTIONS]}, e.g. train.max_steps")
-    node = tree
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"config key {'.'.join(path)!r} goes through a value that is not a mapping")
-    node[path[-1]] = value
+    section = tree.setdefault(path[0], {})
+    if section is None:
+        section = tree[path[0]] = {}
+    section[path[1]] = value
 
 
 def load_pretrain_config(name_or_path, overrides: list[str] | None = None) -> PretrainConfig:
@@ -243,9 +257,12 @@ def build_pretrain_config(tree: dict) -> PretrainConfig:
     sections = {}
     for name, cls in SECTIONS.items():
         values = tree.get(name) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{name}: expected a mapping of keys, got {values!r}")
         known = {f.name for f in fields(cls)}
         bad = sorted(set(values) - known)
         if bad:
-            raise ValueError(f"unknown config key(s) {[f'{name}.{k}' for k in bad]}; valid keys in {name}: {sorted(known)}")
+            raise ValueError(f"unknown config key(s) {[f'{name}.{k}' for k in bad]}; valid keys in {name}: "
+                             f"{sorted(known)}")
         sections[name] = cls(**values)
     return PretrainConfig(model=tree["model"], **sections).validate()

@@ -1,22 +1,27 @@
-"""Pretraining data: stream documents with `datasets`, tokenise on the fly, pack into sequences.
+"""Pretraining data: find out what will really be read, stream documents, tokenise on the fly, pack.
 
-* Source: the built-in corpus (shipped, offline), a Hub dataset streamed (the Pile mirror
-  ``monology/pile-uncopyrighted`` in the paper configs), or local json / jsonl / parquet / txt files.
-* Sharding: ``datasets.distributed.split_dataset_by_node`` gives each rank a disjoint part (whole
-  files when their count divides the world size, else every world_size-th document).
-* Packing: documents are joined with EOS and cut into ``seq_len`` tokens; the remainder carries over
-  to the next sequence, so no token is lost or repeated within an epoch.
-* Resume: `PackedStream.state_dict` holds the `datasets` stream position, the carried-over tokens
-  and the epoch, so training continues on exactly the sequence where it stopped.
-* Never starving the GPU: `Batches` packs batches ahead in a background thread (the tokenizer runs in
-  Rust without the GIL) and tokenises 64 documents per call, so there is no long burst to wait for.
+* `resolve_data_source` turns the ``data:`` config into a `DataSource` before any work: the loader (from the
+  file names when only ``data_files`` is given), the files (checked to exist), the validation stream (a split,
+  or a deterministic slice of training documents held out), the tokenizer, and — only when a Hub dataset
+  cannot be reached because the machine is offline — the built-in fallback with its reason. It reads the
+  first document of each stream, so a missing column or an empty file is an error before training starts.
+* Sharding: ``datasets.distributed.split_dataset_by_node`` gives each rank a disjoint part.
+* Packing: documents are joined with EOS and cut into ``seq_len`` tokens; the remainder carries over to the
+  next sequence, so no token is lost or repeated within an epoch.
+* Resume: `PackedStream.state_dict` holds the `datasets` stream position, the carried-over tokens and the
+  epoch, so training continues on exactly the sequence where it stopped.
+* Never starving the GPU: `Batches` packs batches ahead in a background thread (the tokenizer runs in Rust
+  without the GIL) and tokenises 64 documents per call, so there is no long burst to wait for.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import queue
 import threading
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,81 +29,244 @@ from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
 from ..resources import builtin_dir
-from .config import BUILTIN, DataConfig
+from .config import BUILTIN, LOCAL_LOADERS, DataConfig
 
 logger = logging.getLogger(__name__)
 TOKENIZE_BATCH_DOCS = 64
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")
+_LOADER_BY_SUFFIX = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """What a run actually reads; written into every record of the run."""
+
+    dataset: str                    # builtin, a Hub dataset name, or the loader of local files
+    data_files: dict | None         # {split: [paths]} for local files
+    dataset_config: str | None
+    text_column: str
+    train_split: str
+    validation_split: str | None    # a split of its own; None with holdout_every: held out of train_split
+    holdout_every: int | None       # every n-th training document is held out for validation (never trained on)
+    tokenizer: str
+    seq_len: int
+    shuffle_buffer: int = 0
+    fallback: str | None = None     # why the built-in corpus replaced what the config asked for
+
+    def describe_validation(self) -> str:
+        if self.holdout_every:
+            return (f"every {self.holdout_every}th document of split {self.train_split!r} held out "
+                    f"({100 / self.holdout_every:.2g}% of documents; not trained on)")
+        return f"split {self.validation_split!r}" if self.validation_split else "none"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "validation": self.describe_validation()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolving the config into a source
+# ----------------------------------------------------------------------------------------------
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     path = builtin_dir() / "tokenizer" if name == BUILTIN else name
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        if _is_offline_error(err):
+            raise ValueError(f"data.tokenizer={name!r}: cannot reach the Hub to load it (offline); pass a local "
+                             "tokenizer folder or builtin") from None
+        raise ValueError(f"data.tokenizer={name!r} cannot be loaded: {err}") from None
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {name!r} has no EOS token, which packing needs between documents")
     return tokenizer
 
 
-def _local_loader(files) -> str | None:
-    """`datasets` loader for local files, from their extension (None when `files` is not local)."""
-    first = files if isinstance(files, str) else (next(iter(files.values())) if isinstance(files, dict) else files[0])
-    first = first[0] if isinstance(first, list) else first
-    suffixes = Path(first).suffixes
-    for ext, loader in ((".jsonl", "json"), (".json", "json"), (".parquet", "parquet"), (".txt", "text")):
-        if ext in suffixes:
-            return loader
-    return None
+def _is_offline_error(err: BaseException) -> bool:
+    """True when `err` (or what caused it) says the Hub could not be reached, not that something is missing."""
+    names = {"ConnectionError", "ConnectTimeout", "ConnectError", "TimeoutException", "ReadTimeout",
+             "OfflineModeIsEnabled", "LocalEntryNotFoundError"}
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (ConnectionError, TimeoutError)) or type(err).__name__ in names:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
-def load_documents(cfg: DataConfig, split: str) -> IterableDataset:
-    """A streaming dataset of documents for `split` (the built-in corpus offers train / validation)."""
-    if cfg.dataset == BUILTIN:
+def _local_files(cfg: DataConfig) -> dict[str, list[str]]:
+    """{split: [existing paths]}, globs expanded; a missing file is an error naming it."""
+    files = cfg.data_files if isinstance(cfg.data_files, dict) else {cfg.train_split: cfg.data_files}
+    resolved = {}
+    for split, patterns in files.items():
+        paths = []
+        for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
+            found = sorted(glob.glob(os.path.expanduser(str(pattern))))
+            if not found:
+                raise FileNotFoundError(f"data.data_files: {pattern!r} (split {split!r}) matches no file")
+            paths += found
+        resolved[split] = paths
+    return resolved
+
+
+def _infer_loader(files: dict[str, list[str]]) -> str:
+    loaders = set()
+    for path in (p for paths in files.values() for p in paths):
+        suffixes = [s.lower() for s in Path(path).suffixes]
+        while suffixes and suffixes[-1] in _COMPRESSION:
+            suffixes.pop()
+        loader = _LOADER_BY_SUFFIX.get(suffixes[-1] if suffixes else "")
+        if loader is None:
+            raise ValueError(f"data.data_files: cannot tell the format of {path!r} from its name; expected "
+                             f"{sorted(_LOADER_BY_SUFFIX)} (optionally compressed {list(_COMPRESSION)}), or set "
+                             f"data.dataset to one of {list(LOCAL_LOADERS)}")
+        loaders.add(loader)
+    if len(loaders) > 1:
+        raise ValueError(f"data.data_files mixes formats {sorted(loaders)}; use files of one format")
+    return loaders.pop()
+
+
+def _builtin_source(cfg: DataConfig, fallback: str | None = None) -> DataSource:
+    return DataSource(dataset=BUILTIN, data_files=None, dataset_config=None, text_column="text",
+                      train_split="train", validation_split="validation" if cfg.validation_split else None,
+                      holdout_every=None, tokenizer=BUILTIN if fallback else cfg.tokenizer, seq_len=cfg.seq_len,
+                      shuffle_buffer=cfg.shuffle_buffer, fallback=fallback)
+
+
+def resolve_data_source(cfg: DataConfig) -> DataSource:
+    """What the run will read, checked by reading the first document of every stream (before any work)."""
+    if cfg.data_files is not None:
+        if cfg.dataset not in (BUILTIN, *LOCAL_LOADERS):
+            raise ValueError(f"data.dataset={cfg.dataset!r} with data.data_files: data_files are local files; set "
+                             f"data.dataset to one of {list(LOCAL_LOADERS)} or leave it at its default to infer "
+                             "the format from the file names")
+        files = _local_files(cfg)
+        loader = cfg.dataset if cfg.dataset in LOCAL_LOADERS else _infer_loader(files)
+        if cfg.train_split not in files:
+            raise ValueError(f"data.train_split={cfg.train_split!r} is not among the splits of data.data_files: "
+                             f"{sorted(files)}")
+        source = DataSource(dataset=loader, data_files=files, dataset_config=None, text_column=cfg.text_column,
+                            train_split=cfg.train_split, validation_split=None, holdout_every=None,
+                            tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, shuffle_buffer=cfg.shuffle_buffer)
+        has_validation = cfg.validation_split in files
+    elif cfg.dataset == BUILTIN:
+        return _check(_builtin_source(cfg))
+    else:
+        source = DataSource(dataset=cfg.dataset, data_files=None, dataset_config=cfg.dataset_config,
+                            text_column=cfg.text_column, train_split=cfg.train_split, validation_split=None,
+                            holdout_every=None, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len,
+                            shuffle_buffer=cfg.shuffle_buffer)
+        try:
+            _first_document(source, cfg.train_split)
+        except Exception as err:  # noqa: BLE001 - classified right below
+            if not _is_offline_error(err):
+                raise ValueError(f"data.dataset={cfg.dataset!r} cannot be read: {type(err).__name__}: {err}") from None
+            if not cfg.offline_fallback:
+                raise ValueError(f"data.dataset={cfg.dataset!r}: cannot reach the Hub (offline) and "
+                                 "data.offline_fallback is false; pass local data.data_files or builtin") from None
+            reason = (f"data.dataset={cfg.dataset!r} could not be reached (offline: {type(err).__name__}); the run "
+                      "uses the BUILT-IN corpus and tokenizer instead (data.offline_fallback=true)")
+            logger.warning(reason)
+            return _check(_builtin_source(cfg, fallback=reason))
+        has_validation = cfg.validation_split is not None and _has_split(source, cfg.validation_split)
+    if cfg.validation_split is None:
+        return _check(source)
+    if has_validation:
+        return _check(replace(source, validation_split=cfg.validation_split))
+    logger.warning("%s has no split %r: holding out every %dth training document for validation",
+                   source.dataset, cfg.validation_split, cfg.holdout_every)
+    return _check(replace(source, holdout_every=cfg.holdout_every))
+
+
+def _has_split(source: DataSource, split: str) -> bool:
+    try:
+        _first_document(source, split, raw=True)
+        return True
+    except ValueError as err:
+        if "split" in str(err).lower():
+            return False
+        raise
+
+
+def _first_document(source: DataSource, split: str, raw: bool = False) -> dict:
+    stream = iter(_load_split(source, split))
+    try:
+        return next(stream)
+    except StopIteration:
+        raise ValueError(f"split {split!r} of {source.dataset!r} has no documents"
+                         + (f" (files {source.data_files.get(split)})" if source.data_files else "")) from None
+
+
+def _check(source: DataSource) -> DataSource:
+    """Read the first document of every stream the run will use: column present, text non-empty."""
+    roles = ["train"] + (["validation"] if source.validation_split or source.holdout_every else [])
+    for role in roles:
+        try:
+            document = next(iter(load_documents(source, role)))
+        except StopIteration:
+            raise ValueError(f"the {role} stream of {source.dataset!r} ({source.describe_validation() if role == 'validation' else 'split ' + repr(source.train_split)}) "
+                             "has no documents") from None
+        except Exception as err:  # noqa: BLE001 - datasets raises many kinds for bad files
+            if isinstance(err, ValueError):
+                raise
+            raise ValueError(f"the {role} data of {source.dataset!r} cannot be read: {type(err).__name__}: "
+                             f"{err}") from None
+        if source.text_column not in document:
+            raise ValueError(f"data.text_column={source.text_column!r} is not a column of {source.dataset!r}; "
+                             f"columns: {sorted(document)}")
+    return source
+
+
+# ----------------------------------------------------------------------------------------------
+# Streams
+# ----------------------------------------------------------------------------------------------
+def _load_split(source: DataSource, split: str) -> IterableDataset:
+    if source.dataset == BUILTIN:
         files = {s: str(builtin_dir() / f"corpus-{s}.jsonl.gz") for s in ("train", "validation")}
         if split not in files:
             raise ValueError(f"the built-in corpus has splits {sorted(files)}, not {split!r}")
         return load_dataset("json", data_files={split: files[split]}, split=split, streaming=True)
-    if cfg.data_files is not None:
-        loader = cfg.dataset if cfg.dataset in ("json", "parquet", "text", "csv") else _local_loader(cfg.data_files)
-        if loader is None:
-            raise ValueError(f"data.data_files={cfg.data_files!r}: cannot tell the format; set data.dataset to "
-                             "json, parquet, text or csv")
-        files = cfg.data_files if isinstance(cfg.data_files, dict) else {split: cfg.data_files}
-        return load_dataset(loader, data_files=files, split=split, streaming=True)
-    return load_dataset(cfg.dataset, cfg.dataset_config, split=split, streaming=True)
+    if source.data_files is not None:
+        if split not in source.data_files:
+            raise ValueError(f"no split {split!r} in data.data_files (splits: {sorted(source.data_files)})")
+        return load_dataset(source.dataset, data_files={split: source.data_files[split]}, split=split,
+                            streaming=True)
+    return load_dataset(source.dataset, source.dataset_config, split=split, streaming=True)
 
 
-def resolve_data_config(cfg: DataConfig) -> DataConfig:
-    """`cfg`, or the built-in corpus and tokenizer when a Hub dataset cannot be reached and
-    ``offline_fallback`` allows it (the run says so loudly: it is not the data you asked for)."""
-    if cfg.dataset == BUILTIN or cfg.data_files is not None or not cfg.offline_fallback:
-        return cfg
-    try:
-        next(iter(load_documents(cfg, cfg.train_split)))
-        return cfg
-    except Exception as err:  # offline, no such dataset, no network: all end in the same fallback
-        logger.warning("Cannot stream dataset %r (%s: %s); training on the BUILT-IN corpus and tokenizer instead "
-                       "(set data.offline_fallback=false to fail instead).", cfg.dataset, type(err).__name__, err)
-        return DataConfig(**{**cfg.__dict__, "dataset": BUILTIN, "tokenizer": BUILTIN, "data_files": None,
-                             "validation_split": "validation"})
+def load_documents(source: DataSource, role: str) -> IterableDataset:
+    """The streaming documents of the ``train`` or ``validation`` role (held-out slices never overlap)."""
+    if role not in ("train", "validation"):
+        raise ValueError(f"role={role!r} is invalid: expected train or validation")
+    if role == "validation" and not source.holdout_every:
+        if source.validation_split is None:
+            raise ValueError(f"{source.dataset!r} has no validation stream (data.validation_split is null)")
+        return _load_split(source, source.validation_split)
+    docs = _load_split(source, source.train_split)
+    if source.holdout_every:
+        every = source.holdout_every
+        held_out = role == "validation"
+        docs = docs.filter(lambda _, index: (index % every == every - 1) == held_out, with_indices=True)
+    return docs
 
 
 class PackedStream(torch.utils.data.IterableDataset):
     """This rank's stream of packed ``seq_len``-token sequences, endless (epochs follow each other)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, split: str, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 endless: bool = True, tokenize_batch_docs: int = TOKENIZE_BATCH_DOCS):
-        self.cfg, self.split, self.seed, self.endless = cfg, split, seed, endless
+    def __init__(self, source: DataSource, tokenizer, role: str = "train", rank: int = 0, world_size: int = 1,
+                 seed: int = 0, endless: bool = True, tokenize_batch_docs: int = TOKENIZE_BATCH_DOCS):
+        self.source, self.role, self.seed, self.endless = source, role, seed, endless
         self.eos = tokenizer.eos_token_id
-        docs = load_documents(cfg, split)
-        if cfg.shuffle_buffer:
-            docs = docs.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
+        docs = load_documents(source, role)
+        if source.shuffle_buffer:
+            docs = docs.shuffle(seed=seed, buffer_size=source.shuffle_buffer)
         docs = split_dataset_by_node(docs, rank=rank, world_size=world_size)
-        column = cfg.text_column
+        column = source.text_column
 
         def tokenize(batch):
             if column not in batch:
-                raise ValueError(f"data.text_column={column!r} is not a column of {cfg.dataset!r}; "
+                raise ValueError(f"data.text_column={column!r} is not a column of {source.dataset!r}; "
                                  f"columns: {sorted(batch)}")
             # verbose=False: documents longer than model_max_length are expected; packing cuts them.
             return {"input_ids": tokenizer(batch[column], add_special_tokens=False, verbose=False)["input_ids"]}
@@ -112,7 +280,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         self._resume_state = None
 
     def __iter__(self):
-        seq_len = self.cfg.seq_len
+        seq_len = self.source.seq_len
         while True:
             self.tokens.set_epoch(self.epoch)
             if self._resume_state is not None:
@@ -127,7 +295,7 @@ class PackedStream(torch.utils.data.IterableDataset):
                     produced = True
                     yield torch.tensor(sequence, dtype=torch.long)
             if not produced:
-                raise ValueError(f"split {self.split!r} of {self.cfg.dataset!r} gave this rank fewer than "
+                raise ValueError(f"the {self.role} stream of {self.source.dataset!r} gave this rank fewer than "
                                  f"data.seq_len={seq_len} tokens")
             self.epoch += 1
             self.buffer = []  # an epoch's last partial sequence is dropped, not mixed into the next epoch
@@ -221,15 +389,16 @@ class Batches:
         self._position = None
 
 
-def validation_batches(cfg: DataConfig, tokenizer, batch_size: int, num_batches: int, rank: int, world_size: int):
+def validation_batches(source: DataSource, tokenizer, batch_size: int, num_batches: int, rank: int = 0,
+                       world_size: int = 1) -> list[torch.Tensor]:
     """A fixed list of held-out batches (the same at every evaluation, so losses compare).
 
-    At most `num_batches`; fewer when one pass over the held-out split gives fewer sequences.
+    At most `num_batches`; fewer when one pass over the held-out stream gives fewer sequences.
     """
-    if cfg.validation_split is None:
+    if source.validation_split is None and not source.holdout_every:
         return []
     sequences = []
-    for sequence in PackedStream(cfg, tokenizer, cfg.validation_split, rank, world_size, endless=False):
+    for sequence in PackedStream(source, tokenizer, "validation", rank, world_size, endless=False):
         sequences.append(sequence)
         if len(sequences) == batch_size * num_batches:
             break

@@ -1,23 +1,11 @@
-"""The optimizer of the recipe and accelerator peaks for MFU (shared by the trainer and the benchmarks)."""
+"""The recipe's optimizer and learning-rate schedule."""
 
 from __future__ import annotations
 
 import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from .config import OptimConfig
-
-# Dense bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def peak_flops(setting="auto") -> float | None:
-    """FLOP/s for MFU: an explicit TFLOP/s number, or the peak of a known GPU ("auto"), else None."""
-    if setting not in ("auto", None):
-        return float(setting) * 1e12
-    if setting is None or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS.items() if key in name), None)
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
@@ -33,20 +21,7 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.O
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused)
 
 
-SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-
-
-def set_sdpa_backend(choice: str = "auto") -> None:
-    """Restrict PyTorch's scaled-dot-product attention to one kernel family (process-wide, CUDA only).
-
-    "auto" leaves PyTorch's own priority order (cuDNN first on Hopper in recent releases).
-    """
-    if choice not in SDPA_BACKENDS:
-        raise ValueError(f"train.attention_backend={choice!r} is invalid: expected one of {list(SDPA_BACKENDS)}")
-    if not torch.cuda.is_available():
-        return
-    enable = {name: choice in ("auto", name) for name in SDPA_BACKENDS[1:]}
-    torch.backends.cuda.enable_flash_sdp(enable["flash"])
-    torch.backends.cuda.enable_cudnn_sdp(enable["cudnn"])
-    torch.backends.cuda.enable_mem_efficient_sdp(enable["efficient"])
-    torch.backends.cuda.enable_math_sdp(enable["math"] or choice == "auto")
+def build_scheduler(optimizer, optim: OptimConfig, warmup_steps: int, total_steps: int):
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` x peak at the last step."""
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps, min_lr_rate=optim.min_lr_ratio)

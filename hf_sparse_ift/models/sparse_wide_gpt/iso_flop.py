@@ -269,3 +269,28 @@ def calibrate_sparsity(
 def chinchilla_tokens(num_params: float, tokens_per_param: float = 20.0) -> float:
     """Compute-optimal training tokens (Hoffmann et al. 2022: about 20 tokens per parameter)."""
     return tokens_per_param * num_params
+
+
+def model_summary(config, seq_len: int | None = None) -> dict:
+    """Sizes, parameters and per-token FLOPs of a `SparseWideGPTConfig` next to its dense reference: the one
+    count that `plan`, the training records and the model card all show."""
+    shape, dense_shape = config.shape(seq_len=seq_len), config.dense_shape(seq_len=seq_len)
+    flops, dense = count_flops(shape), count_flops(dense_shape)
+    params = count_parameters(shape, config.n_positions, config.tie_word_embeddings)
+    dense_params = count_parameters(dense_shape, config.n_positions, config.tie_word_embeddings)
+    return {
+        "dense_hidden_size": config.dense_hidden_size, "dense_intermediate_size": config.dense_intermediate_size,
+        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+        "head_dim": config.head_dim, "n_positions": config.n_positions,
+        "sparsity": config.sparsity, "layer_sparsity": config.layer_sparsity,
+        "sparse_layers": list(shape.sparse_layers),
+        "parameters_total": params["total"], "parameters_active": params["active"],
+        "parameters_dense_reference": dense_params["total"], "sparse_weights": params["sparse_weights"],
+        "model_sparsity": params["inactive"] / params["total"],
+        "forward_flops_per_token": flops.forward, "forward_flops_per_token_executed": flops.forward_executed,
+        "training_flops_per_token": flops.training, "training_flops_per_token_executed": flops.training_executed,
+        "sparse_layer_flops_per_token": flops.sparse_matmul, "dense_sparse_layer_flops_per_token": dense.sparse_matmul,
+        "flop_ratio_to_dense": flops.forward / dense.forward,
+        "executed_flop_ratio_to_dense": flops.forward_executed / dense.forward,
+        "dense_forward_flops_per_token": dense.forward,
+    }

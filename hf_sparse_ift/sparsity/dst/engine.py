@@ -214,7 +214,7 @@ class DSTEngine:
     def sparsity(self) -> float:
         """Current fraction of inactive (zero) weights over all sparse layers (tracked counts: no device sync)."""
         total = sum(m.weight_mask.numel() for m in self.layers.values())
-        return 1.0 - sum(self.active_counts.values()) / max(total, 1)
+        return 1.0 - sum(self.active_counts.values()) / total if total else 0.0
 
 
 def summarize(telemetry: dict) -> dict[str, float]:

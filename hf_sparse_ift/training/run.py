@@ -1,0 +1,150 @@
+"""The resolved run config: every value a run really uses, built once before any work.
+
+`PretrainConfig` is what the user wrote. `RunConfig` adds what follows from it and from the machine: the
+model's derived sizes, the data source actually read (a fallback or a held-out split included), processes,
+accumulation, tokens per step, steps, warm-up, precision, the memory estimate, and every decision the package
+took on the user's behalf. It is saved with each checkpoint (``run_config.yaml``) and is the source of every
+record: the summary, the tracker's hparams, the exported ``training_config.yaml`` and the model card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import yaml
+
+from .. import checks
+from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
+from ..models.sparse_wide_gpt.iso_flop import model_summary
+from .config import PretrainConfig, build_pretrain_config
+from .data import DataSource, resolve_data_source
+from .hardware import available_memory_bytes, resolve_mixed_precision
+
+# Keys that may differ on --resume: they change how the run is watched or how fast it goes, or extend it.
+# Any other difference is refused: the checkpointed optimizer, schedule, masks and data would not match it.
+RESUME_MAY_CHANGE = frozenset({
+    "train.max_steps", "train.total_tokens", "train.log_interval", "train.eval_interval",
+    "train.checkpoint_interval", "train.keep_checkpoints", "train.trackers", "train.progress_bar", "train.compile",
+    "train.gradient_checkpointing", "train.attention_backend", "train.peak_tflops", "train.check_memory",
+    "data.prefetch_batches",
+})
+
+
+@dataclass
+class RunConfig:
+    config: PretrainConfig
+    model: SparseWideGPTConfig
+    data: DataSource
+    processes: int
+    accumulation: int
+    mixed_precision: str
+    total_steps: int
+    warmup_steps: int
+    memory_estimate_bytes: int
+    decisions: list[str] = field(default_factory=list)
+    resume_changes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.train.global_batch_size * self.data.seq_len
+
+    @property
+    def total_tokens(self) -> int:
+        return self.total_steps * self.tokens_per_step
+
+    def to_dict(self) -> dict:
+        return {**self.config.to_dict(), "resolved": {
+            "model": model_summary(self.model, self.data.seq_len),
+            "data": self.data.to_dict(),
+            "processes": self.processes, "accumulation": self.accumulation,
+            "micro_batch_size": self.config.train.micro_batch_size, "mixed_precision": self.mixed_precision,
+            "tokens_per_step": self.tokens_per_step, "total_steps": self.total_steps,
+            "total_tokens": self.total_tokens, "warmup_steps": self.warmup_steps,
+            "memory_estimate_gb": round(self.memory_estimate_bytes / 1e9, 3),
+            "decisions": list(self.decisions), "resume_changes": list(self.resume_changes)}}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict:
+        """Scalars by dotted key (tracker hparams)."""
+        out = {}
+
+        def walk(prefix, node):
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    walk(f"{prefix}.{key}" if prefix else str(key), value)
+            else:
+                out[prefix] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+        walk("", self.to_dict())
+        return out
+
+
+def training_memory_bytes(model: SparseWideGPTConfig, micro_batch: int, seq_len: int) -> int:
+    """A lower bound of what training takes: fp32 weights, gradients and two Adam moments (16 bytes per
+    parameter), 1 byte per mask entry, and the activations kept for backward (about 34·d_model + 5·heads·T
+    values per token and layer, 4 bytes each; Korthikanti et al. 2022, without recomputation)."""
+    summary = model_summary(model, seq_len)
+    mask_bytes = summary["sparse_weights"]
+    activations = micro_batch * seq_len * model.n_layer * (34 * model.hidden_size + 5 * model.n_head * seq_len) * 4
+    return 16 * summary["parameters_total"] + mask_bytes + activations
+
+
+def resolve_run(cfg: PretrainConfig, processes: int, previous: dict | None = None) -> RunConfig:
+    """Everything the run will use, checked before any work. `previous`: the run config of the checkpoint a
+    --resume continues from (differences are applied and recorded, or refused, per `RESUME_MAY_CHANGE`)."""
+    per_step = cfg.train.micro_batch_size * processes
+    if cfg.train.global_batch_size % per_step:
+        checks.invalid("train.global_batch_size", cfg.train.global_batch_size,
+                       f"must be a multiple of train.micro_batch_size x processes = {cfg.train.micro_batch_size} "
+                       f"x {processes}")
+    values, decisions = cfg.model_values()
+    model = cfg.model_config()
+    memory = training_memory_bytes(model, cfg.train.micro_batch_size, cfg.data.seq_len)
+    if cfg.train.check_memory:
+        available, where = available_memory_bytes()
+        if memory > available:
+            raise ValueError(
+                f"the model needs about {memory / 1e9:,.1f} GB to train ({model_summary(model)['parameters_total']:,} "
+                f"parameters; weights, gradients, Adam and activations of one micro-batch) but the {where} is "
+                f"{available / 1e9:,.1f} GB: choose a smaller model (model.sparsity={model.sparsity} widens it "
+                f"to d_model {model.hidden_size}) or micro-batch, or set train.check_memory=false to try anyway")
+    data = resolve_data_source(cfg.data)
+    if data.fallback:
+        decisions.append(data.fallback)
+    if data.holdout_every:
+        decisions.append(f"validation: {data.describe_validation()}, because the source has no split "
+                         f"{cfg.data.validation_split!r}")
+    precision = resolve_mixed_precision(cfg.train.mixed_precision)
+    if precision != cfg.train.mixed_precision:
+        decisions.append(f"train.mixed_precision=auto: {precision}")
+    total_steps = cfg.steps()
+    warmup = cfg.warmup_steps()
+    run = RunConfig(config=cfg, model=model, data=data, processes=processes,
+                    accumulation=cfg.train.global_batch_size // per_step, mixed_precision=precision,
+                    total_steps=total_steps, warmup_steps=warmup, memory_estimate_bytes=memory, decisions=decisions)
+    if previous is not None:
+        run.resume_changes = resume_changes(previous, cfg)
+    return run
+
+
+def resume_changes(previous: dict, cfg: PretrainConfig) -> list[str]:
+    """Differences between the checkpoint's config and this one: those in `RESUME_MAY_CHANGE` are listed (they
+    apply), any other is refused with every offending key named."""
+    before = build_pretrain_config({k: v for k, v in previous.items() if k != "resolved"}).to_dict()
+    after = cfg.to_dict()
+    changed, refused = [], []
+    for section in after:
+        for key in sorted(set(before.get(section, {})) | set(after[section])):
+            old, new = before.get(section, {}).get(key), after[section].get(key)
+            if old == new:
+                continue
+            dotted = f"{section}.{key}"
+            (changed if dotted in RESUME_MAY_CHANGE else refused).append(f"{dotted}: {old!r} -> {new!r}")
+    if refused:
+        raise ValueError(f"--resume: {'; '.join(refused)} differ from the checkpoint's run config and cannot change "
+                         f"mid-run (the checkpointed optimizer, schedule, masks and data position depend on them). "
+                         f"Keys that may change on resume: {sorted(RESUME_MAY_CHANGE)}. To change the others, start "
+                         "a new run in another train.output_dir")
+    return changed

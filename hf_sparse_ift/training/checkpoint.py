@@ -27,6 +27,18 @@ MANIFEST = "manifest.json"
 RUN_CONFIG = "run_config.yaml"
 
 
+def ensure_writable(out_dir: Path) -> None:
+    """Fail now, with the path named, if the output folder cannot be created or written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"train.output_dir={str(out_dir)!r} is not writable ({err.strerror or err}); choose a "
+                         "folder this process can create and write") from None
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Checkpoint folders, oldest first (a ``.tmp`` folder is an interrupted save and is ignored)."""
     root = Path(output_dir)

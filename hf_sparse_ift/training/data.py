@@ -205,8 +205,12 @@ def _check(source: DataSource) -> DataSource:
         try:
             document = next(iter(load_documents(source, role)))
         except StopIteration:
-            raise ValueError(f"the {role} stream of {source.dataset!r} ({source.describe_validation() if role == 'validation' else 'split ' + repr(source.train_split)}) "
-                             "has no documents") from None
+            what = source.describe_validation() if role == "validation" else f"split {source.train_split!r}"
+            if source.data_files:
+                what += f", files {source.data_files[source.train_split if role == 'train' or source.holdout_every else source.validation_split]}"
+            hint = (f": the source has fewer than data.holdout_every={source.holdout_every} documents; lower it or "
+                    "give a validation split" if role == "validation" and source.holdout_every else "")
+            raise ValueError(f"the {role} stream of {source.dataset!r} ({what}) has no documents{hint}") from None
         except Exception as err:  # noqa: BLE001 - datasets raises many kinds for bad files
             if isinstance(err, ValueError):
                 raise

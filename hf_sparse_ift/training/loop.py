@@ -24,10 +24,11 @@ from accelerate.utils import set_seed
 from ..models.sparse_wide_gpt.modeling_sparse_wide_gpt import SparseWideGPTForCausalLM
 from ..sparsity import parameter_counts
 from ..sparsity.dst import DSTEngine, summarize
-from .checkpoint import (RUN_CONFIG, DataPosition, RunLock, TrainingProgress, checkpoint_step, list_checkpoints,
+from .checkpoint import (RUN_CONFIG, DataPosition, RunLock, TrainingProgress, checkpoint_step, ensure_writable,
+                         list_checkpoints,
                          load_newest_checkpoint, newest_complete_checkpoint, save_checkpoint)
 from .config import PretrainConfig
-from .data import Batches, PackedStream, load_tokenizer, validation_batches
+from .data import Batches, PackedStream, validation_batches
 from .hardware import peak_flops, set_sdpa_backend
 from .optimizer import build_optimizer, build_scheduler
 from .run import RunConfig, resolve_run
@@ -51,6 +52,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
               f"(train.max_steps / total_tokens give {run.total_steps} steps); nothing changed. Raise "
               "train.max_steps to continue it.")
         return json.loads((out_dir / SUMMARY).read_text()) if (out_dir / SUMMARY).exists() else {}
+    ensure_writable(out_dir)
     with RunLock(out_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
         session = setup(run, resume)
         try:
@@ -106,10 +108,7 @@ def setup(run: RunConfig, resume: bool) -> Session:
     _configure_logging(accelerator)
     set_seed(cfg.train.seed)
     set_sdpa_backend(cfg.train.attention_backend)
-    tokenizer = load_tokenizer(run.data.tokenizer)
-    if len(tokenizer) > run.model.vocab_size:
-        raise ValueError(f"tokenizer {run.data.tokenizer!r} has {len(tokenizer)} tokens but model vocab_size is "
-                         f"{run.model.vocab_size}: set model.vocab_size >= {len(tokenizer)}")
+    tokenizer = run.tokenizer
     model = SparseWideGPTForCausalLM(run.model)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()

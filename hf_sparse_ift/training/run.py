@@ -17,7 +17,7 @@ from .. import checks
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
 from ..models.sparse_wide_gpt.iso_flop import model_summary
 from .config import PretrainConfig, build_pretrain_config
-from .data import DataSource, resolve_data_source
+from .data import DataSource, load_tokenizer, resolve_data_source
 from .hardware import available_memory_bytes, resolve_mixed_precision
 
 # Keys that may differ on --resume: they change how the run is watched or how fast it goes, or extend it.
@@ -41,6 +41,7 @@ class RunConfig:
     total_steps: int
     warmup_steps: int
     memory_estimate_bytes: int
+    tokenizer: object = field(default=None, repr=False)  # loaded once here, so a bad one fails before any work
     decisions: list[str] = field(default_factory=list)
     resume_changes: list[str] = field(default_factory=list)
 
@@ -111,6 +112,10 @@ def resolve_run(cfg: PretrainConfig, processes: int, previous: dict | None = Non
                 f"{available / 1e9:,.1f} GB: choose a smaller model (model.sparsity={model.sparsity} widens it "
                 f"to d_model {model.hidden_size}) or micro-batch, or set train.check_memory=false to try anyway")
     data = resolve_data_source(cfg.data)
+    tokenizer = load_tokenizer(data.tokenizer)
+    if len(tokenizer) > model.vocab_size:
+        raise ValueError(f"data.tokenizer={data.tokenizer!r} has {len(tokenizer)} tokens but model.vocab_size is "
+                         f"{model.vocab_size}: set model.vocab_size >= {len(tokenizer)}")
     if data.fallback:
         decisions.append(data.fallback)
     if data.holdout_every:
@@ -123,7 +128,8 @@ def resolve_run(cfg: PretrainConfig, processes: int, previous: dict | None = Non
     warmup = cfg.warmup_steps()
     run = RunConfig(config=cfg, model=model, data=data, processes=processes,
                     accumulation=cfg.train.global_batch_size // per_step, mixed_precision=precision,
-                    total_steps=total_steps, warmup_steps=warmup, memory_estimate_bytes=memory, decisions=decisions)
+                    total_steps=total_steps, warmup_steps=warmup, memory_estimate_bytes=memory, tokenizer=tokenizer,
+                    decisions=decisions)
     if previous is not None:
         run.resume_changes = resume_changes(previous, cfg)
     return run

@@ -14,4 +14,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install -q "torch==2.13.0"
   fi
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+# PYTHONWARNINGS: setuptools warns about every editable install of a package with a mapped data folder.
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e ".[dev]"

@@ -103,7 +103,7 @@ def test_prefetched_batches_equal_on_demand_ones_and_resume_exactly(corpus, toke
     assert all(torch.equal(a, next(resumed)) for a in following)
     for batches in (on_demand, ahead, resumed):
         batches.close()
-    assert not ahead._thread.is_alive() and not resumed._thread.is_alive()
+    assert not ahead.producing and not resumed.producing
     with pytest.raises(RuntimeError, match="closed"):
         next(ahead)
     with pytest.raises(RuntimeError, match="before the first batch"):
@@ -119,4 +119,4 @@ def test_prefetch_thread_errors_reach_the_training_loop(corpus, tokenizer):
     batches = Batches(PackedStream(cfg, tokenizer, "train"), batch_size=2, prefetch=4)
     with pytest.raises(ValueError, match="data.text_column='text' is not a column"):
         next(batches)
-    assert not batches._thread.is_alive()
+    assert not batches.producing

@@ -28,7 +28,7 @@ def test_dotted_overrides_are_typed_and_applied():
     ("train.max_stepz=3", r"unknown config key\(s\) \['train.max_stepz'\]"),
     ("trainer.max_steps=3", "unknown config key 'trainer.max_steps'"),
     ("train.micro_batch_size=0", r"train.micro_batch_size=0 is invalid"),
-    ("train.global_batch_size=24", r"train.global_batch_size=24 is invalid: must be a multiple of train.micro_batch_size=16"),
+    ("train.global_batch_size=24", r"train.global_batch_size=24 is invalid: must be a multiple of train.micro_batch_size x processes = 16 x 1"),
     ("optim.lr=-1", r"optim.lr=-1 is invalid"),
     ("optim.betas=[0.9]", r"optim.betas=\[0.9\] is invalid"),
     ("train.mixed_precision=fp8", r"train.mixed_precision='fp8' is invalid"),

@@ -193,10 +193,17 @@ class PretrainConfig:
         config = self.model_config()
         if self.data.seq_len > config.n_positions:
             checks.invalid("data.seq_len", self.data.seq_len, f"must be <= model n_positions={config.n_positions}")
-        if self.train.global_batch_size % self.train.micro_batch_size:
-            checks.invalid("train.global_batch_size", self.train.global_batch_size,
-                           f"must be a multiple of train.micro_batch_size={self.train.micro_batch_size}")
+        self.accumulation_steps(processes=1)
         return self
+
+    def accumulation_steps(self, processes: int) -> int:
+        """Micro-batches per optimizer step on each of `processes` ranks (the global batch must divide evenly)."""
+        per_step = self.train.micro_batch_size * processes
+        if self.train.global_batch_size % per_step:
+            checks.invalid("train.global_batch_size", self.train.global_batch_size,
+                           f"must be a multiple of train.micro_batch_size x processes = "
+                           f"{self.train.micro_batch_size} x {processes}")
+        return self.train.global_batch_size // per_step
 
     def steps(self) -> int:
         """Optimizer steps: max_steps, else total_tokens / tokens per step (rounded up)."""

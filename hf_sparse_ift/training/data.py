@@ -383,6 +383,11 @@ class Batches:
         if self._thread is not None:
             self._thread.join(timeout=60)
 
+    @property
+    def producing(self) -> bool:
+        """True while the background thread is running."""
+        return self._thread is not None and self._thread.is_alive()
+
     def state_dict(self) -> dict:
         return self.stream.state_dict() if self._position is None else self._position
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .. import checks
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
 from ..models.sparse_wide_gpt.iso_flop import model_summary
 from .config import PretrainConfig, build_pretrain_config
@@ -95,11 +94,7 @@ def training_memory_bytes(model: SparseWideGPTConfig, micro_batch: int, seq_len:
 def resolve_run(cfg: PretrainConfig, processes: int, previous: dict | None = None) -> RunConfig:
     """Everything the run will use, checked before any work. `previous`: the run config of the checkpoint a
     --resume continues from (differences are applied and recorded, or refused, per `RESUME_MAY_CHANGE`)."""
-    per_step = cfg.train.micro_batch_size * processes
-    if cfg.train.global_batch_size % per_step:
-        checks.invalid("train.global_batch_size", cfg.train.global_batch_size,
-                       f"must be a multiple of train.micro_batch_size x processes = {cfg.train.micro_batch_size} "
-                       f"x {processes}")
+    accumulation = cfg.accumulation_steps(processes)
     values, decisions = cfg.model_values()
     model = cfg.model_config()
     memory = training_memory_bytes(model, cfg.train.micro_batch_size, cfg.data.seq_len)
@@ -127,7 +122,7 @@ def resolve_run(cfg: PretrainConfig, processes: int, previous: dict | None = Non
     total_steps = cfg.steps()
     warmup = cfg.warmup_steps()
     run = RunConfig(config=cfg, model=model, data=data, processes=processes,
-                    accumulation=cfg.train.global_batch_size // per_step, mixed_precision=precision,
+                    accumulation=accumulation, mixed_precision=precision,
                     total_steps=total_steps, warmup_steps=warmup, memory_estimate_bytes=memory, tokenizer=tokenizer,
                     decisions=decisions)
     if previous is not None:

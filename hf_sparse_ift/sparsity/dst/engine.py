@@ -190,31 +190,33 @@ class DSTEngine:
         self.active_counts = {name: int(m.weight_mask.sum()) for name, m in self.layers.items()}
         self._arm_dense_grad_capture()
 
-    # --- distributed safety net ---
-    @torch.no_grad()
     def masks_synchronized(self) -> bool:
-        """True when every rank holds the same masks (compares per-layer checksums; one all-gather).
-
-        Cheap enough to run after each update: a silent divergence would corrupt every later step.
-        """
-        if not _distributed():
-            return True
-        sums = []
-        for layer in self.layers.values():
-            flat = layer.weight_mask.reshape(-1)
-            positions = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
-            sums.append(torch.stack([flat.sum(dtype=torch.float64), (positions * flat).sum(),
-                                     (positions.sqrt() * flat).sum()]))
-        local = torch.stack(sums) if sums else torch.zeros(1, 3, dtype=torch.float64)
-        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, local)
-        return all(torch.equal(g, gathered[0]) for g in gathered)
+        """True when every rank holds the same masks (run after each update: a silent divergence would
+        corrupt every later step)."""
+        return masks_identical_across_ranks(self.layers.values())
 
     # --- reporting ---
     def sparsity(self) -> float:
         """Current fraction of inactive (zero) weights over all sparse layers (tracked counts: no device sync)."""
         total = sum(m.weight_mask.numel() for m in self.layers.values())
         return 1.0 - sum(self.active_counts.values()) / total if total else 0.0
+
+
+@torch.no_grad()
+def masks_identical_across_ranks(layers) -> bool:
+    """Compares per-layer checksums of the masks over all ranks (one all-gather); True without distribution."""
+    if not _distributed():
+        return True
+    sums = []
+    for layer in layers:
+        flat = layer.weight_mask.reshape(-1)
+        positions = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
+        sums.append(torch.stack([flat.sum(dtype=torch.float64), (positions * flat).sum(),
+                                 (positions.sqrt() * flat).sum()]))
+    local = torch.stack(sums) if sums else torch.zeros(1, 3, dtype=torch.float64)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 def summarize(telemetry: dict) -> dict[str, float]:

@@ -10,6 +10,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
 from ..models.sparse_wide_gpt.iso_flop import count_flops, count_parameters
 from ..resources import model_card_template
+from .identity import model_name
 
 
 def _human(n: float) -> str:
@@ -37,9 +38,65 @@ def _recipe(training_config: dict | None) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in rows]
 
 
-def render_model_card(checkpoint: str | Path, repo_id: str | None = None, results: list[dict] | None = None,
+# How the Open LLM Leaderboard names its v2 results in model-index metadata (its results bot writes these).
+_V2_CARD = {
+    "ifeval": ("IFEval", "inst_level_strict_acc and prompt_level_strict_acc", "strict accuracy"),
+    "bbh": ("BBH", "acc_norm", "normalized accuracy"),
+    "math_hard": ("MATH Lvl 5", "exact_match", "exact match"),
+    "gpqa": ("GPQA", "acc_norm", "acc_norm"),
+    "musr": ("MuSR", "acc_norm", "acc_norm"),
+    "mmlu_pro": ("MMLU-PRO", "acc", "accuracy"),
+}
+LEADERBOARD_URL = "https://huggingface.co/docs/leaderboards/open_llm_leaderboard/normalization"
+
+
+def eval_results(summary: dict) -> list[EvalResult]:
+    """model-index entries of one `evaluate` summary (scores in percent; leaderboard-v2: normalised), the partial
+    ones (``--limit``) saying so in their metric name."""
+    partial = f" (partial: --limit {summary['limit']:g})" if summary.get("partial") else ""
+    v2 = summary.get("scoring") == "leaderboard-v2"
+    out = []
+    for r in summary["tasks"]:
+        if r.get("score") is None:
+            continue
+        shots = r.get("num_fewshot")
+        if v2 and r.get("benchmark") in _V2_CARD:
+            name, metric_type, metric_name = _V2_CARD[r["benchmark"]]
+            name = f"{name} ({shots}-Shot)"
+            source = dict(source_name="Open LLM Leaderboard v2 normalisation (hf-sparse-ift evaluate)",
+                          source_url=LEADERBOARD_URL)
+        else:
+            name, metric_type, metric_name, source = r["task"], r["metric"].split(",")[0], None, {}
+        out.append(EvalResult(
+            task_type="text-generation", task_name="Text Generation", dataset_type=r.get("dataset") or r["task"],
+            dataset_name=name, dataset_split=r.get("dataset_split"),
+            dataset_args={"num_few_shot": shots} if shots is not None else None, metric_type=metric_type,
+            metric_value=round(float(r["score"]), 2), metric_name=(metric_name or metric_type) + partial, **source))
+    return out
+
+
+def _results_section(summary: dict) -> dict:
+    v2 = summary.get("scoring") == "leaderboard-v2"
+    title = f"`{summary.get('suite_id', summary['suite'])}` suite"
+    if v2:
+        title += " (Open LLM Leaderboard v2, normalised scores)"
+    if summary.get("partial"):
+        title += f", partial: first {summary['limit']:g} examples per task"
+    rows = [{"task": r["label"], "metric": r["metric"], "raw": "n/a" if r.get("value") is None else f"{r['value']:.4f}",
+             "score": "not scored" if r.get("score") is None else f"{r['score']:.2f}"} for r in summary["tasks"]]
+    average = "n/a" if summary.get("average") is None else f"{summary['average']:.2f}"
+    if not summary.get("complete", True):
+        average += f" (over {len(summary['average_over'])} of {len(rows)}: {', '.join(summary['average_over'])})"
+    return {"title": title, "rows": rows, "average": average,
+            "notes": list(summary.get("missing", {}).values()),
+            "settings": f"lm-eval {summary.get('lm_eval_version')}, dtype {summary.get('dtype')}"
+                        f"{', no chat template' if summary.get('apply_chat_template') is False else ''}"}
+
+
+def render_model_card(checkpoint: str | Path, repo_id: str | None = None, summaries: list[dict] | None = None,
                       training_config: dict | None = None, license: str = "apache-2.0") -> ModelCard:
-    """The card of a `save_pretrained` folder. `results`: rows {task, metric, value, dataset?}."""
+    """The card of a `save_pretrained` folder, named after its training run; `summaries`: `evaluate` summaries
+    (their model-index entries and result tables)."""
     checkpoint = Path(checkpoint)
     c = SparseWideGPTConfig.from_pretrained(checkpoint)
     if training_config is None and (checkpoint / "training_config.yaml").exists():
@@ -49,16 +106,15 @@ def render_model_card(checkpoint: str | Path, repo_id: str | None = None, result
     dense_params = count_parameters(c.dense_shape(), c.n_positions, c.tie_word_embeddings)["total"]
     dataset = (training_config or {}).get("data", {}).get("dataset")
     datasets = [dataset] if dataset and dataset != "builtin" else None
-    repo_id = repo_id or checkpoint.name
-    eval_results = [EvalResult(task_type="text-generation", dataset_type=r.get("dataset", r["task"]),
-                               dataset_name=r["task"], metric_type=r["metric"], metric_value=float(r["value"]))
-                    for r in results or []]
+    run = Path(str(((training_config or {}).get("train") or {}).get("output_dir") or "")).name
+    repo_id = repo_id or run or model_name(checkpoint)
+    results = [e for s in summaries or [] for e in eval_results(s)]
     dst_method = (training_config or {}).get("dst", {}).get("method")
     card_data = ModelCardData(
         library_name="transformers", license=license, pipeline_tag="text-generation", datasets=datasets,
         tags=["sparse", "sparse-ift", "sparse-wide", "dynamic-sparse-training", "gpt2", "custom_code"]
              + ([dst_method] if dst_method else []),
-        model_name=repo_id, eval_results=eval_results or None)
+        model_name=repo_id, eval_results=results or None)
     return ModelCard.from_template(
         card_data, template_path=str(model_card_template()), model_name=repo_id, repo_id=repo_id,
         dst_method=dst_method.upper() if dst_method else None, n_layer=c.n_layer, n_head=c.n_head,
@@ -72,7 +128,7 @@ def render_model_card(checkpoint: str | Path, repo_id: str | None = None, result
         block_ratio=f"{flops.sparse_matmul / max(dense.sparse_matmul, 1):.3f}",
         executed_ratio=f"{flops.forward_executed / dense.forward:.2f}",
         recipe=_recipe(training_config),
-        results=[{"task": r["task"], "metric": r["metric"], "value": f"{float(r['value']):.4f}"} for r in results or []])
+        result_sections=[_results_section(s) for s in summaries or []])
 
 
 def write_model_card(checkpoint: str | Path, **kwargs) -> Path:

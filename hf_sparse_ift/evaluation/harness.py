@@ -79,26 +79,64 @@ def results_dir(output_dir: str | Path, identity: dict, suite: Suite, num_fewsho
     return Path(output_dir) / identity["slug"] / suite_folder(suite, num_fewshot, limit)
 
 
-def task_manager_for(suite: Suite, include_path: str | None = None):
-    """lm-eval's TaskManager over the folders the suite needs (indexing all of lm-eval's ~15k task YAMLs takes a
-    while, so suites name theirs), and a one-sentence error for names that are neither suites nor tasks."""
-    import lm_eval.tasks
+_MANAGERS: dict[tuple, object] = {}
+
+
+def _task_manager(include_defaults: bool, paths: tuple[str, ...]):
+    """lm-eval TaskManagers are reusable; indexing all of lm-eval's task YAMLs takes a while, so keep them."""
     from lm_eval.tasks import TaskManager
 
-    ours = [str(builtin_tasks_dir())] + ([str(include_path)] if include_path else [])
+    key = (include_defaults, paths)
+    if key not in _MANAGERS:
+        _MANAGERS[key] = TaskManager(include_defaults=include_defaults, include_path=list(paths))
+    return _MANAGERS[key]
+
+
+_YAML_TEXT: list[str] = []
+
+
+def _lm_eval_yaml_text() -> str:
+    """All of lm-eval's task YAMLs as one text: a name found nowhere in it is no lm-eval task, group or tag (every
+    name the index knows is written in some YAML), which is decided in a second rather than by indexing them all."""
+    import lm_eval.tasks
+
+    if not _YAML_TEXT:
+        root = Path(lm_eval.tasks.__file__).parent
+        _YAML_TEXT.append("\n".join(p.read_text(errors="ignore") for p in sorted(root.glob("**/*.yaml"))))
+    return _YAML_TEXT[0]
+
+
+def _unknown_task(suite: Suite, bad: str, known: list[str]) -> ValueError:
+    close = difflib.get_close_matches(bad, list(SUITES) + known, n=3)
+    return ValueError(f"--suite {suite.name!r}: {bad!r} is neither a suite (choose one of {', '.join(SUITES)}) nor "
+                      "an lm-eval task or group" + (f"; did you mean {', '.join(close)}?" if close else "")
+                      + " (`lm_eval ls tasks` lists the tasks; --include-path adds a folder of task YAMLs)")
+
+
+def task_manager_for(suite: Suite, include_path: str | None = None):
+    """lm-eval's TaskManager over the folders the suite needs (suites name theirs; ad-hoc task lists try the
+    shipped tasks first, then all of lm-eval's), and a one-sentence error for names that are neither suites nor
+    tasks."""
+    import re as _re
+
+    import lm_eval.tasks
+
+    ours = (str(builtin_tasks_dir()),) + ((str(Path(include_path).resolve()),) if include_path else ())
     if suite.lm_eval_dirs is not None:
         lm_root = Path(lm_eval.tasks.__file__).parent
-        return TaskManager(include_defaults=False, include_path=[str(lm_root / d) for d in suite.lm_eval_dirs] + ours)
-    manager = TaskManager(include_defaults=False, include_path=ours)
-    if any(s.task not in manager.all_tasks for s in suite.specs):
-        manager = TaskManager(include_path=ours)
+        return _task_manager(False, tuple(str(lm_root / d) for d in suite.lm_eval_dirs) + ours)
+    manager = _task_manager(False, ours)
     unknown = [s.task for s in suite.specs if s.task not in manager.all_tasks]
     if unknown:
-        bad = unknown[0]
-        close = difflib.get_close_matches(bad, list(SUITES) + manager.all_tasks, n=3)
-        raise ValueError(f"--suite {suite.name!r}: {bad!r} is neither a suite (choose one of {', '.join(SUITES)}) nor "
-                         "an lm-eval task or group" + (f"; did you mean {', '.join(close)}?" if close else "")
-                         + " (`lm_eval ls tasks` lists the tasks; --include-path adds a folder of task YAMLs)")
+        text = _lm_eval_yaml_text()
+        absent = [name for name in unknown if name not in text]
+        if absent:
+            names = _re.findall(r"^(?:task|group|tag):\s*([\w.-]+)", text, flags=_re.MULTILINE)
+            raise _unknown_task(suite, absent[0], manager.all_tasks + sorted(set(names)))
+        manager = _task_manager(True, ours)
+    unknown = [s.task for s in suite.specs if s.task not in manager.all_tasks]
+    if unknown:
+        raise _unknown_task(suite, unknown[0], manager.all_tasks)
     return manager
 
 
@@ -209,8 +247,8 @@ def evaluate(model: str, suite: str = "paper", batch_size: str | int = "auto", d
         out = results_dir(output_dir, identity, the_suite, num_fewshot, limit)
         check_writable(output_dir)
         if out.exists() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{out} already holds results ({', '.join(sorted(p.name for p in out.iterdir()))}); "
-                                  "pass --overwrite to replace them, or choose another --output-dir")
+            raise FileExistsError(f"{out} already holds results of this model and suite; pass --overwrite to replace "
+                                  "them, or choose another --output-dir")
     manager = task_manager_for(the_suite, include_path)
     loaded, missing = load_tasks(the_suite, manager, log)
 

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _pretrain_parser(sub)
     _plan_parser(sub)
-    from .evaluation import harness as evaluation
+    from .evaluation import commands as evaluation
 
     evaluation.add_parsers(sub)
     args = parser.parse_args(argv)

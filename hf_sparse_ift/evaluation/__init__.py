@@ -1,1 +1,3 @@
-"""Evaluation: lm-eval suites, the harness, comparison tables, perplexity and model cards."""
+"""Evaluation, one job per module: `suites` (what each suite runs), `harness` (lm-eval's HFLM + simple_evaluate,
+checks, output folders), `leaderboard` (Open LLM Leaderboard v2 normalisation), `identity` (which model a result
+belongs to), `compare` (tables), `perplexity`, `model_card`, and `commands` (the CLI's evaluation commands)."""

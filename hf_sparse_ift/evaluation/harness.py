@@ -1,80 +1,184 @@
-"""Evaluation with lm-eval-harness, side-by-side comparison, perplexity and model cards.
+"""Scoring a model on a suite with lm-eval-harness: `HFLM` + `simple_evaluate`, exactly as ``lm_eval --model hf``.
 
-Suites (each a list of (lm-eval task, few-shot, metric)):
-* ``openllm``: the Open LLM Leaderboard v1 — ARC-Challenge 25-shot acc_norm, HellaSwag 10-shot acc_norm,
-  TruthfulQA mc2 0-shot, MMLU 5-shot acc (unweighted mean over its 57 subjects, as the leaderboard), Winogrande
-  5-shot acc, GSM8K 5-shot exact match; average = mean of the six.
-* ``paper``: the Sparse-IFT paper's Table 15 — the first five of those, zero-shot; average of the five.
-* ``builtin``: two small tasks shipped in hf_sparse_ift/builtin/tasks (multiple choice and generate-until),
-  which run offline; tests use them to exercise the same code path.
-* or any comma-separated lm-eval task names / local task YAMLs (``--include-path`` for folders of YAMLs).
-
-Models load through lm-eval's `HFLM` (``trust_remote_code=True``), exactly as ``lm_eval --model hf`` would.
+Everything that can be wrong with the request (suite or task names, dtype, limit, the model's path or Hub name,
+the output folder, gated or missing task data) is checked before the model is loaded and before anything is
+written. Results go to ``<output_dir>/<model>/<suite>/`` (``<model>`` = the training run and checkpoint step, or the
+Hub name; ``<suite>`` gets ``-limit<N>`` for partial runs), which is never overwritten without ``overwrite=True``:
+lm-eval's own JSON per task (``lm_eval_<task>.json``), ``summary.json`` (scores plus the model's identity, suite,
+lm-eval version, dtype, limit) and ``results.md``.
 """
 
 from __future__ import annotations
 
+import datetime
+import difflib
 import json
-import math
-from dataclasses import dataclass, replace
+import os
+import re
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
-from ..resources import builtin_dir
+from . import leaderboard
+from .compare import raw_table, results_table
+from ..hub.identity import resolve_model, weights_sha256
+from .suites import SUITES, Suite, TaskSpec, builtin_tasks_dir, resolve_suite, task_names
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+GPQA_DATASET = "Idavidrein/gpqa"
+SUMMARY_SCHEMA = 2
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    task: str
-    num_fewshot: int | None
-    metric: str          # lm-eval result key, e.g. "acc_norm,none"
-    label: str           # column name in tables
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
-SUITES: dict[str, list[TaskSpec]] = {
-    "openllm": [
-        TaskSpec("arc_challenge", 25, "acc_norm,none", "ARC"),
-        TaskSpec("hellaswag", 10, "acc_norm,none", "HellaSwag"),
-        TaskSpec("truthfulqa_mc2", 0, "acc,none", "TruthfulQA"),
-        TaskSpec("mmlu", 5, "acc,none", "MMLU"),
-        TaskSpec("winogrande", 5, "acc,none", "Winogrande"),
-        TaskSpec("gsm8k", 5, "exact_match,strict-match", "GSM8K"),
-    ],
-    "builtin": [
-        TaskSpec("sparse_ift_docstring_mc", 0, "acc_norm,none", "DocstringMC"),
-        TaskSpec("sparse_ift_arithmetic_gen", 0, "exact_match,strip", "ArithmeticGen"),
-    ],
-}
-
-# The paper's Table 15: the leaderboard's first five tasks, zero-shot.
-SUITES["paper"] = [replace(spec, num_fewshot=0) for spec in SUITES["openllm"][:5]]
-
-# Sparse-IFT paper, Table 15 (GPT-3 Small on the Pile, SET), in percent.
-PAPER_TABLE15 = [
-    {"model": "paper: GPT-3 Small dense", "ARC": 20.8, "HellaSwag": 27.2, "TruthfulQA": 47.0, "MMLU": 24.6,
-     "Winogrande": 49.4, "Average": 33.8},
-    {"model": "paper: Sparse Wide 50% SET", "ARC": 20.6, "HellaSwag": 27.4, "TruthfulQA": 47.4, "MMLU": 25.6,
-     "Winogrande": 49.6, "Average": 34.1},
-    {"model": "paper: Sparse Wide 75% SET", "ARC": 22.1, "HellaSwag": 27.8, "TruthfulQA": 47.5, "MMLU": 25.6,
-     "Winogrande": 50.4, "Average": 34.7},
-]
+# ----------------------------------------------------------------------------------------------
+# checks (nothing loaded, nothing written)
+# ----------------------------------------------------------------------------------------------
+def check_options(dtype: str, limit: float | None, batch_size: str | int) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if limit is not None and not limit > 0:
+        raise ValueError(f"--limit {limit:g} must be positive: a number of examples per task (>= 1) or a fraction "
+                         "(0 < limit < 1)")
+    if str(batch_size) != "auto" and not (str(batch_size).isdigit() and int(batch_size) > 0) \
+            and not str(batch_size).startswith("auto:"):
+        raise ValueError(f"--batch-size {batch_size!r} must be a positive integer, auto or auto:<N>")
 
 
-def builtin_tasks_dir() -> Path:
-    return builtin_dir() / "tasks"
+def check_writable(folder: str | Path) -> None:
+    """The folder, or the nearest existing folder above it, must accept a new file (a real write: permission bits
+    say nothing to root, a read-only mount says nothing to os.access)."""
+    folder = Path(folder).expanduser()
+    probe_dir = folder
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ValueError(f"--output-dir {folder}: {probe_dir} is a file, not a folder; choose a folder to write to")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"--output-dir {folder} is not writable ({err.strerror or err}: {probe_dir}); choose a "
+                         "folder you can write to") from None
 
 
-def resolve_tasks(suite_or_tasks: str, num_fewshot: int | None = None) -> list[TaskSpec]:
-    """A suite name, or comma-separated task names (metric: acc_norm, acc, exact_match — the first reported)."""
-    if suite_or_tasks in SUITES:
-        specs = SUITES[suite_or_tasks]
-        return [TaskSpec(s.task, num_fewshot if num_fewshot is not None else s.num_fewshot, s.metric, s.label)
-                for s in specs]
-    names = [t.strip() for t in suite_or_tasks.split(",") if t.strip()]
-    if not names:
-        raise ValueError(f"--suite {suite_or_tasks!r} is invalid: expected one of {sorted(SUITES)} or task names")
-    return [TaskSpec(n, num_fewshot, "", n) for n in names]
+def suite_folder(suite: Suite, num_fewshot: int | None, limit: float | None) -> str:
+    name = suite.name if suite.name in SUITES else "tasks-" + re.sub(r"[^\w.+-]+", "_", suite.name)
+    if num_fewshot is not None:
+        name += f"-{num_fewshot}shot"
+    if limit is not None:
+        name += f"-limit{limit:g}"
+    return name
 
 
+def results_dir(output_dir: str | Path, identity: dict, suite: Suite, num_fewshot: int | None = None,
+                limit: float | None = None) -> Path:
+    return Path(output_dir) / identity["slug"] / suite_folder(suite, num_fewshot, limit)
+
+
+_MANAGERS: dict[tuple, object] = {}
+
+
+def _task_manager(include_defaults: bool, paths: tuple[str, ...]):
+    """lm-eval TaskManagers are reusable; indexing all of lm-eval's task YAMLs takes a while, so keep them."""
+    from lm_eval.tasks import TaskManager
+
+    key = (include_defaults, paths)
+    if key not in _MANAGERS:
+        _MANAGERS[key] = TaskManager(include_defaults=include_defaults, include_path=list(paths))
+    return _MANAGERS[key]
+
+
+_YAML_TEXT: list[str] = []
+
+
+def _lm_eval_yaml_text() -> str:
+    """All of lm-eval's task YAMLs as one text: a name found nowhere in it is no lm-eval task, group or tag (every
+    name the index knows is written in some YAML), which is decided in a second rather than by indexing them all."""
+    import lm_eval.tasks
+
+    if not _YAML_TEXT:
+        root = Path(lm_eval.tasks.__file__).parent
+        _YAML_TEXT.append("\n".join(p.read_text(errors="ignore") for p in sorted(root.glob("**/*.yaml"))))
+    return _YAML_TEXT[0]
+
+
+def _unknown_task(suite: Suite, bad: str, known: list[str]) -> ValueError:
+    close = difflib.get_close_matches(bad, list(SUITES) + known, n=3)
+    return ValueError(f"--suite {suite.name!r}: {bad!r} is neither a suite (choose one of {', '.join(SUITES)}) nor "
+                      "an lm-eval task or group" + (f"; did you mean {', '.join(close)}?" if close else "")
+                      + " (`lm_eval ls tasks` lists the tasks; --include-path adds a folder of task YAMLs)")
+
+
+def task_manager_for(suite: Suite, include_path: str | None = None):
+    """lm-eval's TaskManager over the folders the suite needs (suites name theirs; ad-hoc task lists try the
+    shipped tasks first, then all of lm-eval's), and a one-sentence error for names that are neither suites nor
+    tasks."""
+    import re as _re
+
+    import lm_eval.tasks
+
+    ours = (str(builtin_tasks_dir()),) + ((str(Path(include_path).resolve()),) if include_path else ())
+    if suite.lm_eval_dirs is not None:
+        lm_root = Path(lm_eval.tasks.__file__).parent
+        return _task_manager(False, tuple(str(lm_root / d) for d in suite.lm_eval_dirs) + ours)
+    manager = _task_manager(False, ours)
+    unknown = [s.task for s in suite.specs if s.task not in manager.all_tasks]
+    if unknown:
+        text = _lm_eval_yaml_text()
+        absent = [name for name in unknown if name not in text]
+        if absent:
+            names = _re.findall(r"^(?:task|group|tag):\s*([\w.-]+)", text, flags=_re.MULTILINE)
+            raise _unknown_task(suite, absent[0], manager.all_tasks + sorted(set(names)))
+        manager = _task_manager(True, ours)
+    unknown = [s.task for s in suite.specs if s.task not in manager.all_tasks]
+    if unknown:
+        raise _unknown_task(suite, unknown[0], manager.all_tasks)
+    return manager
+
+
+def load_tasks(suite: Suite, manager, log=_stderr) -> tuple[dict, dict]:
+    """Build every task of the suite (this loads its data) before the model: ``({task: Task or Group},
+    {benchmark: reason it is missing})``. Only optional benchmarks (GPQA, gated on the Hub) may be missing."""
+    import random
+
+    import numpy as np
+    import torch
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+
+    loaded, missing = {}, {}
+    for spec in suite.specs:
+        # simple_evaluate seeds these before it builds tasks (GPQA's process_docs shuffles the answers)
+        random.seed(DEFAULT_RANDOM_SEED)
+        np.random.seed(DEFAULT_OTHER_SEED)
+        torch.manual_seed(DEFAULT_OTHER_SEED)
+        try:
+            built = manager.load([spec.task])
+        except ImportError as err:
+            raise ValueError(f"task {spec.task} needs a package that is not installed ({err}); the leaderboard-v2 "
+                             "suite needs lm-eval's extras: pip install 'lm-eval[math,ifeval]'") from None
+        except OSError as err:  # no network, offline mode, gated or missing dataset
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            if spec.benchmark in suite.optional:
+                missing[spec.benchmark] = (
+                    f"{spec.label} not scored: its data could not be loaded ({reason}). {spec.label} "
+                    f"({GPQA_DATASET}) is gated on the Hub: accept its terms on "
+                    f"https://huggingface.co/datasets/{GPQA_DATASET}, log in with `hf auth login` and run online. "
+                    f"The average is over the other {len(suite.specs) - 1} benchmarks and marked as such.")
+                log(f"hf-sparse-ift evaluate: warning: {missing[spec.benchmark]}")
+                continue
+            raise ValueError(f"cannot load the data of task {spec.task} ({reason}); offline runs need the datasets in "
+                             "the local Hugging Face cache") from None
+        loaded[spec.task] = built["groups"].get(spec.task) or built["tasks"][spec.task]
+    return loaded, missing
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring
+# ----------------------------------------------------------------------------------------------
 def _pick_metric(task_results: dict, wanted: str) -> tuple[str, float]:
     if wanted and wanted in task_results:
         return wanted, float(task_results[wanted])
@@ -87,217 +191,150 @@ def _pick_metric(task_results: dict, wanted: str) -> tuple[str, float]:
     return numeric[0][0], float(numeric[0][1])
 
 
-def _score(spec: TaskSpec, results: dict) -> tuple[str, float]:
+def score_task(spec: TaskSpec, results: dict, scoring: str = "mean") -> dict:
+    """The row of one suite task from lm-eval's ``results``: ``value`` is lm-eval's raw number (0-1), ``score`` the
+    number shown in tables (percent; for leaderboard-v2 the normalised score)."""
+    if scoring == "leaderboard-v2":
+        norm = leaderboard.normalise(spec.benchmark, spec.task, results)
+        return {"metric": norm.pop("metric"), "value": norm.pop("raw"), "score": norm["normalised"], **norm}
     if spec.task == "mmlu":  # leaderboard v1: unweighted mean over the 57 subjects
         subjects = [v for k, v in results.items() if k.startswith("mmlu_") and spec.metric in v
                     and k not in ("mmlu_humanities", "mmlu_stem", "mmlu_social_sciences", "mmlu_other")]
         if subjects:
-            return spec.metric, sum(float(v[spec.metric]) for v in subjects) / len(subjects)
-    return _pick_metric(results[spec.task], spec.metric)
+            value = sum(float(v[spec.metric]) for v in subjects) / len(subjects)
+            return {"metric": spec.metric, "value": value, "score": 100 * value}
+    metric, value = _pick_metric(results[spec.task], spec.metric)
+    return {"metric": metric, "value": value, "score": 100 * value}
 
 
+def summarise_scores(rows: list[dict], scoring: str) -> dict:
+    """Average over the rows (percent). Leaderboard-v2: over the benchmarks scored, saying which (never a silent
+    five-task mean)."""
+    if scoring == "leaderboard-v2":
+        avg = leaderboard.average({r["benchmark"]: r["score"] for r in rows})
+        labels = {r["benchmark"]: r["label"] for r in rows}
+        return {"average": avg["average"], "average_over": [labels[k] for k in avg["average_over"]],
+                "complete": avg["complete"]}
+    scored = [r for r in rows if r.get("score") is not None]
+    return {"average": sum(r["score"] for r in scored) / len(scored), "average_over": [r["label"] for r in scored],
+            "complete": len(scored) == len(rows)}
+
+
+def _dataset_of(task: str, result: dict) -> tuple[str, str | None]:
+    configs = result.get("configs", {})
+    config = configs.get(task) or next((c for k, c in sorted(configs.items()) if k.startswith(task)), {})
+    split = config.get("test_split") or config.get("validation_split")
+    return config.get("dataset_path") or task, split
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate
+# ----------------------------------------------------------------------------------------------
 def evaluate(model: str, suite: str = "paper", batch_size: str | int = "auto", dtype: str = "auto",
-             device: str | None = None, limit: float | None = None, output_dir: str | Path | None = None,
-             include_path: str | None = None, num_fewshot: int | None = None, max_length: int | None = None) -> dict:
-    """Score `model` (checkpoint folder or Hub name) on a suite; returns and writes the summary.
+             device: str | None = None, limit: float | None = None, output_dir: str | Path | None = "eval_results",
+             include_path: str | None = None, num_fewshot: int | None = None, max_length: int | None = None,
+             overwrite: bool = False, revision: str | None = None, log=_stderr) -> dict:
+    """Score `model` (checkpoint folder or Hub name) on a suite; returns the summary and, unless `output_dir` is
+    None, writes it with lm-eval's results to ``results_dir(...)`` (``summary["output_dir"]``)."""
+    # 1. the request: checked before anything is loaded or written
+    check_options(dtype, limit, batch_size)
+    if include_path and not Path(include_path).is_dir():
+        raise FileNotFoundError(f"--include-path {include_path}: no such folder of task YAMLs")
+    the_suite = resolve_suite(suite, num_fewshot)
+    identity = resolve_model(model, revision)
+    out = None
+    if output_dir is not None:
+        out = results_dir(output_dir, identity, the_suite, num_fewshot, limit)
+        check_writable(output_dir)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"{out} already holds results of this model and suite; pass --overwrite to replace "
+                                  "them, or choose another --output-dir")
+    manager = task_manager_for(the_suite, include_path)
+    loaded, missing = load_tasks(the_suite, manager, log)
 
-    Writes ``<output_dir>/lm_eval_<task>.json`` (lm-eval's own results), ``summary.json`` and ``results.md``.
-    """
+    # 2. the model
     import lm_eval
+    import torch
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     import hf_sparse_ift  # noqa: F401  (registers the model; remote code covers other environments)
 
-    specs = resolve_tasks(suite, num_fewshot)
-    paths = [str(builtin_tasks_dir())] + ([include_path] if include_path else [])
-    task_manager = TaskManager(include_path=paths)
-    import torch
-
-    kwargs = dict(pretrained=str(model), trust_remote_code=True, dtype=dtype, batch_size=batch_size,
-                  device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = dict(pretrained=identity.get("path") or identity["hub_id"], trust_remote_code=True, dtype=dtype,
+                  batch_size=batch_size, device=device)
+    if identity.get("revision"):
+        kwargs["revision"] = identity["revision"]
     if max_length:
         kwargs["max_length"] = max_length
     lm = HFLM(**kwargs)
-    out = Path(output_dir) if output_dir else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
+
+    # 3. the suite, one task (or group) at a time; chat template off, as the leaderboard for base models
     rows, raw = [], {}
-    for spec in specs:
-        result = lm_eval.simple_evaluate(model=lm, tasks=[spec.task], num_fewshot=spec.num_fewshot, limit=limit,
-                                         task_manager=task_manager, log_samples=False, bootstrap_iters=0)
-        results = result["results"]
-        metric, value = _score(spec, results)
-        rows.append({"task": spec.task, "label": spec.label, "num_fewshot": spec.num_fewshot,
-                     "metric": metric, "value": value})
-        raw[spec.task] = results
-        if out:
-            (out / f"lm_eval_{spec.task}.json").write_text(json.dumps(
-                {k: result[k] for k in ("results", "configs", "versions", "n-shot") if k in result},
-                indent=1, default=str))
-    summary = {"model": str(model), "suite": suite, "limit": limit, "tasks": rows,
-               "average": sum(r["value"] for r in rows) / len(rows)}
-    if out:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        (out / "results.md").write_text(results_table([summary]))
+    for spec in the_suite.specs:
+        if spec.benchmark in missing:
+            rows.append({"task": spec.task, "label": spec.label, "benchmark": spec.benchmark,
+                         "num_fewshot": spec.num_fewshot, "metric": spec.metric, "value": None, "score": None,
+                         "missing": missing[spec.benchmark]})
+            continue
+        # fixed suites (leaderboard-v2) keep their task YAMLs' few-shot counts, as `lm_eval --tasks leaderboard`
+        shots = None if the_suite.fixed_fewshot else spec.num_fewshot
+        result = lm_eval.simple_evaluate(model=lm, tasks=[loaded[spec.task]], num_fewshot=shots,
+                                         limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0,
+                                         apply_chat_template=False, fewshot_as_multiturn=False)
+        dataset, split = _dataset_of(spec.task, result)
+        row = {"task": spec.task, "label": spec.label, "benchmark": spec.benchmark,
+               "num_fewshot": result.get("n-shot", {}).get(spec.task, spec.num_fewshot), "dataset": dataset,
+               "dataset_split": split, **score_task(spec, result["results"], the_suite.scoring)}
+        rows.append(row)
+        raw[spec.task] = {k: result[k] for k in ("results", "groups", "group_subtasks", "configs", "versions",
+                                                 "n-shot", "higher_is_better", "n-samples") if k in result}
+    if identity["source"] == "hub" and not identity.get("weights_sha256"):
+        try:  # the weights HFLM just fetched into the cache
+            from huggingface_hub import snapshot_download
+
+            identity.update(weights_sha256(snapshot_download(identity["hub_id"], revision=identity["revision"],
+                                                             local_files_only=True)))
+        except Exception:  # noqa: BLE001  (identity keeps the Hub id and commit)
+            pass
+    identity.pop("cached_path", None)
+    summary = {
+        "schema": SUMMARY_SCHEMA, "model": identity, "suite": the_suite.name,
+        "suite_id": suite_folder(the_suite, num_fewshot, None), "scoring": the_suite.scoring, "tasks": rows,
+        **summarise_scores(rows, the_suite.scoring), "missing": {r["label"]: r["missing"] for r in rows
+                                                                   if r.get("missing")},
+        "limit": limit, "partial": limit is not None, "num_fewshot_override": num_fewshot,
+        "dtype": dtype, "model_dtype": str(getattr(lm.model, "dtype", "")).replace("torch.", ""),
+        "batch_size": str(batch_size), "device": device, "max_length": lm.max_length, "apply_chat_template": False,
+        "lm_eval_version": lm_eval.__version__, "hf_sparse_ift_version": hf_sparse_ift.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if out is not None:
+        _write(out, summary, raw, overwrite)
+        summary["output_dir"] = str(out)
     return summary
 
 
-def results_table(summaries: list[dict], paper: bool = False) -> str:
-    """Markdown table, one row per model (values in percent), with deltas against the first row."""
-    labels = []
-    for s in summaries:
-        for r in s["tasks"]:
-            if r["label"] not in labels:
-                labels.append(r["label"])
-    header = "| model | " + " | ".join(labels) + " | Average |"
-    lines = [header, "|" + "---|" * (len(labels) + 2)]
-    base = {r["label"]: 100 * r["value"] for r in summaries[0]["tasks"]} if summaries else {}
-    base_avg = 100 * summaries[0]["average"] if summaries else 0.0
-    for i, s in enumerate(summaries):
-        values = {r["label"]: 100 * r["value"] for r in s["tasks"]}
-        cells = []
-        for label in labels + ["Average"]:
-            v = 100 * s["average"] if label == "Average" else values.get(label)
-            b = base_avg if label == "Average" else base.get(label)
-            if v is None:
-                cells.append("–")
-            elif i == 0 or b is None:
-                cells.append(f"{v:.1f}")
-            else:
-                cells.append(f"{v:.1f} ({v - b:+.1f})")
-        lines.append(f"| {s.get('name') or s['model']} | " + " | ".join(cells) + " |")
-    if paper:
-        for row in PAPER_TABLE15:
-            lines.append(f"| {row['model']} | " + " | ".join(
-                f"{row[label]:.1f}" if label in row else "–" for label in labels + ["Average"]) + " |")
-    return "\n".join(lines) + "\n"
+def _write(out: Path, summary: dict, raw: dict, overwrite: bool) -> None:
+    """Write into a fresh sibling folder, then swap it in: a failure leaves earlier results as they were."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for task, result in raw.items():
+            (tmp / f"lm_eval_{task}.json").write_text(json.dumps(result, indent=1, default=str))
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+        text = results_table([summary])
+        if summary["scoring"] == "leaderboard-v2":
+            text += "\nRaw lm-eval scores:\n\n" + raw_table(summary)
+        (tmp / "results.md").write_text(text)
+        if out.exists():
+            if not overwrite and any(out.iterdir()):
+                raise FileExistsError(f"{out} appeared while evaluating; pass --overwrite to replace it")
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def compare(paths: list[str | Path], paper: bool = False, names: list[str] | None = None) -> str:
-    """Side-by-side table of several `summary.json` files (the first is the baseline for deltas)."""
-    summaries = []
-    for i, p in enumerate(paths):
-        p = Path(p)
-        s = json.loads((p / "summary.json" if p.is_dir() else p).read_text())
-        if names and i < len(names):
-            s["name"] = names[i]
-        summaries.append(s)
-    if not summaries:
-        raise ValueError("compare needs at least one summary.json")
-    return results_table(summaries, paper=paper)
-
-
-def perplexity(model: str, dataset: str = "builtin", tokenizer: str | None = None, split: str = "validation",
-               max_batches: int = 50, batch_size: int = 8, seq_len: int | None = None,
-               data_files: str | None = None, text_column: str = "text") -> dict:
-    """Mean next-token loss and perplexity of `model` on a held-out text stream (packed like training)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import hf_sparse_ift  # noqa: F401
-
-    from ..training.data import load_tokenizer, resolve_data_source, validation_batches
-    from ..training.config import DataConfig
-
-    lm = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=True).eval()
-    tok = load_tokenizer(tokenizer or str(model))  # checkpoints exported by the trainer carry their tokenizer
-    seq_len = seq_len or lm.config.max_position_embeddings
-    cfg = DataConfig(dataset=dataset, data_files=data_files, text_column=text_column, validation_split=split,
-                     seq_len=seq_len, tokenizer=tokenizer or "builtin")
-    batches = validation_batches(resolve_data_source(cfg), tok, batch_size, max_batches, rank=0, world_size=1)
-    if not batches:
-        raise ValueError(f"split {split!r} of {dataset!r} is shorter than one batch of {batch_size}x{seq_len} tokens")
-    with torch.no_grad():
-        losses = [lm(input_ids=b, labels=b).loss.item() for b in batches]
-    loss = sum(losses) / len(losses)
-    return {"model": str(model), "dataset": dataset, "split": split, "tokens": len(batches) * batch_size * seq_len,
-            "loss": loss, "perplexity": math.exp(loss)}
-
-
-# ----------------------------------------------------------------------------------------------
-# command line: evaluate, compare, perplexity, card
-# ----------------------------------------------------------------------------------------------
-def add_parsers(sub) -> None:
-    p = sub.add_parser("evaluate", help="score a checkpoint or Hub model with lm-eval-harness")
-    p.add_argument("--model", required=True, help="checkpoint folder (…/checkpoint-N/hf) or Hub name")
-    p.add_argument("--suite", default="paper",
-                   help=f"one of {sorted(SUITES)} or comma-separated lm-eval task names (default: paper)")
-    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
-    p.add_argument("--num-fewshot", type=int, help="override the suite's few-shot counts")
-    p.add_argument("--batch-size", default="auto", help="integer or auto (default)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available, else cpu)")
-    p.add_argument("--limit", type=float, help="examples per task (or a fraction), for quick checks")
-    p.add_argument("--output-dir", default="eval_results", help="where lm-eval JSON, summary.json and results.md go")
-
-    c = sub.add_parser("compare", help="side-by-side table of evaluation summaries, with deltas")
-    c.add_argument("summaries", nargs="+", help="summary.json files or the folders holding them; first = baseline")
-    c.add_argument("--names", help="comma-separated row names")
-    c.add_argument("--paper", action="store_true", help="add the paper's Table 15 rows as a reference")
-    c.add_argument("--output", help="also write the table to this markdown file")
-
-    x = sub.add_parser("perplexity", help="validation loss / perplexity on held-out text")
-    x.add_argument("--model", required=True)
-    x.add_argument("--dataset", default="builtin")
-    x.add_argument("--data-files")
-    x.add_argument("--text-column", default="text")
-    x.add_argument("--split", default="validation")
-    x.add_argument("--tokenizer")
-    x.add_argument("--batch-size", type=int, default=8)
-    x.add_argument("--max-batches", type=int, default=50)
-    x.add_argument("--seq-len", type=int)
-
-    k = sub.add_parser("card", help="render (and optionally push) the Hub model card of a checkpoint")
-    k.add_argument("checkpoint", help="a save_pretrained folder, e.g. outputs/…/checkpoint-600/hf")
-    k.add_argument("--results", help="summary.json from `evaluate` (adds the results table and model-index)")
-    k.add_argument("--repo-id", help="Hub repo id shown in the card (default: the folder name)")
-    k.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder with its card to this Hub repo")
-    k.add_argument("--private", action="store_true")
-
-
-def cmd_evaluate(args) -> int:
-    summary = evaluate(args.model, args.suite, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-                       limit=args.limit, output_dir=args.output_dir, include_path=args.include_path,
-                       num_fewshot=args.num_fewshot)
-    print(results_table([summary]), end="")
-    print(f"(written to {args.output_dir}/summary.json, results.md and lm_eval_<task>.json)")
-    return 0
-
-
-def cmd_compare(args) -> int:
-    table = compare(args.summaries, paper=args.paper, names=args.names.split(",") if args.names else None)
-    print(table, end="")
-    if args.output:
-        Path(args.output).write_text(table)
-    return 0
-
-
-def cmd_perplexity(args) -> int:
-    print(json.dumps(perplexity(args.model, args.dataset, args.tokenizer, args.split, args.max_batches,
-                                args.batch_size, args.seq_len, args.data_files, args.text_column)))
-    return 0
-
-
-def cmd_card(args) -> int:
-    from .model_card import write_model_card
-
-    results = None
-    if args.results:
-        summary = json.loads(Path(args.results).read_text())
-        results = [{"task": r["task"], "metric": r["metric"].split(",")[0], "value": r["value"],
-                    "num_fewshot": r.get("num_fewshot")} for r in summary["tasks"]]
-    path = write_model_card(args.checkpoint, repo_id=args.repo_id or args.push_to_hub, results=results)
-    print(f"wrote {path}")
-    if args.push_to_hub:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(args.push_to_hub, private=args.private, exist_ok=True)
-        api.upload_folder(folder_path=args.checkpoint, repo_id=args.push_to_hub,
-                          commit_message="Upload Sparse Wide GPT checkpoint (hf-sparse-ift)")
-        print(f"pushed {args.checkpoint} to https://huggingface.co/{args.push_to_hub}")
-    return 0
-
-
-HANDLERS = {"evaluate": cmd_evaluate, "compare": cmd_compare, "perplexity": cmd_perplexity, "card": cmd_card}
+__all__ = ["DTYPES", "SUITES", "check_options", "check_writable", "evaluate", "load_tasks", "results_dir",
+           "score_task", "summarise_scores", "task_manager_for", "task_names"]

@@ -82,7 +82,7 @@ def _write_manifest(root: Path) -> None:
 
 def save_checkpoint(accelerator: Accelerator, model, tokenizer, run, out_dir: Path, step: int) -> Path:
     """Write ``checkpoint-<step>`` atomically (``.tmp``, manifest, rename) and keep the newest K."""
-    from ..evaluation.model_card import write_model_card
+    from ..hub.model_card import write_model_card
 
     final, tmp = out_dir / f"checkpoint-{step}", out_dir / f"checkpoint-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():

@@ -1,0 +1,137 @@
+"""Which model a result belongs to: a local `save_pretrained` folder (path, weights sha256, training run) or a Hub
+model (repo id and commit), resolved before anything is loaded so that a bad ``--model`` fails in one sentence."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weights of a `save_pretrained` folder: the single file, or the index plus the shards it names."""
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [index] + [folder / s for s in shards]
+    return []
+
+
+def weights_sha256(folder: str | Path) -> dict:
+    """``{"weights_sha256": ..., "weight_files": {name: sha256}}``; with one weights file the digest is that file's
+    sha256 (what ``sha256sum model.safetensors`` prints), with shards the sha256 of the ``name:digest`` lines."""
+    files = {p.name: _sha256(p) for p in weight_files(Path(folder))}
+    if not files:
+        return {"weights_sha256": None, "weight_files": {}}
+    combined = (next(iter(files.values())) if len(files) == 1 else
+                hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(files.items())).encode()).hexdigest())
+    return {"weights_sha256": combined, "weight_files": files}
+
+
+def training_run(folder: str | Path) -> tuple[str | None, int | None]:
+    """(run name, step) of a trainer export: the run is the last component of ``train.output_dir`` in its
+    ``training_config.yaml``; the step comes from a ``checkpoint-<N>`` folder on the path."""
+    folder = Path(folder)
+    run = None
+    config = folder / "training_config.yaml"
+    if config.is_file():
+        out_dir = ((yaml.safe_load(config.read_text()) or {}).get("train") or {}).get("output_dir")
+        run = Path(str(out_dir)).name if out_dir else None
+    step = next((int(m.group(1)) for part in reversed(folder.resolve().parts)
+                 if (m := re.fullmatch(r"checkpoint-(\d+)", part))), None)
+    return run, step
+
+
+def model_name(folder: str | Path) -> str:
+    """A name for a local model: its training run, else its folder (the parent when the folder is ``hf``)."""
+    folder = Path(folder).resolve()
+    run, _ = training_run(folder)
+    if run:
+        return run
+    return folder.parent.name if folder.name == "hf" and folder.parent.name else folder.name
+
+
+def local_identity(folder: str | Path) -> dict:
+    folder = Path(folder)
+    run, step = training_run(folder)
+    name = model_name(folder)
+    return {"source": "local", "path": str(folder.resolve()), "name": name, "run": run, "step": step,
+            "slug": f"{name}-checkpoint-{step}" if step is not None else name, **weights_sha256(folder)}
+
+
+def resolve_model(model: str, revision: str | None = None) -> dict:
+    """The identity of ``--model`` (a local folder or a Hub id), or a ValueError / FileNotFoundError that says what
+    is wrong. Nothing is downloaded but the Hub's metadata."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--model {model}: the folder has no config.json; expected a save_pretrained folder "
+                                    "such as outputs/<run>/checkpoint-<N>/hf")
+        return local_identity(path)
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or not HUB_ID.match(model):
+        raise FileNotFoundError(f"--model {model}: no such checkpoint folder (and not a Hub name like org/name)")
+    return hub_identity(model, revision)
+
+
+def hub_identity(repo_id: str, revision: str | None = None) -> dict:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    identity = {"source": "hub", "hub_id": repo_id, "name": repo_id, "run": None, "step": None,
+                "slug": repo_id.replace("/", "--"), "weights_sha256": None, "weight_files": {}}
+    try:
+        info = HfApi().model_info(repo_id, revision=revision)
+        return {**identity, "revision": info.sha}
+    except GatedRepoError as err:
+        raise ValueError(f"--model {repo_id}: the Hub model is gated and this account has no access; request it on "
+                         f"https://huggingface.co/{repo_id} and log in (`hf auth login`)") from err
+    except RevisionNotFoundError as err:
+        raise ValueError(f"--model {repo_id}: no revision {revision!r} on the Hub") from err
+    except RepositoryNotFoundError as err:
+        raise ValueError(f"--model {repo_id}: no such model on the Hub (or it is private); pass a local path or a "
+                         "correct Hub name") from err
+    except OfflineModeIsEnabled:  # offline: fall back to the local cache
+        reason = "offline mode is on: HF_HUB_OFFLINE"
+    except Exception as err:  # no network: fall back to the local cache
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:
+        raise ValueError(f"--model {repo_id}: cannot reach the Hub ({reason}) and the model is not in the local "
+                         "Hugging Face cache; pass a local path (a save_pretrained folder such as "
+                         "outputs/<run>/checkpoint-<N>/hf)") from None
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--model {repo_id}: cannot reach the Hub ({reason}) and the cached copy has no config.json; "
+                         "pass a local path")
+    return {**identity, "revision": folder.name, "cached_path": str(folder), **weights_sha256(folder)}
+
+
+def same_model(a: dict, b: dict) -> bool:
+    """Whether two identities name the same weights (sha256 when both have one, else Hub id and commit)."""
+    if a.get("weights_sha256") and b.get("weights_sha256"):
+        return a["weights_sha256"] == b["weights_sha256"]
+    return bool(a.get("hub_id")) and a.get("hub_id") == b.get("hub_id") and a.get("revision") == b.get("revision")
+
+
+def describe(identity: dict) -> str:
+    where = identity.get("path") or f"{identity.get('hub_id')}@{identity.get('revision')}"
+    digest = identity.get("weights_sha256")
+    return f"{where} (weights sha256 {digest[:12]}…)" if digest else where

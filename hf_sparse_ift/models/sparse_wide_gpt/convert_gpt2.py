@@ -43,6 +43,25 @@ def _check_gpt2_supported(config: GPT2Config) -> None:
         raise ValueError(f"GPT-2 options without a SparseWideGPT equivalent: {bad}")
 
 
+def _linked_tensors(model: SparseWideGPTForCausalLM, gpt2: GPT2LMHeadModel):
+    """(our tensor, GPT-2's tensor, transposed?) for every parameter; GPT-2's q/k/v are slices of ``c_attn``."""
+    ours, theirs = model.transformer, gpt2.transformer
+    pairs = [(ours.wte.weight, theirs.wte.weight, False), (ours.wpe.weight, theirs.wpe.weight, False)]
+    norms = [(ours.ln_f, theirs.ln_f)]
+    for o, t in zip(ours.h, theirs.h):
+        norms += [(o.ln_1, t.ln_1), (o.ln_2, t.ln_2)]
+        d = o.attn.q_proj.weight.shape[0]
+        for i, linear in enumerate((o.attn.q_proj, o.attn.k_proj, o.attn.v_proj)):
+            pairs += [(linear.weight, t.attn.c_attn.weight[:, i * d:(i + 1) * d], True),
+                      (linear.bias, t.attn.c_attn.bias[i * d:(i + 1) * d], False)]
+        for linear, conv in ((o.attn.o_proj, t.attn.c_proj), (o.mlp.fc_in, t.mlp.c_fc), (o.mlp.fc_out, t.mlp.c_proj)):
+            pairs += [(linear.weight, conv.weight, True), (linear.bias, conv.bias, False)]
+    pairs += [(a, b, False) for x, y in norms for a, b in ((x.weight, y.weight), (x.bias, y.bias))]
+    if not model.config.tie_word_embeddings:
+        pairs.append((model.lm_head.weight, gpt2.lm_head.weight, False))
+    return pairs
+
+
 @torch.no_grad()
 def gpt2_to_sparse_wide(model_or_path) -> SparseWideGPTForCausalLM:
     """A dense SparseWideGPT (sparsity 0) with the weights of a GPT-2 model or checkpoint directory."""
@@ -53,23 +72,8 @@ def gpt2_to_sparse_wide(model_or_path) -> SparseWideGPTForCausalLM:
         dense_hidden_size=gc.n_embd, dense_intermediate_size=gc.n_inner or 4 * gc.n_embd, sparsity=0.0,
         **{k: getattr(gc, k) for k in _SHARED_CONFIG})
     model = SparseWideGPTForCausalLM(config).to(gpt2.dtype)
-    src, dst = gpt2.transformer, model.transformer
-    dst.wte.weight.copy_(src.wte.weight)
-    dst.wpe.weight.copy_(src.wpe.weight)
-    _copy_norm(dst.ln_f, src.ln_f)
-    for s, d in zip(src.h, dst.h):
-        _copy_norm(d.ln_1, s.ln_1)
-        _copy_norm(d.ln_2, s.ln_2)
-        qkv_w = s.attn.c_attn.weight.t().chunk(3, dim=0)
-        qkv_b = s.attn.c_attn.bias.chunk(3, dim=0)
-        for linear, w, b in zip((d.attn.q_proj, d.attn.k_proj, d.attn.v_proj), qkv_w, qkv_b):
-            linear.weight.copy_(w)
-            linear.bias.copy_(b)
-        for linear, conv in ((d.attn.o_proj, s.attn.c_proj), (d.mlp.fc_in, s.mlp.c_fc), (d.mlp.fc_out, s.mlp.c_proj)):
-            linear.weight.copy_(conv.weight.t())
-            linear.bias.copy_(conv.bias)
-    if not config.tie_word_embeddings:
-        model.lm_head.weight.copy_(gpt2.lm_head.weight)
+    for ours, theirs, transposed in _linked_tensors(model, gpt2):
+        ours.copy_(theirs.t() if transposed else theirs)
     return model
 
 
@@ -80,23 +84,6 @@ def sparse_wide_to_gpt2(model: SparseWideGPTForCausalLM) -> GPT2LMHeadModel:
     config = GPT2Config(n_embd=c.hidden_size, n_inner=c.intermediate_size,
                         **{k: getattr(c, k) for k in _SHARED_CONFIG})
     gpt2 = GPT2LMHeadModel(config).to(model.dtype)
-    src, dst = model.transformer, gpt2.transformer
-    dst.wte.weight.copy_(src.wte.weight)
-    dst.wpe.weight.copy_(src.wpe.weight)
-    _copy_norm(dst.ln_f, src.ln_f)
-    for s, d in zip(src.h, dst.h):
-        _copy_norm(d.ln_1, s.ln_1)
-        _copy_norm(d.ln_2, s.ln_2)
-        d.attn.c_attn.weight.copy_(torch.cat([s.attn.q_proj.weight, s.attn.k_proj.weight, s.attn.v_proj.weight]).t())
-        d.attn.c_attn.bias.copy_(torch.cat([s.attn.q_proj.bias, s.attn.k_proj.bias, s.attn.v_proj.bias]))
-        for conv, linear in ((d.attn.c_proj, s.attn.o_proj), (d.mlp.c_fc, s.mlp.fc_in), (d.mlp.c_proj, s.mlp.fc_out)):
-            conv.weight.copy_(linear.weight.t())
-            conv.bias.copy_(linear.bias)
-    if not c.tie_word_embeddings:
-        gpt2.lm_head.weight.copy_(model.lm_head.weight)
+    for ours, theirs, transposed in _linked_tensors(model, gpt2):
+        theirs.copy_(ours.t() if transposed else ours)
     return gpt2
-
-
-def _copy_norm(dst: torch.nn.LayerNorm, src: torch.nn.LayerNorm) -> None:
-    dst.weight.copy_(src.weight)
-    dst.bias.copy_(src.bias)

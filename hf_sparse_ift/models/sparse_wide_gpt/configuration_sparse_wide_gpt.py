@@ -77,6 +77,7 @@ class SparseWideGPTConfig(PretrainedConfig):
     # three projections separately when they are sharded (its fused q/k/v matmul is for unsharded weights), and
     # each `weight_mask` is sharded exactly like its weight after loading.
     base_model_tp_plan = {
+        "wte": "embedding_rowwise",  # vocabulary-sharded, like the (tied) lm_head's colwise shards
         "h.*.attn.q_proj": "colwise",
         "h.*.attn.k_proj": "colwise",
         "h.*.attn.v_proj": "colwise",

@@ -371,8 +371,20 @@ class SparseWideGPTPreTrainedModel(PreTrainedModel):
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        model._check_tensor_parallel()
         model._check_loaded_masks(rebuild_masks=rebuild_masks, strict_masks=strict_masks)
         return (model, loading_info) if output_loading_info else model
+
+    def _check_tensor_parallel(self) -> None:
+        """Heads are split between ranks whole: refuse a TP size that does not divide n_head (else wrong shapes)."""
+        for module in self.modules():
+            if isinstance(module, SparseWideGPTAttention) and _is_dtensor(module.q_proj.weight):
+                tp_size = module.q_proj.weight.device_mesh.size()
+                if self.config.n_head % tp_size:
+                    raise ValueError(
+                        f"Tensor parallelism over {tp_size} ranks cannot split n_head={self.config.n_head} attention "
+                        f"heads evenly: use a TP size that divides n_head")
+                return
 
     @torch.no_grad()
     def _check_loaded_masks(self, rebuild_masks: str | None = None, strict_masks: bool = False) -> None:

@@ -47,9 +47,30 @@ def test_invalid_values_name_the_field_and_the_value(field, value):
     assert field in str(err.value) and repr(value) in str(err.value)
 
 
-def test_unknown_options_are_rejected():
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['sparsty'\]"):
+def test_a_typo_of_an_own_argument_is_rejected_with_a_suggestion():
+    with pytest.raises(ValueError, match=r"unknown option 'sparsty': did you mean 'sparsity'\?"):
         SparseWideGPTConfig(sparsty=0.5)
+
+
+def test_extra_keys_are_kept_and_round_trip(tmp_path):
+    """Like every Hugging Face config: keys added by transformers, a quantizer or the user load and save back."""
+    c = SparseWideGPTConfig(sparsity=0.5, width_multiple=64)
+    d = c.to_dict()
+    d.update(my_field={"a": 1}, forced_eos_token_id=3, quantization_config={"quant_method": "bitsandbytes"})
+    again = SparseWideGPTConfig.from_dict(d)
+    assert again.my_field == {"a": 1} and again.hidden_size == c.hidden_size
+    assert again.to_dict()["quantization_config"] == {"quant_method": "bitsandbytes"}
+    assert SparseWideGPTConfig.from_dict(again.to_dict()).to_dict() == again.to_dict()
+    again.save_pretrained(tmp_path)
+    assert SparseWideGPTConfig.from_pretrained(tmp_path).my_field == {"a": 1}
+
+
+@pytest.mark.parametrize("alias, value, target", [("n_embd", 10, "hidden_size"), ("num_hidden_layers", 4, "n_layer"),
+                                                  ("max_position_embeddings", 7, "n_positions")])
+def test_gpt2_style_aliases_must_agree_with_what_they_stand_for(alias, value, target):
+    with pytest.raises(ValueError, match=rf"{alias}={value} is invalid: it is an alias of {target}="):
+        SparseWideGPTConfig(**{alias: value})
+    assert SparseWideGPTConfig(n_layer=4, num_hidden_layers=4).num_hidden_layers == 4
 
 
 def test_inconsistent_derived_size_in_a_saved_config_is_rejected():

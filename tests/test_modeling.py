@@ -85,7 +85,7 @@ def test_kv_cache_matches_full_forward_and_generate_with_cache_equals_without(ti
     x = torch.randint(1, 97, (2, 6))
     full = tiny_model(x).logits
     first = tiny_model(x[:, :4], use_cache=True)
-    step = tiny_model(x[:, 4:], past_key_values=first.past_key_values, use_cache=True)
+    step = tiny_model(x[:, 4:], cache=first.cache, use_cache=True)
     torch.testing.assert_close(step.logits, full[:, 4:], rtol=1e-5, atol=1e-5)
     kwargs = dict(max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(x), pad_token_id=0)
     with_cache = tiny_model.generate(x, use_cache=True, **kwargs)
@@ -189,6 +189,6 @@ def test_head_size_padding_for_fused_attention_is_exact():
 def test_training_forward_builds_no_kv_cache(tiny_model):
     tiny_model.train()
     x = torch.randint(0, 97, (2, 8))
-    assert tiny_model(x, labels=x).past_key_values is None
+    assert tiny_model(x, labels=x).cache is None
     tiny_model.eval()
-    assert tiny_model(x).past_key_values is not None
+    assert tiny_model(x).cache is not None

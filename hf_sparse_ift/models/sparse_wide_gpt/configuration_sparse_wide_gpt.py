@@ -7,6 +7,8 @@ widened sizes (``hidden_size``, ``intermediate_size``) and the sparsity each spa
 
 from __future__ import annotations
 
+import difflib
+
 from transformers import PretrainedConfig
 
 from .iso_flop import BLOCK_LINEARS, GPTShape, calibrate_sparsity, sparse_wide_widths
@@ -28,8 +30,9 @@ def _prob(field: str, value) -> float:
     return float(value)
 
 
-# Keys that PretrainedConfig itself reads or writes (serialised configs carry them); anything else
-# that is not one of our arguments is a typo and is rejected.
+# Keys that PretrainedConfig itself reads or writes (serialised configs carry them). Any other key is
+# kept as an extra attribute and round-trips through to_dict / from_dict, as in every Hugging Face config,
+# unless it is one typo away from one of our own arguments (then it is surely a mistake: refused).
 _PRETRAINED_KEYS = frozenset(PretrainedConfig().to_dict()) | {
     "torch_dtype", "dtype", "attn_implementation", "name_or_path", "_name_or_path", "_commit_hash",
     "transformers_version", "architectures", "auto_map", "model_type", "num_labels", "id2label",
@@ -39,6 +42,8 @@ _PRETRAINED_KEYS = frozenset(PretrainedConfig().to_dict()) | {
 # Derived sizes are written to config.json so that tools which read the JSON see the real shapes;
 # on load they must agree with what the dense sizes and sparsity imply.
 _DERIVED_KEYS = ("hidden_size", "intermediate_size", "layer_sparsity", "head_dim")
+# How close (difflib ratio) an unknown key must be to one of our argument names to count as a typo of it.
+_TYPO_CUTOFF = 0.85
 
 
 class SparseWideGPTConfig(PretrainedConfig):
@@ -65,7 +70,33 @@ class SparseWideGPTConfig(PretrainedConfig):
     """
 
     model_type = "sparse_wide_gpt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # Output keys Trainer.evaluate / predict drop (the KV cache); older transformers called it past_key_values.
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    # Tensor parallelism (``from_pretrained(..., tp_plan="auto")``), as Llama's: q/k/v and fc_in split by output
+    # features (heads / hidden units), o_proj and fc_out by input features, then all-reduced. The model runs the
+    # three projections separately when they are sharded (its fused q/k/v matmul is for unsharded weights), and
+    # each `weight_mask` is sharded exactly like its weight after loading.
+    base_model_tp_plan = {
+        "wte": "embedding_rowwise",  # vocabulary-sharded, like the (tied) lm_head's colwise shards
+        "h.*.attn.q_proj": "colwise",
+        "h.*.attn.k_proj": "colwise",
+        "h.*.attn.v_proj": "colwise",
+        "h.*.attn.o_proj": "rowwise",
+        "h.*.mlp.fc_in": "colwise",
+        "h.*.mlp.fc_out": "rowwise",
+    }
+    base_model_pp_plan = {
+        "wte": (["input_ids"], ["inputs_embeds"]),
+        "wpe": (["position_ids"], ["position_embeds"]),
+        "h": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "ln_f": (["hidden_states"], ["hidden_states"]),
+    }
+    base_model_fsdp_plan = {
+        "wte": "free_full_weight",
+        "wpe": "free_full_weight",
+        "h.*": "free_full_weight",
+        "ln_f": "keep_full_weight",
+    }
     attribute_map = {
         "n_embd": "hidden_size",
         "num_hidden_layers": "n_layer",
@@ -100,11 +131,10 @@ class SparseWideGPTConfig(PretrainedConfig):
         **kwargs,
     ):
         derived = {k: kwargs.pop(k) for k in _DERIVED_KEYS if k in kwargs}
-        unknown = sorted(set(kwargs) - _PRETRAINED_KEYS)
-        if unknown:
-            raise ValueError(
-                f"SparseWideGPTConfig got unknown option(s) {unknown}; valid options are the "
-                f"arguments documented on SparseWideGPTConfig and PretrainedConfig")
+        # GPT-2 style aliases (n_embd, num_hidden_layers, ...) may appear in configs written by other tools:
+        # they must agree with the value they stand for, like the derived sizes.
+        aliases = {k: kwargs.pop(k) for k in self.attribute_map if k in kwargs}
+        _check_typos(kwargs)
 
         self.vocab_size = _int_at_least("vocab_size", vocab_size, 1)
         self.n_positions = _int_at_least("n_positions", n_positions, 1)
@@ -158,6 +188,11 @@ class SparseWideGPTConfig(PretrainedConfig):
             mine = getattr(self, key)
             if (abs(mine - value) > 1e-12) if isinstance(mine, float) else mine != value:
                 _fail(key, value, f"it is derived from the dense sizes and sparsity, which give {mine!r}")
+        for key, value in aliases.items():
+            target = self.attribute_map[key]
+            if getattr(self, target) != value:
+                instead = "dense_hidden_size and sparsity" if target in _DERIVED_KEYS else target
+                _fail(key, value, f"it is an alias of {target}={getattr(self, target)!r}; set {instead} instead")
 
         super().__init__(
             bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
@@ -178,6 +213,27 @@ class SparseWideGPTConfig(PretrainedConfig):
             n_layer=self.n_layer, d_model=self.dense_hidden_size, d_ff=self.dense_intermediate_size,
             vocab_size=self.vocab_size, seq_len=seq_len or self.n_positions, layer_sparsity=0.0,
             sparse_layers=tuple(self.sparse_layers))
+
+
+def _own_arguments() -> tuple[str, ...]:
+    import inspect
+
+    params = inspect.signature(SparseWideGPTConfig.__init__).parameters
+    return tuple(n for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
+
+
+def _check_typos(extra: dict) -> None:
+    """Refuse extra keys that are near-misses of our own argument names (``sparsty`` for ``sparsity``)."""
+    own = _own_arguments() + _DERIVED_KEYS
+    for key in sorted(extra):
+        if key in _PRETRAINED_KEYS or not isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(key, own, n=1, cutoff=_TYPO_CUTOFF)
+        if close:
+            raise ValueError(
+                f"SparseWideGPTConfig got unknown option {key!r}: did you mean {close[0]!r}? Other unknown "
+                f"keys are kept as extra attributes, but this one is too close to an argument of "
+                f"SparseWideGPTConfig to be anything but a typo")
 
 
 __all__ = ["SparseWideGPTConfig"]

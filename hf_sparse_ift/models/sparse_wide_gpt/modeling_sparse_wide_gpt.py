@@ -1,7 +1,7 @@
 """Sparse Wide GPT: the GPT-2/GPT-3 decoder, widened by Sparse-IFT, with masked sparse block linears.
 
 Architecture is GPT-2's (learned positions, pre-LayerNorm, GELU MLP, tied embeddings), so at
-sparsity 0 the model computes exactly what `GPT2LMHeadModel` computes (see `convert.py`). The
+sparsity 0 the model computes exactly what `GPT2LMHeadModel` computes (see `convert_gpt2.py`). The
 difference: every block linear named in ``config.sparse_layers`` is a `SparseLinear`, which owns a
 boolean mask saved in the checkpoint.
 
@@ -9,6 +9,11 @@ Why the forward pass costs one plain dense matmul: inactive weights are kept *ex
 are zeroed at init, regrown weights start at zero, and their gradient is masked so no optimizer step
 moves them), so ``W`` equals ``W * mask`` and the forward is ``F.linear(x, W)`` with no mask
 multiply. The mask is applied once per step, to the weight gradient, in `_MaskGradient.backward`.
+
+The rest follows the in-tree transformers models (GPT-2, Llama): the attention kernel is looked up
+in ``ALL_ATTENTION_FUNCTIONS`` at call time, masks come from `masking_utils` (padding, KV cache and
+packed sequences), hidden states and attentions are recorded by the output-capturing decorator from
+``_can_record_outputs``, and ``return_dict`` follows the call or the config.
 """
 
 from __future__ import annotations
@@ -20,15 +25,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_sparse_wide_gpt import SparseWideGPTConfig
 from .iso_flop import BLOCK_LINEARS, num_inactive
+
+try:  # the output-recording decorator of the in-tree models
+    from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+except ImportError:  # earlier transformers 5.x: one decorator recorded outputs and read the config defaults
+    from transformers.utils.generic import OutputRecorder
+    from transformers.utils.generic import check_model_inputs as capture_outputs
+try:
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # earlier transformers 5.x
+    def slice_logits_to_keep(hidden_states, logits_to_keep):
+        if isinstance(logits_to_keep, int):
+            return hidden_states[:, -logits_to_keep:, :] if logits_to_keep > 0 else hidden_states
+        return hidden_states[:, logits_to_keep, :]
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # torch built without distributed
+    DTensor = distribute_tensor = None
+
+logger = logging.get_logger(__name__)
+
+# Outputs name the KV cache `cache` since transformers renamed `past_key_values`; older 5.x releases did not.
+_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,6 +104,10 @@ class SparseLinear(nn.Linear):
 
     Invariant: ``weight[~weight_mask] == 0`` exactly. The mask is a persistent buffer (1 byte per
     weight) because regrown weights are zero too, so a mask cannot be read off the weights.
+
+    The seeded mask is drawn when the layer is built on a real device, so paths that skip weight
+    initialisation (``no_init_weights()``, accelerate's ``init_empty_weights()``) still have it; a layer
+    built on the meta device gets it from the checkpoint, or from `_init_weights` once materialised.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -87,13 +121,20 @@ class SparseLinear(nn.Linear):
         # Called with the unmasked weight gradient in backward when set (see `_MaskGradient`).
         self.grad_observer = None
         self.register_buffer("weight_mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device))
+        # Where the mask came from: "seed" (drawn from mask_seed), "checkpoint", "weights" (rebuilt from the
+        # non-zero pattern of loaded weights) or None (not set yet: built on the meta device).
+        self._mask_source = None
+        if not self.weight_mask.is_meta:
+            with torch.no_grad():
+                self.weight_mask.copy_(self.random_mask())
+            self._mask_source = "seed"
 
     def random_mask(self) -> torch.Tensor:
         """Uniform random mask with exactly round(s·n) inactive weights, reproducible from the seed."""
-        n = self.weight.numel()
+        n = self.in_features * self.out_features
         generator = torch.Generator().manual_seed(self.mask_seed)
-        inactive = torch.randperm(n, generator=generator)[: num_inactive(n, self.sparsity)]
-        mask = torch.ones(n, dtype=torch.bool)
+        inactive = torch.randperm(n, generator=generator, device="cpu")[: num_inactive(n, self.sparsity)]
+        mask = torch.ones(n, dtype=torch.bool, device="cpu")
         mask[inactive] = False
         return mask.view(self.out_features, self.in_features)
 
@@ -113,6 +154,22 @@ class SparseLinear(nn.Linear):
 
 def _effective_weight(linear: nn.Linear) -> torch.Tensor:
     return linear.effective_weight() if isinstance(linear, SparseLinear) else linear.weight
+
+
+def _is_dtensor(tensor) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def _fusable(linear: nn.Module) -> bool:
+    """Whether a projection may join the fused q/k/v matmul, i.e. calling it would compute just ``x W^T + b``.
+
+    Not when something wraps or replaces it: a PEFT adapter (another module type), hooks (accelerate's
+    offloading, user probes), a forward installed on the instance (tensor parallelism) or sharded weights.
+    """
+    return (type(linear) in (nn.Linear, SparseLinear) and linear.bias is not None
+            and not (linear._forward_hooks or linear._forward_pre_hooks
+                     or linear._backward_hooks or linear._backward_pre_hooks)
+            and "forward" not in linear.__dict__ and not _is_dtensor(linear.weight))
 
 
 def _block_linear(config: SparseWideGPTConfig, name: str, layer_idx: int, d_in: int, d_out: int) -> nn.Linear:
@@ -145,28 +202,38 @@ class SparseWideGPTAttention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attn_pdrop
         self.is_causal = True
         d = config.hidden_size
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, _block_linear(config, name, layer_idx, d, d))
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values: Cache | None = None, **kwargs):
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        # One matmul for q, k and v (a wider GEMM runs closer to peak than three narrow ones); concatenating
-        # the weights costs about what autocast's bf16 copy of them costs anyway.
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([_effective_weight(p) for p in projections])
-        bias = torch.cat([p.bias for p in projections])
-        query, key, value = (t.view(shape).transpose(1, 2)
-                             for t in F.linear(hidden_states, weight, bias).chunk(3, dim=-1))
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if all(_fusable(p) for p in projections):
+            # One matmul for q, k and v (a wider GEMM runs closer to peak than three narrow ones); concatenating
+            # the weights costs about what autocast's bf16 copy of them costs anyway.
+            weight = torch.cat([_effective_weight(p) for p in projections])
+            bias = torch.cat([p.bias for p in projections])
+            qkv = F.linear(hidden_states, weight, bias).chunk(3, dim=-1)
+        else:
+            qkv = tuple(p(hidden_states) for p in projections)
+        width = qkv[0].shape[-1]
+        if width % self.head_dim:
+            raise ValueError(
+                f"q_proj gives {width} features here, not a whole number of heads of size {self.head_dim}: under "
+                f"tensor parallelism the TP size must divide n_head={self.config.n_head}")
+        query, key, value = (t.view(*input_shape, -1, self.head_dim).transpose(1, 2) for t in qkv)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
 
-        attention_interface = eager_attention_forward
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward)
         pad = 0
-        if self.config._attn_implementation not in (None, "eager"):
-            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        if attention_interface is not eager_attention_forward:
             # Fused kernels (flash / memory-efficient) need head sizes that are multiples of 8; the paper's
             # SW-50 width gives 1092 / 12 = 91. Zero-padding q, k, v to 96 leaves every dot product and the
             # output unchanged (the scale stays 1/sqrt(91)) and keeps the fast kernel.
@@ -175,10 +242,10 @@ class SparseWideGPTAttention(nn.Module):
                 query, key, value = (F.pad(t, (0, pad)) for t in (query, key, value))
         attn_output, attn_weights = attention_interface(
             self, query, key, value, attention_mask,
-            dropout=self.config.attn_pdrop if self.training else 0.0, scaling=self.scaling, **kwargs)
+            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs)
         if pad:
             attn_output = attn_output[..., : self.head_dim]
-        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.resid_dropout(self.o_proj(attn_output)), attn_weights
 
 
@@ -202,29 +269,44 @@ class SparseWideGPTBlock(GradientCheckpointingLayer):
         self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = SparseWideGPTMLP(config, layer_idx)
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False, **kwargs):
-        attn_output, attn_weights = self.attn(
-            self.ln_1(hidden_states), attention_mask=attention_mask, past_key_values=past_key_values, **kwargs)
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None, use_cache=False, **kwargs):
+        attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask=attention_mask, cache=cache, **kwargs)
         hidden_states = hidden_states + attn_output
-        hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
-        return hidden_states, attn_weights
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
 
 
 # ----------------------------------------------------------------------------------------------
 # Pre-trained model plumbing
 # ----------------------------------------------------------------------------------------------
+_REBUILD_CHOICES = (None, "from_weights")
+
+
+def _loaded(tensor) -> bool:
+    """Whether `from_pretrained` filled this parameter or buffer from the checkpoint."""
+    return bool(getattr(tensor, "_is_hf_initialized", False))
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
 class SparseWideGPTPreTrainedModel(PreTrainedModel):
     config_class = SparseWideGPTConfig
     config: SparseWideGPTConfig
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["SparseWideGPTBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    _can_record_outputs = {
+        "hidden_states": SparseWideGPTBlock,
+        "attentions": OutputRecorder(SparseWideGPTAttention, index=1),
+    }
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -233,35 +315,164 @@ class SparseWideGPTPreTrainedModel(PreTrainedModel):
         Weights: N(0, 0.02), residual projections (o_proj, fc_out) N(0, 0.02/sqrt(2·n_layer)), biases 0,
         LayerNorm 1/0. A `SparseLinear` keeps the std of its dense counterpart (the widened layer is
         initialised like a dense layer of its size, then masked), so active weights have GPT-2 scale.
-        Masks are drawn only when none was loaded; weights are multiplied by the mask in every case.
+        Anything `from_pretrained` loaded is left as loaded (the `init` functions skip it). A mask is drawn
+        from its seed only when it was neither loaded nor drawn yet, and never next to loaded weights: then it is
+        read off their non-zero pattern, which `from_pretrained` refuses unless asked (see `_check_loaded_masks`).
         """
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             if getattr(module, "residual_projection", False):
                 std = std / math.sqrt(2 * self.config.n_layer)
-            if not getattr(module.weight, "_is_hf_initialized", False):
-                module.weight.normal_(mean=0.0, std=std)
-            if module.bias is not None and not getattr(module.bias, "_is_hf_initialized", False):
-                module.bias.zero_()
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
             if isinstance(module, SparseLinear):
-                if not getattr(module.weight_mask, "_is_hf_initialized", False):
-                    module.weight_mask.copy_(module.random_mask())
-                module.weight.mul_(module.weight_mask)
+                self._init_mask(module)
         elif isinstance(module, nn.Embedding):
-            if not getattr(module.weight, "_is_hf_initialized", False):
-                module.weight.normal_(mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.LayerNorm):
-            if not getattr(module.weight, "_is_hf_initialized", False):
-                module.weight.fill_(1.0)
-            if not getattr(module.bias, "_is_hf_initialized", False):
-                module.bias.zero_()
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    @staticmethod
+    def _init_mask(module: SparseLinear) -> None:
+        weight_loaded = _loaded(module.weight)
+        if _loaded(module.weight_mask):
+            module._mask_source = "checkpoint"
+        elif weight_loaded:
+            # Trained weights without their mask: a random mask would zero trained weights.
+            module.weight_mask.copy_(_full(module.weight).ne(0))
+            module._mask_source = "weights"
+        elif module._mask_source != "seed":
+            module.weight_mask.copy_(module.random_mask())
+            module._mask_source = "seed"
+        if not weight_loaded:
+            module.weight.mul_(module.weight_mask.to(module.weight.dtype))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, rebuild_masks: str | None = None,
+                        strict_masks: bool = False, **kwargs):
+        r"""`PreTrainedModel.from_pretrained`, plus two options for the sparsity masks.
+
+        Args:
+            rebuild_masks (`str`, *optional*):
+                A checkpoint whose weights come without their ``weight_mask`` tensors is an error (drawing fresh
+                random masks would zero trained weights). ``"from_weights"`` rebuilds each missing mask from the
+                non-zero pattern of its weights instead, with a warning: active weights that happen to be exactly
+                zero (e.g. regrown at zero and not trained since) become inactive, which cannot be undone.
+            strict_masks (`bool`, *optional*, defaults to `False`):
+                Weights that are non-zero where their mask is inactive break the model's invariant. By default they
+                are set to zero with a warning that counts them; ``strict_masks=True`` raises instead.
+        """
+        if rebuild_masks not in _REBUILD_CHOICES:
+            raise ValueError(f"rebuild_masks={rebuild_masks!r} is invalid: expected one of {list(_REBUILD_CHOICES)}")
+        if not isinstance(strict_masks, bool):
+            raise ValueError(f"strict_masks={strict_masks!r} is invalid: expected True or False")
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        model._check_tensor_parallel()
+        model._check_loaded_masks(rebuild_masks=rebuild_masks, strict_masks=strict_masks)
+        return (model, loading_info) if output_loading_info else model
+
+    def _check_tensor_parallel(self) -> None:
+        """Heads are split between ranks whole: refuse a TP size that does not divide n_head (else wrong shapes)."""
+        for module in self.modules():
+            if isinstance(module, SparseWideGPTAttention) and _is_dtensor(module.q_proj.weight):
+                tp_size = module.q_proj.weight.device_mesh.size()
+                if self.config.n_head % tp_size:
+                    raise ValueError(
+                        f"Tensor parallelism over {tp_size} ranks cannot split n_head={self.config.n_head} attention "
+                        f"heads evenly: use a TP size that divides n_head")
+                return
+
+    @torch.no_grad()
+    def _check_loaded_masks(self, rebuild_masks: str | None = None, strict_masks: bool = False) -> None:
+        """After loading: refuse (or rebuild) missing masks, shard masks like their weights, and repair (or refuse)
+        weights that are non-zero at inactive positions."""
+        layers = {name: m for name, m in self.named_modules() if isinstance(m, SparseLinear)}
+        rebuilt = [name for name, m in layers.items() if m._mask_source == "weights"]
+        if rebuilt and rebuild_masks != "from_weights":
+            raise ValueError(
+                f"The checkpoint has the weights of {len(rebuilt)} sparse layer(s) but not their masks "
+                f"({', '.join(n + '.weight_mask' for n in rebuilt[:3])}{', ...' if len(rebuilt) > 3 else ''}). "
+                f"Refusing to draw new random masks over trained weights. Load a checkpoint saved with its masks, or "
+                f"pass rebuild_masks='from_weights' to rebuild each mask from the non-zero pattern of its weights.")
+        if rebuilt:
+            active = sum(int(layers[n].weight_mask.sum()) for n in rebuilt)
+            expected = sum(layers[n].weight_mask.numel() - num_inactive(layers[n].weight_mask.numel(),
+                                                                      layers[n].sparsity) for n in rebuilt)
+            logger.warning(
+                f"Rebuilt the masks of {len(rebuilt)} sparse layer(s) from the non-zero pattern of their weights "
+                f"(rebuild_masks='from_weights'): {active} active weights, where the configured sparsity gives "
+                f"{expected}. Active weights that were exactly zero in the checkpoint (e.g. regrown at zero) are now "
+                f"inactive; that cannot be recovered from the weights.")
+        for m in layers.values():
+            if m._mask_source is None:
+                m._mask_source = "checkpoint"
+            _shard_mask_like_weight(m)
+
+        counts, offloaded = {}, []
+        for name, m in layers.items():
+            weight, mask, on_device = _weight_and_mask(m)
+            if weight is None:
+                continue
+            bad = int(_full((weight.ne(0) & ~mask.to(weight.device)).sum()))
+            if bad:
+                counts[name] = bad
+                if not on_device:
+                    offloaded.append(name)
+        if not counts:
+            return
+        total = sum(counts.values())
+        detail = ", ".join(f"{name}: {n}" for name, n in counts.items())
+        if strict_masks:
+            raise ValueError(
+                f"strict_masks=True: {total} weights are non-zero at inactive (masked) positions ({detail}); "
+                f"a Sparse Wide GPT keeps them exactly zero. Load without strict_masks to zero them.")
+        if offloaded:
+            raise ValueError(
+                f"{total} weights are non-zero at inactive (masked) positions ({detail}), and the layers "
+                f"{offloaded} are offloaded, where they cannot be repaired. Load without offloading (no device_map, "
+                f"or one that fits in memory) to zero them, then save the repaired model.")
+        for name in counts:
+            m = layers[name]
+            m.weight.mul_(m.weight_mask.to(m.weight.dtype))
+        logger.warning(
+            f"Zeroed {total} weights that were non-zero at inactive (masked) positions ({detail}): a Sparse Wide GPT "
+            f"keeps inactive weights exactly zero. Pass strict_masks=True to refuse such checkpoints instead.")
 
 
-def _causal_mask(config, inputs_embeds, attention_mask, past_key_values, position_ids, past_seen):
-    """`create_causal_mask` across transformers 5.x: older releases also take `cache_position`."""
-    kwargs = dict(config=config, attention_mask=attention_mask, past_key_values=past_key_values,
-                  position_ids=position_ids)
+def _shard_mask_like_weight(module: SparseLinear) -> None:
+    """Under tensor parallelism a weight is a DTensor shard: its mask becomes the matching shard, so the gradient
+    mask (`_MaskGradient`) and the checks line up element for element."""
+    weight, mask = module.weight, module.weight_mask
+    if _is_dtensor(weight) and not _is_dtensor(mask):
+        module._buffers["weight_mask"] = distribute_tensor(
+            mask.to(weight.device), weight.device_mesh, weight.placements, src_data_rank=None)
+
+
+def _weight_and_mask(module: SparseLinear):
+    """The module's weight and mask, also when accelerate offloaded them (to CPU or disk): then they are read from the
+    offload hook's weights map. Returns (weight, mask, on_device); (None, None, True) if they cannot be read."""
+    weight, mask = module.weight, module.weight_mask
+    if not weight.is_meta and not mask.is_meta:
+        return weight, mask, True
+    weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if weights_map is None:
+        return None, None, True
+    if weight.is_meta:
+        weight = weights_map["weight"]
+    if mask.is_meta:
+        mask = weights_map["weight_mask"]
+    return weight, mask.bool(), False
+
+
+def _causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, past_seen):
+    """`create_causal_mask` across transformers 5.x: the cache was `past_key_values`, some took `cache_position`."""
+    kwargs = dict(config=config, attention_mask=attention_mask, position_ids=position_ids)
     params = _CAUSAL_MASK_PARAMS
+    kwargs["cache" if "cache" in params else "past_key_values"] = cache
     kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = inputs_embeds
     if "cache_position" in params:
         kwargs["cache_position"] = torch.arange(
@@ -291,63 +502,71 @@ class SparseWideGPTModel(SparseWideGPTPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.wte = new_embeddings
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """GPT-2's forward. ``output_attentions`` / ``output_hidden_states`` / ``return_dict`` are read from the kwargs or
+        the config by the output-capturing decorator. Unlike GPT-2, ``use_cache`` defaults to ``config.use_cache``
+        only in eval mode: in training a KV cache would only cost memory and copies."""
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-        # A KV cache is for generation: in training it would only cost memory and copies.
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if self.gradient_checkpointing and self.training:
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False
         kwargs.pop("cache_position", None)
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        packed = False
         if position_ids is None:
             position_ids = torch.arange(past_seen, past_seen + inputs_embeds.shape[1], device=inputs_embeds.device)
             position_ids = position_ids.unsqueeze(0)
-        if attention_mask is None and past_key_values is None and self.config._attn_implementation in _CAUSAL_KERNELS:
+        elif attention_mask is None and past_seen == 0:
+            # Padding-free batches (DataCollatorWithFlattening): positions restart at 0 at each document, and a
+            # document must not see the ones before it. Detected as transformers does (positions not +1 apart).
+            packed = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1)) is not None
+        if (attention_mask is None and cache is None and not packed
+                and self.config._attn_implementation in _CAUSAL_KERNELS):
             # Training and plain full-sequence forwards: the kernel applies causality itself (is_causal). An
             # explicit mask would force slower SDPA kernels (transformers builds one whenever torch.compile traces).
             causal_mask = None
+        elif packed and cache is not None:
+            # masking_utils only looks for packing without a cache. An empty dynamic cache holds exactly this
+            # forward's keys, so the mask built without it is the same mask, with the documents separated.
+            if getattr(cache, "is_compileable", False):
+                raise ValueError(
+                    "position_ids restart inside a row (packed sequences) but the KV cache is a static one, whose "
+                    "masks cannot separate the documents: pass use_cache=False (or a DynamicCache) for packed inputs")
+            causal_mask = _causal_mask(self.config, inputs_embeds, None, None, position_ids, 0)
         else:
-            causal_mask = _causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids,
-                                       past_seen)
+            causal_mask = _causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids, past_seen)
 
-        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
+        position_embeds = self.wpe(position_ids).to(inputs_embeds.device)
+        hidden_states = self.drop(inputs_embeds + position_embeds)
         for block in self.h:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states, attn_weights = block(
-                hidden_states, attention_mask=causal_mask, past_key_values=past_key_values,
-                use_cache=use_cache, position_ids=position_ids, **kwargs)
-            if output_attentions:
-                all_attentions += (attn_weights,)
+            hidden_states = block(
+                hidden_states, attention_mask=causal_mask, cache=cache, use_cache=use_cache,
+                position_ids=position_ids, **kwargs)
         hidden_states = self.ln_f(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None,
-            hidden_states=all_hidden_states, attentions=all_attentions)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache if use_cache else None})
 
 
 class SparseWideGPTForCausalLM(SparseWideGPTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: SparseWideGPTConfig):
         super().__init__(config)
@@ -361,39 +580,33 @@ class SparseWideGPTForCausalLM(SparseWideGPTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`labels` give the standard shifted causal-LM loss (-100 is ignored), like GPT2LMHeadModel."""
+        # return_dict=True: the base model must hand back its output object whatever config.return_dict says
+        # (this class's decorator turns the final output into a tuple when asked).
         outputs = self.transformer(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, **kwargs)
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:, :]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep, :]
-        logits = self.lm_head(hidden_states)
+            input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-        output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        return output if return_dict is not False else output.to_tuple()
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
 
 
 __all__ = ["SparseLinear", "derive_seed", "SparseWideGPTPreTrainedModel", "SparseWideGPTModel", "SparseWideGPTForCausalLM"]

@@ -252,51 +252,14 @@ def evaluate(model: str, suite: str = "paper", batch_size: str | int = "auto", d
     manager = task_manager_for(the_suite, include_path)
     loaded, missing = load_tasks(the_suite, manager, log)
 
-    # 2. the model
+    # 2. the model, 3. the suite
+    lm, device = _load_lm(identity, dtype, batch_size, device, max_length)
+    rows, raw = _run_suite(lm, the_suite, loaded, missing, manager, limit)
+    _complete_identity(identity)
     import lm_eval
-    import torch
-    from lm_eval.models.huggingface import HFLM
 
-    import hf_sparse_ift  # noqa: F401  (registers the model; remote code covers other environments)
+    import hf_sparse_ift
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs = dict(pretrained=identity.get("path") or identity["hub_id"], trust_remote_code=True, dtype=dtype,
-                  batch_size=batch_size, device=device)
-    if identity.get("revision"):
-        kwargs["revision"] = identity["revision"]
-    if max_length:
-        kwargs["max_length"] = max_length
-    lm = HFLM(**kwargs)
-
-    # 3. the suite, one task (or group) at a time; chat template off, as the leaderboard for base models
-    rows, raw = [], {}
-    for spec in the_suite.specs:
-        if spec.benchmark in missing:
-            rows.append({"task": spec.task, "label": spec.label, "benchmark": spec.benchmark,
-                         "num_fewshot": spec.num_fewshot, "metric": spec.metric, "value": None, "score": None,
-                         "missing": missing[spec.benchmark]})
-            continue
-        # fixed suites (leaderboard-v2) keep their task YAMLs' few-shot counts, as `lm_eval --tasks leaderboard`
-        shots = None if the_suite.fixed_fewshot else spec.num_fewshot
-        result = lm_eval.simple_evaluate(model=lm, tasks=[loaded[spec.task]], num_fewshot=shots,
-                                         limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0,
-                                         apply_chat_template=False, fewshot_as_multiturn=False)
-        dataset, split = _dataset_of(spec.task, result)
-        row = {"task": spec.task, "label": spec.label, "benchmark": spec.benchmark,
-               "num_fewshot": result.get("n-shot", {}).get(spec.task, spec.num_fewshot), "dataset": dataset,
-               "dataset_split": split, **score_task(spec, result["results"], the_suite.scoring)}
-        rows.append(row)
-        raw[spec.task] = {k: result[k] for k in ("results", "groups", "group_subtasks", "configs", "versions",
-                                                 "n-shot", "higher_is_better", "n-samples") if k in result}
-    if identity["source"] == "hub" and not identity.get("weights_sha256"):
-        try:  # the weights HFLM just fetched into the cache
-            from huggingface_hub import snapshot_download
-
-            identity.update(weights_sha256(snapshot_download(identity["hub_id"], revision=identity["revision"],
-                                                             local_files_only=True)))
-        except Exception:  # noqa: BLE001  (identity keeps the Hub id and commit)
-            pass
-    identity.pop("cached_path", None)
     summary = {
         "schema": SUMMARY_SCHEMA, "model": identity, "suite": the_suite.name,
         "suite_id": suite_folder(the_suite, num_fewshot, None), "scoring": the_suite.scoring, "tasks": rows,
@@ -312,6 +275,61 @@ def evaluate(model: str, suite: str = "paper", batch_size: str | int = "auto", d
         _write(out, summary, raw, overwrite)
         summary["output_dir"] = str(out)
     return summary
+
+
+def _load_lm(identity: dict, dtype, batch_size, device, max_length):
+    """lm-eval's `HFLM` on the model (with remote code, as ``lm_eval --model hf`` would load it)."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    import hf_sparse_ift  # noqa: F401  (registers the model; remote code covers other environments)
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = dict(pretrained=identity.get("path") or identity["hub_id"], trust_remote_code=True, dtype=dtype,
+                  batch_size=batch_size, device=device)
+    if identity.get("revision"):
+        kwargs["revision"] = identity["revision"]
+    if max_length:
+        kwargs["max_length"] = max_length
+    return HFLM(**kwargs), device
+
+
+def _run_suite(lm, the_suite, loaded: dict, missing: dict, manager, limit) -> tuple[list[dict], dict]:
+    """One task (or group) at a time; chat template off, as the leaderboard does for base models."""
+    import lm_eval
+
+    rows, raw = [], {}
+    for spec in the_suite.specs:
+        if spec.benchmark in missing:
+            rows.append({"task": spec.task, "label": spec.label, "benchmark": spec.benchmark,
+                         "num_fewshot": spec.num_fewshot, "metric": spec.metric, "value": None, "score": None,
+                         "missing": missing[spec.benchmark]})
+            continue
+        # fixed suites (leaderboard-v2) keep their task YAMLs' few-shot counts, as `lm_eval --tasks leaderboard`
+        shots = None if the_suite.fixed_fewshot else spec.num_fewshot
+        result = lm_eval.simple_evaluate(model=lm, tasks=[loaded[spec.task]], num_fewshot=shots,
+                                         limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0,
+                                         apply_chat_template=False, fewshot_as_multiturn=False)
+        dataset, split = _dataset_of(spec.task, result)
+        rows.append({"task": spec.task, "label": spec.label, "benchmark": spec.benchmark,
+                     "num_fewshot": result.get("n-shot", {}).get(spec.task, spec.num_fewshot), "dataset": dataset,
+                     "dataset_split": split, **score_task(spec, result["results"], the_suite.scoring)})
+        raw[spec.task] = {k: result[k] for k in ("results", "groups", "group_subtasks", "configs", "versions",
+                                                 "n-shot", "higher_is_better", "n-samples") if k in result}
+    return rows, raw
+
+
+def _complete_identity(identity: dict) -> None:
+    """A Hub model's identity gains the sha256 of the weights HFLM just fetched into the cache."""
+    if identity["source"] == "hub" and not identity.get("weights_sha256"):
+        try:
+            from huggingface_hub import snapshot_download
+
+            identity.update(weights_sha256(snapshot_download(identity["hub_id"], revision=identity["revision"],
+                                                             local_files_only=True)))
+        except Exception:  # noqa: BLE001  (identity keeps the Hub id and commit)
+            pass
+    identity.pop("cached_path", None)
 
 
 def _write(out: Path, summary: dict, raw: dict, overwrite: bool) -> None:

@@ -24,6 +24,12 @@ def _int_at_least(field: str, value, low: int) -> int:
     return value
 
 
+def _positive(field: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        _fail(field, value, "expected a number > 0")
+    return float(value)
+
+
 def _prob(field: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         _fail(field, value, "expected a number in [0, 1)")
@@ -44,6 +50,33 @@ _PRETRAINED_KEYS = frozenset(PretrainedConfig().to_dict()) | {
 _DERIVED_KEYS = ("hidden_size", "intermediate_size", "layer_sparsity", "head_dim")
 # How close (difflib ratio) an unknown key must be to one of our argument names to count as a typo of it.
 _TYPO_CUTOFF = 0.85
+
+
+_TP_PLAN = {
+    "wte": "embedding_rowwise",  # vocabulary-sharded, like the (tied) lm_head's colwise shards
+    "h.*.attn.q_proj": "colwise",
+    "h.*.attn.k_proj": "colwise",
+    "h.*.attn.v_proj": "colwise",
+    "h.*.attn.o_proj": "rowwise",
+    "h.*.mlp.fc_in": "colwise",
+    "h.*.mlp.fc_out": "rowwise",
+}
+
+
+_PP_PLAN = {
+    "wte": (["input_ids"], ["inputs_embeds"]),
+    "wpe": (["position_ids"], ["position_embeds"]),
+    "h": (["hidden_states", "attention_mask"], ["hidden_states"]),
+    "ln_f": (["hidden_states"], ["hidden_states"]),
+}
+
+
+_FSDP_PLAN = {
+    "wte": "free_full_weight",
+    "wpe": "free_full_weight",
+    "h.*": "free_full_weight",
+    "ln_f": "keep_full_weight",
+}
 
 
 class SparseWideGPTConfig(PretrainedConfig):
@@ -76,27 +109,9 @@ class SparseWideGPTConfig(PretrainedConfig):
     # features (heads / hidden units), o_proj and fc_out by input features, then all-reduced. The model runs the
     # three projections separately when they are sharded (its fused q/k/v matmul is for unsharded weights), and
     # each `weight_mask` is sharded exactly like its weight after loading.
-    base_model_tp_plan = {
-        "wte": "embedding_rowwise",  # vocabulary-sharded, like the (tied) lm_head's colwise shards
-        "h.*.attn.q_proj": "colwise",
-        "h.*.attn.k_proj": "colwise",
-        "h.*.attn.v_proj": "colwise",
-        "h.*.attn.o_proj": "rowwise",
-        "h.*.mlp.fc_in": "colwise",
-        "h.*.mlp.fc_out": "rowwise",
-    }
-    base_model_pp_plan = {
-        "wte": (["input_ids"], ["inputs_embeds"]),
-        "wpe": (["position_ids"], ["position_embeds"]),
-        "h": (["hidden_states", "attention_mask"], ["hidden_states"]),
-        "ln_f": (["hidden_states"], ["hidden_states"]),
-    }
-    base_model_fsdp_plan = {
-        "wte": "free_full_weight",
-        "wpe": "free_full_weight",
-        "h.*": "free_full_weight",
-        "ln_f": "keep_full_weight",
-    }
+    base_model_tp_plan = _TP_PLAN
+    base_model_pp_plan = _PP_PLAN
+    base_model_fsdp_plan = _FSDP_PLAN
     attribute_map = {
         "n_embd": "hidden_size",
         "num_hidden_layers": "n_layer",
@@ -136,6 +151,24 @@ class SparseWideGPTConfig(PretrainedConfig):
         aliases = {k: kwargs.pop(k) for k in self.attribute_map if k in kwargs}
         _check_typos(kwargs)
 
+        self._set_architecture(vocab_size, n_positions, n_layer, n_head, dense_hidden_size, dense_intermediate_size,
+                               activation_function, layer_norm_epsilon, initializer_range)
+        self._set_sparsity(sparsity, width_multiple, sparse_layers, mask_seed)
+        self.resid_pdrop = _prob("resid_pdrop", resid_pdrop)
+        self.embd_pdrop = _prob("embd_pdrop", embd_pdrop)
+        self.attn_pdrop = _prob("attn_pdrop", attn_pdrop)
+        self.use_cache = use_cache
+        self._derive_widths()
+        _check_given(self, derived, aliases)
+        super().__init__(
+            bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    # ------------------------------------------------------------------------------------------
+    def _set_architecture(self, vocab_size, n_positions, n_layer, n_head, dense_hidden_size, dense_intermediate_size,
+                          activation_function, layer_norm_epsilon, initializer_range) -> None:
+        from transformers.activations import ACT2FN
+
         self.vocab_size = _int_at_least("vocab_size", vocab_size, 1)
         self.n_positions = _int_at_least("n_positions", n_positions, 1)
         self.n_layer = _int_at_least("n_layer", n_layer, 1)
@@ -146,6 +179,13 @@ class SparseWideGPTConfig(PretrainedConfig):
         self.dense_intermediate_size = _int_at_least("dense_intermediate_size", dense_intermediate_size, 1)
         if dense_hidden_size % n_head:
             _fail("n_head", n_head, f"must divide dense_hidden_size={dense_hidden_size}")
+        if activation_function not in ACT2FN:
+            _fail("activation_function", activation_function, f"expected one of {sorted(ACT2FN)}")
+        self.activation_function = activation_function
+        self.layer_norm_epsilon = _positive("layer_norm_epsilon", layer_norm_epsilon)
+        self.initializer_range = _positive("initializer_range", initializer_range)
+
+    def _set_sparsity(self, sparsity, width_multiple, sparse_layers, mask_seed) -> None:
         self.sparsity = _prob("sparsity", sparsity)
         if width_multiple is not None:
             _int_at_least("width_multiple", width_multiple, 1)
@@ -157,46 +197,19 @@ class SparseWideGPTConfig(PretrainedConfig):
         if self.sparsity > 0 and not sparse_layers:
             _fail("sparse_layers", sparse_layers, "must name at least one layer when sparsity > 0")
         self.sparse_layers = [name for name in BLOCK_LINEARS if name in sparse_layers]
-        if isinstance(mask_seed, bool) or not isinstance(mask_seed, int) or mask_seed < 0:
-            _fail("mask_seed", mask_seed, "expected an integer >= 0")
-        self.mask_seed = mask_seed
-        from transformers.activations import ACT2FN
+        self.mask_seed = _int_at_least("mask_seed", mask_seed, 0)
 
-        if activation_function not in ACT2FN:
-            _fail("activation_function", activation_function, f"expected one of {sorted(ACT2FN)}")
-        self.activation_function = activation_function
-        self.resid_pdrop = _prob("resid_pdrop", resid_pdrop)
-        self.embd_pdrop = _prob("embd_pdrop", embd_pdrop)
-        self.attn_pdrop = _prob("attn_pdrop", attn_pdrop)
-        if isinstance(layer_norm_epsilon, bool) or not isinstance(layer_norm_epsilon, (int, float)) or layer_norm_epsilon <= 0:
-            _fail("layer_norm_epsilon", layer_norm_epsilon, "expected a number > 0")
-        self.layer_norm_epsilon = float(layer_norm_epsilon)
-        if isinstance(initializer_range, bool) or not isinstance(initializer_range, (int, float)) or initializer_range <= 0:
-            _fail("initializer_range", initializer_range, "expected a number > 0")
-        self.initializer_range = float(initializer_range)
-        self.use_cache = use_cache
-
+    def _derive_widths(self) -> None:
+        """Widths k = sqrt(1/(1-s)) times the dense ones; with a width multiple, the layer sparsity that keeps
+        the sparse layers' FLOPs those of the dense model."""
         self.hidden_size, self.intermediate_size = sparse_wide_widths(
-            self.dense_hidden_size, self.dense_intermediate_size, self.n_head, self.sparsity, width_multiple)
+            self.dense_hidden_size, self.dense_intermediate_size, self.n_head, self.sparsity, self.width_multiple)
         self.head_dim = self.hidden_size // self.n_head
-        if width_multiple is None or self.sparsity == 0.0:
+        if self.width_multiple is None or self.sparsity == 0.0:
             self.layer_sparsity = self.sparsity
         else:
             self.layer_sparsity = calibrate_sparsity(
                 self.dense_shape(), self.shape(layer_sparsity=0.0), scope="sparse_layers")
-        for key, value in derived.items():
-            mine = getattr(self, key)
-            if (abs(mine - value) > 1e-12) if isinstance(mine, float) else mine != value:
-                _fail(key, value, f"it is derived from the dense sizes and sparsity, which give {mine!r}")
-        for key, value in aliases.items():
-            target = self.attribute_map[key]
-            if getattr(self, target) != value:
-                instead = "dense_hidden_size and sparsity" if target in _DERIVED_KEYS else target
-                _fail(key, value, f"it is an alias of {target}={getattr(self, target)!r}; set {instead} instead")
-
-        super().__init__(
-            bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     def shape(self, seq_len: int | None = None, layer_sparsity: float | None = None) -> GPTShape:
@@ -213,6 +226,19 @@ class SparseWideGPTConfig(PretrainedConfig):
             n_layer=self.n_layer, d_model=self.dense_hidden_size, d_ff=self.dense_intermediate_size,
             vocab_size=self.vocab_size, seq_len=seq_len or self.n_positions, layer_sparsity=0.0,
             sparse_layers=tuple(self.sparse_layers))
+
+
+def _check_given(config: SparseWideGPTConfig, derived: dict, aliases: dict) -> None:
+    """Derived sizes and GPT-2 style aliases found in a config file must agree with what was derived."""
+    for key, value in derived.items():
+        mine = getattr(config, key)
+        if (abs(mine - value) > 1e-12) if isinstance(mine, float) else mine != value:
+            _fail(key, value, f"it is derived from the dense sizes and sparsity, which give {mine!r}")
+    for key, value in aliases.items():
+        target = config.attribute_map[key]
+        if getattr(config, target) != value:
+            instead = "dense_hidden_size and sparsity" if target in _DERIVED_KEYS else target
+            _fail(key, value, f"it is an alias of {target}={getattr(config, target)!r}; set {instead} instead")
 
 
 def _own_arguments() -> tuple[str, ...]:

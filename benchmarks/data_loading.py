@@ -100,7 +100,7 @@ def raw_throughput(stream: PackedStream, batch_size: int, seconds: float) -> flo
     while time.perf_counter() - start < seconds:
         next(batches)
         n += 1
-    return n * batch_size * stream.cfg.seq_len / (time.perf_counter() - start)
+    return n * batch_size * stream.source.seq_len / (time.perf_counter() - start)
 
 
 def main(argv=None) -> int:

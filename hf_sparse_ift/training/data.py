@@ -151,6 +151,11 @@ def resolve_data_source(cfg: DataConfig) -> DataSource:
                             tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, shuffle_buffer=cfg.shuffle_buffer)
         has_validation = cfg.validation_split in files
     elif cfg.dataset == BUILTIN:
+        for key, value, allowed in (("train_split", cfg.train_split, ("train",)),
+                                    ("validation_split", cfg.validation_split, ("validation", None))):
+            if value not in allowed:
+                raise ValueError(f"data.{key}={value!r}: the built-in corpus has splits ['train', 'validation'] "
+                                 f"(data.{key} may be {' or '.join(map(repr, allowed))})")
         return _check(_builtin_source(cfg))
     else:
         source = DataSource(dataset=cfg.dataset, data_files=None, dataset_config=cfg.dataset_config,

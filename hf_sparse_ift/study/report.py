@@ -88,8 +88,11 @@ def read_run(study: StudyConfig, arm: Arm, seed: int, accounting: dict) -> dict 
     scalars = read_scalars(folder, tags)
     wall = {s: w for s, _, w in scalars["val/loss"]}
     t0 = wall.get(0)
+    # A resumed run's summary holds only the evaluations after the resume: TensorBoard has them all.
+    losses = {s: v for s, v, _ in scalars["val/loss"]}
+    losses.update({int(s): v for s, v in summary["val_loss"]})
     curve = []
-    for step, loss in summary["val_loss"]:
+    for step, loss in sorted(losses.items()):
         tokens = step * accounting["tokens_per_step"]
         if t0 is not None and step in wall:
             seconds = wall[step] - t0
@@ -100,7 +103,7 @@ def read_run(study: StudyConfig, arm: Arm, seed: int, accounting: dict) -> dict 
                       "wall_seconds": seconds, "loss": loss})
     run = {"seed": seed, "folder": str(folder), "steps": summary["steps"], "tokens": summary["tokens"],
            "wall_seconds": summary["wall_seconds"], "tokens_per_s": summary.get("tokens_per_s"),
-           "final_val_loss": summary["val_loss"][-1][1] if summary["val_loss"] else None,
+           "final_val_loss": losses.get(summary["steps"]),
            "final_train_loss": summary.get("final_train_loss"), "val_curve": curve}
     if arm.kind == "sparse-wide" and study.study.spectral_gap:
         cfg = arm.pretrain_config(str(folder), seed)
@@ -245,6 +248,12 @@ def markdown(study: StudyConfig, rows: list[dict], calibration: dict | None, dat
     lines.append(f"Largest arm: {data_check['tokens_needed_max_arm']:,} training tokens; one epoch of the training "
                  "split: " + (f"{epoch:,} tokens ({data_check['epochs_max_arm']:.2f} epochs)." if epoch else
                               f"more than {data_check['tokens_in_one_epoch_at_least']:,} tokens (< 1 epoch)."))
+    summaries = [Path(run["folder"]) / "train_summary.json" for r in rows for run in r["runs"]]
+    start = Path(study.study.output_dir) / "study_config.yaml"
+    if summaries and start.exists():
+        elapsed = max(p.stat().st_mtime for p in summaries) - start.stat().st_mtime
+        lines.append(f"Study wall time: {elapsed / 60:.1f} minutes from its start to the end of its last run "
+                     f"({sum(len(r['runs']) for r in rows)} runs; calibration included).")
     if data_check.get("warning"):
         lines += ["", f"> **REPEATED DATA — NO CLAIM MAY REST ON THIS STUDY.** {data_check['warning']}."]
     lines += ["", "| arm | d_model / d_ff | layer sparsity | params total | params active | block-layer FLOPs/token (fwd) "
@@ -306,7 +315,7 @@ def plots(out: Path, rows: list[dict]) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    rows = [r for r in rows if r["runs"]]
+    rows = [r for r in rows if r["runs"] and r["final_val_loss"]["mean"] is not None]
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     for i, r in enumerate(rows):
         for ax, key, label in zip(axes, ("tokens", "flops_ideal", "wall_seconds"),

@@ -196,7 +196,8 @@ def _check_folder(study: StudyConfig, out: Path, resume: bool) -> None:
             raise ValueError(f"{saved} differs from the study config given now: a resumed study must keep its "
                              "config (arms, seeds and budgets would no longer compare); use another study.output_dir")
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(current)
+    if not saved.exists():  # its time stamp marks the study's start
+        saved.write_text(current)
 
 
 def run_state(study: StudyConfig, arm: Arm, seed: int) -> str:

@@ -16,6 +16,8 @@ import json
 import os
 import sys
 
+from .study import cli as study_cli  # study
+
 DEFAULT_PRETRAIN_CONFIG = "pretrain-tiny"
 
 
@@ -47,6 +49,7 @@ def _plan_parser(sub) -> None:
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS["H100"],
                    help="accelerator peak, dense bf16 TFLOP/s (default: H100, %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    study_cli.add_plan_arguments(p)  # study: --study / --paper-scale
 
 
 def cmd_pretrain(args) -> int:
@@ -97,6 +100,9 @@ def plan(cfg, mfu: float, peak_tflops: float) -> dict:
 def cmd_plan(args) -> int:
     from .training.config import load_pretrain_config
 
+    if args.study:  # study: plan every arm of a study
+        return study_cli.cmd_plan_study(args)
+
     cfg = load_pretrain_config(args.config, args.overrides)
     result = plan(cfg, args.mfu, args.peak_tflops)
     width = max(map(len, result))
@@ -114,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _pretrain_parser(sub)
     _plan_parser(sub)
+    study_cli.add_parser(sub)  # study
     from .evaluation import commands as evaluation
 
     evaluation.add_parsers(sub)
     args = parser.parse_args(argv)
-    handlers = {"pretrain": cmd_pretrain, "plan": cmd_plan, **evaluation.HANDLERS}
+    handlers = {"pretrain": cmd_pretrain, "plan": cmd_plan, **evaluation.HANDLERS, **study_cli.HANDLERS}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:

@@ -22,6 +22,8 @@ class DSTConfig:
         are salient (kept by magnitude or chosen for regrowth by gradient).
     track_churn: keep a bit-packed copy of the initial masks (1/8 byte per weight) to report the
         fraction of positions that changed since initialisation.
+    spectral_gap: at every mask update, also report each layer's Ramanujan gap and weighted spectral gap
+        (`hf_sparse_ift.sparsity.spectral`, Sparse-IFT §3.1): two singular values per layer, off by default.
     """
 
     method: str = "set"
@@ -31,6 +33,7 @@ class DSTConfig:
     seed: int = 0
     ablation_threshold: float = 0.3
     track_churn: bool = True
+    spectral_gap: bool = False
 
     def __post_init__(self):
         checks.choice("dst.method", self.method, sorted(METHODS))
@@ -41,6 +44,8 @@ class DSTConfig:
         checks.number("dst.ablation_threshold", self.ablation_threshold, low=0, high=1)
         if not isinstance(self.track_churn, bool):
             checks.invalid("dst.track_churn", self.track_churn, "expected true or false")
+        if not isinstance(self.spectral_gap, bool):
+            checks.invalid("dst.spectral_gap", self.spectral_gap, "expected true or false")
 
     @classmethod
     def from_dict(cls, values: dict) -> DSTConfig:

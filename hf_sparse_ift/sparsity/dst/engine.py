@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..masks import SparseLinear, count_differing_bits, pack_bits, sparse_layers
+from ..spectral import mask_graph_stats
 from .config import DSTConfig
 from .methods import METHODS, LayerUpdate
 
@@ -123,6 +124,9 @@ class DSTEngine:
             if name in self.initial_masks:
                 churn[name] = count_differing_bits(pack_bits(new), self.initial_masks[name]) / new.numel()
             telemetry["layers"][name] = stats
+        if self.config.spectral_gap:
+            for name, layer in self.layers.items():
+                telemetry["layers"][name].update(mask_graph_stats(layer.weight_mask, _full(layer.weight.detach())))
         self.dense_grads = {}
         if churn:  # one device-to-host copy for all layers instead of one sync per layer
             for name, value in zip(churn, torch.stack(list(churn.values())).tolist()):
@@ -181,7 +185,9 @@ class DSTEngine:
                 "initial_masks": {k: v.cpu() for k, v in self.initial_masks.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["config"] != asdict(self.config):
+        # spectral_gap only adds telemetry (and is absent from older checkpoints): it may change on resume.
+        saved = {k: v for k, v in state["config"].items() if k != "spectral_gap"}
+        if saved != {k: v for k, v in asdict(self.config).items() if k != "spectral_gap"}:
             raise ValueError(f"checkpointed DST settings {state['config']} differ from the current {asdict(self.config)}")
         self.step_count = state["step_count"]
         self.total_steps = state["total_steps"]
@@ -230,4 +236,8 @@ def summarize(telemetry: dict) -> dict[str, float]:
     churn = [s["churn"] for s in telemetry["layers"].values() if "churn" in s]
     if churn:
         out["dst/mean_churn"] = sum(churn) / len(churn)
+    for key in ("ramanujan_gap", "weighted_spectral_gap"):
+        values = [s[key] for s in telemetry["layers"].values() if key in s]
+        if values:
+            out[f"dst/mean_{key}"] = sum(values) / len(values)
     return out

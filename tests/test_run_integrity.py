@@ -172,6 +172,8 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, capsys):
     pretrain(config(out, 2), resume=True)
     assert "already finished at step 2" in capsys.readouterr().out
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (out / "train_summary.json").unlink()  # killed after its last checkpoint, before the summary
+    assert pretrain(config(out, 2), resume=True)["steps"] == 2 and (out / "train_summary.json").exists()
     assert pretrain(config(out, 3, "train.checkpoint_interval=2"), resume=True)["steps"] == 3
 
 

@@ -309,13 +309,21 @@ def _style(row: dict, i: int) -> dict:
 
 
 def plots(out: Path, rows: list[dict]) -> list[str]:
+    """The study's figures (matplotlib, written as PNG into `out`); returns their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
     rows = [r for r in rows if r["runs"] and r["final_val_loss"]["mean"] is not None]
+    written = [_plot_curves(plt, out, rows), _plot_final_loss(plt, out, rows)]
+    spectral = [r for r in rows if any("spectral" in run for run in r["runs"])]
+    if spectral:
+        written.append(_plot_spectral(plt, out, spectral))
+    return written
+
+
+def _plot_curves(plt, out: Path, rows: list[dict]) -> str:
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     for i, r in enumerate(rows):
         for ax, key, label in zip(axes, ("tokens", "flops_ideal", "wall_seconds"),
@@ -332,11 +340,10 @@ def plots(out: Path, rows: list[dict]) -> list[str]:
     axes[0].set_ylabel("validation loss (mean over seeds; band: min-max)")
     axes[0].legend(fontsize=7)
     fig.suptitle("Validation loss vs tokens, ideal training FLOPs and wall-clock")
-    fig.tight_layout()
-    fig.savefig(out / "loss_vs_flops.png", dpi=110)
-    plt.close(fig)
-    written.append("loss_vs_flops.png")
+    return _save(plt, fig, out, "loss_vs_flops.png")
 
+
+def _plot_final_loss(plt, out: Path, rows: list[dict]) -> str:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     dense = next((r for r in rows if r["kind"] == "dense"), None)
     if dense:
@@ -364,32 +371,32 @@ def plots(out: Path, rows: list[dict]) -> list[str]:
     ax.set_ylabel("final validation loss (mean ± std over seeds)")
     ax.legend(fontsize=8)
     ax.set_title("Final validation loss vs sparsity")
-    fig.tight_layout()
-    fig.savefig(out / "final_loss_vs_sparsity.png", dpi=110)
-    plt.close(fig)
-    written.append("final_loss_vs_sparsity.png")
+    return _save(plt, fig, out, "final_loss_vs_sparsity.png")
 
-    spectral = [r for r in rows if any("spectral" in run for run in r["runs"])]
-    if spectral:
-        fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-        for i, r in enumerate(spectral):
-            for ax, key in zip(axes, ("ramanujan_gap", "weighted_spectral_gap")):
-                series = [dict(run["spectral"][key]) for run in r["runs"] if run.get("spectral", {}).get(key)]
-                if not series:
-                    continue
-                steps = sorted(set.intersection(*[set(s) for s in series]))
-                ax.plot(steps, [statistics.fmean(s[t] for s in series) for t in steps], marker=".",
-                        label=r["name"], **_style(r, i))
-        axes[0].set_title("Ramanujan gap 2·sqrt(d−1) − μ̂(mask graph), mean over layers")
-        axes[1].set_title("weighted spectral gap μ₀(|W|) − μ̂(|W|), mean over layers")
-        for ax in axes:
-            ax.set_xlabel("optimizer step")
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "spectral_gap.png", dpi=110)
-        plt.close(fig)
-        written.append("spectral_gap.png")
-    return written
+
+def _plot_spectral(plt, out: Path, spectral: list[dict]) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for i, r in enumerate(spectral):
+        for ax, key in zip(axes, ("ramanujan_gap", "weighted_spectral_gap")):
+            series = [dict(run["spectral"][key]) for run in r["runs"] if run.get("spectral", {}).get(key)]
+            if not series:
+                continue
+            steps = sorted(set.intersection(*[set(s) for s in series]))
+            ax.plot(steps, [statistics.fmean(s[t] for s in series) for t in steps], marker=".",
+                    label=r["name"], **_style(r, i))
+    axes[0].set_title("Ramanujan gap 2·sqrt(d−1) − μ̂(mask graph), mean over layers")
+    axes[1].set_title("weighted spectral gap μ₀(|W|) − μ̂(|W|), mean over layers")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=7)
+    return _save(plt, fig, out, "spectral_gap.png")
+
+
+def _save(plt, fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
 
 
 def write_report(study: StudyConfig, arms: list[Arm], calibration: dict | None, data_check: dict) -> dict:

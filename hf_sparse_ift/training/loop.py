@@ -47,15 +47,20 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     previous = _resume_point(out_dir, resume)
     run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", "1")),
                       previous=yaml.safe_load((previous / RUN_CONFIG).read_text()) if previous else None)
-    if previous is not None and checkpoint_step(previous) >= run.total_steps:
+    finished = previous is not None and checkpoint_step(previous) >= run.total_steps
+    if finished and (out_dir / SUMMARY).exists():
         print(f"hf-sparse-ift pretrain: {out_dir} already finished at step {checkpoint_step(previous)} "
               f"(train.max_steps / total_tokens give {run.total_steps} steps); nothing changed. Raise "
               "train.max_steps to continue it.")
-        return json.loads((out_dir / SUMMARY).read_text()) if (out_dir / SUMMARY).exists() else {}
+        return json.loads((out_dir / SUMMARY).read_text())
     ensure_writable(out_dir)
     with RunLock(out_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
         session = setup(run, resume)
         try:
+            if finished:  # killed after its last checkpoint, before its summary: write it from the checkpoint
+                logger.warning("%s finished at step %d but has no %s: writing it from the checkpoint", out_dir,
+                               session.progress.step, SUMMARY)
+                return _write_summary(session)
             return fit(session)
         finally:
             session.train_batches.close()

@@ -29,6 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_sparse_wide_gpt import SparseWideGPTConfig
 from .iso_flop import BLOCK_LINEARS, num_inactive
+from .sparse_safetensors import SparseCheckpointMixin
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,10 +157,13 @@ class SparseWideGPTAttention(nn.Module):
         # One matmul for q, k and v (a wider GEMM runs closer to peak than three narrow ones); concatenating
         # the weights costs about what autocast's bf16 copy of them costs anyway.
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([_effective_weight(p) for p in projections])
-        bias = torch.cat([p.bias for p in projections])
-        query, key, value = (t.view(shape).transpose(1, 2)
-                             for t in F.linear(hidden_states, weight, bias).chunk(3, dim=-1))
+        if isinstance(self.q_proj, nn.Linear):
+            weight = torch.cat([_effective_weight(p) for p in projections])
+            bias = torch.cat([p.bias for p in projections])
+            qkv = F.linear(hidden_states, weight, bias)
+        else:  # condensed layers (condensed.py) have no dense weight to concatenate
+            qkv = torch.cat([p(hidden_states) for p in projections], dim=-1)
+        query, key, value = (t.view(shape).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
 
@@ -213,7 +217,7 @@ class SparseWideGPTBlock(GradientCheckpointingLayer):
 # ----------------------------------------------------------------------------------------------
 # Pre-trained model plumbing
 # ----------------------------------------------------------------------------------------------
-class SparseWideGPTPreTrainedModel(PreTrainedModel):
+class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
     config_class = SparseWideGPTConfig
     config: SparseWideGPTConfig
     base_model_prefix = "transformer"

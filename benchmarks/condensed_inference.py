@@ -167,7 +167,10 @@ def main(argv=None) -> int:
             for name, preset, masks in variants:
                 if name.endswith(("-condensed", "-csr", "-padded")):
                     representation = {"-csr": "csr", "-padded": "padded"}.get(name[name.rfind("-"):], "auto")
-                    models[name] = copy.deepcopy(masked).condense(representation)
+                    # a copy that shares the masked layers' tensors (condensing reads them), so memory holds one masked
+                    # model plus the condensed layers
+                    shared = {id(t): t for m in sparse_layers(masked).values() for t in (m.weight, m.weight_mask)}
+                    models[name] = copy.deepcopy(masked, shared).condense(representation)
                 else:
                     models[name] = build(preset, dtype, masks, overrides)
                     if name.endswith("-masked"):

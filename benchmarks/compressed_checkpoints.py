@@ -10,7 +10,8 @@ same dtype as saved; each layout loaded once untimed so both read from the page 
 --repeats), and the time until every weight is resident in memory (``from_pretrained`` then one read per 4 KiB page of
 every tensor). The second matters because safetensors memory-maps the plain layout: its ``from_pretrained`` returns
 before the weights are read, and the first forward pass pays for it; the compressed layout is decoded into memory
-during ``from_pretrained``. Every compressed load is checked bit for bit against the saved model: every weight (inactive
+during ``from_pretrained``. Both are measured warm (files in the page cache) and cold (this checkpoint's files evicted
+from the page cache with ``posix_fadvise(DONTNEED)`` before each load; other files' caches are untouched). Every compressed load is checked bit for bit against the saved model: every weight (inactive
 ones are +0.0), every mask bit, active zeros included. Writes ``<out>/<cpu>-<date>-compressed.json`` and ``.md``.
 """
 
@@ -104,9 +105,23 @@ def touch(model) -> None:
         flat[:: max(1, 4096 // t.element_size())].sum()
 
 
-def timed_load(path: Path, dtype) -> tuple[float, float, object]:
+def evict(path: Path) -> None:
+    """Drop this folder's files from the page cache (only these files: other processes' caches are untouched)."""
+    for f in path.iterdir():
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def timed_load(path: Path, dtype, cold: bool = False) -> tuple[float, float, object]:
     """(from_pretrained seconds, seconds until every weight page is resident, model)."""
     gc.collect()
+    if cold:
+        evict(path)
     start = time.perf_counter()
     model = SparseWideGPTForCausalLM.from_pretrained(path, dtype=dtype)
     loaded = time.perf_counter() - start
@@ -136,25 +151,27 @@ def measure(preset: str, dtype_name: str, repeats: int, overrides: dict, workdir
     }
     row["checkpoint_ratio"] = row["checkpoint_bytes_plain"] / row["checkpoint_bytes_compressed"]
     row["sparse_ratio"] = row["sparse_bytes_plain"] / row["sparse_bytes_compressed"]
-    times = {"plain": [], "compressed": []}
-    resident = {"plain": [], "compressed": []}
     exact = True
-    for i in range(repeats + 1):  # the first round warms the page cache and is not timed
-        for name, path in (("plain", plain), ("compressed", compressed)) if i % 2 == 0 else \
-                (("compressed", compressed), ("plain", plain)):
-            seconds, until_resident, loaded = timed_load(path, dtype)
-            if i:
-                times[name].append(seconds)
-                resident[name].append(until_resident)
-            if name == "compressed" and i == 0:
-                exact = check_bit_exact(model, loaded)
-            del loaded
-    for name in ("plain", "compressed"):
-        row[f"load_s_{name}"] = statistics.median(times[name])
-        row[f"resident_s_{name}"] = statistics.median(resident[name])
-        row[f"load_s_{name}_all"], row[f"resident_s_{name}_all"] = times[name], resident[name]
-    row["load_ratio"] = row["load_s_compressed"] / row["load_s_plain"]
-    row["resident_ratio"] = row["resident_s_compressed"] / row["resident_s_plain"]
+    for cold in (False, True):
+        times = {"plain": [], "compressed": []}
+        resident = {"plain": [], "compressed": []}
+        for i in range(repeats + 1):  # the first warm round fills the page cache and is not timed
+            for name, path in (("plain", plain), ("compressed", compressed)) if i % 2 == 0 else \
+                    (("compressed", compressed), ("plain", plain)):
+                seconds, until_resident, loaded = timed_load(path, dtype, cold)
+                if i or cold:
+                    times[name].append(seconds)
+                    resident[name].append(until_resident)
+                if name == "compressed" and i == 0 and not cold:
+                    exact = check_bit_exact(model, loaded)
+                del loaded
+        tag = "cold_" if cold else ""
+        for name in ("plain", "compressed"):
+            row[f"{tag}load_s_{name}"] = statistics.median(times[name])
+            row[f"{tag}resident_s_{name}"] = statistics.median(resident[name])
+            row[f"{tag}load_s_{name}_all"], row[f"{tag}resident_s_{name}_all"] = times[name], resident[name]
+        row[f"{tag}load_ratio"] = row[f"{tag}load_s_compressed"] / row[f"{tag}load_s_plain"]
+        row[f"{tag}resident_ratio"] = row[f"{tag}resident_s_compressed"] / row[f"{tag}resident_s_plain"]
     row["bit_exact"] = exact
     del model
     shutil.rmtree(plain)
@@ -180,18 +197,29 @@ def write(report: dict, out: Path) -> Path:
              f"Load average before / after: {report['load_average_before']} / {report['load_average_after']} "
              "(the machine is shared with other processes; load times are medians of alternated loads).", "",
              f"Command: `{report['command']}`", "",
+             "Sizes:", "",
              "| preset | dtype | d_model/d_ff | checkpoint plain | compressed | ratio | sparse matrices plain | "
-             "compressed | ratio | from_pretrained s plain | compressed | ratio | + weights resident s plain | "
              "compressed | ratio | bit-exact |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         lines.append(
             f"| {r['preset']} | {r['dtype']} | {r['d_model']}/{r['d_ff']} | {r['checkpoint_bytes_plain'] / 1e6:,.1f} MB "
             f"| {r['checkpoint_bytes_compressed'] / 1e6:,.1f} MB | {r['checkpoint_ratio']:.2f}x "
             f"| {r['sparse_bytes_plain'] / 1e6:,.1f} MB | {r['sparse_bytes_compressed'] / 1e6:,.1f} MB "
-            f"| {r['sparse_ratio']:.2f}x | {r['load_s_plain']:.2f} | {r['load_s_compressed']:.2f} "
-            f"| {r['load_ratio']:.2f}x | {r['resident_s_plain']:.2f} | {r['resident_s_compressed']:.2f} "
-            f"| {r['resident_ratio']:.2f}x | {'yes' if r['bit_exact'] else 'NO'} |")
+            f"| {r['sparse_ratio']:.2f}x | {'yes' if r['bit_exact'] else 'NO'} |")
+    lines += ["", "Load times, seconds (median; ratio = compressed / plain). Warm: files in the page cache. Cold: this "
+              "checkpoint's files evicted from the page cache before each load (posix_fadvise DONTNEED). "
+              "'+ resident': until every weight page has been read once.", "",
+              "| preset | warm from_pretrained plain | compressed | ratio | warm + resident plain | compressed | ratio "
+              "| cold from_pretrained plain | compressed | ratio | cold + resident plain | compressed | ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        cells = []
+        for tag in ("", "cold_"):
+            for metric in ("load", "resident"):
+                cells += [f"{r[f'{tag}{metric}_s_plain']:.2f}", f"{r[f'{tag}{metric}_s_compressed']:.2f}",
+                          f"{r[f'{tag}{metric}_ratio']:.2f}x"]
+        lines.append(f"| {r['preset']} | " + " | ".join(cells) + " |")
     lines += ["", "Targets (GPT-3 Small SW-75, bf16): checkpoint >= 2.2x smaller, sparse matrices >= 3.1x, "
               "load time <= 1.5x the plain layout's."]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")

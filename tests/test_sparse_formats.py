@@ -21,7 +21,8 @@ from hf_sparse_ift.models.sparse_wide_gpt.sparse_safetensors import (
     unpack_mask)
 from hf_sparse_ift.sparsity.masks import pack_bits, sparse_layers
 
-WIDTH = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+WIDTH = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+         torch.float64: torch.int64}
 
 
 def with_active_zeros(model):
@@ -70,8 +71,15 @@ def test_pack_mask_matches_pack_bits_and_rejects_bad_input():
         pack_mask(mask.float())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compress_weight_exact_bytes_and_bits(dtype):
+@pytest.mark.parametrize("decoder", ["kernel", "numpy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_compress_weight_exact_bytes_and_bits(dtype, decoder, monkeypatch):
+    from hf_sparse_ift.models.sparse_wide_gpt import condensed
+
+    if decoder == "numpy":
+        monkeypatch.setattr(condensed, "_LIB", None)
+    elif not condensed.kernel_available():
+        pytest.skip("no C compiler")
     torch.manual_seed(0)
     mask = torch.rand(37, 29) < 0.25
     weight = (torch.randn(37, 29) * mask).to(dtype)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import mmap
 import os
 import platform
 import shutil
@@ -339,6 +340,7 @@ int64_t expand_u32(const uint8_t* bits, const uint32_t* vals, uint32_t* out, uin
     EXPAND_TAIL(uint32_t)
 }
 
+
 GEMV(gemv_f32_i16, float, int16_t, from_f32, val8_f32)
 GEMV(gemv_f32_i32, float, int32_t, from_f32, val8_f32)
 GEMV(gemv_bf16_i16, uint16_t, int16_t, from_bf16, val8_bf16)
@@ -439,6 +441,21 @@ def kernel_available() -> bool:
     return _kernel() is not None
 
 
+def _fresh(n: int, dtype) -> np.ndarray:
+    """An uninitialised array whose pages the OS maps in one call (MAP_POPULATE) rather than one fault per page as
+    the decoder first writes them. Measured on GPT-3 Small SW-90 (2.6 GB decoded): one fault per page cost 2.4 s;
+    transparent huge pages 0.8 s but 8 s whenever the kernel first had to compact memory for them; populated 4 KiB
+    pages 1.7 s, without the stalls."""
+    nbytes = n * np.dtype(dtype).itemsize
+    if nbytes >= 1 << 20 and hasattr(mmap, "MAP_POPULATE"):
+        try:
+            buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+            return np.frombuffer(buffer, dtype=dtype)
+        except OSError:
+            pass
+    return np.empty(n, dtype=dtype)
+
+
 def expand_active(bits: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(dense values, bool mask) of `n` positions from packed bits and the active values (any 1/2/4/8-byte integer
     view), with the kernel; None when the kernel is unavailable. Raises if the bit count and value count differ."""
@@ -446,8 +463,7 @@ def expand_active(bits: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndar
     if lib is None:
         return None
     bits, values = np.ascontiguousarray(bits), np.ascontiguousarray(values)
-    out = np.empty(n, dtype=values.dtype)
-    mask = np.empty(n, dtype=np.bool_)
+    out, mask = _fresh(n, values.dtype), _fresh(n, np.bool_)
     active = getattr(lib, f"expand_u{8 * values.itemsize}")(bits.ctypes.data, values.ctypes.data, out.ctypes.data,
                                                             mask.ctypes.data, n, values.size)
     if active != values.size:

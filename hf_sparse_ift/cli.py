@@ -124,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluation import commands as evaluation
 
     evaluation.add_parsers(sub)
+    from .sparsity import commands as sparse_commands  # compress / decompress / condense
+
+    sparse_commands.add_parsers(sub)
     args = parser.parse_args(argv)
-    handlers = {"pretrain": cmd_pretrain, "plan": cmd_plan, **evaluation.HANDLERS, **study_cli.HANDLERS}
+    handlers = {"pretrain": cmd_pretrain, "plan": cmd_plan, **evaluation.HANDLERS, **study_cli.HANDLERS,
+                **sparse_commands.HANDLERS}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:

@@ -384,7 +384,7 @@ def test_loading_keeps_the_saved_masks_not_the_seeded_ones(tmp_path):
 def checkpoint(tmp_path):
     tester = SparseWideGPTModelTester(0.75)
     model = tester.model(SparseWideGPTForCausalLM)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, sparse_format="plain")  # weights and masks as separate tensors, to tamper with
     return model, tmp_path, load_file(tmp_path / "model.safetensors")
 
 

@@ -9,6 +9,8 @@ import textwrap
 import torch
 from safetensors.torch import load_file
 
+from hf_sparse_ift.models.sparse_wide_gpt.sparse_safetensors import decompress_state_dict
+
 BLOCKER = """
 import importlib.abc, sys
 class _Block(importlib.abc.MetaPathFinder):
@@ -39,7 +41,8 @@ def test_trust_remote_code_without_the_package(tiny_model, tmp_path):
     tiny_model.save_pretrained(ckpt)
     config = json.loads((ckpt / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_sparse_wide_gpt.SparseWideGPTForCausalLM"
-    for code in ("configuration_sparse_wide_gpt.py", "modeling_sparse_wide_gpt.py", "iso_flop.py"):
+    for code in ("configuration_sparse_wide_gpt.py", "modeling_sparse_wide_gpt.py", "iso_flop.py",
+                 "sparse_safetensors.py", "condensed.py"):
         assert (ckpt / code).exists(), code
 
     site = tmp_path / "site"
@@ -53,7 +56,9 @@ def test_trust_remote_code_without_the_package(tiny_model, tmp_path):
 
     out = torch.load(tmp_path / "out.pt")
     assert torch.equal(out["logits"], tiny_model(x).logits)
-    saved = {k: v for k, v in load_file(ckpt / "model.safetensors").items() if k.endswith("weight_mask")}
+    # save_pretrained writes the compressed layout (packed mask bits): decode it to compare masks
+    stored = decompress_state_dict(load_file(ckpt / "model.safetensors"))
+    saved = {k: v for k, v in stored.items() if k.endswith("weight_mask")}
     assert set(out["masks"]) == set(saved) and len(saved) == 12
     for k, v in saved.items():
         assert torch.equal(out["masks"][k], v)

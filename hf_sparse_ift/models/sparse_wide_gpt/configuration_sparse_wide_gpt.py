@@ -96,6 +96,9 @@ class SparseWideGPTConfig(PretrainedConfig):
         sparse_layers: which block linears are sparse (subset of q_proj, k_proj, v_proj, o_proj, fc_in,
             fc_out). Embeddings, positions, LM head, norms and biases are always dense.
         mask_seed: seed of the initial random masks (each layer draws from its own generator).
+        sparse_format: how the checkpoint stores the sparse layers, written by `save_pretrained`: None (plain:
+            dense weights plus bool masks), ``{"format": "bitmask-values-v1", ...}`` (packed mask bits plus active
+            values) or ``{"format": "condensed-v1"}`` (a condensed model). See `sparse_safetensors.py`.
         activation_function, resid_pdrop, embd_pdrop, attn_pdrop, layer_norm_epsilon,
         initializer_range, tie_word_embeddings, use_cache, bos/eos/pad_token_id: as in GPT2Config.
 
@@ -143,6 +146,7 @@ class SparseWideGPTConfig(PretrainedConfig):
         bos_token_id: int | None = 50256,
         eos_token_id: int | None = 50256,
         pad_token_id: int | None = None,
+        sparse_format: dict | None = None,
         **kwargs,
     ):
         derived = {k: kwargs.pop(k) for k in _DERIVED_KEYS if k in kwargs}
@@ -154,6 +158,10 @@ class SparseWideGPTConfig(PretrainedConfig):
         self._set_architecture(vocab_size, n_positions, n_layer, n_head, dense_hidden_size, dense_intermediate_size,
                                activation_function, layer_norm_epsilon, initializer_range)
         self._set_sparsity(sparsity, width_multiple, sparse_layers, mask_seed)
+        if sparse_format is not None and not (isinstance(sparse_format, dict) and
+                                              isinstance(sparse_format.get("format"), str)):
+            _fail("sparse_format", sparse_format, 'expected None or a mapping with a "format" name')
+        self.sparse_format = sparse_format
         self.resid_pdrop = _prob("resid_pdrop", resid_pdrop)
         self.embd_pdrop = _prob("embd_pdrop", embd_pdrop)
         self.attn_pdrop = _prob("attn_pdrop", attn_pdrop)

@@ -37,6 +37,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_sparse_wide_gpt import SparseWideGPTConfig
 from .iso_flop import BLOCK_LINEARS, num_inactive
+from .sparse_safetensors import SparseCheckpointMixin
 
 try:  # the output-recording decorator of the in-tree models
     from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -213,9 +214,10 @@ class SparseWideGPTAttention(nn.Module):
     def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if all(_fusable(p) for p in projections):
-            # One matmul for q, k and v (a wider GEMM runs closer to peak than three narrow ones); concatenating
-            # the weights costs about what autocast's bf16 copy of them costs anyway.
+        if torch.is_grad_enabled() and all(_fusable(p) for p in projections):
+            # Training: one matmul for q, k and v (a wider GEMM runs closer to peak than three narrow ones);
+            # concatenating the weights costs about what autocast's bf16 copy of them costs anyway. Not at
+            # inference: decoding is memory-bound and the concatenation would copy 3·d² weights per token.
             weight = torch.cat([_effective_weight(p) for p in projections])
             bias = torch.cat([p.bias for p in projections])
             qkv = F.linear(hidden_states, weight, bias).chunk(3, dim=-1)
@@ -291,7 +293,7 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if _is_dtensor(tensor) else tensor
 
 
-class SparseWideGPTPreTrainedModel(PreTrainedModel):
+class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
     config_class = SparseWideGPTConfig
     config: SparseWideGPTConfig
     base_model_prefix = "transformer"
@@ -346,8 +348,8 @@ class SparseWideGPTPreTrainedModel(PreTrainedModel):
         elif module._mask_source != "seed":
             module.weight_mask.copy_(module.random_mask())
             module._mask_source = "seed"
-        if not weight_loaded:
-            module.weight.mul_(module.weight_mask.to(module.weight.dtype))
+        if not weight_loaded:  # +0.0 at inactive positions (a product would leave -0.0 where the draw was negative)
+            module.weight.masked_fill_(~module.weight_mask, 0.0)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, rebuild_masks: str | None = None,
@@ -378,7 +380,7 @@ class SparseWideGPTPreTrainedModel(PreTrainedModel):
     def _check_tensor_parallel(self) -> None:
         """Heads are split between ranks whole: refuse a TP size that does not divide n_head (else wrong shapes)."""
         for module in self.modules():
-            if isinstance(module, SparseWideGPTAttention) and _is_dtensor(module.q_proj.weight):
+            if isinstance(module, SparseWideGPTAttention) and _is_dtensor(getattr(module.q_proj, "weight", None)):
                 tp_size = module.q_proj.weight.device_mesh.size()
                 if self.config.n_head % tp_size:
                     raise ValueError(
@@ -437,7 +439,7 @@ class SparseWideGPTPreTrainedModel(PreTrainedModel):
                 f"or one that fits in memory) to zero them, then save the repaired model.")
         for name in counts:
             m = layers[name]
-            m.weight.mul_(m.weight_mask.to(m.weight.dtype))
+            m.weight.masked_fill_(~m.weight_mask, 0.0)
         logger.warning(
             f"Zeroed {total} weights that were non-zero at inactive (masked) positions ({detail}): a Sparse Wide GPT "
             f"keeps inactive weights exactly zero. Pass strict_masks=True to refuse such checkpoints instead.")

@@ -1,0 +1,252 @@
+"""Condensed vs masked vs dense inference on CPU: prefill and greedy decode at batch 1.
+
+    python benchmarks/condensed_inference.py                 # GPT-3 Small shapes, fp32 and bf16, 2 threads
+    python benchmarks/condensed_inference.py --smoke         # tiny shapes, seconds (CI)
+
+Models (GPT-3 Small shapes, random GPT-2-style weights; speed does not depend on the values):
+* ``dense``: the dense GPT-3 Small (768 / 3072);
+* ``sw75-masked`` / ``sw90-masked``: Sparse Wide at 75% / 90% (1536 / 6144, 2429 / 9716) with SRigL masks (constant
+  fan-in per output neuron, as SRigL's initial mask; no neuron ablated), computed as masked dense layers;
+* ``sw75-condensed`` / ``sw90-condensed``: the same weights after ``model.condense()`` ([rows, k] values and int16
+  indices, the C kernel of `condensed.py`);
+* ``sw75-set-*``: SET/RigL-style masks (uniform random, variable fan-in), condensed as CSR and as rows padded to the
+  largest fan-in, to pick the representation for variable fan-in.
+
+Per variant: prefill of --prefill tokens (one forward with a KV cache, ``logits_to_keep=1`` as `generate` does), then
+--decode greedy steps of one token each. Reported: prefill seconds (median of --repeats) and decode milliseconds per
+token (median over all steps of all repeats). Variants of one group live in memory together and are measured in
+turns (the order alternates between repeats), so every ratio compares numbers taken in the same run under the same
+machine load. Before timing, the condensed model's greedy tokens are checked against the masked model's (fp32: all
+equal; bf16: reported). Writes ``<out>/<cpu>-<threads>threads-<date>-condensed.json`` and ``.md``.
+
+``OMP_WAIT_POLICY`` defaults to PASSIVE here (set it to override): on a machine shared with other processes, OpenMP's
+default spin-waiting made every parallel PyTorch op cost milliseconds (a tanh over 6144 values: 8 ms instead of
+50 us, measured on the 2-core CI machine), which drowned the layers being compared for every variant alike.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see the module docstring
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers.cache_utils import DynamicCache
+
+from hf_sparse_ift import SparseWideGPTForCausalLM
+from hf_sparse_ift.resources import model_config
+from hf_sparse_ift.sparsity.condense import condensed_summary, kernel_available
+from hf_sparse_ift.sparsity.masks import sparse_layers
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TINY = dict(vocab_size=97, n_positions=64, n_layer=2, n_head=2, dense_hidden_size=16, dense_intermediate_size=64)
+
+
+@torch.no_grad()
+def build(preset: str, dtype: torch.dtype, masks: str, overrides: dict, seed: int = 0) -> SparseWideGPTForCausalLM:
+    """A model with random weights; sparse layers get `masks` = "srigl" (constant fan-in) or "set" (uniform)."""
+    torch.manual_seed(seed)
+    model = SparseWideGPTForCausalLM._from_config(model_config(preset, **overrides), dtype=dtype).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    for m in sparse_layers(model).values():
+        out, inp = m.weight.shape
+        density = 1.0 - m.sparsity
+        if masks == "srigl":
+            k = max(1, round(density * inp))
+            cols = torch.rand(out, inp, generator=generator).argsort(dim=1)[:, :k]
+            m.weight_mask.zero_().scatter_(1, cols, True)
+        else:
+            m.weight_mask.copy_(torch.rand(out, inp, generator=generator) < density)
+        m.weight.masked_fill_(~m.weight_mask, 0.0)
+    return model
+
+
+@torch.inference_mode()
+def run(model, prompt: torch.Tensor, decode: int) -> tuple[float, list[float], list[int]]:
+    """(prefill seconds, seconds per decode step, greedy tokens)."""
+    cache = DynamicCache(config=model.config)
+    start = time.perf_counter()
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - start
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    tokens, steps = [int(token)], []
+    for _ in range(decode):
+        start = time.perf_counter()
+        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        steps.append(time.perf_counter() - start)
+        tokens.append(int(token))
+    return prefill, steps, tokens
+
+
+def measure_group(variants: dict, prompt: torch.Tensor, decode: int, repeats: int) -> dict:
+    results = {name: {"prefill_s": [], "decode_step_s": []} for name in variants}
+    names = list(variants)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            prefill, steps, _ = run(variants[name], prompt, decode)
+            results[name]["prefill_s"].append(prefill)
+            results[name]["decode_step_s"].extend(steps)
+            print(f"  {name}: prefill {prefill:.3f}s, decode {statistics.median(steps) * 1e3:.2f} ms/token (p10 "
+                  f"{percentile(steps, 10) * 1e3:.2f})", flush=True)
+    for name, r in results.items():
+        r["prefill_s_median"] = statistics.median(r["prefill_s"])
+        r["prefill_s_min"] = min(r["prefill_s"])
+        r["decode_ms_per_token_median"] = statistics.median(r["decode_step_s"]) * 1e3
+        r["decode_ms_per_token_p10"] = percentile(r["decode_step_s"], 10) * 1e3
+    return results
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))]
+
+
+def groups(smoke: bool) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """(group, [(variant, preset, masks)]); a variant ending in -condensed/-csr/-padded is derived from its masked twin."""
+    return [
+        ("sw75", [("dense", "gpt3-small-dense", "srigl"), ("sw75-masked", "gpt3-small-sw75", "srigl"),
+                  ("sw75-condensed", "gpt3-small-sw75", "srigl")]),
+        ("sw90", [("sw90-masked", "gpt3-small-sw90", "srigl"), ("sw90-condensed", "gpt3-small-sw90", "srigl")]),
+        ("sw75-set", [("sw75-set-masked", "gpt3-small-sw75", "set"), ("sw75-set-csr", "gpt3-small-sw75", "set"),
+                      ("sw75-set-padded", "gpt3-small-sw75", "set")]),
+    ]
+
+
+def load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--groups", default="sw75,sw90,sw75-set")
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--decode", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few tokens (CI)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    overrides = TINY if args.smoke else {}
+    if args.smoke:
+        args.prefill, args.decode, args.repeats = 16, 4, 1
+    wanted = args.groups.split(",")
+    report = {"date": datetime.date.today().isoformat(), "threads": args.threads, "torch": torch.__version__,
+              "transformers": transformers.__version__, "python": platform.python_version(),
+              "cpu": platform.processor() or platform.machine(), "kernel": kernel_available(),
+              "command": "condensed_inference.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "prefill_tokens": args.prefill, "decode_tokens": args.decode, "repeats": args.repeats, "batch": 1,
+              "smoke": args.smoke, "gpu": "none in this session: CPU only", "load_average_before": load_average(),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "results": []}
+    prompt = torch.randint(0, 97 if args.smoke else 50257, (1, args.prefill), generator=torch.Generator().manual_seed(0))
+    for dtype_name in args.dtypes.split(","):
+        dtype = DTYPES[dtype_name]
+        for group, variants in groups(args.smoke):
+            if group not in wanted:
+                continue
+            print(f"{dtype_name} {group}", flush=True)
+            models, masked = {}, None
+            for name, preset, masks in variants:
+                if name.endswith(("-condensed", "-csr", "-padded")):
+                    representation = {"-csr": "csr", "-padded": "padded"}.get(name[name.rfind("-"):], "auto")
+                    # a copy that shares the masked layers' tensors (condensing reads them), so memory holds one masked
+                    # model plus the condensed layers
+                    shared = {id(t): t for m in sparse_layers(masked).values() for t in (m.weight, m.weight_mask)}
+                    models[name] = copy.deepcopy(masked, shared).condense(representation)
+                else:
+                    models[name] = build(preset, dtype, masks, overrides)
+                    if name.endswith("-masked"):
+                        masked = models[name]
+            # correctness before speed: greedy tokens of each derived model against its masked twin
+            check = {}
+            if masked is not None:
+                _, _, want = run(masked, prompt[:, : min(args.prefill, 64)], min(args.decode, 16))
+                for name, m in models.items():
+                    if m is not masked and name != "dense":
+                        _, _, got = run(m, prompt[:, : min(args.prefill, 64)], min(args.decode, 16))
+                        check[name] = sum(a == b for a, b in zip(want, got)) / len(want)
+            timings = measure_group(models, prompt, args.decode, args.repeats)
+            for name, m in models.items():
+                row = {"dtype": dtype_name, "group": group, "variant": name, "d_model": m.config.hidden_size,
+                       "d_ff": m.config.intermediate_size, "sparsity": m.config.sparsity,
+                       "same_greedy_tokens_as_masked": check.get(name), **timings[name]}
+                summary = condensed_summary(m)
+                if summary["layers"]:
+                    row["condensed"] = summary
+                report["results"].append(row)
+            del models, masked
+            gc.collect()
+    report["load_average_after"] = load_average()
+    add_ratios(report)
+    write(report, Path(args.out))
+    return 0
+
+
+def add_ratios(report: dict) -> None:
+    rows = {(r["dtype"], r["variant"]): r for r in report["results"]}
+    pairs = [("sw75-condensed", "sw75-masked"), ("sw90-condensed", "sw90-masked"), ("sw75-condensed", "dense"),
+             ("sw75-masked", "dense"), ("sw75-set-csr", "sw75-set-masked"), ("sw75-set-padded", "sw75-set-masked")]
+    report["ratios"] = []
+    for dtype in sorted({r["dtype"] for r in report["results"]}):
+        for a, b in pairs:
+            if (dtype, a) in rows and (dtype, b) in rows:
+                ra, rb = rows[(dtype, a)], rows[(dtype, b)]
+                report["ratios"].append({
+                    "dtype": dtype, "faster": a, "than": b,
+                    "decode_speedup": rb["decode_ms_per_token_median"] / ra["decode_ms_per_token_median"],
+                    "decode_speedup_p10": rb["decode_ms_per_token_p10"] / ra["decode_ms_per_token_p10"],
+                    "prefill_speedup": rb["prefill_s_median"] / ra["prefill_s_median"],
+                    "prefill_speedup_min": rb["prefill_s_min"] / ra["prefill_s_min"]})
+
+
+def write(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"cpu-{platform.machine()}-{report['threads']}threads-{report['date']}-condensed"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# Condensed inference — cpu-{platform.machine()}, {report['threads']} threads — {report['date']}", "",
+             f"torch {report['torch']}, transformers {report['transformers']}, Python {report['python']}; batch 1, "
+             f"prefill {report['prefill_tokens']} tokens, greedy decode {report['decode_tokens']} tokens, "
+             f"{report['repeats']} repeats; condensed kernel compiled: {report['kernel']}; OMP_WAIT_POLICY="
+             f"{report['omp_wait_policy']}. GPU: {report['gpu']}.", "",
+             f"Load average before / after: {report['load_average_before']} / {report['load_average_after']} — the "
+             "machine (2 cores) is shared with other processes, so absolute times are noisy; ratios compare variants "
+             "measured in turns within the same run.", "", f"Command: `{report['command']}`", "",
+             "| dtype | variant | d_model/d_ff | prefill s (median) | prefill s (min) | decode ms/token (median) | "
+             "decode ms/token (p10) | greedy tokens = masked |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        same = r["same_greedy_tokens_as_masked"]
+        lines.append(f"| {r['dtype']} | {r['variant']} | {r['d_model']}/{r['d_ff']} | {r['prefill_s_median']:.3f} | "
+                     f"{r['prefill_s_min']:.3f} | {r['decode_ms_per_token_median']:.2f} | "
+                     f"{r['decode_ms_per_token_p10']:.2f} | {'–' if same is None else f'{same:.0%}'} |")
+    lines += ["", "Speed-ups (ratios of medians; in brackets, of the least disturbed measurements: 10th percentile of "
+              "decode steps, fastest prefill):", "",
+              "| dtype | comparison | decode speed-up | prefill speed-up |", "|---|---|---|---|"]
+    for q in report["ratios"]:
+        lines.append(f"| {q['dtype']} | {q['faster']} vs {q['than']} | {q['decode_speedup']:.2f}x "
+                     f"({q['decode_speedup_p10']:.2f}x) | {q['prefill_speedup']:.2f}x ({q['prefill_speedup_min']:.2f}x) |")
+    lines += ["", "Targets: condensed SW-75 decode >= 2x masked SW-75; condensed SW-90 >= 3x masked SW-90."]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(out / f"{stem}.md")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

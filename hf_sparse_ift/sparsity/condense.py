@@ -1,0 +1,117 @@
+"""Condensed inference: sparse linears that store and compute only their active weights.
+
+    model.condense()                                   # in place; or condense(model, representation="csr")
+    hf-sparse-ift condense outputs/run/checkpoint-600/hf outputs/run/condensed
+
+The layer itself (`CondensedLinear`, its C kernel and the torch fallback) lives in the model folder
+(`models/sparse_wide_gpt/condensed.py`) so that a condensed checkpoint loads with ``trust_remote_code`` where this
+package is not installed. A condensed checkpoint is an ordinary ``save_pretrained`` folder whose ``config.json`` says
+``"sparse_format": {"format": "condensed-v1"}``: `from_pretrained` reads the stored tensor shapes and builds each
+condensed layer with them before loading (no per-layer sizes in the config). A model built from such a config without
+weights (``SparseWideGPTForCausalLM(config)``) is the masked model with fresh masks: condensing is a transformation of
+trained weights, not an architecture.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models.sparse_wide_gpt.condensed import (CONDENSED_FORMAT, REPRESENTATIONS, CondensedLinear, condense_model,
+                                                kernel_available)
+from ..models.sparse_wide_gpt.sparse_safetensors import BITMASK_FORMAT, PLAIN
+
+__all__ = ["CONDENSED_FORMAT", "REPRESENTATIONS", "CondensedLinear", "condense", "condensed_layers",
+           "condensed_summary", "kernel_available", "convert_checkpoint", "checkpoint_format"]
+
+
+def condense(model: nn.Module, representation: str = "auto") -> nn.Module:
+    """Replace every masked sparse linear by a `CondensedLinear`, in place. Returns the model."""
+    return condense_model(model, representation)
+
+
+def condensed_layers(model: nn.Module) -> dict[str, CondensedLinear]:
+    model = getattr(model, "module", model)
+    return {name: m for name, m in model.named_modules() if isinstance(m, CondensedLinear)}
+
+
+def condensed_summary(model: nn.Module) -> dict:
+    """Layers, kept rows, stored weights and bytes of the condensed layers (for reports)."""
+    layers = condensed_layers(model)
+    stored = sum(m.values.numel() for m in layers.values())
+    nbytes = sum(t.numel() * t.element_size() for m in layers.values() for t in (m.values, m.col_indices))
+    return {"layers": len(layers), "constant_fan_in_layers": sum(m.fan_in is not None for m in layers.values()),
+            "rows": sum(m.row_ids.numel() for m in layers.values()),
+            "out_features": sum(m.out_features for m in layers.values()),
+            "stored_weights": stored, "value_and_index_bytes": nbytes}
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """``plain``, ``bitmask-values-v1`` or ``condensed-v1``, from a checkpoint folder's config.json."""
+    import json
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{path} is not a save_pretrained folder: no config.json")
+    fmt = json.loads(config.read_text()).get("sparse_format")
+    return fmt["format"] if isinstance(fmt, dict) and fmt.get("format") else PLAIN
+
+
+_WRITTEN_BY_SAVE = ("config.json", "generation_config.json", "model.safetensors.index.json")
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, layout: str, *, overwrite: bool = False,
+                       representation: str = "auto", max_shard_size: str | int = "50GB") -> Path:
+    """Re-save the checkpoint folder `src` at `dst` as ``layout`` (``plain``, ``bitmask-values-v1`` or
+    ``condensed-v1``). Other files (tokenizer, model card, ...) are copied. `dst` is written to a temporary folder
+    next to it and renamed into place, so it is either complete or absent; an existing `dst` needs `overwrite`."""
+    from ..models.sparse_wide_gpt import SparseWideGPTForCausalLM
+
+    layouts = (PLAIN, BITMASK_FORMAT, CONDENSED_FORMAT)
+    if layout not in layouts:
+        raise ValueError(f"layout={layout!r} is invalid: expected one of {list(layouts)}")
+    src, dst = Path(src), Path(dst)
+    held = checkpoint_format(src)
+    if held == CONDENSED_FORMAT:
+        raise ValueError(f"{src} is condensed ({CONDENSED_FORMAT}); condensed checkpoints cannot be converted "
+                         "(keep the masked checkpoint they were made from)")
+    if layout == PLAIN and held == PLAIN:
+        raise ValueError(f"{src} is not compressed (plain layout): nothing to decompress")
+    if layout == BITMASK_FORMAT and held == BITMASK_FORMAT:
+        raise ValueError(f"{src} is already compressed ({BITMASK_FORMAT})")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"output {dst} is the input folder; write to another folder")
+    model = SparseWideGPTForCausalLM.from_pretrained(src, dtype="auto").eval()
+    if not any(getattr(m, "weight_mask", None) is not None for m in model.modules()):
+        raise ValueError(f"{src} has no sparse layers (sparsity 0): there is nothing to {layout}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        if layout == CONDENSED_FORMAT:
+            with torch.no_grad():
+                model.condense(representation)
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        else:
+            model.save_pretrained(tmp, sparse_format=layout, max_shard_size=max_shard_size)
+        for item in src.iterdir():
+            weights = item.suffix == ".safetensors" or item.name in _WRITTEN_BY_SAVE
+            if weights or (tmp / item.name).exists():
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            dst.rename(old / dst.name)
+            tmp.rename(dst)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return dst

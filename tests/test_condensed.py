@@ -1,0 +1,222 @@
+"""Condensed layers and models: outputs equal the masked model's, generate / pipeline, save / load, CLI, benchmark."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from torch import nn
+from transformers import AutoModelForCausalLM, pipeline
+
+from hf_sparse_ift import SparseWideGPTForCausalLM
+from hf_sparse_ift.cli import main as cli_main
+from hf_sparse_ift.models.sparse_wide_gpt import condensed as condensed_module
+from hf_sparse_ift.sparsity.condense import CondensedLinear, condensed_layers, condensed_summary, kernel_available
+from hf_sparse_ift.sparsity.masks import sparse_layers
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def compute_path(request, monkeypatch):
+    """Run a test with the compiled kernel and with the torch (embedding_bag) path."""
+    if request.param == "kernel":
+        if not kernel_available():
+            pytest.skip("no C compiler: the kernel path cannot be tested here")
+    else:
+        monkeypatch.setattr(condensed_module, "_LIB", None)
+    return request.param
+
+
+def masked_linear(d_in, d_out, fan_in=None, density=0.3, ablate=(), seed=0, dtype=torch.float32):
+    """nn.Linear with a bool weight_mask: constant fan-in (SRigL) if fan_in, else uniform (SET); rows in `ablate`
+    have no active weight. Some active weights are exactly zero (regrown)."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(d_in, d_out)
+    if fan_in:
+        cols = torch.rand(d_out, d_in, generator=g).argsort(1)[:, :fan_in]
+        mask = torch.zeros(d_out, d_in, dtype=torch.bool).scatter_(1, cols, True)
+    else:
+        mask = torch.rand(d_out, d_in, generator=g) < density
+    mask[list(ablate)] = False
+    lin.register_buffer("weight_mask", mask)
+    with torch.no_grad():
+        lin.weight.masked_fill_(~mask, 0.0)
+        lin.weight.view(-1)[mask.view(-1).nonzero().squeeze(1)[::11]] = 0.0
+    return lin.to(dtype)
+
+
+def test_srigl_layer_is_rows_by_k_and_ablated_rows_are_dropped(compute_path):
+    lin = masked_linear(40, 24, fan_in=7, ablate=(3, 17, 18))
+    c = CondensedLinear.from_sparse(lin)
+    assert c.fan_in == 7 and c.values.shape == (21, 7) and c.col_indices.shape == (21, 7)
+    assert c.col_indices.dtype == torch.int16 and not hasattr(c, "row_ptr")
+    assert c.row_ids.tolist() == [r for r in range(24) if r not in (3, 17, 18)]
+    weight, mask = c.to_dense()
+    assert torch.equal(mask, lin.weight_mask) and torch.equal(weight, lin.weight)
+    for tokens in (1, 5, 70):  # batch-1 decode, small tile, 64-token tiles
+        x = torch.randn(2, tokens, 40)
+        with torch.no_grad():
+            torch.testing.assert_close(c(x), lin(x), rtol=0, atol=1e-5)
+            assert torch.equal(c(x)[..., 3], lin.bias[3].expand(2, tokens))  # ablated neuron: its bias, exactly
+
+
+@pytest.mark.parametrize("representation", ["auto", "csr", "padded"])
+def test_variable_fan_in_layer(representation, compute_path):
+    lin = masked_linear(50, 33, density=0.2, ablate=(0, 9))
+    c = CondensedLinear.from_sparse(lin, representation)
+    if representation == "padded":
+        assert c.fan_in == int(lin.weight_mask.sum(1).max()) and c.values.shape[0] == 31
+    else:
+        assert c.fan_in is None and c.values.numel() == int(lin.weight_mask.sum()) and c.row_ptr.numel() == 32
+    weight, mask = c.to_dense()
+    assert torch.equal(mask, lin.weight_mask) and torch.equal(weight, lin.weight)
+    for tokens in (1, 20):
+        x = torch.randn(tokens, 50)
+        with torch.no_grad():
+            torch.testing.assert_close(c(x), lin(x), rtol=0, atol=1e-5)
+
+
+def test_bf16_layer_within_rounding(compute_path):
+    lin = masked_linear(64, 48, fan_in=16, dtype=torch.bfloat16)
+    c = CondensedLinear.from_sparse(lin)
+    assert c.values.dtype == torch.bfloat16
+    ref = masked_linear(64, 48, fan_in=16)  # the same weights in fp32 (bf16 -> fp32 is exact)
+    with torch.no_grad():
+        ref.weight.copy_(lin.weight.float())
+        ref.bias.copy_(lin.bias.float())
+        for tokens in (1, 20):
+            x = torch.randn(tokens, 64).bfloat16()
+            exact = ref(x.float())
+            # condensed accumulates in fp32 and rounds once: within half a bf16 ulp of the exact value
+            assert ((c(x).float() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+            masked = lin(x).float()
+            assert ((c(x).float() - masked).abs() <= exact.abs() * 2**-6 + 1e-2).all()
+
+
+def test_gradients_flow_through_the_torch_path():
+    lin = masked_linear(20, 10, fan_in=5)
+    c = CondensedLinear.from_sparse(lin)
+    c.values.requires_grad_(True)
+    x = torch.randn(3, 20, requires_grad=True)
+    c(x).sum().backward()
+    lin(x).sum().backward()
+    assert c.values.grad is not None and x.grad is not None
+    torch.testing.assert_close(c.values.grad, lin.weight.grad.gather(1, c.col_indices.long()), rtol=0, atol=1e-6)
+
+
+def test_condensed_model_logits_generate_pipeline_save_load(tmp_path, builtin_tokenizer, compute_path):
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=builtin_tokenizer.vocab_size)
+    model = SparseWideGPTForCausalLM(config).eval()
+    condensed = SparseWideGPTForCausalLM(config).eval()
+    condensed.load_state_dict(model.state_dict())
+    assert condensed.condense() is condensed
+    assert not sparse_layers(condensed) and len(condensed_layers(condensed)) == 12
+    assert condensed.config.sparse_format == {"format": "condensed-v1"}
+    x = torch.randint(0, config.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(condensed(x).logits, model(x).logits, rtol=0, atol=1e-5)
+        want = model.generate(x[:1], max_new_tokens=8, do_sample=False)
+        assert torch.equal(condensed.generate(x[:1], max_new_tokens=8, do_sample=False), want)
+    text = pipeline("text-generation", model=condensed, tokenizer=builtin_tokenizer)("def f(x):", max_new_tokens=5,
+                                                                                     do_sample=False)
+    assert text[0]["generated_text"].startswith("def f(x):")
+    condensed.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["sparse_format"]["format"] == "condensed-v1"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.transformer.h[1].mlp.fc_out, CondensedLinear)
+    assert loaded.state_dict().keys() == condensed.state_dict().keys()
+    for key, t in condensed.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], t), key
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="invalid for a condensed model"):
+        condensed.save_pretrained(tmp_path / "x", sparse_format="plain")
+
+
+def test_condensed_bf16_model_within_rounding():
+    torch.manual_seed(0)
+    model = SparseWideGPTForCausalLM(tiny_config()).eval().to(torch.bfloat16)
+    condensed = SparseWideGPTForCausalLM(tiny_config()).eval().to(torch.bfloat16)
+    condensed.load_state_dict(model.state_dict())
+    condensed.condense()
+    x = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        a, b = condensed(x).logits.float(), model(x).logits.float()
+    assert (a - b).abs().max() <= 0.05 * b.abs().max()  # a few bf16 roundings along 2 layers
+
+
+def test_condense_srigl_masks_in_a_model():
+    """A model whose masks have constant fan-in (as SRigL leaves them) condenses to [rows, k] layers."""
+    torch.manual_seed(0)
+    model = SparseWideGPTForCausalLM(tiny_config()).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in sparse_layers(model).values():
+            out, inp = m.weight.shape
+            cols = torch.rand(out, inp, generator=g).argsort(1)[:, : inp // 4]
+            m.weight_mask.zero_().scatter_(1, cols, True)
+            m.weight_mask[: out // 8] = False  # ablated neurons
+            m.weight.masked_fill_(~m.weight_mask, 0)
+    x = torch.randint(0, 97, (1, 13))
+    with torch.no_grad():
+        want = model(x).logits
+        model.condense()
+        got = model(x).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    summary = condensed_summary(model)
+    assert summary["layers"] == summary["constant_fan_in_layers"] == 12
+    assert summary["rows"] == summary["out_features"] - sum(o // 8 for o in (32, 32, 32, 32, 128, 32) * 2)
+
+
+def test_cli_condense(tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "masked")
+    assert cli_main(["condense", str(tmp_path / "masked"), str(tmp_path / "fast"), "--representation", "csr"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["input_format"] == "bitmask-values-v1" and report["output_format"] == "condensed-v1"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fast").eval()
+    assert all(m.fan_in is None for m in condensed_layers(loaded).values())
+    x = torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, tiny_model(x).logits, rtol=0, atol=1e-5)
+    assert cli_main(["condense", str(tmp_path / "fast"), str(tmp_path / "again")]) == 2
+    assert "is condensed" in capsys.readouterr().err
+    assert cli_main(["condense", str(tmp_path / "masked"), str(tmp_path / "fast")]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_invalid_representation_is_named(tiny_model):
+    with pytest.raises(ValueError, match=r"representation='ell' is invalid: expected one of \['auto', 'csr', 'padded'\]"):
+        tiny_model.condense("ell")
+
+
+@pytest.mark.slow
+def test_condensed_inference_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "condensed_inference.py"), "--smoke",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(next(tmp_path.glob("*-condensed.json")).read_text())
+    variants = {(r["dtype"], r["variant"]) for r in report["results"]}
+    for dtype in ("float32", "bfloat16"):
+        for v in ("dense", "sw75-masked", "sw75-condensed", "sw90-masked", "sw90-condensed", "sw75-set-csr",
+                  "sw75-set-padded"):
+            assert (dtype, v) in variants
+    assert all(r["decode_ms_per_token_median"] > 0 and r["prefill_s_median"] > 0 for r in report["results"])
+    assert all(r["same_greedy_tokens_as_masked"] == 1.0 for r in report["results"]
+               if r["dtype"] == "float32" and r["same_greedy_tokens_as_masked"] is not None)
+    assert "GPU: none in this session" in next(tmp_path.glob("*-condensed.md")).read_text()
+
+
+@pytest.mark.slow
+def test_compressed_checkpoints_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compressed_checkpoints.py"), "--smoke",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(next(tmp_path.glob("*-compressed.json")).read_text())
+    assert [r["preset"] for r in report["results"]] == ["gpt3-small-sw50", "gpt3-small-sw75", "gpt3-small-sw90"]
+    for r in report["results"]:
+        assert r["bit_exact"] and r["sparse_ratio"] > 2 and r["checkpoint_ratio"] > 1

@@ -212,13 +212,20 @@ class _LayerDecoder:
 
 
 class _Lazy:
-    """Stands in for a safetensors slice: ``obj[...]`` decodes (once per layer) and returns the tensor."""
+    """Stands in for a safetensors slice: ``obj[...]`` (or a slice of it, as tensor-parallel loading takes) decodes
+    once per layer and returns the tensor; ``get_shape`` / ``get_dtype`` answer without decoding."""
 
-    def __init__(self, decoder: _LayerDecoder, part: str):
-        self.decoder, self.part = decoder, part
+    def __init__(self, decoder: _LayerDecoder, part: str, shape: list[int], dtype: str):
+        self.decoder, self.part, self._shape, self._dtype = decoder, part, shape, dtype
 
     def __getitem__(self, item):
         return self.decoder.get(self.part)[item]
+
+    def get_shape(self) -> list[int]:
+        return list(self._shape)
+
+    def get_dtype(self) -> str:
+        return self._dtype
 
 
 def _lazy_state_dict(sources: dict) -> dict:
@@ -230,8 +237,12 @@ def _lazy_state_dict(sources: dict) -> dict:
         if prefix not in prefixes:
             out[key] = value
         elif key.endswith(MASK_SUFFIX):
-            decoder = _LayerDecoder(prefix, value, sources[prefix + VALUES_SUFFIX], sources[prefix + SHAPE_SUFFIX])
-            out[prefix + ".weight"], out[prefix + ".weight_mask"] = _Lazy(decoder, "weight"), _Lazy(decoder, "weight_mask")
+            values, shape = sources[prefix + VALUES_SUFFIX], sources[prefix + SHAPE_SUFFIX]
+            decoder = _LayerDecoder(prefix, value, values, shape)
+            dims = [int(d) for d in (shape[...] if not isinstance(shape, torch.Tensor) else shape).tolist()]
+            dtype = values.get_dtype() if hasattr(values, "get_dtype") else str(values.dtype)
+            out[prefix + ".weight"] = _Lazy(decoder, "weight", dims, dtype)
+            out[prefix + ".weight_mask"] = _Lazy(decoder, "weight_mask", dims, "BOOL")
     return out
 
 

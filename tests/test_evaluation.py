@@ -122,6 +122,8 @@ def test_card_renders_and_validates_with_huggingface_hub(trained, evaluated, tmp
     assert "AutoModelForCausalLM.from_pretrained(\"me/tiny-sw75\", trust_remote_code=True)" in text
     assert "| dynamic sparse training | set," in text
     assert "### `builtin` suite, partial: first 12 examples per task" in text
+    # the training export is saved compressed, and the card says how its sparse layers are stored
+    assert "compressed `bitmask-values-v1` layout" in text and "`hf-sparse-ift decompress`" in text
 
 
 def test_card_is_named_after_the_training_run_not_the_folder(trained, tmp_path):

@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_remote_code import BLOCKER
 from transformers import AutoModelForCausalLM
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
@@ -172,15 +173,6 @@ def test_cli_compress_and_decompress(tiny_model, tmp_path, capsys):
     assert torch.equal(loaded(x).logits, tiny_model(x).logits)
 
 
-BLOCKER = """
-import importlib.abc, sys
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "hf_sparse_ift" or name.startswith("hf_sparse_ift."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-sys.meta_path.insert(0, _Block())
-"""
-
 LOADER = """
 import sys, torch
 try:
@@ -227,3 +219,15 @@ def test_remote_code_loads_compressed_and_condensed_without_the_package(tmp_path
     assert got["layer"] == "CondensedLinear"
     torch.testing.assert_close(got["logits"], want, rtol=0, atol=1e-5)
     assert got["state"].keys() == condensed.state_dict().keys()
+
+
+def test_compressed_checkpoint_loads_with_cpu_and_disk_offload(tmp_path):
+    torch.manual_seed(0)
+    model = with_active_zeros(SparseWideGPTForCausalLM(tiny_config()).eval())
+    model.save_pretrained(tmp_path / "c")
+    x = torch.randint(0, 97, (2, 6))
+    for max_memory in ({"cpu": 20_000}, {"cpu": 60_000}):  # everything on disk; embeddings on CPU, blocks on disk
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "c", device_map="auto", max_memory=max_memory,
+                                                      offload_folder=tmp_path / f"offload-{max_memory['cpu']}")
+        assert "disk" in set(loaded.hf_device_map.values())
+        assert torch.equal(loaded(x).logits, model(x).logits)

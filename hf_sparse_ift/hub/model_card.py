@@ -97,6 +97,24 @@ def _results_section(summary: dict) -> dict:
                         f"{', no chat template' if summary.get('apply_chat_template') is False else ''}"}
 
 
+_STORAGE = {
+    None: "Each sparse layer keeps a boolean mask (`weight_mask`) in the checkpoint; inactive weights are exactly zero.",
+    "bitmask-values-v1": "Each sparse layer is stored losslessly in the compressed `bitmask-values-v1` layout: its mask "
+                         "as packed bits and its active weights (exact zeros included); `from_pretrained` rebuilds "
+                         "the weight and its boolean `weight_mask`, inactive weights exactly zero. "
+                         "`hf-sparse-ift decompress` writes the plain layout.",
+    "condensed-v1": "Each sparse layer is condensed (`condensed-v1`): only its active weights and their input "
+                    "indices are stored, for inference; neurons without active weights are dropped.",
+}
+
+
+def _storage(config) -> str:
+    fmt = config.sparse_format.get("format") if isinstance(config.sparse_format, dict) else None
+    if fmt not in _STORAGE:
+        raise ValueError(f"sparse_format {fmt!r} has no card text: expected one of {list(_STORAGE)}")
+    return _STORAGE[fmt]
+
+
 def render_model_card(checkpoint: str | Path, repo_id: str | None = None, summaries: list[dict] | None = None,
                       training_config: dict | None = None, license: str = "apache-2.0") -> ModelCard:
     """The card of a `save_pretrained` folder, named after its training run; `summaries`: `evaluate` summaries
@@ -129,6 +147,7 @@ def render_model_card(checkpoint: str | Path, repo_id: str | None = None, summar
         flops=_human(m["forward_flops_per_token"]), flop_ratio=f"{m['flop_ratio_to_dense']:.2f}",
         block_ratio=f"{m['sparse_layer_flops_per_token'] / max(m['dense_sparse_layer_flops_per_token'], 1):.3f}",
         executed_ratio=f"{m['executed_flop_ratio_to_dense']:.2f}",
+        storage=_storage(c),
         recipe=_recipe(training_config),
         result_sections=[_results_section(s) for s in summaries or []])
 

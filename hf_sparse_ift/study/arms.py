@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
 from ..models.sparse_wide_gpt.iso_flop import GPTShape, count_flops, count_parameters
@@ -46,6 +47,10 @@ class Arm:
         tree["model"]["mask_seed"] = seed
         tree.setdefault("dst", {})["seed"] = seed
         return build_pretrain_config(tree)
+
+    def run_dir(self, study: StudyConfig, seed: int) -> Path:
+        """Where this arm's run with `seed` lives in the study's output folder."""
+        return Path(study.study.output_dir) / "runs" / self.name / f"seed-{seed}"
 
 
 def _model_values(cfg: PretrainConfig) -> dict:

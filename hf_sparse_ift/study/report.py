@@ -77,9 +77,7 @@ def spectral_endpoints(cfg, folder: Path) -> dict:
 
 
 def read_run(study: StudyConfig, arm: Arm, seed: int, accounting: dict) -> dict | None:
-    from .runner import run_dir
-
-    folder = run_dir(study, arm, seed)
+    folder = arm.run_dir(study, seed)
     path = folder / "train_summary.json"
     if not path.exists():
         return None

@@ -40,10 +40,6 @@ class RepeatedDataError(ValueError):
     pass
 
 
-def run_dir(study: StudyConfig, arm: Arm, seed: int) -> Path:
-    return Path(study.study.output_dir) / "runs" / arm.name / f"seed-{seed}"
-
-
 # ----------------------------------------------------------------------------------------------
 # Data: how many tokens one epoch holds, and which sequences come first
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +199,7 @@ def _check_folder(study: StudyConfig, out: Path, resume: bool) -> None:
 
 def run_state(study: StudyConfig, arm: Arm, seed: int) -> str:
     """'finished' (train_summary.json at the arm's step count), 'killed' (a checkpoint but no summary) or 'new'."""
-    folder = run_dir(study, arm, seed)
+    folder = arm.run_dir(study, seed)
     summary = folder / "train_summary.json"
     if summary.exists() and arm.steps is not None and json.loads(summary.read_text()).get("steps") == arm.steps:
         return "finished"
@@ -231,7 +227,7 @@ def run_study(study: StudyConfig, resume: bool = False, report: bool = True) -> 
     for seed in study.study.seeds:  # seed-major: an interrupted study has every arm at the first seeds
         for arm in arms:
             done += 1
-            folder = run_dir(study, arm, seed)
+            folder = arm.run_dir(study, seed)
             state = run_state(study, arm, seed)
             if state == "finished":
                 logger.info("[%d/%d] %s seed %d: finished, skipped", done, total, arm.name, seed)

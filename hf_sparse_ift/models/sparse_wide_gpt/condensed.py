@@ -18,9 +18,10 @@ x[t, col[p]]``, accumulating in fp32 (bf16 values are widened exactly). Batch 1 
 tokens use tiles of 16 or 64 tokens so that each stored weight is read once per tile. It runs on
 ``torch.get_num_threads()`` threads, sharing chunks of rows through a small pthread pool whose caller never waits for
 a helper that has not started (an OpenMP join would, and on a machine shared with other processes that wait costs
-more than the work). Without a C compiler, with ``HF_SPARSE_IFT_KERNEL=0``, or when a gradient is needed, the layer
-computes the same sum with `torch.nn.functional.embedding_bag` (slower, differentiable). The same library decodes
-compressed checkpoints (`expand_active`).
+more than the work). Without a C compiler (a warning says so), with ``HF_SPARSE_IFT_KERNEL=0``, off the CPU, or when a
+gradient is needed, the layer computes the same sums with torch: a CSR matmul (`torch.sparse.mm`), or
+`torch.nn.functional.embedding_bag` when a gradient is needed; on CPU both are slower than the kernel. The same
+library decodes compressed checkpoints (`expand_active`; numpy does it without the library).
 """
 
 from __future__ import annotations
@@ -431,8 +432,10 @@ def _kernel():
                     try:
                         _LIB = _load_kernel()
                     except Exception as err:  # noqa: BLE001 - any failure means: use the torch path
-                        warnings.warn(f"condensed layers use the slower torch path: {err}", RuntimeWarning,
-                                      stacklevel=3)
+                        warnings.warn(f"the CPU kernel of condensed.py is unavailable ({err}): condensed layers "
+                                      f"compute with torch and compressed checkpoints decode with numpy (the same "
+                                      f"results, slower). HF_SPARSE_IFT_KERNEL=0 chooses this without the warning.",
+                                      RuntimeWarning, stacklevel=3)
                         _LIB = None
     return _LIB
 
@@ -590,61 +593,62 @@ class CondensedLinear(nn.Module):
                                                   (self.bias is not None and self.bias.requires_grad))
         if lib is None or needs_grad or self.values.dtype not in (torch.float32, torch.bfloat16):
             return self._torch_forward(x)
-        return self._kernel_forward(lib, x)
-
-    def _kernel_forward(self, lib, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
-        tokens, rows = x2.shape[0], self.row_ids.numel()
-        if rows < self.out_features:  # dropped rows output their bias
-            y = (self.bias.to(torch.float32).expand(tokens, -1).clone() if self.bias is not None
-                 else x2.new_zeros(tokens, self.out_features))
-        else:
-            y = x2.new_empty(tokens, self.out_features)
-        if tokens and rows:
-            bias = self.bias.to(torch.float32).contiguous() if self.bias is not None else None
-            vt = "bf16" if self.values.dtype == torch.bfloat16 else "f32"
-            it = "i16" if self.col_indices.dtype == torch.int16 else "i32"
-            args = (self.values.data_ptr(), self.col_indices.data_ptr(), self._row_ptr().data_ptr(),
-                    self.row_ids.data_ptr(), bias.data_ptr() if bias is not None else None)
-            threads = torch.get_num_threads()
-            if tokens == 1:
-                getattr(lib, f"gemv_{vt}_{it}")(x2.data_ptr(), *args, y.data_ptr(), rows, threads)
-            else:
-                tb = 64 if tokens >= 48 else 16
-                blocks = -(-tokens // tb)
-                xb = x2.new_zeros(blocks * tb, self.in_features)
-                xb[:tokens] = x2
-                xb = xb.view(blocks, tb, self.in_features).transpose(1, 2).contiguous()
-                getattr(lib, f"spmm{tb}_{vt}_{it}")(xb.data_ptr(), *args, y.data_ptr(), rows, self.in_features,
-                                                   self.out_features, tokens, threads)
-        return y.to(x.dtype).view(*lead, self.out_features)
+        return _kernel_linear(self, lib, x)
 
     def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same sums with torch ops: a CSR matmul (MKL / cuSPARSE), or `embedding_bag` when a gradient is needed
+        (sparse CSR matmuls have no gradient for their values). Both accumulate bf16 / fp16 in fp32."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        rows = self.row_ids.numel()
-        row_ptr = self._row_ptr()
-        y_rows = F.embedding_bag(self.col_indices.reshape(-1).long(), x2.t().to(compute).contiguous(),
-                                 row_ptr[:-1], mode="sum",
-                                 per_sample_weights=self.values.reshape(-1).to(compute)).t()  # [tokens, rows]
-        if rows == self.out_features:
-            y = y_rows.index_select(1, torch.argsort(self.row_ids)) if not self._identity_rows() else y_rows
+        row_ptr, cols, values = self._row_ptr(), self.col_indices.reshape(-1), self.values.reshape(-1).to(compute)
+        if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
+            y_rows = F.embedding_bag(cols.long(), x2.t().to(compute).contiguous(), row_ptr[:-1], mode="sum",
+                                     per_sample_weights=values).t()  # [tokens, rows]
         else:
-            y = x2.new_zeros(x2.shape[0], self.out_features, dtype=compute).index_copy(1, self.row_ids, y_rows)
+            index = torch.int32 if values.numel() < 2**31 else torch.int64
+            csr = torch.sparse_csr_tensor(row_ptr.to(index), cols.to(index), values,
+                                          (self.row_ids.numel(), self.in_features))
+            y_rows = torch.sparse.mm(csr, x2.t().to(compute)).t()
+        y = x2.new_zeros(x2.shape[0], self.out_features, dtype=compute).index_copy(1, self.row_ids, y_rows)
         if self.bias is not None:
             y = y + self.bias.to(compute)
         return y.to(x.dtype).view(*lead, self.out_features)
-
-    def _identity_rows(self) -> bool:
-        ids = self.row_ids
-        return bool((ids == torch.arange(ids.numel(), device=ids.device)).all())
 
     def extra_repr(self) -> str:
         kind = f"fan_in={self.fan_in}" if self.fan_in is not None else f"nnz={self.values.numel()} (csr)"
         return (f"in_features={self.in_features}, out_features={self.out_features}, rows={self.row_ids.numel()}, "
                 f"{kind}, bias={self.bias is not None}")
+
+
+def _kernel_linear(layer: "CondensedLinear", lib, x: torch.Tensor) -> torch.Tensor:
+    """The layer's forward through the C kernel: one dot product per row for one token, token tiles for more."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, layer.in_features).to(torch.float32).contiguous()
+    tokens, rows = x2.shape[0], layer.row_ids.numel()
+    if rows < layer.out_features:  # dropped rows output their bias
+        y = (layer.bias.to(torch.float32).expand(tokens, -1).clone() if layer.bias is not None
+             else x2.new_zeros(tokens, layer.out_features))
+    else:
+        y = x2.new_empty(tokens, layer.out_features)
+    if tokens and rows:
+        bias = layer.bias.to(torch.float32).contiguous() if layer.bias is not None else None
+        vt = "bf16" if layer.values.dtype == torch.bfloat16 else "f32"
+        it = "i16" if layer.col_indices.dtype == torch.int16 else "i32"
+        args = (layer.values.data_ptr(), layer.col_indices.data_ptr(), layer._row_ptr().data_ptr(),
+                layer.row_ids.data_ptr(), bias.data_ptr() if bias is not None else None)
+        threads = torch.get_num_threads()
+        if tokens == 1:
+            getattr(lib, f"gemv_{vt}_{it}")(x2.data_ptr(), *args, y.data_ptr(), rows, threads)
+        else:
+            tb = 64 if tokens >= 48 else 16
+            blocks = -(-tokens // tb)
+            xb = x2.new_zeros(blocks * tb, layer.in_features)
+            xb[:tokens] = x2
+            xb = xb.view(blocks, tb, layer.in_features).transpose(1, 2).contiguous()
+            getattr(lib, f"spmm{tb}_{vt}_{it}")(xb.data_ptr(), *args, y.data_ptr(), rows, layer.in_features,
+                                               layer.out_features, tokens, threads)
+    return y.to(x.dtype).view(*lead, layer.out_features)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,12 @@ def _int_at_least(field: str, value, low: int) -> int:
     return value
 
 
+def _storage_format(value) -> dict | None:
+    if value is not None and not (isinstance(value, dict) and isinstance(value.get("format"), str)):
+        _fail("sparse_format", value, 'expected None or a mapping with a "format" name')
+    return value
+
+
 def _positive(field: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         _fail(field, value, "expected a number > 0")
@@ -96,9 +102,8 @@ class SparseWideGPTConfig(PretrainedConfig):
         sparse_layers: which block linears are sparse (subset of q_proj, k_proj, v_proj, o_proj, fc_in,
             fc_out). Embeddings, positions, LM head, norms and biases are always dense.
         mask_seed: seed of the initial random masks (each layer draws from its own generator).
-        sparse_format: how the checkpoint stores the sparse layers, written by `save_pretrained`: None (plain:
-            dense weights plus bool masks), ``{"format": "bitmask-values-v1", ...}`` (packed mask bits plus active
-            values) or ``{"format": "condensed-v1"}`` (a condensed model). See `sparse_safetensors.py`.
+        sparse_format: how `save_pretrained` stored the sparse layers: None (weights plus bool masks),
+            ``{"format": "bitmask-values-v1", ...}`` or ``{"format": "condensed-v1"}`` (`sparse_safetensors.py`).
         activation_function, resid_pdrop, embd_pdrop, attn_pdrop, layer_norm_epsilon,
         initializer_range, tie_word_embeddings, use_cache, bos/eos/pad_token_id: as in GPT2Config.
 
@@ -158,10 +163,7 @@ class SparseWideGPTConfig(PretrainedConfig):
         self._set_architecture(vocab_size, n_positions, n_layer, n_head, dense_hidden_size, dense_intermediate_size,
                                activation_function, layer_norm_epsilon, initializer_range)
         self._set_sparsity(sparsity, width_multiple, sparse_layers, mask_seed)
-        if sparse_format is not None and not (isinstance(sparse_format, dict) and
-                                              isinstance(sparse_format.get("format"), str)):
-            _fail("sparse_format", sparse_format, 'expected None or a mapping with a "format" name')
-        self.sparse_format = sparse_format
+        self.sparse_format = _storage_format(sparse_format)
         self.resid_pdrop = _prob("resid_pdrop", resid_pdrop)
         self.embd_pdrop = _prob("embd_pdrop", embd_pdrop)
         self.attn_pdrop = _prob("attn_pdrop", attn_pdrop)
@@ -195,9 +197,7 @@ class SparseWideGPTConfig(PretrainedConfig):
 
     def _set_sparsity(self, sparsity, width_multiple, sparse_layers, mask_seed) -> None:
         self.sparsity = _prob("sparsity", sparsity)
-        if width_multiple is not None:
-            _int_at_least("width_multiple", width_multiple, 1)
-        self.width_multiple = width_multiple
+        self.width_multiple = None if width_multiple is None else _int_at_least("width_multiple", width_multiple, 1)
         sparse_layers = list(sparse_layers)
         bad = [name for name in sparse_layers if name not in BLOCK_LINEARS]
         if bad or len(set(sparse_layers)) != len(sparse_layers):

@@ -231,3 +231,19 @@ def test_compressed_checkpoint_loads_with_cpu_and_disk_offload(tmp_path):
                                                       offload_folder=tmp_path / f"offload-{max_memory['cpu']}")
         assert "disk" in set(loaded.hf_device_map.values())
         assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_a_model_trained_with_dst_round_trips_bit_exact(tmp_path):
+    """After SET updates (dropped weights zeroed, regrown ones active at zero) every bit survives the compressed layout,
+    inactive positions included."""
+    from test_dst import make, train_step
+
+    model, opt, engine = make("set", interval=2)
+    generator = torch.Generator().manual_seed(0)
+    updates = sum(train_step(model, opt, engine, generator) is not None for _ in range(8))
+    assert updates >= 3
+    regrown_zeros = sum(int((m.weight[m.weight_mask] == 0).sum()) for m in sparse_layers(model).values())
+    assert regrown_zeros > 0  # the case a mask inferred from zeros would lose
+    model.eval().save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert_bit_exact(model, loaded)

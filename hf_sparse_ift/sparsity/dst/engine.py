@@ -166,7 +166,7 @@ class DSTEngine:
         """
         keep = old & new
         layer.weight_mask.copy_(new)
-        layer.weight.mul_(_like(keep, layer.weight))
+        layer.weight.masked_fill_(_like(~keep, layer.weight), 0.0)  # +0.0: a product would leave -0.0
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps the torch optimizer
         state = optimizer.state.get(layer.weight, {}) if optimizer is not None else {}
         for value in state.values():

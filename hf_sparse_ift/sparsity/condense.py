@@ -14,6 +14,7 @@ trained weights, not an architecture.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -50,14 +51,16 @@ def condensed_summary(model: nn.Module) -> dict:
             "stored_weights": stored, "value_and_index_bytes": nbytes}
 
 
+def _checkpoint_config(path: Path) -> dict:
+    config = path / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{path} is not a save_pretrained folder: it has no config.json")
+    return json.loads(config.read_text())
+
+
 def checkpoint_format(path: str | Path) -> str:
     """``plain``, ``bitmask-values-v1`` or ``condensed-v1``, from a checkpoint folder's config.json."""
-    import json
-
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{path} is not a save_pretrained folder: no config.json")
-    fmt = json.loads(config.read_text()).get("sparse_format")
+    fmt = _checkpoint_config(Path(path)).get("sparse_format")
     return fmt["format"] if isinstance(fmt, dict) and fmt.get("format") else PLAIN
 
 
@@ -67,32 +70,21 @@ _WRITTEN_BY_SAVE = ("config.json", "generation_config.json", "model.safetensors.
 def convert_checkpoint(src: str | Path, dst: str | Path, layout: str, *, overwrite: bool = False,
                        representation: str = "auto", max_shard_size: str | int = "50GB") -> Path:
     """Re-save the checkpoint folder `src` at `dst` as ``layout`` (``plain``, ``bitmask-values-v1`` or
-    ``condensed-v1``). Other files (tokenizer, model card, ...) are copied. `dst` is written to a temporary folder
-    next to it and renamed into place, so it is either complete or absent; an existing `dst` needs `overwrite`."""
+    ``condensed-v1``). Other files (tokenizer, model card, ...) are copied. Every check runs before the model is
+    loaded; `dst` is written to a temporary folder next to it and renamed into place, so it is either complete or
+    absent, and an existing `dst` is replaced only with `overwrite`."""
     from ..models.sparse_wide_gpt import SparseWideGPTForCausalLM
 
-    layouts = (PLAIN, BITMASK_FORMAT, CONDENSED_FORMAT)
-    if layout not in layouts:
-        raise ValueError(f"layout={layout!r} is invalid: expected one of {list(layouts)}")
     src, dst = Path(src), Path(dst)
-    held = checkpoint_format(src)
-    if held == CONDENSED_FORMAT:
-        raise ValueError(f"{src} is condensed ({CONDENSED_FORMAT}); condensed checkpoints cannot be converted "
-                         "(keep the masked checkpoint they were made from)")
-    if layout == PLAIN and held == PLAIN:
-        raise ValueError(f"{src} is not compressed (plain layout): nothing to decompress")
-    if layout == BITMASK_FORMAT and held == BITMASK_FORMAT:
-        raise ValueError(f"{src} is already compressed ({BITMASK_FORMAT})")
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
-    if dst.resolve() == src.resolve():
-        raise ValueError(f"output {dst} is the input folder; write to another folder")
-    model = SparseWideGPTForCausalLM.from_pretrained(src, dtype="auto").eval()
-    if not any(getattr(m, "weight_mask", None) is not None for m in model.modules()):
-        raise ValueError(f"{src} has no sparse layers (sparsity 0): there is nothing to {layout}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    _check_conversion(src, dst, layout, overwrite, representation)
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    except OSError as err:
+        raise ValueError(f"output {str(dst)!r} is not writable ({err.strerror or err}); choose a folder this process "
+                         "can create and write") from None
+    try:
+        model = SparseWideGPTForCausalLM.from_pretrained(src, dtype="auto").eval()
         if layout == CONDENSED_FORMAT:
             with torch.no_grad():
                 model.condense(representation)
@@ -115,3 +107,28 @@ def convert_checkpoint(src: str | Path, dst: str | Path, layout: str, *, overwri
         if tmp.exists():
             shutil.rmtree(tmp)
     return dst
+
+
+def _check_conversion(src: Path, dst: Path, layout: str, overwrite: bool, representation: str) -> None:
+    layouts = (PLAIN, BITMASK_FORMAT, CONDENSED_FORMAT)
+    if layout not in layouts:
+        raise ValueError(f"layout={layout!r} is invalid: expected one of {list(layouts)}")
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"representation={representation!r} is invalid: expected one of {list(REPRESENTATIONS)}")
+    config = _checkpoint_config(src)
+    fmt = config.get("sparse_format")
+    held = fmt["format"] if isinstance(fmt, dict) and fmt.get("format") else PLAIN
+    if held == CONDENSED_FORMAT:
+        raise ValueError(f"{src} is condensed ({CONDENSED_FORMAT}); condensed checkpoints cannot be converted "
+                         "(keep the masked checkpoint they were made from)")
+    if layout == PLAIN and held == PLAIN:
+        raise ValueError(f"{src} is not compressed (plain layout): nothing to decompress")
+    if layout == BITMASK_FORMAT and held == BITMASK_FORMAT:
+        raise ValueError(f"{src} is already compressed ({BITMASK_FORMAT})")
+    if not config.get("sparsity"):
+        raise ValueError(f"{src} has no sparse layers (sparsity {config.get('sparsity', 0)}): there is nothing to "
+                         f"convert to {layout}")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"output {dst} is the input folder; write to another folder")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")

@@ -1,0 +1,86 @@
+"""Bad input to `compress`, `decompress` and `condense`: one sentence naming the bad value and what would be valid,
+a non-zero exit, no traceback, no model loaded, and every file that was there before left byte for byte as it was
+(no half-written output, no temporary folder left behind)."""
+
+import pytest
+import transformers
+from conftest import tiny_config
+from test_bad_inputs_evaluation import read_only, snapshot
+
+from hf_sparse_ift import SparseWideGPTForCausalLM
+from hf_sparse_ift.cli import main
+from hf_sparse_ift.models.sparse_wide_gpt import SparseWideGPTForCausalLM as ModelClass
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    root = tmp_path_factory.mktemp("conversion")
+    model = SparseWideGPTForCausalLM(tiny_config())
+    model.save_pretrained(root / "plain", sparse_format="plain")
+    model.save_pretrained(root / "compressed")
+    SparseWideGPTForCausalLM(tiny_config(sparsity=0.0)).save_pretrained(root / "dense")
+    condensed = SparseWideGPTForCausalLM(tiny_config())
+    condensed.condense()
+    condensed.save_pretrained(root / "condensed")
+    (root / "earlier-output").mkdir()
+    (root / "earlier-output" / "keep.txt").write_text("an earlier conversion")
+    (root / "not-a-checkpoint").mkdir()
+    (root / "read-only").mkdir()
+    return {"root": root}
+
+
+CASES = [
+    ("missing input", ["compress", "{root}/nowhere", "{root}/out"],
+     ["{root}/nowhere is not a save_pretrained folder: it has no config.json"]),
+    ("folder without config.json", ["condense", "{root}/not-a-checkpoint", "{root}/out"],
+     ["{root}/not-a-checkpoint is not a save_pretrained folder"]),
+    ("decompress a plain checkpoint", ["decompress", "{root}/plain", "{root}/out"],
+     ["{root}/plain is not compressed (plain layout): nothing to decompress"]),
+    ("compress a compressed checkpoint", ["compress", "{root}/compressed", "{root}/out"],
+     ["{root}/compressed is already compressed (bitmask-values-v1)"]),
+    ("convert a condensed checkpoint", ["decompress", "{root}/condensed", "{root}/out"],
+     ["{root}/condensed is condensed (condensed-v1); condensed checkpoints cannot be converted"]),
+    ("a dense model", ["condense", "{root}/dense", "{root}/out"],
+     ["{root}/dense has no sparse layers (sparsity 0.0)"]),
+    ("output is the input", ["condense", "{root}/compressed", "{root}/compressed"],
+     ["output {root}/compressed is the input folder"]),
+    ("existing output without --overwrite", ["compress", "{root}/plain", "{root}/earlier-output"],
+     ["{root}/earlier-output already exists; pass --overwrite to replace it"]),
+    ("read-only output folder", ["compress", "{root}/plain", "{root}/read-only/out"],
+     ["output '{root}/read-only/out' is not writable", "choose a folder this process can create and write"]),
+]
+
+
+@pytest.mark.parametrize("argv, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_sentence_and_changes_nothing(ctx, argv, expected, monkeypatch, capsys):
+    fill = {k: str(v) for k, v in ctx.items()}
+    argv = [a.format(**fill) for a in argv]
+    expected = [e.format(**fill) for e in expected]
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(ModelClass, "from_pretrained", no_loading)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    before = snapshot(ctx["root"])
+    with read_only(ctx["root"] / "read-only"):
+        code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"hf-sparse-ift {argv[0]}: error: ") and err.count("\n") == 1, err
+    for text in expected:
+        assert text in err, f"{text!r} not in {err!r}"
+    assert "Traceback" not in err
+    assert snapshot(ctx["root"]) == before
+    assert not list(ctx["root"].glob(".*tmp-*"))
+
+
+def test_an_unknown_representation_is_refused_by_the_parser(ctx, capsys):
+    root = ctx["root"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["condense", str(root / "compressed"), str(root / "out"), "--representation", "ell"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --representation: invalid choice: 'ell' (choose from " in err  # quoting varies by Python
+    assert all(choice in err.rsplit("choose from", 1)[1] for choice in ("auto", "csr", "padded"))
+    assert not (root / "out").exists()

@@ -168,6 +168,52 @@ def load_average():
         return None
 
 
+def torch_path_comparison(report: dict, dtypes: list[str], overrides: dict, passes: int) -> None:
+    """Block linears alone, one token, SW-75 (SRigL masks): masked, condensed with the C kernel, condensed with the
+    torch path (what runs without a C compiler or with HF_SPARSE_IFT_KERNEL=0), measured in turns."""
+    from hf_sparse_ift.models.sparse_wide_gpt import condensed
+
+    library = condensed._kernel()
+    for dtype_name in dtypes:
+        masked = build("gpt3-small-sw75", DTYPES[dtype_name], "srigl", overrides)
+        shared = {id(t): t for m in sparse_layers(masked).values() for t in (m.weight, m.weight_mask)}
+        condensed_model = copy.deepcopy(masked, shared).condense()
+        times = {"masked": [], "condensed-kernel": [], "condensed-torch-path": []}
+        try:
+            for _ in range(3):
+                times["masked"] += time_block_linears(masked, passes)
+                condensed._LIB = library
+                times["condensed-kernel"] += time_block_linears(condensed_model, passes)
+                condensed._LIB = None  # the torch path, as without a compiler
+                times["condensed-torch-path"] += time_block_linears(condensed_model, max(2, passes // 2))
+        finally:
+            condensed._LIB = library
+        row = {"dtype": dtype_name, **{f"{k}_ms_per_token": statistics.median(v) * 1e3 for k, v in times.items()}}
+        print(row, flush=True)
+        report["results"].append(row)
+        del masked, condensed_model
+        gc.collect()
+
+
+def write_torch_path(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"cpu-{platform.machine()}-{report['threads']}threads-{report['date']}-condensed-torch-path"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# Condensed layers without the C kernel — cpu-{platform.machine()}, {report['threads']} threads — "
+             f"{report['date']}", "",
+             f"torch {report['torch']}, transformers {report['transformers']}; "
+             f"{'tiny shapes (--smoke)' if report['smoke'] else 'GPT-3 Small SW-75'} (SRigL masks), one "
+             "token through the 72 block linears (no LM head, attention or KV cache), medians; the torch path is a "
+             "CSR matmul (`torch.sparse.mm`).", "",
+             f"Command: `{report['command']}` at commit {report['commit']}", "",
+             "| dtype | masked, ms | condensed with the kernel, ms | condensed, torch path, ms |", "|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['dtype']} | {r['masked_ms_per_token']:.1f} | {r['condensed-kernel_ms_per_token']:.1f} | "
+                     f"{r['condensed-torch-path_ms_per_token']:.1f} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(out / f"{stem}.md")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", default="float32,bfloat16")
@@ -177,6 +223,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few tokens (CI)")
+    parser.add_argument("--torch-path", action="store_true",
+                        help="only compare the block linears of SW-75: masked, condensed with the kernel, condensed "
+                             "with the torch path used without a C compiler")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -194,6 +243,10 @@ def main(argv=None) -> int:
               "gpu": f"not used: this script measures CPU inference (CUDA available: {torch.cuda.is_available()})",
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "results": []}
+    if args.torch_path:
+        torch_path_comparison(report, args.dtypes.split(","), overrides, 4 if args.smoke else 10)
+        write_torch_path(report, Path(args.out))
+        return 0
     prompt = torch.randint(0, 97 if args.smoke else 50257, (1, args.prefill), generator=torch.Generator().manual_seed(0))
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]

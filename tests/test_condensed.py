@@ -216,6 +216,13 @@ def test_condensed_inference_benchmark_smoke(tmp_path):
                if r["dtype"] == "float32" and r["same_greedy_tokens_as_masked"] is not None)
     assert f"GPU: not used: this script measures CPU inference (CUDA available: {torch.cuda.is_available()})" in \
         next(tmp_path.glob("*-condensed.md")).read_text()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "condensed_inference.py"), "--smoke",
+                           "--torch-path", "--out", str(tmp_path / "torch-path")], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(next((tmp_path / "torch-path").glob("*-condensed-torch-path.json")).read_text())["results"]
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
+    assert all(r[f"{k}_ms_per_token"] > 0 for r in rows for k in ("masked", "condensed-kernel", "condensed-torch-path"))
 
 
 @pytest.mark.slow

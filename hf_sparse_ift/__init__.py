@@ -18,7 +18,7 @@ from .models.sparse_wide_gpt import (
     SparseWideGPTPreTrainedModel,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 AutoConfig.register(SparseWideGPTConfig.model_type, SparseWideGPTConfig, exist_ok=True)
 AutoModel.register(SparseWideGPTConfig, SparseWideGPTModel, exist_ok=True)

@@ -256,9 +256,9 @@ def evaluate(model: str, suite: str = "paper", batch_size: str | int = "auto", d
     lm, device = _load_lm(identity, dtype, batch_size, device, max_length)
     rows, raw = _run_suite(lm, the_suite, loaded, missing, manager, limit)
     _complete_identity(identity)
-    import lm_eval
+    import lm_eval  # already imported by the run: the version of what scored
 
-    import hf_sparse_ift
+    from .. import __version__ as package_version
 
     summary = {
         "schema": SUMMARY_SCHEMA, "model": identity, "suite": the_suite.name,
@@ -268,7 +268,7 @@ def evaluate(model: str, suite: str = "paper", batch_size: str | int = "auto", d
         "limit": limit, "partial": limit is not None, "num_fewshot_override": num_fewshot,
         "dtype": dtype, "model_dtype": str(getattr(lm.model, "dtype", "")).replace("torch.", ""),
         "batch_size": str(batch_size), "device": device, "max_length": lm.max_length, "apply_chat_template": False,
-        "lm_eval_version": lm_eval.__version__, "hf_sparse_ift_version": hf_sparse_ift.__version__,
+        "lm_eval_version": lm_eval.__version__, "hf_sparse_ift_version": package_version,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if out is not None:

@@ -36,6 +36,15 @@ torch.save({"logits": model(x).logits,
 """
 
 
+def run_without_the_package(tmp_path, script: str, *args) -> None:
+    """Run `script` in a fresh Python where importing hf_sparse_ift fails, as on a machine without the package."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(textwrap.dedent(BLOCKER))
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=tmp_path, env=env, check=True, timeout=300)
+
+
 def test_trust_remote_code_without_the_package(tiny_model, tmp_path):
     ckpt = tmp_path / "ckpt"
     tiny_model.save_pretrained(ckpt)
@@ -45,15 +54,9 @@ def test_trust_remote_code_without_the_package(tiny_model, tmp_path):
                  "sparse_safetensors.py", "condensed.py"):
         assert (ckpt / code).exists(), code
 
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(textwrap.dedent(BLOCKER))
     x = torch.randint(0, 97, (2, 12))
     torch.save(x, tmp_path / "x.pt")
-    env = {**os.environ, "PYTHONPATH": str(site), "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-c", LOADER, str(ckpt), str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
-                   cwd=tmp_path, env=env, check=True, timeout=300)
-
+    run_without_the_package(tmp_path, LOADER, ckpt, tmp_path / "x.pt", tmp_path / "out.pt")
     out = torch.load(tmp_path / "out.pt")
     assert torch.equal(out["logits"], tiny_model(x).logits)
     # save_pretrained writes the compressed layout (packed mask bits): decode it to compare masks

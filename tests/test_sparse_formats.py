@@ -2,17 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
-import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_remote_code import BLOCKER
+from test_remote_code import run_without_the_package
 from transformers import AutoModelForCausalLM
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
@@ -200,15 +196,10 @@ def test_remote_code_loads_compressed_and_condensed_without_the_package(tmp_path
     model.save_pretrained(tmp_path / "compressed")
     condensed = SparseWideGPTForCausalLM.from_pretrained(tmp_path / "compressed").eval().condense()
     condensed.save_pretrained(tmp_path / "condensed")
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(textwrap.dedent(BLOCKER))
     x = torch.randint(0, 97, (2, 12))
     torch.save(x, tmp_path / "x.pt")
-    env = {**os.environ, "PYTHONPATH": str(site), "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-c", LOADER, str(tmp_path / "x.pt"), str(tmp_path / "out.pt"),
-                    str(tmp_path / "compressed"), str(tmp_path / "condensed")],
-                   cwd=tmp_path, env=env, check=True, timeout=300)
+    run_without_the_package(tmp_path, LOADER, tmp_path / "x.pt", tmp_path / "out.pt", tmp_path / "compressed",
+                            tmp_path / "condensed")
     out = torch.load(tmp_path / "out.pt")
     with torch.no_grad():
         want = model(x).logits

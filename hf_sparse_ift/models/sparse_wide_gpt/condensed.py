@@ -433,8 +433,9 @@ def _kernel():
                         _LIB = _load_kernel()
                     except Exception as err:  # noqa: BLE001 - any failure means: use the torch path
                         warnings.warn(f"the CPU kernel of condensed.py is unavailable ({err}): condensed layers "
-                                      f"compute with torch and compressed checkpoints decode with numpy (the same "
-                                      f"results, slower). HF_SPARSE_IFT_KERNEL=0 chooses this without the warning.",
+                                      f"compute with torch, slower on CPU than the masked model's matmuls, and compressed "
+                                      f"checkpoints decode with numpy (the same results). HF_SPARSE_IFT_KERNEL=0 "
+                                      f"chooses this without the warning.",
                                       RuntimeWarning, stacklevel=3)
                         _LIB = None
     return _LIB

@@ -104,13 +104,19 @@ def test_bad_input_is_one_sentence_and_changes_nothing(ctx, argv, expected, monk
 
     monkeypatch.setattr(lm_eval_hf.HFLM, "__init__", no_loading)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
-    before = snapshot(ctx["root"])
-    with read_only(ctx["root"] / "read-only"):
+    assert run_refused(ctx["root"], argv, expected, capsys) != 0
+
+
+def run_refused(root: Path, argv: list[str], expected: list[str], capsys) -> int:
+    """Run the command with `root/read-only` unwritable; assert one error sentence holding every `expected` text and
+    every file under `root` unchanged. Returns the exit code."""
+    before = snapshot(root)
+    with read_only(root / "read-only"):
         code = main(argv)
     err = capsys.readouterr().err
-    assert code != 0
     assert err.startswith(f"hf-sparse-ift {argv[0]}: error: ") and err.count("\n") == 1, err
     for text in expected:
         assert text in err, f"{text!r} not in {err!r}"
     assert "Traceback" not in err
-    assert snapshot(ctx["root"]) == before
+    assert snapshot(root) == before
+    return code

@@ -14,8 +14,7 @@ from transformers import AutoModelForCausalLM
 from hf_sparse_ift import SparseWideGPTForCausalLM
 from hf_sparse_ift.cli import main as cli_main
 from hf_sparse_ift.models.sparse_wide_gpt.sparse_safetensors import (
-    BITMASK_FORMAT, compress_state_dict, compress_weight, decompress_state_dict, decompress_weight, pack_mask,
-    unpack_mask)
+    BITMASK_FORMAT, compress_state_dict, compress_weight, decompress_state_dict, decompress_weight)
 from hf_sparse_ift.sparsity.masks import pack_bits, sparse_layers
 
 WIDTH = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
@@ -42,6 +41,50 @@ def assert_bit_exact(original, loaded):
         assert t.dtype == u.dtype and t.shape == u.shape, key
         width = WIDTH.get(t.dtype)
         assert torch.equal(t.view(width), u.view(width)) if width else torch.equal(t, u), key
+
+
+def test_mask_bits_are_pack_bits_and_bad_bits_are_refused():
+    mask = torch.rand(13, 7) < 0.3
+    weight = torch.randn(13, 7).masked_fill(~mask, 0.0)
+    bits, values, shape = compress_weight(weight, mask)
+    assert bits.dtype == torch.uint8 and bits.shape == (12,)  # ceil(91 / 8)
+    assert torch.equal(bits, pack_bits(mask))
+    assert torch.equal(decompress_weight(bits, values, shape)[1], mask)
+    with pytest.raises(ValueError, match=r"do not fit a weight of shape \(13, 8\): expected uint8 \[13\]"):
+        decompress_weight(bits, values, (13, 8))
+    bad = bits.clone()
+    bad[-1] |= 0x80  # 91 = 11 * 8 + 3: bit 7 of the last byte is padding
+    with pytest.raises(ValueError, match="non-zero padding bits"):
+        decompress_weight(bad, values, shape)
+    with pytest.raises(ValueError, match="needs a bool mask of the same shape"):
+        compress_weight(weight, mask.float())
+
+
+@pytest.mark.parametrize("decoder", ["kernel", "numpy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_compress_weight_exact_bytes_and_bits(dtype, decoder, monkeypatch):
+    from hf_sparse_ift.models.sparse_wide_gpt import condensed
+
+    if decoder == "numpy":
+        monkeypatch.setattr(condensed, "_LIB", None)
+    elif not condensed.kernel_available():
+        pytest.skip("no C compiler")
+    torch.manual_seed(0)
+    mask = torch.rand(37, 29) < 0.25
+    weight = (torch.randn(37, 29) * mask).to(dtype)
+    active = mask.view(-1).nonzero().squeeze(1)
+    weight.view(-1)[active[:5]] = 0.0
+    weight.view(-1)[active[5]] = -0.0
+    bits, values, shape = compress_weight(weight, mask)
+    assert bits.numel() == (37 * 29 + 7) // 8 and values.numel() == int(mask.sum()) and values.dtype == dtype
+    assert shape.tolist() == [37, 29]
+    w, m = decompress_weight(bits, values, shape)
+    assert torch.equal(m, mask)
+    width = WIDTH[dtype]
+    assert torch.equal(w.view(width), weight.masked_fill(~mask, 0).view(width))
+    assert torch.signbit(w.view(-1)[active[5]]) and not torch.signbit(w.view(-1)[active[4]])
+    with pytest.raises(ValueError, match=r"layer: 3 stored values for a mask with \d+ active positions"):
+        decompress_weight(bits, values[:3], shape, "layer")
 
 
 def test_save_writes_compressed_layout_and_loads_bit_exact(tmp_path):

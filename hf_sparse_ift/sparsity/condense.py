@@ -1,6 +1,6 @@
 """Condensed inference: sparse linears that store and compute only their active weights.
 
-    model.condense()                                   # in place; or condense(model, representation="csr")
+    model.condense()                                   # in place; or model.condense(representation="csr")
     hf-sparse-ift condense outputs/run/checkpoint-600/hf outputs/run/condensed
 
 The layer itself (`CondensedLinear`, its C kernel and the torch fallback) lives in the model folder
@@ -22,17 +22,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models.sparse_wide_gpt.condensed import (CONDENSED_FORMAT, REPRESENTATIONS, CondensedLinear, condense_model,
+from ..models.sparse_wide_gpt.condensed import (CONDENSED_FORMAT, REPRESENTATIONS, CondensedLinear,
                                                 kernel_available)
 from ..models.sparse_wide_gpt.sparse_safetensors import BITMASK_FORMAT, PLAIN
 
-__all__ = ["CONDENSED_FORMAT", "REPRESENTATIONS", "CondensedLinear", "condense", "condensed_layers",
+__all__ = ["CONDENSED_FORMAT", "REPRESENTATIONS", "CondensedLinear", "condensed_layers",
            "condensed_summary", "kernel_available", "convert_checkpoint", "checkpoint_format"]
-
-
-def condense(model: nn.Module, representation: str = "auto") -> nn.Module:
-    """Replace every masked sparse linear by a `CondensedLinear`, in place. Returns the model."""
-    return condense_model(model, representation)
 
 
 def condensed_layers(model: nn.Module) -> dict[str, CondensedLinear]:
@@ -58,10 +53,14 @@ def _checkpoint_config(path: Path) -> dict:
     return json.loads(config.read_text())
 
 
+def _layout(config: dict) -> str:
+    fmt = config.get("sparse_format")
+    return fmt["format"] if isinstance(fmt, dict) and fmt.get("format") else PLAIN
+
+
 def checkpoint_format(path: str | Path) -> str:
     """``plain``, ``bitmask-values-v1`` or ``condensed-v1``, from a checkpoint folder's config.json."""
-    fmt = _checkpoint_config(Path(path)).get("sparse_format")
-    return fmt["format"] if isinstance(fmt, dict) and fmt.get("format") else PLAIN
+    return _layout(_checkpoint_config(Path(path)))
 
 
 _WRITTEN_BY_SAVE = ("config.json", "generation_config.json", "model.safetensors.index.json")
@@ -116,8 +115,7 @@ def _check_conversion(src: Path, dst: Path, layout: str, overwrite: bool, repres
     if representation not in REPRESENTATIONS:
         raise ValueError(f"representation={representation!r} is invalid: expected one of {list(REPRESENTATIONS)}")
     config = _checkpoint_config(src)
-    fmt = config.get("sparse_format")
-    held = fmt["format"] if isinstance(fmt, dict) and fmt.get("format") else PLAIN
+    held = _layout(config)
     if held == CONDENSED_FORMAT:
         raise ValueError(f"{src} is condensed ({CONDENSED_FORMAT}); condensed checkpoints cannot be converted "
                          "(keep the masked checkpoint they were made from)")

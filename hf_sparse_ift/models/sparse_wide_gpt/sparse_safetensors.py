@@ -39,7 +39,7 @@ SHAPE_SUFFIX = ".weight_shape"
 METADATA_KEY = "sparse_format"
 KNOWN_FORMATS = (BITMASK_FORMAT, CONDENSED_FORMAT)
 
-__all__ = ["BITMASK_FORMAT", "PLAIN", "SparseCheckpointMixin", "pack_mask", "unpack_mask", "compress_weight",
+__all__ = ["BITMASK_FORMAT", "PLAIN", "SparseCheckpointMixin", "compress_weight",
            "decompress_weight", "compress_state_dict", "decompress_state_dict", "is_compressed_state_dict",
            "format_config"]
 
@@ -60,27 +60,6 @@ def _as_bits(t: torch.Tensor) -> np.ndarray:
     """A contiguous CPU tensor's bytes as a numpy integer array of the same element width (no copy)."""
     t = t.detach().to("cpu").contiguous()
     return t.view(_INT_OF_WIDTH[t.element_size()]).numpy()
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bool tensor -> uint8 ``[ceil(numel/8)]``, row-major, least significant bit first (same as `masks.pack_bits`)."""
-    if mask.dtype != torch.bool:
-        raise ValueError(f"pack_mask expects a bool mask, got dtype {mask.dtype}")
-    return torch.from_numpy(np.packbits(_as_bits(mask).reshape(-1).view(np.bool_), bitorder="little"))
-
-
-def unpack_mask(bits: torch.Tensor, shape) -> torch.Tensor:
-    """Inverse of `pack_mask`; checks the byte count and that padding bits are 0."""
-    shape = tuple(int(s) for s in shape)
-    numel = int(np.prod(shape)) if shape else 1
-    if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (numel + 7) // 8:
-        raise ValueError(f"mask bits of shape {tuple(bits.shape)} and dtype {bits.dtype} do not fit a weight of shape "
-                         f"{shape}: expected uint8 [{(numel + 7) // 8}]")
-    packed = _as_bits(bits)
-    if numel % 8 and packed[-1] >> (numel % 8):
-        raise ValueError(f"mask bits for shape {shape} have non-zero padding bits in the last byte")
-    flat = np.unpackbits(packed, count=numel, bitorder="little").view(np.bool_)
-    return torch.from_numpy(flat).view(shape)
 
 
 def compress_weight(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -174,19 +153,9 @@ def is_compressed_state_dict(keys) -> bool:
 
 
 def decompress_state_dict(state_dict: dict) -> dict:
-    """``bitmask-values-v1`` state dict -> plain state dict (``P.weight`` + ``P.weight_mask``)."""
-    prefixes = set(_compressed_prefixes(state_dict))
-    out = {}
-    for key, tensor in state_dict.items():
-        prefix = next((key[: -len(s)] for s in (MASK_SUFFIX, VALUES_SUFFIX, SHAPE_SUFFIX) if key.endswith(s)), None)
-        if prefix not in prefixes:
-            out[key] = tensor
-        elif key.endswith(MASK_SUFFIX):
-            get = (lambda t: t[...]) if not isinstance(tensor, torch.Tensor) else (lambda t: t)
-            weight, mask = decompress_weight(
-                get(tensor), get(state_dict[prefix + VALUES_SUFFIX]), get(state_dict[prefix + SHAPE_SUFFIX]), prefix)
-            out[prefix + ".weight"], out[prefix + ".weight_mask"] = weight, mask
-    return out
+    """``bitmask-values-v1`` state dict (tensors or safetensors slices) -> plain state dict (``P.weight`` +
+    ``P.weight_mask``); other entries are passed through."""
+    return {key: entry[...] for key, entry in _lazy_state_dict(state_dict).items()}
 
 
 # ----------------------------------------------------------------------------------------------

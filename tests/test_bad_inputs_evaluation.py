@@ -95,6 +95,14 @@ def read_only(folder: Path):
 
 @pytest.mark.parametrize("argv, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_sentence_and_changes_nothing(ctx, argv, expected, monkeypatch, capsys):
+    loaders = [(lm_eval_hf.HFLM, "__init__"), (transformers.AutoModelForCausalLM, "from_pretrained")]
+    assert run_refused(ctx, argv, expected, loaders, monkeypatch, capsys) != 0
+
+
+def run_refused(ctx: dict, argv: list[str], expected: list[str], loaders, monkeypatch, capsys) -> int:
+    """Run the command (``{name}`` in `argv` / `expected` filled from `ctx`) with every loader in `loaders` failing
+    and `ctx["root"]/read-only` unwritable; assert one error sentence holding every `expected` text, no traceback and
+    every file under the root unchanged. Returns the exit code."""
     fill = {k: str(v) for k, v in ctx.items()}
     argv = [a.format(**fill) for a in argv]
     expected = [e.format(**fill) for e in expected]
@@ -102,14 +110,9 @@ def test_bad_input_is_one_sentence_and_changes_nothing(ctx, argv, expected, monk
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(lm_eval_hf.HFLM, "__init__", no_loading)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
-    assert run_refused(ctx["root"], argv, expected, capsys) != 0
-
-
-def run_refused(root: Path, argv: list[str], expected: list[str], capsys) -> int:
-    """Run the command with `root/read-only` unwritable; assert one error sentence holding every `expected` text and
-    every file under `root` unchanged. Returns the exit code."""
+    for owner, name in loaders:
+        monkeypatch.setattr(owner, name, no_loading)
+    root = ctx["root"]
     before = snapshot(root)
     with read_only(root / "read-only"):
         code = main(argv)

@@ -31,13 +31,14 @@ def time_ms(fn, repeats=20):
 def main() -> int:
     totals, rows = {}, []
     for head in (64, 96, 128):
-        q, k, v = (torch.randn(8, 12, 2048, head, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
+        q, k, v = (
+            torch.randn(8, 12, 2048, head, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+        )
         grad = torch.randn_like(q)
         for backend in ("flash", "cudnn", "efficient"):
             set_sdpa_backend(backend)
 
-            def step():
+            def step(q=q, k=k, v=v, grad=grad):
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
                 out.backward(grad)
 
@@ -52,8 +53,9 @@ def main() -> int:
     set_sdpa_backend("auto")
     for r in rows:
         print(json.dumps(r))
-    best = min((b for b in totals if all(r["fwd_bwd_ms"] is not None for r in rows if r["backend"] == b)),
-               key=totals.get)
+    best = min(
+        (b for b in totals if all(r["fwd_bwd_ms"] is not None for r in rows if r["backend"] == b)), key=totals.get
+    )
     print(best)
     return 0
 

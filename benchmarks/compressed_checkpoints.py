@@ -67,7 +67,8 @@ def sparse_bytes(path: Path) -> int:
             keys = set(f.keys())
             for key in keys:
                 sparse = key.endswith((MASK_SUFFIX, VALUES_SUFFIX, SHAPE_SUFFIX, ".weight_mask")) or (
-                    key.endswith(".weight") and key[: -len(".weight")] + ".weight_mask" in keys)
+                    key.endswith(".weight") and key[: -len(".weight")] + ".weight_mask" in keys
+                )
                 if sparse:
                     t = f.get_slice(key)
                     numel = 1
@@ -90,8 +91,11 @@ def check_bit_exact(original, loaded) -> bool:
         if key.endswith(".weight") and prefix in layers:
             mask = layers[prefix].weight_mask
             width = {2: torch.int16, 4: torch.int32}[t.element_size()]
-            if not torch.equal(t[mask].view(width), u[mask].view(width)) or torch.count_nonzero(u[~mask]).item() \
-                    or u[~mask].view(width).ne(0).any():  # inactive: +0.0 exactly
+            if (
+                not torch.equal(t[mask].view(width), u[mask].view(width))
+                or torch.count_nonzero(u[~mask]).item()
+                or u[~mask].view(width).ne(0).any()
+            ):  # inactive: +0.0 exactly
                 return False
         elif not torch.equal(t, u):
             return False
@@ -143,11 +147,19 @@ def measure(preset: str, dtype_name: str, repeats: int, overrides: dict, workdir
     active = sum(int(m.weight_mask.sum()) for m in sparse_layers(model).values())
     active_zeros = sum(int((m.weight.eq(0) & m.weight_mask).sum()) for m in sparse_layers(model).values())
     row = {
-        "preset": preset, "dtype": dtype_name, "d_model": cfg.hidden_size, "d_ff": cfg.intermediate_size,
-        "layer_sparsity": cfg.layer_sparsity, "active_sparse_weights": active, "active_zeros": active_zeros,
-        "checkpoint_bytes_plain": folder_bytes(plain), "checkpoint_bytes_compressed": folder_bytes(compressed),
-        "sparse_bytes_plain": sparse_bytes(plain), "sparse_bytes_compressed": sparse_bytes(compressed),
-        "save_s_plain": save_plain, "save_s_compressed": save_compressed,
+        "preset": preset,
+        "dtype": dtype_name,
+        "d_model": cfg.hidden_size,
+        "d_ff": cfg.intermediate_size,
+        "layer_sparsity": cfg.layer_sparsity,
+        "active_sparse_weights": active,
+        "active_zeros": active_zeros,
+        "checkpoint_bytes_plain": folder_bytes(plain),
+        "checkpoint_bytes_compressed": folder_bytes(compressed),
+        "sparse_bytes_plain": sparse_bytes(plain),
+        "sparse_bytes_compressed": sparse_bytes(compressed),
+        "save_s_plain": save_plain,
+        "save_s_compressed": save_compressed,
     }
     row["checkpoint_ratio"] = row["checkpoint_bytes_plain"] / row["checkpoint_bytes_compressed"]
     row["sparse_ratio"] = row["sparse_bytes_plain"] / row["sparse_bytes_compressed"]
@@ -156,8 +168,11 @@ def measure(preset: str, dtype_name: str, repeats: int, overrides: dict, workdir
         times = {"plain": [], "compressed": []}
         resident = {"plain": [], "compressed": []}
         for i in range(repeats + 1):  # the first warm round fills the page cache and is not timed
-            for name, path in (("plain", plain), ("compressed", compressed)) if i % 2 == 0 else \
-                    (("compressed", compressed), ("plain", plain)):
+            for name, path in (
+                (("plain", plain), ("compressed", compressed))
+                if i % 2 == 0
+                else (("compressed", compressed), ("plain", plain))
+            ):
                 seconds, until_resident, loaded = timed_load(path, dtype, cold)
                 if i or cold:
                     times[name].append(seconds)
@@ -191,37 +206,54 @@ def write(report: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"cpu-{platform.machine()}-{report['threads']}threads-{report['date']}-compressed"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Compressed checkpoints (`bitmask-values-v1`) — cpu-{platform.machine()}, {report['threads']} threads — "
-             f"{report['date']}", "",
-             f"torch {report['torch']}, transformers {report['transformers']}, safetensors {report['safetensors']}. "
-             f"Load average before / after: {report['load_average_before']} / {report['load_average_after']} "
-             "(the machine is shared with other processes; load times are medians of alternated loads).", "",
-             f"Command: `{report['command']}`", "",
-             "Sizes:", "",
-             "| preset | dtype | d_model/d_ff | checkpoint plain | compressed | ratio | sparse matrices plain | "
-             "compressed | ratio | bit-exact |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Compressed checkpoints (`bitmask-values-v1`) — cpu-{platform.machine()}, {report['threads']} threads — "
+        f"{report['date']}",
+        "",
+        f"torch {report['torch']}, transformers {report['transformers']}, safetensors {report['safetensors']}. "
+        f"Load average before / after: {report['load_average_before']} / {report['load_average_after']} "
+        "(the machine is shared with other processes; load times are medians of alternated loads).",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "Sizes:",
+        "",
+        "| preset | dtype | d_model/d_ff | checkpoint plain | compressed | ratio | sparse matrices plain | "
+        "compressed | ratio | bit-exact |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["results"]:
         lines.append(
             f"| {r['preset']} | {r['dtype']} | {r['d_model']}/{r['d_ff']} | {r['checkpoint_bytes_plain'] / 1e6:,.1f} MB "
             f"| {r['checkpoint_bytes_compressed'] / 1e6:,.1f} MB | {r['checkpoint_ratio']:.2f}x "
             f"| {r['sparse_bytes_plain'] / 1e6:,.1f} MB | {r['sparse_bytes_compressed'] / 1e6:,.1f} MB "
-            f"| {r['sparse_ratio']:.2f}x | {'yes' if r['bit_exact'] else 'NO'} |")
-    lines += ["", "Load times, seconds (median; ratio = compressed / plain). Warm: files in the page cache. Cold: this "
-              "checkpoint's files evicted from the page cache before each load (posix_fadvise DONTNEED). "
-              "'+ resident': until every weight page has been read once.", "",
-              "| preset | warm from_pretrained plain | compressed | ratio | warm + resident plain | compressed | ratio "
-              "| cold from_pretrained plain | compressed | ratio | cold + resident plain | compressed | ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            f"| {r['sparse_ratio']:.2f}x | {'yes' if r['bit_exact'] else 'NO'} |"
+        )
+    lines += [
+        "",
+        "Load times, seconds (median; ratio = compressed / plain). Warm: files in the page cache. Cold: this "
+        "checkpoint's files evicted from the page cache before each load (posix_fadvise DONTNEED). "
+        "'+ resident': until every weight page has been read once.",
+        "",
+        "| preset | warm from_pretrained plain | compressed | ratio | warm + resident plain | compressed | ratio "
+        "| cold from_pretrained plain | compressed | ratio | cold + resident plain | compressed | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["results"]:
         cells = []
         for tag in ("", "cold_"):
             for metric in ("load", "resident"):
-                cells += [f"{r[f'{tag}{metric}_s_plain']:.2f}", f"{r[f'{tag}{metric}_s_compressed']:.2f}",
-                          f"{r[f'{tag}{metric}_ratio']:.2f}x"]
+                cells += [
+                    f"{r[f'{tag}{metric}_s_plain']:.2f}",
+                    f"{r[f'{tag}{metric}_s_compressed']:.2f}",
+                    f"{r[f'{tag}{metric}_ratio']:.2f}x",
+                ]
         lines.append(f"| {r['preset']} | " + " | ".join(cells) + " |")
-    lines += ["", "Targets (GPT-3 Small SW-75, bf16): checkpoint >= 2.2x smaller, sparse matrices >= 3.1x, "
-              "load time <= 1.5x the plain layout's."]
+    lines += [
+        "",
+        "Targets (GPT-3 Small SW-75, bf16): checkpoint >= 2.2x smaller, sparse matrices >= 3.1x, "
+        "load time <= 1.5x the plain layout's.",
+    ]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return out / f"{stem}.md"
 
@@ -239,14 +271,23 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     overrides = {}
     if args.smoke:
-        overrides = dict(vocab_size=97, n_positions=32, n_layer=2, n_head=2, dense_hidden_size=16,
-                         dense_intermediate_size=64)
+        overrides = dict(
+            vocab_size=97, n_positions=32, n_layer=2, n_head=2, dense_hidden_size=16, dense_intermediate_size=64
+        )
         args.repeats = 1
-    report = {"date": datetime.date.today().isoformat(), "threads": args.threads, "torch": torch.__version__,
-              "transformers": transformers.__version__, "safetensors": safetensors.__version__,
-              "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-              "command": "compressed_checkpoints.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "load_average_before": load_average(), "smoke": args.smoke, "results": []}
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "command": "compressed_checkpoints.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "load_average_before": load_average(),
+        "smoke": args.smoke,
+        "results": [],
+    }
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for preset in args.presets.split(","):
             row = measure(preset, args.dtype, args.repeats, overrides, Path(tmp))

@@ -119,10 +119,12 @@ def measure_group(variants: dict, prompt: torch.Tensor, decode: int, repeats: in
             results[name]["prefill_s"].append(prefill)
             results[name]["decode_step_s"].extend(steps)
             results[name]["block_linears_s"].extend(layers)
-            print(f"  {name}: prefill {prefill:.3f}s, decode {statistics.median(steps) * 1e3:.2f} ms/token (p10 "
-                  f"{percentile(steps, 10) * 1e3:.2f}), block linears {statistics.median(layers) * 1e3:.2f} ms/token",
-                  flush=True)
-    for name, r in results.items():
+            print(
+                f"  {name}: prefill {prefill:.3f}s, decode {statistics.median(steps) * 1e3:.2f} ms/token (p10 "
+                f"{percentile(steps, 10) * 1e3:.2f}), block linears {statistics.median(layers) * 1e3:.2f} ms/token",
+                flush=True,
+            )
+    for r in results.values():
         r["block_linears_ms_per_token_median"] = statistics.median(r["block_linears_s"]) * 1e3
         r["prefill_s_median"] = statistics.median(r["prefill_s"])
         r["prefill_s_min"] = min(r["prefill_s"])
@@ -139,11 +141,23 @@ def percentile(values: list[float], q: float) -> float:
 def groups(smoke: bool) -> list[tuple[str, list[tuple[str, str, str]]]]:
     """(group, [(variant, preset, masks)]); a variant ending in -condensed/-csr/-padded is derived from its masked twin."""
     return [
-        ("sw75", [("dense", "gpt3-small-dense", "srigl"), ("sw75-masked", "gpt3-small-sw75", "srigl"),
-                  ("sw75-condensed", "gpt3-small-sw75", "srigl")]),
+        (
+            "sw75",
+            [
+                ("dense", "gpt3-small-dense", "srigl"),
+                ("sw75-masked", "gpt3-small-sw75", "srigl"),
+                ("sw75-condensed", "gpt3-small-sw75", "srigl"),
+            ],
+        ),
         ("sw90", [("sw90-masked", "gpt3-small-sw90", "srigl"), ("sw90-condensed", "gpt3-small-sw90", "srigl")]),
-        ("sw75-set", [("sw75-set-masked", "gpt3-small-sw75", "set"), ("sw75-set-csr", "gpt3-small-sw75", "set"),
-                      ("sw75-set-padded", "gpt3-small-sw75", "set")]),
+        (
+            "sw75-set",
+            [
+                ("sw75-set-masked", "gpt3-small-sw75", "set"),
+                ("sw75-set-csr", "gpt3-small-sw75", "set"),
+                ("sw75-set-padded", "gpt3-small-sw75", "set"),
+            ],
+        ),
     ]
 
 
@@ -154,8 +168,13 @@ def source_commit() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head.stdout.strip() + ("+dirty" if dirty else "")
@@ -199,17 +218,25 @@ def write_torch_path(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"cpu-{platform.machine()}-{report['threads']}threads-{report['date']}-condensed-torch-path"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Condensed layers without the C kernel — cpu-{platform.machine()}, {report['threads']} threads — "
-             f"{report['date']}", "",
-             f"torch {report['torch']}, transformers {report['transformers']}; "
-             f"{'tiny shapes (--smoke)' if report['smoke'] else 'GPT-3 Small SW-75'} (SRigL masks), one "
-             "token through the 72 block linears (no LM head, attention or KV cache), medians; the torch path is a "
-             "CSR matmul (`torch.sparse.mm`).", "",
-             f"Command: `{report['command']}` at commit {report['commit']}", "",
-             "| dtype | masked, ms | condensed with the kernel, ms | condensed, torch path, ms |", "|---|---|---|---|"]
+    lines = [
+        f"# Condensed layers without the C kernel — cpu-{platform.machine()}, {report['threads']} threads — "
+        f"{report['date']}",
+        "",
+        f"torch {report['torch']}, transformers {report['transformers']}; "
+        f"{'tiny shapes (--smoke)' if report['smoke'] else 'GPT-3 Small SW-75'} (SRigL masks), one "
+        "token through the 72 block linears (no LM head, attention or KV cache), medians; the torch path is a "
+        "CSR matmul (`torch.sparse.mm`).",
+        "",
+        f"Command: `{report['command']}` at commit {report['commit']}",
+        "",
+        "| dtype | masked, ms | condensed with the kernel, ms | condensed, torch path, ms |",
+        "|---|---|---|---|",
+    ]
     for r in report["results"]:
-        lines.append(f"| {r['dtype']} | {r['masked_ms_per_token']:.1f} | {r['condensed-kernel_ms_per_token']:.1f} | "
-                     f"{r['condensed-torch-path_ms_per_token']:.1f} |")
+        lines.append(
+            f"| {r['dtype']} | {r['masked_ms_per_token']:.1f} | {r['condensed-kernel_ms_per_token']:.1f} | "
+            f"{r['condensed-torch-path_ms_per_token']:.1f} |"
+        )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(out / f"{stem}.md")
 
@@ -223,9 +250,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few tokens (CI)")
-    parser.add_argument("--torch-path", action="store_true",
-                        help="only compare the block linears of SW-75: masked, condensed with the kernel, condensed "
-                             "with the torch path used without a C compiler")
+    parser.add_argument(
+        "--torch-path",
+        action="store_true",
+        help="only compare the block linears of SW-75: masked, condensed with the kernel, condensed "
+        "with the torch path used without a C compiler",
+    )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -233,21 +263,33 @@ def main(argv=None) -> int:
     if args.smoke:
         args.prefill, args.decode, args.repeats = 16, 4, 1
     wanted = args.groups.split(",")
-    report = {"date": datetime.date.today().isoformat(), "threads": args.threads, "torch": torch.__version__,
-              "transformers": transformers.__version__, "python": platform.python_version(),
-              "cpu": platform.processor() or platform.machine(), "kernel": kernel_available(),
-              "command": "condensed_inference.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "commit": source_commit(),
-              "prefill_tokens": args.prefill, "decode_tokens": args.decode, "repeats": args.repeats, "batch": 1,
-              "smoke": args.smoke, "load_average_before": load_average(),
-              "gpu": f"not used: this script measures CPU inference (CUDA available: {torch.cuda.is_available()})",
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-              "results": []}
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "kernel": kernel_available(),
+        "command": "condensed_inference.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": source_commit(),
+        "prefill_tokens": args.prefill,
+        "decode_tokens": args.decode,
+        "repeats": args.repeats,
+        "batch": 1,
+        "smoke": args.smoke,
+        "load_average_before": load_average(),
+        "gpu": f"not used: this script measures CPU inference (CUDA available: {torch.cuda.is_available()})",
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "results": [],
+    }
     if args.torch_path:
         torch_path_comparison(report, args.dtypes.split(","), overrides, 4 if args.smoke else 10)
         write_torch_path(report, Path(args.out))
         return 0
-    prompt = torch.randint(0, 97 if args.smoke else 50257, (1, args.prefill), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(
+        0, 97 if args.smoke else 50257, (1, args.prefill), generator=torch.Generator().manual_seed(0)
+    )
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
         for group, variants in groups(args.smoke):
@@ -257,7 +299,7 @@ def main(argv=None) -> int:
             models, masked = {}, None
             for name, preset, masks in variants:
                 if name.endswith(("-condensed", "-csr", "-padded")):
-                    representation = {"-csr": "csr", "-padded": "padded"}.get(name[name.rfind("-"):], "auto")
+                    representation = {"-csr": "csr", "-padded": "padded"}.get(name[name.rfind("-") :], "auto")
                     # a copy that shares the masked layers' tensors (condensing reads them), so memory holds one masked
                     # model plus the condensed layers
                     shared = {id(t): t for m in sparse_layers(masked).values() for t in (m.weight, m.weight_mask)}
@@ -276,9 +318,16 @@ def main(argv=None) -> int:
                         check[name] = sum(a == b for a, b in zip(want, got)) / len(want)
             timings = measure_group(models, prompt, args.decode, args.repeats)
             for name, m in models.items():
-                row = {"dtype": dtype_name, "group": group, "variant": name, "d_model": m.config.hidden_size,
-                       "d_ff": m.config.intermediate_size, "sparsity": m.config.sparsity,
-                       "same_greedy_tokens_as_masked": check.get(name), **timings[name]}
+                row = {
+                    "dtype": dtype_name,
+                    "group": group,
+                    "variant": name,
+                    "d_model": m.config.hidden_size,
+                    "d_ff": m.config.intermediate_size,
+                    "sparsity": m.config.sparsity,
+                    "same_greedy_tokens_as_masked": check.get(name),
+                    **timings[name],
+                }
                 summary = condensed_summary(m)
                 if summary["layers"]:
                     row["condensed"] = summary
@@ -293,54 +342,79 @@ def main(argv=None) -> int:
 
 def add_ratios(report: dict) -> None:
     rows = {(r["dtype"], r["variant"]): r for r in report["results"]}
-    pairs = [("sw75-condensed", "sw75-masked"), ("sw90-condensed", "sw90-masked"), ("sw75-condensed", "dense"),
-             ("sw75-masked", "dense"), ("sw75-set-csr", "sw75-set-masked"), ("sw75-set-padded", "sw75-set-masked")]
+    pairs = [
+        ("sw75-condensed", "sw75-masked"),
+        ("sw90-condensed", "sw90-masked"),
+        ("sw75-condensed", "dense"),
+        ("sw75-masked", "dense"),
+        ("sw75-set-csr", "sw75-set-masked"),
+        ("sw75-set-padded", "sw75-set-masked"),
+    ]
     report["ratios"] = []
     for dtype in sorted({r["dtype"] for r in report["results"]}):
         for a, b in pairs:
             if (dtype, a) in rows and (dtype, b) in rows:
                 ra, rb = rows[(dtype, a)], rows[(dtype, b)]
-                report["ratios"].append({
-                    "dtype": dtype, "faster": a, "than": b,
-                    "decode_speedup": rb["decode_ms_per_token_median"] / ra["decode_ms_per_token_median"],
-                    "decode_speedup_p10": rb["decode_ms_per_token_p10"] / ra["decode_ms_per_token_p10"],
-                    "block_linears_speedup": rb["block_linears_ms_per_token_median"] /
-                                             ra["block_linears_ms_per_token_median"],
-                    "prefill_speedup": rb["prefill_s_median"] / ra["prefill_s_median"],
-                    "prefill_speedup_min": rb["prefill_s_min"] / ra["prefill_s_min"]})
+                report["ratios"].append(
+                    {
+                        "dtype": dtype,
+                        "faster": a,
+                        "than": b,
+                        "decode_speedup": rb["decode_ms_per_token_median"] / ra["decode_ms_per_token_median"],
+                        "decode_speedup_p10": rb["decode_ms_per_token_p10"] / ra["decode_ms_per_token_p10"],
+                        "block_linears_speedup": rb["block_linears_ms_per_token_median"]
+                        / ra["block_linears_ms_per_token_median"],
+                        "prefill_speedup": rb["prefill_s_median"] / ra["prefill_s_median"],
+                        "prefill_speedup_min": rb["prefill_s_min"] / ra["prefill_s_min"],
+                    }
+                )
 
 
 def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"cpu-{platform.machine()}-{report['threads']}threads-{report['date']}-condensed"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Condensed inference — cpu-{platform.machine()}, {report['threads']} threads — {report['date']}", "",
-             f"torch {report['torch']}, transformers {report['transformers']}, Python {report['python']}; batch 1, "
-             f"prefill {report['prefill_tokens']} tokens, greedy decode {report['decode_tokens']} tokens, "
-             f"{report['repeats']} repeats; condensed kernel compiled: {report['kernel']}; OMP_WAIT_POLICY="
-             f"{report['omp_wait_policy']}. GPU: {report['gpu']}.", "",
-             f"Load average before / after: {report['load_average_before']} / {report['load_average_after']} — the "
-             "machine (2 cores) is shared with other processes, so absolute times are noisy; ratios compare variants "
-             "measured in turns within the same run.", "",
-             f"Command: `{report['command']}` at commit {report.get('commit', 'not recorded')}", "",
-             "| dtype | variant | d_model/d_ff | prefill s (median) | prefill s (min) | decode ms/token (median) | "
-             "decode ms/token (p10) | block linears alone, ms/token | greedy tokens = masked |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Condensed inference — cpu-{platform.machine()}, {report['threads']} threads — {report['date']}",
+        "",
+        f"torch {report['torch']}, transformers {report['transformers']}, Python {report['python']}; batch 1, "
+        f"prefill {report['prefill_tokens']} tokens, greedy decode {report['decode_tokens']} tokens, "
+        f"{report['repeats']} repeats; condensed kernel compiled: {report['kernel']}; OMP_WAIT_POLICY="
+        f"{report['omp_wait_policy']}. GPU: {report['gpu']}.",
+        "",
+        f"Load average before / after: {report['load_average_before']} / {report['load_average_after']} — the "
+        "machine (2 cores) is shared with other processes, so absolute times are noisy; ratios compare variants "
+        "measured in turns within the same run.",
+        "",
+        f"Command: `{report['command']}` at commit {report.get('commit', 'not recorded')}",
+        "",
+        "| dtype | variant | d_model/d_ff | prefill s (median) | prefill s (min) | decode ms/token (median) | "
+        "decode ms/token (p10) | block linears alone, ms/token | greedy tokens = masked |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["results"]:
         same = r["same_greedy_tokens_as_masked"]
-        lines.append(f"| {r['dtype']} | {r['variant']} | {r['d_model']}/{r['d_ff']} | {r['prefill_s_median']:.3f} | "
-                     f"{r['prefill_s_min']:.3f} | {r['decode_ms_per_token_median']:.2f} | "
-                     f"{r['decode_ms_per_token_p10']:.2f} | {r['block_linears_ms_per_token_median']:.2f} | "
-                     f"{'–' if same is None else f'{same:.0%}'} |")
-    lines += ["", "Speed-ups (ratios of medians; in brackets, of the least disturbed measurements: 10th percentile of "
-              "decode steps, fastest prefill). 'Block linears alone': one token through the 6 linears of every "
-              "block, without the LM head, attention and KV cache, which masked and condensed models share:", "",
-              "| dtype | comparison | decode speed-up | block linears alone | prefill speed-up |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['dtype']} | {r['variant']} | {r['d_model']}/{r['d_ff']} | {r['prefill_s_median']:.3f} | "
+            f"{r['prefill_s_min']:.3f} | {r['decode_ms_per_token_median']:.2f} | "
+            f"{r['decode_ms_per_token_p10']:.2f} | {r['block_linears_ms_per_token_median']:.2f} | "
+            f"{'–' if same is None else f'{same:.0%}'} |"
+        )
+    lines += [
+        "",
+        "Speed-ups (ratios of medians; in brackets, of the least disturbed measurements: 10th percentile of "
+        "decode steps, fastest prefill). 'Block linears alone': one token through the 6 linears of every "
+        "block, without the LM head, attention and KV cache, which masked and condensed models share:",
+        "",
+        "| dtype | comparison | decode speed-up | block linears alone | prefill speed-up |",
+        "|---|---|---|---|---|",
+    ]
     for q in report["ratios"]:
-        lines.append(f"| {q['dtype']} | {q['faster']} vs {q['than']} | {q['decode_speedup']:.2f}x "
-                     f"({q['decode_speedup_p10']:.2f}x) | {q['block_linears_speedup']:.2f}x | "
-                     f"{q['prefill_speedup']:.2f}x ({q['prefill_speedup_min']:.2f}x) |")
+        lines.append(
+            f"| {q['dtype']} | {q['faster']} vs {q['than']} | {q['decode_speedup']:.2f}x "
+            f"({q['decode_speedup_p10']:.2f}x) | {q['block_linears_speedup']:.2f}x | "
+            f"{q['prefill_speedup']:.2f}x ({q['prefill_speedup_min']:.2f}x) |"
+        )
     lines += ["", "Targets: condensed SW-75 decode >= 2x masked SW-75; condensed SW-90 >= 3x masked SW-90."]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(out / f"{stem}.md")

@@ -35,20 +35,23 @@ import datasets
 import tokenizers
 import torch
 
-from hf_sparse_ift.training.data import Batches, PackedStream, load_tokenizer, resolve_data_source
 from hf_sparse_ift.resources import builtin_dir
 from hf_sparse_ift.training.config import DataConfig
+from hf_sparse_ift.training.data import Batches, PackedStream, load_tokenizer, resolve_data_source
 
 # (name, documents per tokenizer call, batches made ahead); the first is the pipeline before prefetching.
-SETTINGS = [("on demand, 1000 docs per tokenizer call", 1000, 0),
-            ("on demand, 64 docs per call", 64, 0),
-            ("prefetch 32 batches, 64 docs per call (default)", 64, 32)]
+SETTINGS = [
+    ("on demand, 1000 docs per tokenizer call", 1000, 0),
+    ("on demand, 64 docs per call", 64, 0),
+    ("prefetch 32 batches, 64 docs per call (default)", 64, 32),
+]
 
 
 def synthetic_documents(path: Path, count: int, book_every: int = 0, seed: int = 0) -> Path:
     """`count` documents of seven built-in docstrings (about 4 KB, the Pile's mean document size); with
     `book_every`, one document in that many is 100 times longer (about 400 KB, the mean size of a PG-19 book)."""
-    docs = [json.loads(line)["text"] for line in gzip.open(builtin_dir() / "corpus-train.jsonl.gz", "rt")]
+    with gzip.open(builtin_dir() / "corpus-train.jsonl.gz", "rt") as corpus:
+        docs = [json.loads(line)["text"] for line in corpus]
     rng = random.Random(seed)
     with open(path, "w") as f:
         for i in range(count):
@@ -69,7 +72,7 @@ def simulate(batches: Batches, steps: int, step_s: float, launch_s: float, warmu
     busy = [0.0]
 
     def accelerator():
-        while (item := pending.get()) is not None:
+        while pending.get() is not None:
             start = time.perf_counter()
             time.sleep(step_s)
             busy[0] += time.perf_counter() - start
@@ -89,8 +92,13 @@ def simulate(batches: Batches, steps: int, step_s: float, launch_s: float, warmu
     pending.put(None)
     device.join()
     wall = time.perf_counter() - start
-    return {"wall_s": wall, "accelerator_busy_s": busy[0], "idle_fraction": 1 - busy[0] / wall,
-            "mean_batch_wait_ms": 1e3 * sum(waits) / len(waits), "worst_batch_wait_ms": 1e3 * max(waits)}
+    return {
+        "wall_s": wall,
+        "accelerator_busy_s": busy[0],
+        "idle_fraction": 1 - busy[0] / wall,
+        "mean_batch_wait_ms": 1e3 * sum(waits) / len(waits),
+        "worst_batch_wait_ms": 1e3 * max(waits),
+    }
 
 
 def raw_throughput(stream: PackedStream, batch_size: int, seconds: float) -> float:
@@ -108,9 +116,13 @@ def main(argv=None) -> int:
     parser.add_argument("--data-files", default=None, help="local json/jsonl with a 'text' column")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--step-ms", type=float, default=41.3,
-                        help="accelerator time per micro-batch (default: our dense GPT-3 Small step on an H100, "
-                             "benchmarks/results/NVIDIA-H100-80GB-HBM3-2026-11-23.md)")
+    parser.add_argument(
+        "--step-ms",
+        type=float,
+        default=41.3,
+        help="accelerator time per micro-batch (default: our dense GPT-3 Small step on an H100, "
+        "benchmarks/results/NVIDIA-H100-80GB-HBM3-2026-11-23.md)",
+    )
     parser.add_argument("--launch-ms", type=float, default=5.0, help="host Python time per step, GIL held")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI")
@@ -125,51 +137,98 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         count = 300 if args.smoke else 6000
-        corpora = [("local files", args.data_files)] if args.data_files else [
-            ("4 KB documents", str(synthetic_documents(Path(tmp) / "docs.jsonl", count))),
-            ("4 KB documents, 1 in 100 a 400 KB book",
-             str(synthetic_documents(Path(tmp) / "books.jsonl", count, book_every=100)))]
+        corpora = (
+            [("local files", args.data_files)]
+            if args.data_files
+            else [
+                ("4 KB documents", str(synthetic_documents(Path(tmp) / "docs.jsonl", count))),
+                (
+                    "4 KB documents, 1 in 100 a 400 KB book",
+                    str(synthetic_documents(Path(tmp) / "books.jsonl", count, book_every=100)),
+                ),
+            ]
+        )
         for corpus, files in corpora:
-            cfg = resolve_data_source(DataConfig(dataset="json", data_files=files, seq_len=args.seq,
-                                                 validation_split=None))
+            cfg = resolve_data_source(
+                DataConfig(dataset="json", data_files=files, seq_len=args.seq, validation_split=None)
+            )
             for name, docs_per_call, prefetch in SETTINGS:
-                raw = raw_throughput(PackedStream(cfg, tokenizer, "train", tokenize_batch_docs=docs_per_call),
-                                     args.micro_batch, 1.0 if args.smoke else 5.0)
-                batches = Batches(PackedStream(cfg, tokenizer, "train", tokenize_batch_docs=docs_per_call),
-                                  args.micro_batch, prefetch=prefetch)
+                raw = raw_throughput(
+                    PackedStream(cfg, tokenizer, "train", tokenize_batch_docs=docs_per_call),
+                    args.micro_batch,
+                    1.0 if args.smoke else 5.0,
+                )
+                batches = Batches(
+                    PackedStream(cfg, tokenizer, "train", tokenize_batch_docs=docs_per_call),
+                    args.micro_batch,
+                    prefetch=prefetch,
+                )
                 sim = simulate(batches, args.steps, args.step_ms / 1e3, args.launch_ms / 1e3, warmup=2)
                 batches.close()
                 tok_s = args.steps * tokens_per_step / sim["wall_s"]
-                rows.append({"corpus": corpus, "setting": name, "tokenize_batch_docs": docs_per_call,
-                             "prefetch_batches": prefetch, "pipeline_tokens_per_s": raw, "tokens_per_s": tok_s,
-                             "fraction_of_accelerator_rate": tok_s / ideal, **sim})
-                print(f"{corpus} | {name}: pipeline alone {raw:,.0f} tokens/s; with the accelerator {tok_s:,.0f} "
-                      f"tokens/s ({tok_s / ideal:.1%} of {ideal:,.0f}), idle {sim['idle_fraction']:.1%}, "
-                      f"worst wait {sim['worst_batch_wait_ms']:.0f} ms", flush=True)
+                rows.append(
+                    {
+                        "corpus": corpus,
+                        "setting": name,
+                        "tokenize_batch_docs": docs_per_call,
+                        "prefetch_batches": prefetch,
+                        "pipeline_tokens_per_s": raw,
+                        "tokens_per_s": tok_s,
+                        "fraction_of_accelerator_rate": tok_s / ideal,
+                        **sim,
+                    }
+                )
+                print(
+                    f"{corpus} | {name}: pipeline alone {raw:,.0f} tokens/s; with the accelerator {tok_s:,.0f} "
+                    f"tokens/s ({tok_s / ideal:.1%} of {ideal:,.0f}), idle {sim['idle_fraction']:.1%}, "
+                    f"worst wait {sim['worst_batch_wait_ms']:.0f} ms",
+                    flush=True,
+                )
 
     machine = f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
     today = datetime.date.today().isoformat()
     command = "data_loading.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = {"machine": machine, "date": today, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-              "datasets": datasets.__version__, "tokenizers": tokenizers.__version__, "command": command.strip(),
-              "data_files": args.data_files or "built-in docstrings (see the documents column)", "seq_len": args.seq,
-              "micro_batch": args.micro_batch, "step_ms": args.step_ms, "launch_ms": args.launch_ms,
-              "steps": args.steps, "accelerator_tokens_per_s": ideal, "results": rows}
+    report = {
+        "machine": machine,
+        "date": today,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "datasets": datasets.__version__,
+        "tokenizers": tokenizers.__version__,
+        "command": command.strip(),
+        "data_files": args.data_files or "built-in docstrings (see the documents column)",
+        "seq_len": args.seq,
+        "micro_batch": args.micro_batch,
+        "step_ms": args.step_ms,
+        "launch_ms": args.launch_ms,
+        "steps": args.steps,
+        "accelerator_tokens_per_s": ideal,
+        "results": rows,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{machine}-{today}-data-loading"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    lines = [f"# Data loading against a simulated accelerator — {machine} ({os.cpu_count()} cores) — {today}", "",
-             f"torch {torch.__version__}, datasets {datasets.__version__}, tokenizers {tokenizers.__version__}; "
-             f"documents: {report['data_files']}; built-in tokenizer; micro-batch {args.micro_batch} x {args.seq} tokens; "
-             f"accelerator {args.step_ms} ms per step ({ideal:,.0f} tokens/s), host launch {args.launch_ms} ms per step "
-             f"(GIL held); {args.steps} steps.", "", f"Command: `{report['command']}`", "",
-             "| documents | pipeline | pipeline alone tokens/s | tokens/s with accelerator | of accelerator rate | accelerator idle "
-             "| mean wait ms | worst wait ms |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Data loading against a simulated accelerator — {machine} ({os.cpu_count()} cores) — {today}",
+        "",
+        f"torch {torch.__version__}, datasets {datasets.__version__}, tokenizers {tokenizers.__version__}; "
+        f"documents: {report['data_files']}; built-in tokenizer; micro-batch {args.micro_batch} x {args.seq} tokens; "
+        f"accelerator {args.step_ms} ms per step ({ideal:,.0f} tokens/s), host launch {args.launch_ms} ms per step "
+        f"(GIL held); {args.steps} steps.",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "| documents | pipeline | pipeline alone tokens/s | tokens/s with accelerator | of accelerator rate | accelerator idle "
+        "| mean wait ms | worst wait ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['corpus']} | {r['setting']} | {r['pipeline_tokens_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['fraction_of_accelerator_rate']:.1%} | {r['idle_fraction']:.1%} | "
-                     f"{r['mean_batch_wait_ms']:.1f} | {r['worst_batch_wait_ms']:.0f} |")
+        lines.append(
+            f"| {r['corpus']} | {r['setting']} | {r['pipeline_tokens_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['fraction_of_accelerator_rate']:.1%} | {r['idle_fraction']:.1%} | "
+            f"{r['mean_batch_wait_ms']:.1f} | {r['worst_batch_wait_ms']:.0f} |"
+        )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.json and .md")
     return 0

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
-from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine
 from hf_sparse_ift.resources import model_config
-from hf_sparse_ift.training.optimizer import build_optimizer
+from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine
 from hf_sparse_ift.training.config import OptimConfig
+from hf_sparse_ift.training.optimizer import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import sync, training_step  # noqa: E402
+from train_throughput import sync, training_step
 
 
 def main(argv=None) -> int:
@@ -50,11 +50,23 @@ def main(argv=None) -> int:
         args.seq, args.repeats = 32, 2
     micro_batch = args.micro_batch or (8 if device.type == "cuda" else 1)
     config = model_config(args.preset, n_positions=args.seq, **overrides)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
-    report = {"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "preset": args.preset, "d_model": config.hidden_size, "d_ff": config.intermediate_size,
-              "seq": args.seq, "micro_batch": micro_batch,
-              "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "methods": []}
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+    )
+    report = {
+        "device": name,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "d_model": config.hidden_size,
+        "d_ff": config.intermediate_size,
+        "seq": args.seq,
+        "micro_batch": micro_batch,
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "methods": [],
+    }
     x = torch.randint(0, config.vocab_size, (micro_batch, args.seq), device=device)
     for method in args.methods.split(","):
         torch.manual_seed(0)
@@ -72,20 +84,33 @@ def main(argv=None) -> int:
             step_times.append(time.perf_counter() - start)
             update_times.append(engine.step()["seconds"])  # an update every step; it times itself
         step_s, update_s = statistics.median(step_times[1:]), statistics.median(update_times[1:])
-        row = {"method": method, "update_s": update_s, "train_step_s": step_s,
-               "overhead_pct_at_dT100": 100 * update_s / (100 * step_s), "sparse_layers": len(engine.layers)}
+        row = {
+            "method": method,
+            "update_s": update_s,
+            "train_step_s": step_s,
+            "overhead_pct_at_dT100": 100 * update_s / (100 * step_s),
+            "sparse_layers": len(engine.layers),
+        }
         print(json.dumps(row), flush=True)
         report["methods"].append(row)
         del model, opt, engine, step  # the step closure holds the model too
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    lines = [f"# DST update cost — {report['device']} — {report['date']}", "",
-             f"{args.preset} ({config.hidden_size}/{config.intermediate_size}), training step at micro-batch "
-             f"{micro_batch} x {args.seq} tokens; torch {torch.__version__}; median of {args.repeats}.", "",
-             f"Command: `{report['command']}`", "",
-             "| method | update s | training step s | overhead at ΔT = 100 |", "|---|---|---|---|"]
+    lines = [
+        f"# DST update cost — {report['device']} — {report['date']}",
+        "",
+        f"{args.preset} ({config.hidden_size}/{config.intermediate_size}), training step at micro-batch "
+        f"{micro_batch} x {args.seq} tokens; torch {torch.__version__}; median of {args.repeats}.",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "| method | update s | training step s | overhead at ΔT = 100 |",
+        "|---|---|---|---|",
+    ]
     for r in report["methods"]:
-        lines.append(f"| {r['method']} | {r['update_s']:.4f} | {r['train_step_s']:.3f} | {r['overhead_pct_at_dT100']:.3f}% |")
+        lines.append(
+            f"| {r['method']} | {r['update_s']:.4f} | {r['train_step_s']:.3f} | {r['overhead_pct_at_dT100']:.3f}% |"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{name.replace(' ', '-')}-{report['date']}-dst-update" + ("-smoke" if args.smoke else "")

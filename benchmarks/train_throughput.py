@@ -32,11 +32,11 @@ import torch
 
 import hf_sparse_ift
 from hf_sparse_ift import SparseWideGPTConfig, SparseWideGPTForCausalLM
-from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine
 from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import count_flops
+from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine
+from hf_sparse_ift.training.config import OptimConfig
 from hf_sparse_ift.training.hardware import PEAK_TFLOPS, set_sdpa_backend
 from hf_sparse_ift.training.optimizer import build_optimizer
-from hf_sparse_ift.training.config import OptimConfig
 
 VARIANTS = {
     "dense": dict(sparsity=0.0),
@@ -89,24 +89,42 @@ def time_steps(step, steps: int, warmup: int, device) -> list[float]:
 def bench_hf_gpt2(args, device, dims) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(n_embd=dims["d_model"], n_inner=dims["d_ff"], n_layer=dims["n_layer"], n_head=dims["n_head"],
-                     n_positions=args.seq, vocab_size=dims["vocab"], attn_implementation="sdpa")
+    cfg = GPT2Config(
+        n_embd=dims["d_model"],
+        n_inner=dims["d_ff"],
+        n_layer=dims["n_layer"],
+        n_head=dims["n_head"],
+        n_positions=args.seq,
+        vocab_size=dims["vocab"],
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, fused=device.type == "cuda")
     run = torch.compile(model) if args.compile else model
     x = torch.randint(0, dims["vocab"], (args.micro_batch, args.seq), device=device)
     step = training_step(run, model, opt, x, device, clip=False)  # as the shared baseline script: no clipping
-    ours_shape = SparseWideGPTConfig(vocab_size=dims["vocab"], n_positions=args.seq, n_layer=dims["n_layer"],
-                                     n_head=dims["n_head"], dense_hidden_size=dims["d_model"],
-                                     dense_intermediate_size=dims["d_ff"]).shape(seq_len=args.seq)
+    ours_shape = SparseWideGPTConfig(
+        vocab_size=dims["vocab"],
+        n_positions=args.seq,
+        n_layer=dims["n_layer"],
+        n_head=dims["n_head"],
+        dense_hidden_size=dims["d_model"],
+        dense_intermediate_size=dims["d_ff"],
+    ).shape(seq_len=args.seq)
     flops = count_flops(ours_shape)
     return _measure("hf-gpt2", step, args, device, flops, extra={"dropout": 0.1})
 
 
 def bench_ours(name, args, device, dims) -> dict:
-    values = dict(vocab_size=dims["vocab"], n_positions=args.seq, n_layer=dims["n_layer"], n_head=dims["n_head"],
-                  dense_hidden_size=dims["d_model"], dense_intermediate_size=dims["d_ff"])
+    values = dict(
+        vocab_size=dims["vocab"],
+        n_positions=args.seq,
+        n_layer=dims["n_layer"],
+        n_head=dims["n_head"],
+        dense_hidden_size=dims["d_model"],
+        dense_intermediate_size=dims["d_ff"],
+    )
     values.update(VARIANTS[name])
     backend = values.pop("attention_backend", args.attention_backend)
     if args.smoke and "vocab_size" in VARIANTS[name]:
@@ -118,8 +136,12 @@ def bench_ours(name, args, device, dims) -> dict:
     model.set_attn_implementation("sdpa")
     model.train()
     opt = build_optimizer(model, OptimConfig())
-    engine = DSTEngine(model, opt, DSTConfig(method="set" if config.sparsity > 0 else "static", update_interval=100),
-                       total_steps=10_000)
+    engine = DSTEngine(
+        model,
+        opt,
+        DSTConfig(method="set" if config.sparsity > 0 else "static", update_interval=100),
+        total_steps=10_000,
+    )
     run = torch.compile(model) if args.compile else model
     x = torch.randint(0, dims["vocab"], (args.micro_batch, args.seq), device=device)
     step = training_step(run, model, opt, x, device, after=engine.step)
@@ -144,9 +166,14 @@ def bench_ours(name, args, device, dims) -> dict:
         result["churn_reference_bytes_per_sparse_weight"] = churn / sparse_weights
         zero = all(torch.count_nonzero(m.weight[~m.weight_mask]) == 0 for m in engine.layers.values())
         result["inactive_weights_exactly_zero"] = bool(zero)
-    result.update(d_model=config.hidden_size, d_ff=config.intermediate_size, head_dim=config.head_dim,
-                  layer_sparsity=round(config.layer_sparsity, 4), vocab_size=config.vocab_size,
-                  attention_backend=backend)
+    result.update(
+        d_model=config.hidden_size,
+        d_ff=config.intermediate_size,
+        head_dim=config.head_dim,
+        layer_sparsity=round(config.layer_sparsity, 4),
+        vocab_size=config.vocab_size,
+        attention_backend=backend,
+    )
     set_sdpa_backend("auto")
     return result
 
@@ -173,12 +200,17 @@ def _measure(name, step, args, device, flops, extra) -> dict:
     step_s = statistics.median(times)
     tokens = args.micro_batch * args.seq
     peak = args.peak_tflops * 1e12
-    out = {"variant": name, "step_s": step_s, "tokens_per_s": tokens / step_s,
-           "mfu_active": tokens / step_s * flops.training / peak,
-           "mfu_executed": tokens / step_s * flops.training_executed / peak,
-           "training_flops_per_token_active": flops.training,
-           "training_flops_per_token_executed": flops.training_executed,
-           "step_s_min": min(times), "step_s_max": max(times)}
+    out = {
+        "variant": name,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "mfu_active": tokens / step_s * flops.training / peak,
+        "mfu_executed": tokens / step_s * flops.training_executed / peak,
+        "training_flops_per_token_active": flops.training,
+        "training_flops_per_token_executed": flops.training_executed,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+    }
     if device.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     out.update(extra)
@@ -190,16 +222,21 @@ def markdown(report: dict) -> str:
     rows = report["results"]
     base = next((r for r in rows if r["variant"] == "hf-gpt2"), None)
     dense = next((r for r in rows if r["variant"] == "dense"), None)
-    lines = [f"# Training throughput — {report['gpu']} — {report['date']}", "",
-             f"torch {report['torch']}, transformers {report['transformers']}, hf-sparse-ift {report['hf_sparse_ift']}; "
-             f"context {report['seq']}, micro-batch {report['micro_batch']}, bf16 autocast, SDPA, fused AdamW, "
-             f"torch.compile={report['compile']}; our SDPA kernels: {report['attention_backend']} (HF GPT-2: PyTorch default); "
-             f"median of {report['steps']} steps after {report['warmup']} warm-up; "
-             f"MFU against {report['peak_tflops']:g} TFLOP/s.", "",
-             f"Command: `{report['command']}`", "",
-             "| variant | d_model/d_ff | tokens/s | step s | vs HF GPT-2 | MFU active | MFU executed | peak GB "
-             "| step / (exec-FLOP ratio x dense step) | SET update s | DST overhead @ΔT=100 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Training throughput — {report['gpu']} — {report['date']}",
+        "",
+        f"torch {report['torch']}, transformers {report['transformers']}, hf-sparse-ift {report['hf_sparse_ift']}; "
+        f"context {report['seq']}, micro-batch {report['micro_batch']}, bf16 autocast, SDPA, fused AdamW, "
+        f"torch.compile={report['compile']}; our SDPA kernels: {report['attention_backend']} (HF GPT-2: PyTorch default); "
+        f"median of {report['steps']} steps after {report['warmup']} warm-up; "
+        f"MFU against {report['peak_tflops']:g} TFLOP/s.",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "| variant | d_model/d_ff | tokens/s | step s | vs HF GPT-2 | MFU active | MFU executed | peak GB "
+        "| step / (exec-FLOP ratio x dense step) | SET update s | DST overhead @ΔT=100 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         vs = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "–"
         ratio = "–"
@@ -214,11 +251,16 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['variant']} | {dims} | {r['tokens_per_s']:,.0f} | {r['step_s']:.4f} | {vs} | {r['mfu_active']:.3f} "
             f"| {r['mfu_executed']:.3f} | {r.get('peak_memory_gb', float('nan')):.1f} | {ratio} "
-            f"| {r.get('dst_update_s', float('nan')):.4f} | {r.get('dst_overhead_pct_at_dT100', float('nan')):.3f}% |")
-    lines += ["", "DST overhead: one SET update over ΔT = 100 optimizer steps of one micro-batch each (the worst case). "
-              "With the paper's 256 x 2048-token global batch an optimizer step is "
-              f"{256 // report['micro_batch']} of these micro-batch steps, which divides the overhead by as much.",
-              "", *targets(report)]
+            f"| {r.get('dst_update_s', float('nan')):.4f} | {r.get('dst_overhead_pct_at_dT100', float('nan')):.3f}% |"
+        )
+    lines += [
+        "",
+        "DST overhead: one SET update over ΔT = 100 optimizer steps of one micro-batch each (the worst case). "
+        "With the paper's 256 x 2048-token global batch an optimizer step is "
+        f"{256 // report['micro_batch']} of these micro-batch steps, which divides the overhead by as much.",
+        "",
+        *targets(report),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -230,41 +272,60 @@ def targets(report: dict) -> list[str]:
     for name in ("dense", "dense-vocab50304"):
         if base and name in rows:
             speedup = rows[name]["tokens_per_s"] / base["tokens_per_s"]
-            out.append(f"| {name}: >= 1.7x the tokens/s of compiled HF GPT-2 (about 40% MFU) | {speedup:.2f}x, "
-                       f"MFU {rows[name]['mfu_active']:.3f} | {'yes' if speedup >= 1.7 else 'no'} |")
+            out.append(
+                f"| {name}: >= 1.7x the tokens/s of compiled HF GPT-2 (about 40% MFU) | {speedup:.2f}x, "
+                f"MFU {rows[name]['mfu_active']:.3f} | {'yes' if speedup >= 1.7 else 'no'} |"
+            )
     dense = rows.get("dense")
     for name, r in rows.items():
         if name.startswith(("hf-gpt2", "dense")) or not dense:
             continue
         exec_ratio = r["training_flops_per_token_executed"] / dense["training_flops_per_token_executed"]
         ratio = r["step_s"] / (exec_ratio * dense["step_s"])
-        out.append(f"| {name}: step <= 1.1 x executed-FLOP ratio ({exec_ratio:.2f}) x dense step | {ratio:.2f} "
-                   f"| {'yes' if ratio <= 1.1 else 'no'} |")
+        out.append(
+            f"| {name}: step <= 1.1 x executed-FLOP ratio ({exec_ratio:.2f}) x dense step | {ratio:.2f} "
+            f"| {'yes' if ratio <= 1.1 else 'no'} |"
+        )
         if "dst_overhead_pct_at_dT100" in r:
             pct = r["dst_overhead_pct_at_dT100"]
             paper = pct / (256 // report["micro_batch"])
-            out.append(f"| {name}: SET at ΔT = 100 < 1% of training time | {pct:.2f}% per micro-batch step, "
-                       f"{paper:.3f}% at the paper's batch | {'yes' if pct < 1 else 'at the paper batch only'} |")
-            out.append(f"| {name}: mask memory <= 1 byte per sparse weight | {r['mask_bytes_per_sparse_weight']:.3f} "
-                       f"(+{r['churn_reference_bytes_per_sparse_weight']:.3f} for churn telemetry, optional) "
-                       f"| {'yes' if r['mask_bytes_per_sparse_weight'] <= 1 else 'no'} |")
+            out.append(
+                f"| {name}: SET at ΔT = 100 < 1% of training time | {pct:.2f}% per micro-batch step, "
+                f"{paper:.3f}% at the paper's batch | {'yes' if pct < 1 else 'at the paper batch only'} |"
+            )
+            out.append(
+                f"| {name}: mask memory <= 1 byte per sparse weight | {r['mask_bytes_per_sparse_weight']:.3f} "
+                f"(+{r['churn_reference_bytes_per_sparse_weight']:.3f} for churn telemetry, optional) "
+                f"| {'yes' if r['mask_bytes_per_sparse_weight'] <= 1 else 'no'} |"
+            )
     return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny dims on CPU, 2 steps: checks the script runs")
-    parser.add_argument("--variants", default="hf-gpt2,dense,sw50-paper,sw50-w64,sw75",
-                        help=f"comma-separated, from hf-gpt2,{','.join(VARIANTS)}")
-    parser.add_argument("--attention-backend", default="auto",
-                        help="SDPA kernels for our variants (auto, flash, cudnn, efficient): train.attention_backend")
+    parser.add_argument(
+        "--variants",
+        default="hf-gpt2,dense,sw50-paper,sw50-w64,sw75",
+        help=f"comma-separated, from hf-gpt2,{','.join(VARIANTS)}",
+    )
+    parser.add_argument(
+        "--attention-backend",
+        default="auto",
+        help="SDPA kernels for our variants (auto, flash, cudnn, efficient): train.attention_backend",
+    )
     parser.add_argument("--profile", default="", help="comma-separated variants to profile after timing")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="default: the known peak of this GPU (hardware.PEAK_TFLOPS), 1 on CPU")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="default: the known peak of this GPU (hardware.PEAK_TFLOPS), 1 on CPU",
+    )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--render", metavar="JSON", help="only re-render the markdown of an existing results file")
     args = parser.parse_args(argv)
@@ -283,12 +344,24 @@ def main(argv=None) -> int:
         args.peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), 1.0)
     import transformers
 
-    report = {"gpu": gpu, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "hf_sparse_ift": hf_sparse_ift.__version__,
-              "python": platform.python_version(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-              "seq": args.seq, "micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup,
-              "compile": args.compile, "peak_tflops": args.peak_tflops, "dims": dims,
-              "attention_backend": args.attention_backend, "results": []}
+    report = {
+        "gpu": gpu,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "hf_sparse_ift": hf_sparse_ift.__version__,
+        "python": platform.python_version(),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "seq": args.seq,
+        "micro_batch": args.micro_batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "compile": args.compile,
+        "peak_tflops": args.peak_tflops,
+        "dims": dims,
+        "attention_backend": args.attention_backend,
+        "results": [],
+    }
     for name in args.variants.split(","):
         try:
             r = bench_hf_gpt2(args, device, dims) if name == "hf-gpt2" else bench_ours(name, args, device, dims)

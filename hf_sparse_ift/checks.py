@@ -17,16 +17,30 @@ def integer(key: str, value, low: int = 1, allow_none: bool = False) -> None:
         invalid(key, value, f"expected an integer >= {low}" + (" or null" if allow_none else ""))
 
 
-def number(key: str, value, low: float | None = None, high: float | None = None, low_open: bool = False,
-           high_open: bool = False) -> None:
+def number(
+    key: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         invalid(key, value, "expected a number")
     if low is not None and (value < low or (low_open and value == low)):
-        invalid(key, value, f"expected a number {'>' if low_open else '>='} {low}"
-                + (f" and {'<' if high_open else '<='} {high}" if high is not None else ""))
+        invalid(
+            key,
+            value,
+            f"expected a number {'>' if low_open else '>='} {low}"
+            + (f" and {'<' if high_open else '<='} {high}" if high is not None else ""),
+        )
     if high is not None and (value > high or (high_open and value == high)):
-        invalid(key, value, f"expected a number {'<' if high_open else '<='} {high}"
-                + (f" and {'>' if low_open else '>='} {low}" if low is not None else ""))
+        invalid(
+            key,
+            value,
+            f"expected a number {'<' if high_open else '<='} {high}"
+            + (f" and {'>' if low_open else '>='} {low}" if low is not None else ""),
+        )
 
 
 def choice(key: str, value, choices) -> None:

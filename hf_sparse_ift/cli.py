@@ -26,17 +26,26 @@ def _pretrain_parser(sub) -> None:
 
     keys = "; ".join(f"{section}: {', '.join(names)}" for section, names in config_keys().items())
     p = sub.add_parser(
-        "pretrain", help="pretrain a Sparse Wide GPT (use under `accelerate launch` for several processes)",
+        "pretrain",
+        help="pretrain a Sparse Wide GPT (use under `accelerate launch` for several processes)",
         description="Pretrain a Sparse Wide GPT from a YAML config. Trailing KEY=VALUE arguments override config "
-                    "keys with dotted names, e.g. train.max_steps=100 dst.method=rigl model.sparsity=0.5. "
-                    f"Keys by section -- {keys}. See configs/*.yaml and the docstrings of "
-                    "hf_sparse_ift.training.config.")
-    p.add_argument("--config", default=DEFAULT_PRETRAIN_CONFIG,
-                   help="YAML path or preset name in configs/ (default: %(default)s, the built-in tiny job)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue exactly from the newest complete checkpoint in train.output_dir")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved run config (derived sizes, data source, steps) and exit")
+        "keys with dotted names, e.g. train.max_steps=100 dst.method=rigl model.sparsity=0.5. "
+        f"Keys by section -- {keys}. See configs/*.yaml and the docstrings of "
+        "hf_sparse_ift.training.config.",
+    )
+    p.add_argument(
+        "--config",
+        default=DEFAULT_PRETRAIN_CONFIG,
+        help="YAML path or preset name in configs/ (default: %(default)s, the built-in tiny job)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue exactly from the newest complete checkpoint in train.output_dir"
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved run config (derived sizes, data source, steps) and exit",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 
 
@@ -46,8 +55,12 @@ def _plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="parameters, FLOPs and GPU hours of a pretraining config")
     p.add_argument("--config", default=DEFAULT_PRETRAIN_CONFIG, help="YAML path or preset name in configs/")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (default 0.4)")
-    p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS["H100"],
-                   help="accelerator peak, dense bf16 TFLOP/s (default: H100, %(default)s)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=PEAK_TFLOPS["H100"],
+        help="accelerator peak, dense bf16 TFLOP/s (default: H100, %(default)s)",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     study_cli.add_plan_arguments(p)  # study: --study / --paper-scale
 
@@ -81,17 +94,20 @@ def plan(cfg, mfu: float, peak_tflops: float) -> dict:
     executed = model["training_flops_per_token_executed"] * tokens
     return {
         "widths": f"d_model {model['dense_hidden_size']} -> {model['hidden_size']}, d_ff "
-                  f"{model['dense_intermediate_size']} -> {model['intermediate_size']}, layer sparsity "
-                  f"{model['layer_sparsity']:.4f}",
-        "parameters_total": model["parameters_total"], "parameters_active": model["parameters_active"],
+        f"{model['dense_intermediate_size']} -> {model['intermediate_size']}, layer sparsity "
+        f"{model['layer_sparsity']:.4f}",
+        "parameters_total": model["parameters_total"],
+        "parameters_active": model["parameters_active"],
         "dense_parameters": model["parameters_dense_reference"],
         "forward_flops_per_token": model["forward_flops_per_token"],
         "forward_flops_per_token_executed": model["forward_flops_per_token_executed"],
         "flop_ratio_to_dense": model["flop_ratio_to_dense"],
         "chinchilla_tokens_active": chinchilla_tokens(model["parameters_active"]),
         "chinchilla_tokens_dense": chinchilla_tokens(model["parameters_dense_reference"]),
-        "training_tokens": tokens, "training_steps": cfg.steps(),
-        "training_flops": total, "training_flops_executed": executed,
+        "training_tokens": tokens,
+        "training_steps": cfg.steps(),
+        "training_flops": total,
+        "training_flops_executed": executed,
         "gpu_hours_at_mfu": total / (mfu * peak_tflops * 1e12) / 3600,
         "gpu_hours_masked_dense_at_mfu": executed / (mfu * peak_tflops * 1e12) / 3600,
     }
@@ -109,14 +125,17 @@ def cmd_plan(args) -> int:
     for key, value in result.items():
         text = f"{value:,.4g}" if isinstance(value, float) else (f"{value:,}" if isinstance(value, int) else value)
         print(f"{key.ljust(width)}  {text}")
-    print(f"(GPU hours assume {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s; 'masked_dense' counts the "
-          "FLOPs a GPU executes with masks on dense weights)")
+    print(
+        f"(GPU hours assume {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s; 'masked_dense' counts the "
+        "FLOPs a GPU executes with masks on dense weights)"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-sparse-ift", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hf-sparse-ift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _pretrain_parser(sub)
     _plan_parser(sub)
@@ -128,8 +147,13 @@ def main(argv: list[str] | None = None) -> int:
 
     sparse_commands.add_parsers(sub)
     args = parser.parse_args(argv)
-    handlers = {"pretrain": cmd_pretrain, "plan": cmd_plan, **evaluation.HANDLERS, **study_cli.HANDLERS,
-                **sparse_commands.HANDLERS}
+    handlers = {
+        "pretrain": cmd_pretrain,
+        "plan": cmd_plan,
+        **evaluation.HANDLERS,
+        **study_cli.HANDLERS,
+        **sparse_commands.HANDLERS,
+    }
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:

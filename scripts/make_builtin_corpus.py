@@ -36,8 +36,11 @@ def docstrings():
                 continue
             if inspect.ismodule(obj) and obj is not module:
                 continue
-            members = [obj] + ([v for k, v in sorted(vars(obj).items()) if not k.startswith("_") and inspect.isroutine(v)]
-                               if inspect.isclass(obj) else [])
+            members = [obj] + (
+                [v for k, v in sorted(vars(obj).items()) if not k.startswith("_") and inspect.isroutine(v)]
+                if inspect.isclass(obj)
+                else []
+            )
             for item in members:
                 doc = inspect.getdoc(item)
                 if doc and len(doc) >= 200 and doc not in seen:
@@ -53,8 +56,10 @@ def main():
         with gzip.open(OUT / f"corpus-{split}.jsonl.gz", "wt", encoding="utf-8", compresslevel=9) as f:
             for text in rows:
                 f.write(json.dumps({"text": text}) + "\n")
-    print(f"{len(train)} train / {len(validation)} validation documents, "
-          f"{sum(map(len, train)) / 1e6:.2f}M / {sum(map(len, validation)) / 1e6:.2f}M characters")
+    print(
+        f"{len(train)} train / {len(validation)} validation documents, "
+        f"{sum(map(len, train)) / 1e6:.2f}M / {sum(map(len, validation)) / 1e6:.2f}M characters"
+    )
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -62,11 +67,17 @@ def main():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(train, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>", model_max_length=2048)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=2048,
+    )
     fast.save_pretrained(OUT / "tokenizer")
     print("tokenizer:", len(fast), "tokens")
 
@@ -77,7 +88,8 @@ def make_tasks():
     import random
 
     rng = random.Random(0)
-    rows = [json.loads(line)["text"] for line in gzip.open(OUT / "corpus-validation.jsonl.gz", "rt")]
+    with gzip.open(OUT / "corpus-validation.jsonl.gz", "rt") as validation:
+        rows = [json.loads(line)["text"] for line in validation]
     pieces = []
     for text in rows:
         words = text.split()

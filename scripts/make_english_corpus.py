@@ -64,8 +64,11 @@ def main(argv=None) -> int:
     p.add_argument("--count-tokens", action="store_true", help="also count tokens with the built-in tokenizer")
     args = p.parse_args(argv)
     if not args.bible:
-        print("make_english_corpus: the `bible` program was not found; install it with "
-              "`apt-get install bible-kjv bible-kjv-text` (Debian/Ubuntu) or pass --bible", file=sys.stderr)
+        print(
+            "make_english_corpus: the `bible` program was not found; install it with "
+            "`apt-get install bible-kjv bible-kjv-text` (Debian/Ubuntu) or pass --bible",
+            file=sys.stderr,
+        )
         return 2
     if args.validation_every < 2:
         print("make_english_corpus: --validation-every must be >= 2", file=sys.stderr)
@@ -86,10 +89,12 @@ def main(argv=None) -> int:
         with open(out / f"{split}.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    report = {"source": "King James Version (1611), Debian packages bible-kjv / bible-kjv-text",
-              "licence": "public domain (Crown letters patent restrict printing in the UK)",
-              "documents": counts,
-              "characters": {s: sum(len(r["text"]) for r in rows) for s, rows in texts.items()}}
+    report = {
+        "source": "King James Version (1611), Debian packages bible-kjv / bible-kjv-text",
+        "licence": "public domain (Crown letters patent restrict printing in the UK)",
+        "documents": counts,
+        "characters": {s: sum(len(r["text"]) for r in rows) for s, rows in texts.items()},
+    }
     if args.count_tokens:
         from transformers import AutoTokenizer
 
@@ -98,7 +103,8 @@ def main(argv=None) -> int:
         tok = AutoTokenizer.from_pretrained(builtin_dir() / "tokenizer")
         report["tokens_builtin_tokenizer"] = {
             s: sum(len(tok(r["text"], add_special_tokens=False, verbose=False)["input_ids"]) + 1 for r in rows)
-            for s, rows in texts.items()}
+            for s, rows in texts.items()
+        }
     (out / "README.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     return 0

@@ -1,7 +1,7 @@
 """Pretrain a Sparse Wide GPT; the script form of `hf-sparse-ift pretrain`, for `accelerate launch`:
 
-    accelerate launch scripts/pretrain.py --config configs/pretrain-gpt3-small-sw75-set.yaml
-    accelerate launch --config_file configs/accelerate/fsdp.yaml scripts/pretrain.py --config ... train.max_steps=10
+accelerate launch scripts/pretrain.py --config configs/pretrain-gpt3-small-sw75-set.yaml
+accelerate launch --config_file configs/accelerate/fsdp.yaml scripts/pretrain.py --config ... train.max_steps=10
 """
 
 import sys

@@ -12,8 +12,16 @@ from hf_sparse_ift import SparseWideGPTConfig, SparseWideGPTForCausalLM
 
 
 def tiny_config(**overrides) -> SparseWideGPTConfig:
-    values = dict(vocab_size=97, n_positions=32, n_layer=2, n_head=2, dense_hidden_size=16,
-                  sparsity=0.75, bos_token_id=0, eos_token_id=0)
+    values = dict(
+        vocab_size=97,
+        n_positions=32,
+        n_layer=2,
+        n_head=2,
+        dense_hidden_size=16,
+        sparsity=0.75,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     values.update(overrides)
     return SparseWideGPTConfig(**values)
 

@@ -8,16 +8,16 @@ import json
 import sys
 
 import torch
-
-from hf_sparse_ift.sparsity import parameter_counts, sparse_layers
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from conftest import tiny_config  # noqa: E402
+from hf_sparse_ift.sparsity import sparse_layers
 
-from hf_sparse_ift import SparseWideGPTForCausalLM  # noqa: E402
-from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine  # noqa: E402
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from conftest import tiny_config
+
+from hf_sparse_ift import SparseWideGPTForCausalLM
+from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine
 
 
 def main(method: str, out: str) -> None:
@@ -45,8 +45,16 @@ def main(method: str, out: str) -> None:
         same_params = all(p == everyone[0][1] for _, p in everyone)
         changed = sum(int((initial[k] != m.weight_mask).sum()) for k, m in layers.items())
         with open(out, "w") as f:
-            json.dump({"ranks": len(everyone), "same_masks": same_masks, "same_params": same_params,
-                       "updates": updates, "changed_positions": changed}, f)
+            json.dump(
+                {
+                    "ranks": len(everyone),
+                    "same_masks": same_masks,
+                    "same_params": same_params,
+                    "updates": updates,
+                    "changed_positions": changed,
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":

@@ -10,17 +10,17 @@ import sys
 from pathlib import Path
 
 import torch
-
-from hf_sparse_ift.sparsity import parameter_counts, sparse_layers
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_config  # noqa: E402
+from hf_sparse_ift.sparsity import sparse_layers
 
-from hf_sparse_ift import SparseWideGPTForCausalLM  # noqa: E402
-from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_config
+
+from hf_sparse_ift import SparseWideGPTForCausalLM
+from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine
 
 
 def main(method: str, out: str) -> None:
@@ -43,11 +43,15 @@ def main(method: str, out: str) -> None:
         opt.zero_grad()
         updates += engine.step() is not None
     layers = sparse_layers(model)
-    sharded = all(isinstance(m.weight, DTensor) and m.weight.to_local().shape[0] < m.weight.shape[0]
-                  for m in layers.values())
+    sharded = all(
+        isinstance(m.weight, DTensor) and m.weight.to_local().shape[0] < m.weight.shape[0] for m in layers.values()
+    )
     zero_weights = all(torch.count_nonzero(m.weight.full_tensor()[~m.weight_mask]) == 0 for m in layers.values())
-    zero_state = all(torch.count_nonzero(opt.state[m.weight][key].full_tensor()[~m.weight_mask]) == 0
-                     for m in layers.values() for key in ("exp_avg", "exp_avg_sq"))
+    zero_state = all(
+        torch.count_nonzero(opt.state[m.weight][key].full_tensor()[~m.weight_mask]) == 0
+        for m in layers.values()
+        for key in ("exp_avg", "exp_avg_sq")
+    )
     counts = all(int(m.weight_mask.sum()) == int(initial[k].sum()) for k, m in layers.items())
     masks = [m.weight_mask.to(torch.uint8).flatten().tolist() for m in layers.values()]
     everyone = [None] * dist.get_world_size()
@@ -55,9 +59,19 @@ def main(method: str, out: str) -> None:
     if rank == 0:
         changed = sum(int((initial[k] != m.weight_mask).sum()) for k, m in layers.items())
         with open(out, "w") as f:
-            json.dump({"ranks": len(everyone), "same_masks": all(m == everyone[0] for m in everyone),
-                       "sharded": sharded, "zero_weights": zero_weights, "zero_state": zero_state,
-                       "constant_counts": counts, "updates": updates, "changed_positions": changed}, f)
+            json.dump(
+                {
+                    "ranks": len(everyone),
+                    "same_masks": all(m == everyone[0] for m in everyone),
+                    "sharded": sharded,
+                    "zero_weights": zero_weights,
+                    "zero_state": zero_state,
+                    "constant_counts": counts,
+                    "updates": updates,
+                    "changed_positions": changed,
+                },
+                f,
+            )
     dist.barrier()  # no rank tears gloo down while another still communicates
     dist.destroy_process_group()
 

@@ -8,17 +8,38 @@ import pytest
 
 from hf_sparse_ift.cli import main
 
-FAST = ["model.n_layer=2", "model.dense_hidden_size=32", "model.dense_intermediate_size=128", "model.n_head=2",
-        "data.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4", "train.eval_batches=2",
-        "train.trackers=[]", "train.progress_bar=false", "data.prefetch_batches=0",
-        "train.max_steps=1"]  # should a case not be refused, it trains one step, not the preset's 600
+FAST = [
+    "model.n_layer=2",
+    "model.dense_hidden_size=32",
+    "model.dense_intermediate_size=128",
+    "model.n_head=2",
+    "data.seq_len=32",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=4",
+    "train.eval_batches=2",
+    "train.trackers=[]",
+    "train.progress_bar=false",
+    "data.prefetch_batches=0",
+    "train.max_steps=1",
+]  # should a case not be refused, it trains one step, not the preset's 600
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
-    assert main(["pretrain", *FAST, f"train.output_dir={out}", "train.max_steps=2", "train.checkpoint_interval=2",
-                 "train.eval_interval=2"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                *FAST,
+                f"train.output_dir={out}",
+                "train.max_steps=2",
+                "train.checkpoint_interval=2",
+                "train.eval_interval=2",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -41,8 +62,10 @@ CASES = {
     "unknown file format": (["data.data_files={root}/docs.xyz"], ["docs.xyz", "cannot tell the format", ".jsonl"]),
     "bad split": (["data.train_split=dev"], ["data.train_split='dev'", "['train', 'validation']"]),
     "tokenizer not found": (["data.tokenizer={root}/no-tokenizer"], ["data.tokenizer=", "no-tokenizer"]),
-    "model too large": (["model.sparsity=0.99999"], ["GB to train", "model.sparsity=0.99999",
-                                                     "train.check_memory=false"]),
+    "model too large": (
+        ["model.sparsity=0.99999"],
+        ["GB to train", "model.sparsity=0.99999", "train.check_memory=false"],
+    ),
     "lr not a number": (["optim.lr=fast"], ["optim.lr='fast'", "expected a number"]),
     "unknown precision": (["train.mixed_precision=fp8"], ["train.mixed_precision='fp8'", "'bf16'"]),
     "unknown DST method": (["dst.method=prune"], ["dst.method='prune'", "'set'", "'srigl'"]),
@@ -76,16 +99,26 @@ def test_bad_input_is_refused_with_a_sentence_before_any_work(name, files, finis
     if out_given:
         return
     before = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
-    code, err = run_case(capsys, ["--resume", *FAST, f"train.output_dir={finished_run}", "train.max_steps=3",
-                                  *overrides])
+    code, err = run_case(
+        capsys, ["--resume", *FAST, f"train.output_dir={finished_run}", "train.max_steps=3", *overrides]
+    )
     assert code == 2 and "Traceback" not in err and words[0] in err, err
     assert {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()} == before
 
 
 def test_resume_with_a_changed_recipe_is_refused_naming_each_key(finished_run, capsys):
     before = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
-    code, err = run_case(capsys, ["--resume", *FAST, f"train.output_dir={finished_run}", "train.max_steps=3",
-                                  "optim.lr=1e-4", "dst.drop_fraction=0.5"])
+    code, err = run_case(
+        capsys,
+        [
+            "--resume",
+            *FAST,
+            f"train.output_dir={finished_run}",
+            "train.max_steps=3",
+            "optim.lr=1e-4",
+            "dst.drop_fraction=0.5",
+        ],
+    )
     assert code == 2 and "optim.lr: 0.003 -> 0.0001" in err and "dst.drop_fraction: 0.3 -> 0.5" in err, err
     assert "train.max_steps" in err  # the keys that may change are listed
     assert {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()} == before
@@ -94,8 +127,9 @@ def test_resume_with_a_changed_recipe_is_refused_naming_each_key(finished_run, c
 def test_floats_written_like_1e_4_are_floats(tmp_path):
     from hf_sparse_ift.training.config import load_pretrain_config
 
-    cfg = load_pretrain_config("pretrain-tiny", ["optim.lr=1e-4", "optim.warmup_tokens=5e5",
-                                                 f"train.output_dir={tmp_path}"])
+    cfg = load_pretrain_config(
+        "pretrain-tiny", ["optim.lr=1e-4", "optim.warmup_tokens=5e5", f"train.output_dir={tmp_path}"]
+    )
     assert cfg.optim.lr == 1e-4 and cfg.optim.warmup_tokens == 5e5
     config = tmp_path / "c.yaml"
     config.write_text("model: {preset: tiny-sw75}\noptim: {lr: 2e-3, eps: 1E-8}\n")

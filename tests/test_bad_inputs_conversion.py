@@ -30,24 +30,47 @@ def ctx(tmp_path_factory):
 
 
 CASES = [
-    ("missing input", ["compress", "{root}/nowhere", "{root}/out"],
-     ["{root}/nowhere is not a save_pretrained folder: it has no config.json"]),
-    ("folder without config.json", ["condense", "{root}/not-a-checkpoint", "{root}/out"],
-     ["{root}/not-a-checkpoint is not a save_pretrained folder"]),
-    ("decompress a plain checkpoint", ["decompress", "{root}/plain", "{root}/out"],
-     ["{root}/plain is not compressed (plain layout): nothing to decompress"]),
-    ("compress a compressed checkpoint", ["compress", "{root}/compressed", "{root}/out"],
-     ["{root}/compressed is already compressed (bitmask-values-v1)"]),
-    ("convert a condensed checkpoint", ["decompress", "{root}/condensed", "{root}/out"],
-     ["{root}/condensed is condensed (condensed-v1); condensed checkpoints cannot be converted"]),
-    ("a dense model", ["condense", "{root}/dense", "{root}/out"],
-     ["{root}/dense has no sparse layers (sparsity 0.0)"]),
-    ("output is the input", ["condense", "{root}/compressed", "{root}/compressed"],
-     ["output {root}/compressed is the input folder"]),
-    ("existing output without --overwrite", ["compress", "{root}/plain", "{root}/earlier-output"],
-     ["{root}/earlier-output already exists; pass --overwrite to replace it"]),
-    ("read-only output folder", ["compress", "{root}/plain", "{root}/read-only/out"],
-     ["output '{root}/read-only/out' is not writable", "choose a folder this process can create and write"]),
+    (
+        "missing input",
+        ["compress", "{root}/nowhere", "{root}/out"],
+        ["{root}/nowhere is not a save_pretrained folder: it has no config.json"],
+    ),
+    (
+        "folder without config.json",
+        ["condense", "{root}/not-a-checkpoint", "{root}/out"],
+        ["{root}/not-a-checkpoint is not a save_pretrained folder"],
+    ),
+    (
+        "decompress a plain checkpoint",
+        ["decompress", "{root}/plain", "{root}/out"],
+        ["{root}/plain is not compressed (plain layout): nothing to decompress"],
+    ),
+    (
+        "compress a compressed checkpoint",
+        ["compress", "{root}/compressed", "{root}/out"],
+        ["{root}/compressed is already compressed (bitmask-values-v1)"],
+    ),
+    (
+        "convert a condensed checkpoint",
+        ["decompress", "{root}/condensed", "{root}/out"],
+        ["{root}/condensed is condensed (condensed-v1); condensed checkpoints cannot be converted"],
+    ),
+    ("a dense model", ["condense", "{root}/dense", "{root}/out"], ["{root}/dense has no sparse layers (sparsity 0.0)"]),
+    (
+        "output is the input",
+        ["condense", "{root}/compressed", "{root}/compressed"],
+        ["output {root}/compressed is the input folder"],
+    ),
+    (
+        "existing output without --overwrite",
+        ["compress", "{root}/plain", "{root}/earlier-output"],
+        ["{root}/earlier-output already exists; pass --overwrite to replace it"],
+    ),
+    (
+        "read-only output folder",
+        ["compress", "{root}/plain", "{root}/read-only/out"],
+        ["output '{root}/read-only/out' is not writable", "choose a folder this process can create and write"],
+    ),
 ]
 
 

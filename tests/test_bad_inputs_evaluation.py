@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import transformers
 from lm_eval.models import huggingface as lm_eval_hf
+from test_evaluation_v2 import save_tiny
 
 from hf_sparse_ift.cli import main
-from test_evaluation_v2 import save_tiny
 
 OFFLINE_HUB_NAME = "nobody-xyz/not-a-model"
 
@@ -27,8 +27,16 @@ def ctx(tmp_path_factory):
     (earlier / "summary.json").write_text(json.dumps({"model": {"path": str(model)}, "tasks": []}))
     (earlier / "results.md").write_text("| model | DocstringMC |\n")
     other = root / "other-summary.json"  # results of a checkpoint with other weights
-    other.write_text(json.dumps({"schema": 2, "model": {"source": "local", "path": "/elsewhere/hf",
-                                                        "weights_sha256": "0" * 64}, "suite": "builtin", "tasks": []}))
+    other.write_text(
+        json.dumps(
+            {
+                "schema": 2,
+                "model": {"source": "local", "path": "/elsewhere/hf", "weights_sha256": "0" * 64},
+                "suite": "builtin",
+                "tasks": [],
+            }
+        )
+    )
     (root / "not-a-summary.json").write_text("[1, 2]")
     (root / "read-only").mkdir()
     (root / "read-only" / "old.txt").write_text("earlier output")
@@ -41,36 +49,71 @@ def evaluate(*args, out="{out}"):
 
 # (id, argv, the strings the message must contain: the bad value and the valid choices or the way out)
 CASES = [
-    ("unknown suite", evaluate("--suite", "leaderbord-v2"),
-     ["'leaderbord-v2'", "openllm, paper, leaderboard-v2, leaderboard-v2-builtin, builtin", "did you mean"]),
-    ("unknown task", evaluate("--suite", "sparse_ift_docstring_mc,no_such_task_xyz"),
-     ["'no_such_task_xyz'", "openllm, paper, leaderboard-v2", "lm_eval ls tasks"]),
+    (
+        "unknown suite",
+        evaluate("--suite", "leaderbord-v2"),
+        ["'leaderbord-v2'", "openllm, paper, leaderboard-v2, leaderboard-v2-builtin, builtin", "did you mean"],
+    ),
+    (
+        "unknown task",
+        evaluate("--suite", "sparse_ift_docstring_mc,no_such_task_xyz"),
+        ["'no_such_task_xyz'", "openllm, paper, leaderboard-v2", "lm_eval ls tasks"],
+    ),
     ("bad dtype", evaluate("--suite", "builtin", "--dtype", "fp8"), ["'fp8'", "auto, float32, bfloat16, float16"]),
-    ("read-only output dir", evaluate("--suite", "builtin", out="{root}/read-only/eval"),
-     ["{root}/read-only/eval", "not writable", "choose a folder you can write to"]),
-    ("Hub name offline", ["evaluate", "--model", OFFLINE_HUB_NAME, "--suite", "builtin", "--output-dir", "{out}"],
-     [OFFLINE_HUB_NAME, "cannot reach the Hub", "pass a local path"]),
-    ("no such model folder", ["evaluate", "--model", "{root}/run/checkpoint-9/hf", "--output-dir", "{out}"],
-     ["{root}/run/checkpoint-9/hf", "no such checkpoint folder"]),
+    (
+        "read-only output dir",
+        evaluate("--suite", "builtin", out="{root}/read-only/eval"),
+        ["{root}/read-only/eval", "not writable", "choose a folder you can write to"],
+    ),
+    (
+        "Hub name offline",
+        ["evaluate", "--model", OFFLINE_HUB_NAME, "--suite", "builtin", "--output-dir", "{out}"],
+        [OFFLINE_HUB_NAME, "cannot reach the Hub", "pass a local path"],
+    ),
+    (
+        "no such model folder",
+        ["evaluate", "--model", "{root}/run/checkpoint-9/hf", "--output-dir", "{out}"],
+        ["{root}/run/checkpoint-9/hf", "no such checkpoint folder"],
+    ),
     ("zero limit", evaluate("--suite", "builtin", "--limit", "0"), ["--limit 0", "must be positive"]),
-    ("bad batch size", evaluate("--suite", "builtin", "--batch-size", "big"),
-     ["'big'", "positive integer, auto or auto:<N>"]),
-    ("few-shot on the leaderboard", evaluate("--suite", "leaderboard-v2", "--num-fewshot", "5"),
-     ["--num-fewshot 5", "leaderboard-v2", "MMLU-Pro 5, BBH 3, GPQA 0"]),
-    ("missing include path", evaluate("--suite", "builtin", "--include-path", "{root}/no-tasks"),
-     ["{root}/no-tasks", "no such folder"]),
-    ("earlier results", evaluate("--suite", "builtin"),
-     ["{out}/tiny-sw75-set-checkpoint-6/builtin", "--overwrite"]),
-    ("seq-len past the positions", ["perplexity", "--model", "{model}", "--seq-len", "4096"],
-     ["--seq-len 4096", "256 positions", "choose 1 to 256"]),
+    (
+        "bad batch size",
+        evaluate("--suite", "builtin", "--batch-size", "big"),
+        ["'big'", "positive integer, auto or auto:<N>"],
+    ),
+    (
+        "few-shot on the leaderboard",
+        evaluate("--suite", "leaderboard-v2", "--num-fewshot", "5"),
+        ["--num-fewshot 5", "leaderboard-v2", "MMLU-Pro 5, BBH 3, GPQA 0"],
+    ),
+    (
+        "missing include path",
+        evaluate("--suite", "builtin", "--include-path", "{root}/no-tasks"),
+        ["{root}/no-tasks", "no such folder"],
+    ),
+    ("earlier results", evaluate("--suite", "builtin"), ["{out}/tiny-sw75-set-checkpoint-6/builtin", "--overwrite"]),
+    (
+        "seq-len past the positions",
+        ["perplexity", "--model", "{model}", "--seq-len", "4096"],
+        ["--seq-len 4096", "256 positions", "choose 1 to 256"],
+    ),
     ("zero seq-len", ["perplexity", "--model", "{model}", "--seq-len", "0"], ["--seq-len 0", "choose 1 to 256"]),
-    ("perplexity Hub name offline", ["perplexity", "--model", OFFLINE_HUB_NAME],
-     [OFFLINE_HUB_NAME, "cannot reach the Hub", "pass a local path"]),
+    (
+        "perplexity Hub name offline",
+        ["perplexity", "--model", OFFLINE_HUB_NAME],
+        [OFFLINE_HUB_NAME, "cannot reach the Hub", "pass a local path"],
+    ),
     ("compare a missing summary", ["compare", "{root}/missing.json"], ["{root}/missing.json", "no summary.json"]),
-    ("compare a non-summary", ["compare", "{root}/not-a-summary.json"],
-     ["{root}/not-a-summary.json", "not a summary.json written by `hf-sparse-ift evaluate`"]),
-    ("card with another checkpoint's results", ["card", "{model}", "--results", "{other}"],
-     ["{other}", "/elsewhere/hf", "not from this checkpoint", "--allow-other-checkpoint"]),
+    (
+        "compare a non-summary",
+        ["compare", "{root}/not-a-summary.json"],
+        ["{root}/not-a-summary.json", "not a summary.json written by `hf-sparse-ift evaluate`"],
+    ),
+    (
+        "card with another checkpoint's results",
+        ["card", "{model}", "--results", "{other}"],
+        ["{other}", "/elsewhere/hf", "not from this checkpoint", "--allow-other-checkpoint"],
+    ),
 ]
 
 

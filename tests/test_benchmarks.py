@@ -9,8 +9,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(script, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     [result] = tmp_path.glob("*.json")
     return json.loads(result.read_text()), next(tmp_path.glob("*.md")).read_text()
@@ -36,7 +40,11 @@ def test_dst_update_cost_smoke(tmp_path):
 
 def test_data_loading_smoke(tmp_path):
     report, table = run("data_loading.py", tmp_path)
-    assert [(r["tokenize_batch_docs"], r["prefetch_batches"]) for r in report["results"]] == [(1000, 0), (64, 0), (64, 32)] * 2
+    assert [(r["tokenize_batch_docs"], r["prefetch_batches"]) for r in report["results"]] == [
+        (1000, 0),
+        (64, 0),
+        (64, 32),
+    ] * 2
     for r in report["results"]:
         assert r["pipeline_tokens_per_s"] > 0 and 0 < r["fraction_of_accelerator_rate"] <= 1.0
         assert r["accelerator_busy_s"] <= r["wall_s"]

@@ -128,8 +128,9 @@ def test_condensed_model_logits_generate_pipeline_save_load(tmp_path, builtin_to
         torch.testing.assert_close(condensed(x).logits, model(x).logits, rtol=0, atol=1e-5)
         want = model.generate(x[:1], max_new_tokens=8, do_sample=False)
         assert torch.equal(condensed.generate(x[:1], max_new_tokens=8, do_sample=False), want)
-    text = pipeline("text-generation", model=condensed, tokenizer=builtin_tokenizer)("def f(x):", max_new_tokens=5,
-                                                                                     do_sample=False)
+    text = pipeline("text-generation", model=condensed, tokenizer=builtin_tokenizer)(
+        "def f(x):", max_new_tokens=5, do_sample=False
+    )
     assert text[0]["generated_text"].startswith("def f(x):")
     condensed.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["sparse_format"]["format"] == "condensed-v1"
@@ -196,29 +197,57 @@ def test_cli_condense(tiny_model, tmp_path, capsys):
 
 
 def test_invalid_representation_is_named(tiny_model):
-    with pytest.raises(ValueError, match=r"representation='ell' is invalid: expected one of \['auto', 'csr', 'padded'\]"):
+    with pytest.raises(
+        ValueError, match=r"representation='ell' is invalid: expected one of \['auto', 'csr', 'padded'\]"
+    ):
         tiny_model.condense("ell")
 
 
 @pytest.mark.slow
 def test_condensed_inference_benchmark_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "condensed_inference.py"), "--smoke",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "condensed_inference.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(next(tmp_path.glob("*-condensed.json")).read_text())
     variants = {(r["dtype"], r["variant"]) for r in report["results"]}
     for dtype in ("float32", "bfloat16"):
-        for v in ("dense", "sw75-masked", "sw75-condensed", "sw90-masked", "sw90-condensed", "sw75-set-csr",
-                  "sw75-set-padded"):
+        for v in (
+            "dense",
+            "sw75-masked",
+            "sw75-condensed",
+            "sw90-masked",
+            "sw90-condensed",
+            "sw75-set-csr",
+            "sw75-set-padded",
+        ):
             assert (dtype, v) in variants
     assert all(r["decode_ms_per_token_median"] > 0 and r["prefill_s_median"] > 0 for r in report["results"])
-    assert all(r["same_greedy_tokens_as_masked"] == 1.0 for r in report["results"]
-               if r["dtype"] == "float32" and r["same_greedy_tokens_as_masked"] is not None)
-    assert f"GPU: not used: this script measures CPU inference (CUDA available: {torch.cuda.is_available()})" in \
-        next(tmp_path.glob("*-condensed.md")).read_text()
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "condensed_inference.py"), "--smoke",
-                           "--torch-path", "--out", str(tmp_path / "torch-path")], capture_output=True, text=True,
-                          timeout=600)
+    assert all(
+        r["same_greedy_tokens_as_masked"] == 1.0
+        for r in report["results"]
+        if r["dtype"] == "float32" and r["same_greedy_tokens_as_masked"] is not None
+    )
+    assert (
+        f"GPU: not used: this script measures CPU inference (CUDA available: {torch.cuda.is_available()})"
+        in next(tmp_path.glob("*-condensed.md")).read_text()
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "condensed_inference.py"),
+            "--smoke",
+            "--torch-path",
+            "--out",
+            str(tmp_path / "torch-path"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(next((tmp_path / "torch-path").glob("*-condensed-torch-path.json")).read_text())["results"]
     assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
@@ -227,8 +256,12 @@ def test_condensed_inference_benchmark_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_compressed_checkpoints_benchmark_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compressed_checkpoints.py"), "--smoke",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compressed_checkpoints.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(next(tmp_path.glob("*-compressed.json")).read_text())
     assert [r["preset"] for r in report["results"]] == ["gpt3-small-sw50", "gpt3-small-sw75", "gpt3-small-sw90"]

@@ -4,16 +4,24 @@ from hf_sparse_ift import SparseWideGPTConfig
 from hf_sparse_ift.resources import model_config
 
 
-@pytest.mark.parametrize("preset, d_model, d_ff, layer_s", [
-    ("gpt3-small-dense", 768, 3072, 0.0),
-    ("gpt3-small-sw50", 1092, 4344, 0.5),
-    ("gpt3-small-sw75", 1536, 6144, 0.75),
-    ("gpt3-small-sw90", 2436, 9715, 0.9),
-])
+@pytest.mark.parametrize(
+    "preset, d_model, d_ff, layer_s",
+    [
+        ("gpt3-small-dense", 768, 3072, 0.0),
+        ("gpt3-small-sw50", 1092, 4344, 0.5),
+        ("gpt3-small-sw75", 1536, 6144, 0.75),
+        ("gpt3-small-sw90", 2436, 9715, 0.9),
+    ],
+)
 def test_presets_reproduce_table14(preset, d_model, d_ff, layer_s):
     c = model_config(preset)
     assert (c.hidden_size, c.intermediate_size, c.layer_sparsity) == (d_model, d_ff, layer_s)
-    assert (c.num_hidden_layers, c.num_attention_heads, c.max_position_embeddings, c.vocab_size) == (12, 12, 2048, 50257)
+    assert (c.num_hidden_layers, c.num_attention_heads, c.max_position_embeddings, c.vocab_size) == (
+        12,
+        12,
+        2048,
+        50257,
+    )
     assert c.n_embd == c.hidden_size and c.head_dim * c.n_head == c.hidden_size
 
 
@@ -21,6 +29,7 @@ def test_width_multiple_recalibrates_to_stay_iso_flop():
     c = model_config("gpt3-small-sw50-w64")
     assert (c.hidden_size, c.intermediate_size, c.head_dim) == (1152, 4352, 96)
     from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import count_flops
+
     dense_blocks = count_flops(c.dense_shape()).sparse_matmul
     assert abs(count_flops(c.shape()).sparse_matmul / dense_blocks - 1) < 1e-6
     assert 0.53 < c.layer_sparsity < 0.54
@@ -34,13 +43,28 @@ def test_default_sparse_layers_and_roundtrip(tmp_path):
     assert again.to_dict() == c.to_dict()
 
 
-@pytest.mark.parametrize("field, value", [
-    ("sparsity", 1.0), ("sparsity", -0.01), ("sparsity", "half"),
-    ("n_head", 5), ("n_head", 0), ("n_layer", -1), ("dense_hidden_size", 0), ("vocab_size", 2.5),
-    ("dense_intermediate_size", -3), ("width_multiple", 0), ("sparse_layers", ["lm_head"]),
-    ("sparse_layers", ["q_proj", "q_proj"]), ("mask_seed", -1), ("activation_function", "swishy"),
-    ("resid_pdrop", 1.5), ("layer_norm_epsilon", 0.0), ("initializer_range", -1.0),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("sparsity", 1.0),
+        ("sparsity", -0.01),
+        ("sparsity", "half"),
+        ("n_head", 5),
+        ("n_head", 0),
+        ("n_layer", -1),
+        ("dense_hidden_size", 0),
+        ("vocab_size", 2.5),
+        ("dense_intermediate_size", -3),
+        ("width_multiple", 0),
+        ("sparse_layers", ["lm_head"]),
+        ("sparse_layers", ["q_proj", "q_proj"]),
+        ("mask_seed", -1),
+        ("activation_function", "swishy"),
+        ("resid_pdrop", 1.5),
+        ("layer_norm_epsilon", 0.0),
+        ("initializer_range", -1.0),
+    ],
+)
 def test_invalid_values_name_the_field_and_the_value(field, value):
     with pytest.raises(ValueError) as err:
         SparseWideGPTConfig(**{field: value})
@@ -65,8 +89,10 @@ def test_extra_keys_are_kept_and_round_trip(tmp_path):
     assert SparseWideGPTConfig.from_pretrained(tmp_path).my_field == {"a": 1}
 
 
-@pytest.mark.parametrize("alias, value, target", [("n_embd", 10, "hidden_size"), ("num_hidden_layers", 4, "n_layer"),
-                                                  ("max_position_embeddings", 7, "n_positions")])
+@pytest.mark.parametrize(
+    "alias, value, target",
+    [("n_embd", 10, "hidden_size"), ("num_hidden_layers", 4, "n_layer"), ("max_position_embeddings", 7, "n_positions")],
+)
 def test_gpt2_style_aliases_must_agree_with_what_they_stand_for(alias, value, target):
     with pytest.raises(ValueError, match=rf"{alias}={value} is invalid: it is an alias of {target}="):
         SparseWideGPTConfig(**{alias: value})

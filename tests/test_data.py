@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from hf_sparse_ift.training.config import DataConfig
-from hf_sparse_ift.training.data import (DataSource, PackedStream, load_tokenizer, resolve_data_source,
-                                         validation_batches)
+from hf_sparse_ift.training.data import (
+    DataSource,
+    PackedStream,
+    load_tokenizer,
+    resolve_data_source,
+    validation_batches,
+)
 
 
 def source(**values) -> DataSource:
@@ -43,8 +48,8 @@ def test_packing_and_sharding_lose_and_repeat_no_token(corpus, tokenizer, world_
         for doc in docs[rank::world_size]:
             expected += tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
         got = torch.cat(sequences).tolist()
-        assert got == expected[:len(got)]            # in order, nothing skipped or repeated
-        assert len(expected) - len(got) < 16         # only the epoch's last partial sequence is left out
+        assert got == expected[: len(got)]  # in order, nothing skipped or repeated
+        assert len(expected) - len(got) < 16  # only the epoch's last partial sequence is left out
 
 
 def test_stream_resumes_exactly_from_its_state(corpus, tokenizer):
@@ -64,7 +69,7 @@ def test_stream_resumes_exactly_from_its_state(corpus, tokenizer):
 
 def test_unknown_text_column_is_named_before_any_work(corpus, tokenizer):
     _, path = corpus
-    with pytest.raises(ValueError, match="data.text_column='text' is not a column"):
+    with pytest.raises(ValueError, match=r"data\.text_column='text' is not a column"):
         source(data_files=path, text_column="text", seq_len=16)
 
 
@@ -114,9 +119,18 @@ def test_prefetch_thread_errors_reach_the_training_loop(corpus, tokenizer):
     from hf_sparse_ift.training.data import Batches
 
     _, path = corpus
-    cfg = DataSource(dataset="json", data_files={"train": [path]}, dataset_config=None, text_column="text",
-                     train_split="train", validation_split=None, holdout_every=None, tokenizer="builtin", seq_len=16)
+    cfg = DataSource(
+        dataset="json",
+        data_files={"train": [path]},
+        dataset_config=None,
+        text_column="text",
+        train_split="train",
+        validation_split=None,
+        holdout_every=None,
+        tokenizer="builtin",
+        seq_len=16,
+    )
     batches = Batches(PackedStream(cfg, tokenizer, "train"), batch_size=2, prefetch=4)
-    with pytest.raises(ValueError, match="data.text_column='text' is not a column"):
+    with pytest.raises(ValueError, match=r"data\.text_column='text' is not a column"):
         next(batches)
     assert not batches.producing

@@ -18,9 +18,24 @@ def free_port() -> int:
 def accelerate_launch(script, *args, tmp_path, processes=2):
     """`accelerate launch` with N CPU processes (gloo); `--multi_gpu` without GPUs selects MULTI_CPU."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), script, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        script,
+        *args,
+    ]
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
 
@@ -40,11 +55,29 @@ def test_masks_identical_on_all_ranks_after_many_updates(method, tmp_path):
 def test_dst_under_fsdp2_shards_keeps_masks_identical_and_inactive_weights_zero(method, tmp_path):
     out = tmp_path / "verdict.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(HERE, "distributed_fsdp_check.py"), method, str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        os.path.join(HERE, "distributed_fsdp_check.py"),
+        method,
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     verdict = json.loads(out.read_text())
-    assert verdict == {**verdict, "ranks": 2, "same_masks": True, "sharded": True, "zero_weights": True,
-                       "zero_state": True, "constant_counts": True, "updates": 10}
+    assert verdict == {
+        **verdict,
+        "ranks": 2,
+        "same_masks": True,
+        "sharded": True,
+        "zero_weights": True,
+        "zero_state": True,
+        "constant_counts": True,
+        "updates": 10,
+    }
     assert verdict["changed_positions"] > 0

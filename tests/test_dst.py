@@ -3,11 +3,10 @@ import math
 
 import pytest
 import torch
-
-from hf_sparse_ift.sparsity import parameter_counts, sparse_layers
 from conftest import tiny_config
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
+from hf_sparse_ift.sparsity import sparse_layers
 from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine, summarize
 from hf_sparse_ift.sparsity.masks import select_top_k
 
@@ -55,7 +54,7 @@ def test_active_count_is_constant_and_inactive_weights_and_state_are_zero(method
 def test_srigl_keeps_constant_fan_in_and_its_budget():
     model, opt, engine = make("srigl", ablation_threshold=0.6, drop_fraction=0.5)
     g = torch.Generator().manual_seed(0)
-    for name, m in sparse_layers(model).items():  # constant fan-in from the start
+    for m in sparse_layers(model).values():  # constant fan-in from the start
         fan_in = m.weight_mask.sum(1)
         assert (fan_in == fan_in[0]).all()
     ablated = 0
@@ -75,7 +74,7 @@ def test_srigl_keeps_constant_fan_in_and_its_budget():
 
 
 def test_set_drops_exactly_the_smallest_magnitudes_with_ties_by_index_and_grows_only_at_inactive():
-    model, opt, engine = make("set", drop_fraction=0.5)
+    model, _opt, engine = make("set", drop_fraction=0.5)
     layer = model.transformer.h[0].attn.q_proj
     with torch.no_grad():
         values = torch.arange(layer.weight.numel(), dtype=torch.float32).view_as(layer.weight) % 7 - 3
@@ -102,14 +101,17 @@ def test_rigl_grows_at_the_largest_gradient_inactive_positions():
     x = torch.randint(0, 97, (4, 16), generator=g)
     model(x, labels=x).loss.backward()  # step 1 is no update step: nothing captured
     assert not engine.capturing_dense_grad
-    opt.step(); opt.zero_grad(); engine.step()
+    opt.step()
+    opt.zero_grad()
+    engine.step()
     assert engine.capturing_dense_grad  # step 2 is an update step
     model(x, labels=x).loss.backward()
     dense = engine.dense_grads["transformer.h.1.mlp.fc_in"].grad.clone()
     assert torch.count_nonzero(dense[~layer.weight_mask]) > 0
     assert torch.count_nonzero(layer.weight.grad[~layer.weight_mask]) == 0
     old = layer.weight_mask.clone()
-    opt.step(); opt.zero_grad()
+    opt.step()
+    opt.zero_grad()
     telemetry = engine.step()
     k = telemetry["layers"]["transformer.h.1.mlp.fc_in"]["grown"]
     scores = torch.where(old, torch.tensor(-1.0), dense.abs()).view(-1)
@@ -140,8 +142,12 @@ def test_resume_from_state_dict_gives_the_same_masks_as_never_stopping(method):
     g = torch.Generator().manual_seed(0)
     for _ in range(7):
         train_step(model, opt, engine, g)
-    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(engine.state_dict()),
-             g.get_state())
+    saved = (
+        copy.deepcopy(model.state_dict()),
+        copy.deepcopy(opt.state_dict()),
+        copy.deepcopy(engine.state_dict()),
+        g.get_state(),
+    )
     for _ in range(13):
         train_step(model, opt, engine, g)
     expected = masks(model)
@@ -192,8 +198,16 @@ def test_smallest_k_breaks_ties_by_index():
     assert not select_top_k(scores, 0, largest=False).any()
 
 
-@pytest.mark.parametrize("field, value", [("method", "prune"), ("drop_fraction", 1.0), ("update_interval", 0),
-                                          ("stop_fraction", 1.5), ("ablation_threshold", -0.1)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("method", "prune"),
+        ("drop_fraction", 1.0),
+        ("update_interval", 0),
+        ("stop_fraction", 1.5),
+        ("ablation_threshold", -0.1),
+    ],
+)
 def test_invalid_dst_settings_are_rejected(field, value):
     with pytest.raises(ValueError, match=f"dst.{field}={value!r}"):
         DSTConfig(**{field: value})
@@ -213,13 +227,14 @@ def test_top_k_orders_negative_and_positive_scores_and_breaks_ties_by_index():
 
     scores = torch.tensor([-2.0, 5.0, -2.0, 0.0, 5.0, float("inf"), -float("inf"), 0.0])
     assert sorted(top_k(scores, 3, largest=True).tolist()) == [1, 4, 5]
-    assert sorted(top_k(scores, 2, largest=True).tolist()) == [1, 5]        # tie 1 vs 4: lower index wins
+    assert sorted(top_k(scores, 2, largest=True).tolist()) == [1, 5]  # tie 1 vs 4: lower index wins
     assert sorted(top_k(scores, 3, largest=False).tolist()) == [0, 2, 6]
-    assert sorted(top_k(scores, 2, largest=False).tolist()) == [0, 6]        # tie 0 vs 2: lower index wins
+    assert sorted(top_k(scores, 2, largest=False).tolist()) == [0, 6]  # tie 0 vs 2: lower index wins
     assert sorted(top_k(scores, 5, largest=False).tolist()) == [0, 2, 3, 6, 7]
     values = torch.randn(10_000)
-    assert torch.equal(torch.sort(top_k(values, 100, largest=True)).values,
-                       torch.sort(torch.topk(values, 100).indices).values)
+    assert torch.equal(
+        torch.sort(top_k(values, 100, largest=True)).values, torch.sort(torch.topk(values, 100).indices).values
+    )
 
 
 @pytest.mark.parametrize("method", ["set", "srigl"])

@@ -17,8 +17,8 @@ from hf_sparse_ift.evaluation.compare import compare
 from hf_sparse_ift.evaluation.harness import evaluate
 from hf_sparse_ift.evaluation.perplexity import perplexity
 from hf_sparse_ift.evaluation.suites import builtin_tasks_dir
-from hf_sparse_ift.training.loop import pretrain
 from hf_sparse_ift.training.config import load_pretrain_config
+from hf_sparse_ift.training.loop import pretrain
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +53,25 @@ def test_evaluate_writes_lm_eval_json_summary_and_table(evaluated, trained):
 
 
 def run_lm_eval_cli(checkpoint, out, env):
-    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
-           f"pretrained={checkpoint},trust_remote_code=True", "--tasks", "sparse_ift_docstring_mc",
-           "--include_path", str(builtin_tasks_dir()), "--device", "cpu", "--batch_size", "4", "--limit", "12",
-           "--output_path", str(out)]
+    cmd = [
+        str(Path(sys.executable).parent / "lm_eval"),
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={checkpoint},trust_remote_code=True",
+        "--tasks",
+        "sparse_ift_docstring_mc",
+        "--include_path",
+        str(builtin_tasks_dir()),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "4",
+        "--limit",
+        "12",
+        "--output_path",
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next(out.rglob("results_*.json")).read_text())
@@ -113,13 +128,15 @@ def test_card_renders_and_validates_with_huggingface_hub(trained, evaluated, tmp
     assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
     assert {"sparse", "sparse-ift", "dynamic-sparse-training", "set"} <= set(data["tags"])
     results = {r.dataset_name: r.metric_value for r in card.data.eval_results}
-    assert results == {"sparse_ift_docstring_mc": pytest.approx(100 * evaluated[0]["tasks"][0]["value"], abs=0.01),
-                       "sparse_ift_arithmetic_gen": pytest.approx(100 * evaluated[0]["tasks"][1]["value"], abs=0.01)}
+    assert results == {
+        "sparse_ift_docstring_mc": pytest.approx(100 * evaluated[0]["tasks"][0]["value"], abs=0.01),
+        "sparse_ift_arithmetic_gen": pytest.approx(100 * evaluated[0]["tasks"][1]["value"], abs=0.01),
+    }
     assert all(r.metric_name.endswith("(partial: --limit 12)") for r in card.data.eval_results)
     assert data["model-index"][0]["name"] == "me/tiny-sw75"
     text = card.text
     assert "| d_model | 32 | 64 |" in text and "| d_ff | 128 | 256 |" in text  # FAST overrides, s = 0.75
-    assert "AutoModelForCausalLM.from_pretrained(\"me/tiny-sw75\", trust_remote_code=True)" in text
+    assert 'AutoModelForCausalLM.from_pretrained("me/tiny-sw75", trust_remote_code=True)' in text
     assert "| dynamic sparse training | set," in text
     assert "### `builtin` suite, partial: first 12 examples per task" in text
     # the training export is saved compressed, and the card says how its sparse layers are stored

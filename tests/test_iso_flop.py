@@ -30,8 +30,12 @@ def test_family_formulas_match_the_paper():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from(["wide", "parallel", "factorized", "doped"]), st.integers(1, 4096), st.integers(1, 4096),
-       st.floats(0.0, 0.99))
+@given(
+    st.sampled_from(["wide", "parallel", "factorized", "doped"]),
+    st.integers(1, 4096),
+    st.integers(1, 4096),
+    st.floats(0.0, 0.99),
+)
 def test_every_family_member_is_iso_flop(member, d_in, d_out, s):
     assert family_layer_flops(member, d_in, d_out, s) == pytest.approx(2.0 * d_in * d_out, rel=1e-9)
 
@@ -69,13 +73,15 @@ def test_flop_counter_against_hand_computed_numbers():
     assert sw75.sparse_matmul_executed == 4 * 169_869_312
     assert sw75.dense_matmul == 154_389_504
     assert sw75.attention == 150_994_944
-    assert flop_ratio(GPTShape(**{**GPT3_SMALL, "d_model": 1536, "d_ff": 6144}, layer_sparsity=0.75),
-                      GPTShape(**GPT3_SMALL)) == pytest.approx(475_253_760 / 322_561_536)
+    assert flop_ratio(
+        GPTShape(**{**GPT3_SMALL, "d_model": 1536, "d_ff": 6144}, layer_sparsity=0.75), GPTShape(**GPT3_SMALL)
+    ) == pytest.approx(475_253_760 / 322_561_536)
 
 
 def test_dense_linears_in_blocks_are_counted_as_dense():
-    shape = GPTShape(n_layer=1, d_model=8, d_ff=32, vocab_size=10, seq_len=4, layer_sparsity=0.5,
-                     sparse_layers=("fc_in", "fc_out"))
+    shape = GPTShape(
+        n_layer=1, d_model=8, d_ff=32, vocab_size=10, seq_len=4, layer_sparsity=0.5, sparse_layers=("fc_in", "fc_out")
+    )
     c = count_flops(shape)
     assert c.sparse_matmul == 2 * (256 + 256) * 0.5
     assert c.dense_matmul == 2 * 4 * 64 + 2 * 8 * 10
@@ -87,8 +93,9 @@ def test_calibration_is_iso_flop_within_1e6(scope, widths):
     dense = GPTShape(**{**GPT3_SMALL, "vocab_size": 512, "seq_len": 256})
     wide = GPTShape(**{**GPT3_SMALL, "vocab_size": 512, "seq_len": 256, "d_model": widths[0], "d_ff": widths[1]})
     s = calibrate_sparsity(dense, wide, scope=scope)
-    calibrated = GPTShape(**{**GPT3_SMALL, "vocab_size": 512, "seq_len": 256, "d_model": widths[0],
-                             "d_ff": widths[1]}, layer_sparsity=s)
+    calibrated = GPTShape(
+        **{**GPT3_SMALL, "vocab_size": 512, "seq_len": 256, "d_model": widths[0], "d_ff": widths[1]}, layer_sparsity=s
+    )
     measure = (lambda c: c.forward) if scope == "total" else (lambda c: c.sparse_matmul)
     assert abs(measure(count_flops(calibrated)) / measure(count_flops(dense)) - 1) < 1e-6
     assert 0 < s < 1

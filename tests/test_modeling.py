@@ -1,12 +1,11 @@
 import torch
-
-from hf_sparse_ift.sparsity import parameter_counts, sparse_layers
 import torch.nn.functional as F
 from conftest import tiny_config
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, pipeline
 
 from hf_sparse_ift import SparseLinear, SparseWideGPTForCausalLM
 from hf_sparse_ift.models.sparse_wide_gpt.convert_gpt2 import gpt2_to_sparse_wide, sparse_wide_to_gpt2
+from hf_sparse_ift.sparsity import parameter_counts, sparse_layers
 
 
 def test_masks_have_exactly_round_s_n_inactive_weights_and_zeros():
@@ -156,7 +155,9 @@ def test_text_generation_pipeline(builtin_tokenizer):
     generator = pipeline("text-generation", model=model, tokenizer=builtin_tokenizer)
     out = generator("Return the", max_new_tokens=5, do_sample=False)
     assert out[0]["generated_text"].startswith("Return the")
-    assert len(builtin_tokenizer(out[0]["generated_text"])["input_ids"]) > len(builtin_tokenizer("Return the")["input_ids"])
+    assert len(builtin_tokenizer(out[0]["generated_text"])["input_ids"]) > len(
+        builtin_tokenizer("Return the")["input_ids"]
+    )
 
 
 def test_parameter_counts(tiny_model):

@@ -36,8 +36,18 @@ class SparseWideGPTModelTester:
     base_model_class = SparseWideGPTModel
     causal_lm_class = SparseWideGPTForCausalLM
 
-    def __init__(self, sparsity, batch_size=3, seq_length=7, vocab_size=99, dense_hidden_size=16,
-                 num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=32, seed=0):
+    def __init__(
+        self,
+        sparsity,
+        batch_size=3,
+        seq_length=7,
+        vocab_size=99,
+        dense_hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        seed=0,
+    ):
         self.sparsity = sparsity
         self.batch_size = batch_size
         self.seq_length = seq_length
@@ -57,9 +67,17 @@ class SparseWideGPTModelTester:
         return self.get_config().hidden_size
 
     def get_config(self, **overrides):
-        values = dict(vocab_size=self.vocab_size, n_positions=self.max_position_embeddings, n_layer=self.num_hidden_layers,
-                      n_head=self.num_attention_heads, dense_hidden_size=self.dense_hidden_size,
-                      sparsity=self.sparsity, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        values = dict(
+            vocab_size=self.vocab_size,
+            n_positions=self.max_position_embeddings,
+            n_layer=self.num_hidden_layers,
+            n_head=self.num_attention_heads,
+            dense_hidden_size=self.dense_hidden_size,
+            sparsity=self.sparsity,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         values.update(overrides)
         return self.config_class(**values)
 
@@ -226,7 +244,9 @@ def test_packed_sequences_match_separate_forwards(tester, implementation):
     packed = model(input_ids, position_ids=position_ids, labels=labels)
     torch.testing.assert_close(packed.logits[0], separate, rtol=0, atol=1e-5)
     per_doc = [(logits[:-1], d[1:]) for logits, d in zip(separate.split([len(d) for d in docs]), docs)]
-    expected = torch.nn.functional.cross_entropy(torch.cat([l for l, _ in per_doc]), torch.cat([t for _, t in per_doc]))
+    expected = torch.nn.functional.cross_entropy(
+        torch.cat([logits for logits, _ in per_doc]), torch.cat([t for _, t in per_doc])
+    )
     torch.testing.assert_close(packed.loss, expected, rtol=0, atol=1e-5)
     batch = {"input_ids": input_ids.expand(2, -1), "position_ids": position_ids}  # unexpanded position_ids
     torch.testing.assert_close(model(**batch).logits[1], separate, rtol=0, atol=1e-5)
@@ -279,8 +299,9 @@ def test_set_attn_implementation_switches_the_kernel():
         model.set_attn_implementation("eager")
         assert len(outputs_of(model, inputs, output_attentions=True).attentions) == tester.num_hidden_layers
         model.set_attn_implementation("counting_eager")
-        torch.testing.assert_close(outputs_of(model, {"input_ids": inputs["input_ids"]}).logits[1:],
-                                   reference[1:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            outputs_of(model, {"input_ids": inputs["input_ids"]}).logits[1:], reference[1:], rtol=0, atol=1e-5
+        )
         assert calls == [0, 1]
         model.set_attn_implementation("sdpa")
         assert outputs_of(model, inputs, output_attentions=True).attentions == ()  # SDPA gives no weights
@@ -395,8 +416,11 @@ def rewrite(path, tensors):
 def test_a_checkpoint_without_masks_is_an_error_unless_rebuilt_from_weights(checkpoint):
     model, path, tensors = checkpoint
     rewrite(path, {k: v for k, v in tensors.items() if not k.endswith("weight_mask")})
-    with pytest.raises(ValueError, match=r"weights of 12 sparse layer\(s\) but not their masks "
-                                         r"\(transformer\.h\.0\.attn\.q_proj\.weight_mask.*rebuild_masks='from_weights'"):
+    with pytest.raises(
+        ValueError,
+        match=r"weights of 12 sparse layer\(s\) but not their masks "
+        r"\(transformer\.h\.0\.attn\.q_proj\.weight_mask.*rebuild_masks='from_weights'",
+    ):
         AutoModelForCausalLM.from_pretrained(path)
     with pytest.raises(ValueError, match="rebuild_masks='from_wieghts' is invalid"):
         AutoModelForCausalLM.from_pretrained(path, rebuild_masks="from_wieghts")
@@ -412,7 +436,7 @@ def test_a_checkpoint_without_masks_is_an_error_unless_rebuilt_from_weights(chec
 
 
 def test_nonzero_weights_at_masked_positions_are_zeroed_and_counted(checkpoint):
-    model, path, tensors = checkpoint
+    _model, path, tensors = checkpoint
     tampered = dict(tensors)
     for name, n in (("transformer.h.0.mlp.fc_in", 5), ("transformer.h.1.attn.k_proj", 2)):
         weight = tampered[name + ".weight"].clone()
@@ -423,8 +447,10 @@ def test_nonzero_weights_at_masked_positions_are_zeroed_and_counted(checkpoint):
     logger = hf_logging.get_logger(modeling.__name__)
     with LoggingLevel(logging.WARNING), CaptureLogger(logger) as captured:
         loaded = AutoModelForCausalLM.from_pretrained(path)
-    assert ("Zeroed 7 weights that were non-zero at inactive (masked) positions "
-            "(transformer.h.0.mlp.fc_in: 5, transformer.h.1.attn.k_proj: 2)") in captured.out
+    assert (
+        "Zeroed 7 weights that were non-zero at inactive (masked) positions "
+        "(transformer.h.0.mlp.fc_in: 5, transformer.h.1.attn.k_proj: 2)"
+    ) in captured.out
     for name, m in sparse_layers(loaded).items():
         assert torch.count_nonzero(m.weight[~m.weight_mask]) == 0
         assert torch.equal(m.weight, tensors[name + ".weight"])
@@ -441,8 +467,11 @@ def test_training_and_generation_raise_no_warnings():
     tester = SparseWideGPTModelTester(0.75)
     model = tester.model(SparseWideGPTForCausalLM)
     x = torch.randint(3, 99, (2, 6))
-    with warnings.catch_warnings(record=True) as caught, LoggingLevel(logging.INFO), \
-            CaptureLogger(hf_logging.get_logger("transformers")) as captured:
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        LoggingLevel(logging.INFO),
+        CaptureLogger(hf_logging.get_logger("transformers")) as captured,
+    ):
         warnings.simplefilter("always")
         model.train()
         model(x, labels=x).loss.backward()
@@ -459,8 +488,14 @@ def test_declares_what_in_tree_models_declare():
 
     tester = SparseWideGPTModelTester(0.75)
     model = tester.model(SparseWideGPTForCausalLM)
-    for flag in ("_supports_flash_attn", "_supports_sdpa", "_supports_flex_attn", "_supports_attention_backend",
-                 "_can_compile_fullgraph", "supports_gradient_checkpointing"):
+    for flag in (
+        "_supports_flash_attn",
+        "_supports_sdpa",
+        "_supports_flex_attn",
+        "_supports_attention_backend",
+        "_can_compile_fullgraph",
+        "supports_gradient_checkpointing",
+    ):
         assert getattr(LlamaForCausalLM, flag) is True and getattr(model, flag) is True, flag
     assert set(model._no_split_modules) == {"SparseWideGPTBlock"}
     assert set(model._can_record_outputs) == {"hidden_states", "attentions"}
@@ -482,8 +517,9 @@ def test_device_map_with_cpu_and_disk_offload_matches_a_plain_load(checkpoint):
     x = torch.randint(0, 99, (2, 6))
     reference = outputs_of(model, {"input_ids": x}).logits
     for max_memory in ({"cpu": 20_000}, {"cpu": 60_000}):  # everything on disk; embeddings on CPU, blocks on disk
-        loaded = AutoModelForCausalLM.from_pretrained(path, device_map="auto", max_memory=max_memory,
-                                                      offload_folder=path / "offload")
+        loaded = AutoModelForCausalLM.from_pretrained(
+            path, device_map="auto", max_memory=max_memory, offload_folder=path / "offload"
+        )
         assert "disk" in set(loaded.hf_device_map.values())
         assert torch.equal(outputs_of(loaded, {"input_ids": x}).logits, reference)
         assert all(torch.equal(m.weight_mask, tensors[k + ".weight_mask"]) for k, m in sparse_layers(loaded).items())
@@ -493,8 +529,9 @@ def test_device_map_with_cpu_and_disk_offload_matches_a_plain_load(checkpoint):
     tampered["transformer.h.1.mlp.fc_out.weight"] = weight
     rewrite(path, tampered)
     with pytest.raises(ValueError, match=r"offloaded, where they cannot be repaired"):
-        AutoModelForCausalLM.from_pretrained(path, device_map="auto", max_memory={"cpu": 20_000},
-                                             offload_folder=path / "offload2")
+        AutoModelForCausalLM.from_pretrained(
+            path, device_map="auto", max_memory={"cpu": 20_000}, offload_folder=path / "offload2"
+        )
 
 
 # ---------------------------------------------------------------------- what works must keep working
@@ -509,8 +546,9 @@ def test_greedy_generation_uses_the_cache_and_matches_step_by_step_argmax(tester
         logits = outputs_of(model, {"input_ids": expected}, use_cache=False).logits[:, -1]
         logits[:, 2] = -float("inf")  # eos, which min_new_tokens forbids
         expected = torch.cat([expected, logits.argmax(-1, keepdim=True)], dim=1)
-    kwargs = dict(attention_mask=torch.ones_like(x), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                  pad_token_id=0)
+    kwargs = dict(
+        attention_mask=torch.ones_like(x), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0
+    )
     assert torch.equal(model.generate(x, **kwargs), expected)
     assert torch.equal(model.generate(x, cache_implementation="static", **kwargs), expected)
     beams = model.generate(x, num_beams=2, **kwargs)
@@ -525,8 +563,9 @@ def test_save_load_tied_weights_and_resizing(tester, tmp_path):
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
     assert torch.equal(outputs_of(loaded, inputs).logits, outputs_of(model, inputs).logits)
     base = SparseWideGPTModel.from_pretrained(tmp_path)  # the base model from an LM-head checkpoint
-    torch.testing.assert_close(outputs_of(base, inputs).last_hidden_state,
-                               outputs_of(model.transformer, inputs).last_hidden_state)
+    torch.testing.assert_close(
+        outputs_of(base, inputs).last_hidden_state, outputs_of(model.transformer, inputs).last_hidden_state
+    )
     model.resize_token_embeddings(tester.vocab_size + 5)
     assert model.config.vocab_size == tester.vocab_size + 5 and model.lm_head.weight is model.transformer.wte.weight
     assert outputs_of(model, inputs).logits.shape[-1] == tester.vocab_size + 5
@@ -537,6 +576,6 @@ def test_torch_export_matches_eager():
     model = tester.model(SparseWideGPTForCausalLM)
     x = torch.randint(0, 99, (2, 6))
     exported = torch.export.export(model, args=(x,), kwargs={"use_cache": False}, strict=False)
-    torch.testing.assert_close(exported.module()(x, use_cache=False).logits,
-                               outputs_of(model, {"input_ids": x}, use_cache=False).logits)
-
+    torch.testing.assert_close(
+        exported.module()(x, use_cache=False).logits, outputs_of(model, {"input_ids": x}, use_cache=False).logits
+    )

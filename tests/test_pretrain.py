@@ -10,19 +10,29 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from hf_sparse_ift.sparsity import parameter_counts, sparse_layers
 from safetensors.torch import load_file
 from test_distributed import accelerate_launch
 from transformers import AutoModelForCausalLM
 
 import hf_sparse_ift  # noqa: F401  (registers the model)
-from hf_sparse_ift.training.loop import NonFiniteLossError, pretrain
+from hf_sparse_ift.sparsity import sparse_layers
 from hf_sparse_ift.training.config import load_pretrain_config
+from hf_sparse_ift.training.loop import NonFiniteLossError, pretrain
 
-FAST = ["model.n_layer=2", "model.dense_hidden_size=32", "model.dense_intermediate_size=128", "model.n_head=2",
-        "data.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4", "train.eval_batches=2",
-        "train.log_interval=2", "train.trackers=[]", "train.progress_bar=false", "dst.update_interval=3"]
+FAST = [
+    "model.n_layer=2",
+    "model.dense_hidden_size=32",
+    "model.dense_intermediate_size=128",
+    "model.n_head=2",
+    "data.seq_len=32",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=4",
+    "train.eval_batches=2",
+    "train.log_interval=2",
+    "train.trackers=[]",
+    "train.progress_bar=false",
+    "dst.update_interval=3",
+]
 
 
 def cli(*args):
@@ -30,14 +40,19 @@ def cli(*args):
 
 
 def overrides(out, steps, every):
-    return FAST + [f"train.output_dir={out}", f"train.max_steps={steps}", f"train.checkpoint_interval={every}",
-                   f"train.eval_interval={every}"]
+    return FAST + [
+        f"train.output_dir={out}",
+        f"train.max_steps={steps}",
+        f"train.checkpoint_interval={every}",
+        f"train.eval_interval={every}",
+    ]
 
 
 def test_short_run_lowers_loss_writes_loadable_checkpoints_and_keeps_last_k(tmp_path):
     out = tmp_path / "run"
-    cfg = load_pretrain_config("pretrain-tiny", overrides(out, 12, 4) + ["train.keep_checkpoints=2",
-                                                                         "train.trackers=[tensorboard]"])
+    cfg = load_pretrain_config(
+        "pretrain-tiny", overrides(out, 12, 4) + ["train.keep_checkpoints=2", "train.trackers=[tensorboard]"]
+    )
     summary = pretrain(cfg)
     assert summary["steps"] == 12 and summary["tokens"] == 12 * 8 * 32
     assert [Path(p).name for p in summary["checkpoints"]] == ["checkpoint-8", "checkpoint-12"]
@@ -83,12 +98,14 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     steps, every = 30, 5
     straight = tmp_path / "straight"
-    subprocess.run(cli("pretrain", *overrides(straight, steps, every)), env=env, check=True, timeout=600,
-                   capture_output=True)
+    subprocess.run(
+        cli("pretrain", *overrides(straight, steps, every)), env=env, check=True, timeout=600, capture_output=True
+    )
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cli("pretrain", *overrides(killed, steps, every)), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli("pretrain", *overrides(killed, steps, every)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (killed / "checkpoint-15").exists():
         assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
@@ -96,8 +113,13 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / f"checkpoint-{steps}").exists()
-    resumed = subprocess.run(cli("pretrain", "--resume", *overrides(killed, steps, every)), env=env, timeout=600,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        cli("pretrain", "--resume", *overrides(killed, steps, every)),
+        env=env,
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
 

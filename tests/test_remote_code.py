@@ -50,8 +50,13 @@ def test_trust_remote_code_without_the_package(tiny_model, tmp_path):
     tiny_model.save_pretrained(ckpt)
     config = json.loads((ckpt / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_sparse_wide_gpt.SparseWideGPTForCausalLM"
-    for code in ("configuration_sparse_wide_gpt.py", "modeling_sparse_wide_gpt.py", "iso_flop.py",
-                 "sparse_safetensors.py", "condensed.py"):
+    for code in (
+        "configuration_sparse_wide_gpt.py",
+        "modeling_sparse_wide_gpt.py",
+        "iso_flop.py",
+        "sparse_safetensors.py",
+        "condensed.py",
+    ):
         assert (ckpt / code).exists(), code
 
     x = torch.randint(0, 97, (2, 12))

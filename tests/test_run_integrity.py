@@ -20,16 +20,35 @@ from hf_sparse_ift.training.config import DataConfig, load_pretrain_config
 from hf_sparse_ift.training.data import load_documents, resolve_data_source
 from hf_sparse_ift.training.loop import pretrain
 
-FAST = ["model.n_layer=2", "model.dense_hidden_size=32", "model.dense_intermediate_size=128", "model.n_head=2",
-        "data.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=4", "train.eval_batches=2",
-        "train.log_interval=1", "train.trackers=[]", "train.progress_bar=false", "dst.update_interval=3",
-        "data.prefetch_batches=0"]
+FAST = [
+    "model.n_layer=2",
+    "model.dense_hidden_size=32",
+    "model.dense_intermediate_size=128",
+    "model.n_head=2",
+    "data.seq_len=32",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=4",
+    "train.eval_batches=2",
+    "train.log_interval=1",
+    "train.trackers=[]",
+    "train.progress_bar=false",
+    "dst.update_interval=3",
+    "data.prefetch_batches=0",
+]
 
 
 def config(out, steps=2, *extra):
-    return load_pretrain_config("pretrain-tiny", FAST + [f"train.output_dir={out}", f"train.max_steps={steps}",
-                                                         f"train.checkpoint_interval={steps}",
-                                                         f"train.eval_interval={steps}", *extra])
+    return load_pretrain_config(
+        "pretrain-tiny",
+        FAST
+        + [
+            f"train.output_dir={out}",
+            f"train.max_steps={steps}",
+            f"train.checkpoint_interval={steps}",
+            f"train.eval_interval={steps}",
+            *extra,
+        ],
+    )
 
 
 def write_jsonl(path: Path, docs: list[str]) -> str:
@@ -42,8 +61,10 @@ def documents(n: int, tag: str = "doc") -> list[str]:
 
 
 def records(out: Path) -> dict:
-    return {"summary": json.loads((out / "train_summary.json").read_text()),
-            "run": yaml.safe_load((out / "run_config.yaml").read_text())}
+    return {
+        "summary": json.loads((out / "train_summary.json").read_text()),
+        "run": yaml.safe_load((out / "run_config.yaml").read_text()),
+    }
 
 
 # 1. data_files alone are the data; dataset=json without files is an error ----------------------------------
@@ -65,15 +86,22 @@ def test_the_loader_follows_compressed_file_names(tmp_path):
     (tmp_path / "b.txt.xz").write_bytes(b"")
     source = resolve_data_source(DataConfig(data_files=str(tmp_path / "a.jsonl.gz"), validation_split=None))
     assert source.dataset == "json" and len(list(load_documents(source, "train"))) == 50
-    with pytest.raises(ValueError, match="a local-file loader needs data.data_files"):
+    with pytest.raises(ValueError, match=r"a local-file loader needs data\.data_files"):
         DataConfig(dataset="json").validate()
 
 
 # 2. records name what was used; --resume changes are applied and recorded, or refused -------------------
 def test_offline_fallback_is_written_into_every_record(tmp_path):
     out = tmp_path / "run"
-    pretrain(config(out, 2, "data.dataset=no-such-user/no-such-dataset", "data.tokenizer=openai-community/gpt2",
-                    "train.trackers=[tensorboard]"))
+    pretrain(
+        config(
+            out,
+            2,
+            "data.dataset=no-such-user/no-such-dataset",
+            "data.tokenizer=openai-community/gpt2",
+            "train.trackers=[tensorboard]",
+        )
+    )
     got = records(out)
     resolved = got["run"]["resolved"]
     assert resolved["data"]["dataset"] == "builtin" and resolved["data"]["tokenizer"] == "builtin"
@@ -87,8 +115,10 @@ def test_offline_fallback_is_written_into_every_record(tmp_path):
     assert "no-such-user/no-such-dataset" not in card.split("---")[1]  # the card's metadata names no unused data
     from hf_sparse_ift.training.run import resolve_run  # the tracker's hparams are run.flat()
 
-    flat = resolve_run(config(tmp_path / "x", 2, "data.dataset=no-such-user/no-such-dataset",
-                              "data.tokenizer=openai-community/gpt2"), 1).flat()
+    flat = resolve_run(
+        config(tmp_path / "x", 2, "data.dataset=no-such-user/no-such-dataset", "data.tokenizer=openai-community/gpt2"),
+        1,
+    ).flat()
     assert flat["resolved.data.dataset"] == "builtin"
 
 
@@ -100,7 +130,10 @@ def test_resume_refuses_changed_recipe_and_records_extension(tmp_path):
     summary = pretrain(config(out, 4, "train.checkpoint_interval=4"), resume=True)
     assert summary["steps"] == 4
     assert records(out)["run"]["resolved"]["resume_changes"] == [
-        "train.checkpoint_interval: 2 -> 4", "train.eval_interval: 2 -> 4", "train.max_steps: 2 -> 4"]
+        "train.checkpoint_interval: 2 -> 4",
+        "train.eval_interval: 2 -> 4",
+        "train.max_steps: 2 -> 4",
+    ]
     assert [step for step, _ in summary["val_loss"]] == [0, 2, 4]  # the history before the resume is kept
 
 
@@ -181,10 +214,18 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, capsys):
 def test_exported_tokenizer_loads_without_asking(tmp_path):
     out = tmp_path / "run"
     pretrain(config(out, 1))
-    code = ("import hf_sparse_ift, sys\nfrom transformers import AutoTokenizer\n"
-            "t = AutoTokenizer.from_pretrained(sys.argv[1])\nprint(len(t), t.eos_token)")
-    done = subprocess.run([sys.executable, "-c", code, str(out / "checkpoint-1" / "hf")], stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    code = (
+        "import hf_sparse_ift, sys\nfrom transformers import AutoTokenizer\n"
+        "t = AutoTokenizer.from_pretrained(sys.argv[1])\nprint(len(t), t.eos_token)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(out / "checkpoint-1" / "hf")],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["4096", "<|endoftext|>"] and "[y/N]" not in done.stdout + done.stderr
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +15,20 @@ from transformers import AutoModelForCausalLM
 from hf_sparse_ift import SparseWideGPTForCausalLM
 from hf_sparse_ift.cli import main as cli_main
 from hf_sparse_ift.models.sparse_wide_gpt.sparse_safetensors import (
-    BITMASK_FORMAT, compress_state_dict, compress_weight, decompress_state_dict, decompress_weight)
+    BITMASK_FORMAT,
+    compress_state_dict,
+    compress_weight,
+    decompress_state_dict,
+    decompress_weight,
+)
 from hf_sparse_ift.sparsity.masks import pack_bits, sparse_layers
 
-WIDTH = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
-         torch.float64: torch.int64}
+WIDTH = {
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float64: torch.int64,
+}
 
 
 def with_active_zeros(model):
@@ -26,7 +36,7 @@ def with_active_zeros(model):
     with torch.no_grad():
         for i, m in enumerate(sparse_layers(model).values()):
             active = m.weight_mask.view(-1).nonzero().squeeze(1)
-            m.weight.view(-1)[active[i % 3:: 7]] = 0.0
+            m.weight.view(-1)[active[i % 3 :: 7]] = 0.0
             m.weight.view(-1)[active[5 + i]] = -0.0
     return model
 
@@ -101,7 +111,7 @@ def test_save_writes_compressed_layout_and_loads_bit_exact(tmp_path):
         keys = set(f.keys())
     layers = sparse_layers(model)
     assert len(layers) == 12
-    for name, m in layers.items():
+    for name in layers:
         assert f"{name}.weight" not in keys and f"{name}.weight_mask" not in keys
         assert {f"{name}.weight_bitmask", f"{name}.weight_active_values", f"{name}.weight_shape"} <= keys
     # exact bytes: the sparse tensors shrink from 4 + 1 bytes per weight to 1/8 + 4 per active weight (+16 for shape)
@@ -132,8 +142,11 @@ def test_sharded_bf16_checkpoint_round_trip(tmp_path):
     assert len(shards) > 3 and (tmp_path / "model.safetensors.index.json").exists()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
     # at least one layer's bits and values sit in different shards
-    assert any(index[k] != index[k.replace("weight_bitmask", "weight_active_values")]
-               for k in index if k.endswith("weight_bitmask"))
+    assert any(
+        index[k] != index[k.replace("weight_bitmask", "weight_active_values")]
+        for k in index
+        if k.endswith("weight_bitmask")
+    )
     for shard in shards:
         with safe_open(shard, "pt") as f:
             assert f.metadata()["sparse_format"] == BITMASK_FORMAT
@@ -145,8 +158,11 @@ def test_sharded_bf16_checkpoint_round_trip(tmp_path):
 
 
 def test_unknown_format_and_bad_option_are_refused(tmp_path, tiny_model):
-    with pytest.raises(ValueError, match=r"sparse_format='bitmask' is invalid: expected one of \['auto', "
-                                         r"'bitmask-values-v1', 'plain'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"sparse_format='bitmask' is invalid: expected one of \['auto', "
+        r"'bitmask-values-v1', 'plain'\]",
+    ):
         tiny_model.save_pretrained(tmp_path / "x", sparse_format="bitmask")
     tiny_model.save_pretrained(tmp_path / "c")
     tensors = load_file(tmp_path / "c" / "model.safetensors")
@@ -155,9 +171,14 @@ def test_unknown_format_and_bad_option_are_refused(tmp_path, tiny_model):
         AutoModelForCausalLM.from_pretrained(tmp_path / "c")
     # a layer whose mask bits are missing is an error, never a layer left at its random initialisation
     name = "transformer.h.0.mlp.fc_in"
-    save_file({k: v for k, v in tensors.items() if k != f"{name}.weight_bitmask"}, tmp_path / "c" / "model.safetensors",
-              metadata={"format": "pt", "sparse_format": BITMASK_FORMAT})
-    with pytest.raises(ValueError, match=rf"compressed layer '{name}' is incomplete: missing \['{name}.weight_bitmask'\]"):
+    save_file(
+        {k: v for k, v in tensors.items() if k != f"{name}.weight_bitmask"},
+        tmp_path / "c" / "model.safetensors",
+        metadata={"format": "pt", "sparse_format": BITMASK_FORMAT},
+    )
+    with pytest.raises(
+        ValueError, match=rf"compressed layer '{name}' is incomplete: missing \['{name}.weight_bitmask'\]"
+    ):
         AutoModelForCausalLM.from_pretrained(tmp_path / "c")
 
 
@@ -180,10 +201,12 @@ def test_push_to_hub_writes_the_chosen_layout(tiny_model, monkeypatch, tmp_path)
             return type("Repo", (), {"repo_id": repo_id})()
 
     def upload(self, folder, repo_id, **kwargs):
-        seen[repo_id] = sorted(os.listdir(folder)), json.loads(open(os.path.join(folder, "config.json")).read())
+        seen[repo_id] = sorted(os.listdir(folder)), json.loads(Path(folder, "config.json").read_text())
 
     monkeypatch.setattr(hub, "hf_api", lambda: Api())
-    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **k: type("Card", (), {"save": lambda s, p: None})())
+    monkeypatch.setattr(
+        hub, "create_and_tag_model_card", lambda *a, **k: type("Card", (), {"save": lambda s, p: None})()
+    )
     monkeypatch.setattr(type(tiny_model), "_upload_modified_files", upload)
     tiny_model.push_to_hub("me/compressed")
     tiny_model.push_to_hub("me/plain", sparse_format="plain")
@@ -199,7 +222,10 @@ def test_cli_compress_and_decompress(tiny_model, tmp_path, capsys):
     assert (tmp_path / "small" / "modeling_sparse_wide_gpt.py").exists()  # code and other files are copied
     assert cli_main(["decompress", str(tmp_path / "small"), str(tmp_path / "back")]) == 0
     assert json.loads((tmp_path / "back" / "config.json").read_text()).get("sparse_format") is None
-    original, back = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    original, back = (
+        load_file(tmp_path / "plain" / "model.safetensors"),
+        load_file(tmp_path / "back" / "model.safetensors"),
+    )
     assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
     # refuse to overwrite without --overwrite; a plain input to decompress is refused by name
     assert cli_main(["compress", str(tmp_path / "plain"), str(tmp_path / "small")]) == 2
@@ -241,8 +267,9 @@ def test_remote_code_loads_compressed_and_condensed_without_the_package(tmp_path
     condensed.save_pretrained(tmp_path / "condensed")
     x = torch.randint(0, 97, (2, 12))
     torch.save(x, tmp_path / "x.pt")
-    run_without_the_package(tmp_path, LOADER, tmp_path / "x.pt", tmp_path / "out.pt", tmp_path / "compressed",
-                            tmp_path / "condensed")
+    run_without_the_package(
+        tmp_path, LOADER, tmp_path / "x.pt", tmp_path / "out.pt", tmp_path / "compressed", tmp_path / "condensed"
+    )
     out = torch.load(tmp_path / "out.pt")
     with torch.no_grad():
         want = model(x).logits
@@ -261,8 +288,12 @@ def test_compressed_checkpoint_loads_with_cpu_and_disk_offload(tmp_path):
     model.save_pretrained(tmp_path / "c")
     x = torch.randint(0, 97, (2, 6))
     for max_memory in ({"cpu": 20_000}, {"cpu": 60_000}):  # everything on disk; embeddings on CPU, blocks on disk
-        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "c", device_map="auto", max_memory=max_memory,
-                                                      offload_folder=tmp_path / f"offload-{max_memory['cpu']}")
+        loaded = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "c",
+            device_map="auto",
+            max_memory=max_memory,
+            offload_folder=tmp_path / f"offload-{max_memory['cpu']}",
+        )
         assert "disk" in set(loaded.hf_device_map.values())
         assert torch.equal(loaded(x).logits, model(x).logits)
 

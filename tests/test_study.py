@@ -18,34 +18,60 @@ from hf_sparse_ift.study.config import build_study_config, load_study_config
 from hf_sparse_ift.study.report import compare, spread, verdict
 
 TINY_BASE = {
-    "model": {"vocab_size": 4096, "n_positions": 32, "n_layer": 1, "n_head": 2, "dense_hidden_size": 16,
-              "dense_intermediate_size": 64, "bos_token_id": 0, "eos_token_id": 0},
+    "model": {
+        "vocab_size": 4096,
+        "n_positions": 32,
+        "n_layer": 1,
+        "n_head": 2,
+        "dense_hidden_size": 16,
+        "dense_intermediate_size": 64,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    },
     "data": {"dataset": "builtin", "tokenizer": "builtin", "seq_len": 32, "prefetch_batches": 0},
     "optim": {"lr": 3e-3, "warmup_tokens": 128},
     "dst": {"update_interval": 2, "drop_fraction": 0.3, "stop_fraction": 0.75},
-    "train": {"global_batch_size": 4, "micro_batch_size": 4, "max_steps": 4, "eval_interval": 2, "eval_batches": 1,
-              "checkpoint_interval": 2, "keep_checkpoints": 1, "log_interval": 2, "trackers": ["tensorboard"],
-              "progress_bar": False},
+    "train": {
+        "global_batch_size": 4,
+        "micro_batch_size": 4,
+        "max_steps": 4,
+        "eval_interval": 2,
+        "eval_batches": 1,
+        "checkpoint_interval": 2,
+        "keep_checkpoints": 1,
+        "log_interval": 2,
+        "trackers": ["tensorboard"],
+        "progress_bar": False,
+    },
 }
 
 
 def tiny_study(out, **study):
-    settings = {"output_dir": str(out), "arms": ["dense", "sparse-wide", "dense-iso-time"], "sparsities": [0.75],
-                "methods": ["set"], "seeds": [0], "calibration": {"rounds": 1, "steps": 1, "warmup_steps": 0}}
+    settings = {
+        "output_dir": str(out),
+        "arms": ["dense", "sparse-wide", "dense-iso-time"],
+        "sparsities": [0.75],
+        "methods": ["set"],
+        "seeds": [0],
+        "calibration": {"rounds": 1, "steps": 1, "warmup_steps": 0},
+    }
     settings.update(study)
     return {"study": settings, "base": copy.deepcopy(TINY_BASE)}
 
 
 # ---------------------------------------------------------------------------------------------- config
-@pytest.mark.parametrize("change, key", [
-    ({"arms": ["dense", "sparse-wider"]}, "study.arms[]='sparse-wider' is invalid: expected one of ['dense'"),
-    ({"methods": ["set", "magic"]}, "study.methods[]='magic' is invalid: expected one of"),
-    ({"sparsities": [1.0]}, "study.sparsities[]=1.0 is invalid"),
-    ({"seeds": []}, "study.seeds=[] is invalid"),
-    ({"colour": "red"}, "unknown study key(s) ['study.colour']"),
-    ({"calibration": {"round": 2}}, "unknown study key(s) ['study.calibration.round']"),
-    ({"iso_time_method": "sgd"}, "study.iso_time_method='sgd' is invalid"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"arms": ["dense", "sparse-wider"]}, "study.arms[]='sparse-wider' is invalid: expected one of ['dense'"),
+        ({"methods": ["set", "magic"]}, "study.methods[]='magic' is invalid: expected one of"),
+        ({"sparsities": [1.0]}, "study.sparsities[]=1.0 is invalid"),
+        ({"seeds": []}, "study.seeds=[] is invalid"),
+        ({"colour": "red"}, "unknown study key(s) ['study.colour']"),
+        ({"calibration": {"round": 2}}, "unknown study key(s) ['study.calibration.round']"),
+        ({"iso_time_method": "sgd"}, "study.iso_time_method='sgd' is invalid"),
+    ],
+)
 def test_bad_study_yaml_names_the_key_and_the_valid_values(tmp_path, change, key):
     tree = tiny_study(tmp_path)
     tree["study"].update(change)
@@ -92,11 +118,14 @@ def test_flop_columns_equal_plan_and_dense_iso_flop_matches_sparse_wide_total():
         iso = flop_accounting(arms[f"dense-iso-flop-s{tag}"].pretrain_config("unused", 0))
         dense = flop_accounting(arms["dense"].pretrain_config("unused", 0))
         # total ideal FLOPs equal (LM head and attention included); Sparse Wide costs more than dense in total
-        assert iso["flops_per_token"]["forward_ideal"] == pytest.approx(sw["flops_per_token"]["forward_ideal"], rel=1e-4)
+        assert iso["flops_per_token"]["forward_ideal"] == pytest.approx(
+            sw["flops_per_token"]["forward_ideal"], rel=1e-4
+        )
         assert sw["flops_per_token"]["forward_ideal"] > dense["flops_per_token"]["forward_ideal"] * 1.01
         # ... while its block layers are iso-FLOP with the dense ones (the paper's accounting)
         assert sw["flops_per_token"]["block_layers_forward"] == pytest.approx(
-            dense["flops_per_token"]["block_layers_forward"], rel=0.02)
+            dense["flops_per_token"]["block_layers_forward"], rel=0.02
+        )
         assert iso["layer_sparsity"] == 0 and iso["d_model"] % 12 == 0
         # masked-dense Sparse Wide executes k² = 1/(1-s) times the block FLOPs
         sw_shape = arms[f"sw-s{tag}-set"].pretrain_config("u", 0).model_config().shape(seq_len=2048)
@@ -161,16 +190,29 @@ def test_dst_updates_report_the_spectral_gap_when_asked(tiny_model):
 
 # ---------------------------------------------------------------------------------------------- verdict
 def _row(name, kind, losses, sparsity=0.75, method="static"):
-    return {"name": name, "kind": kind, "sparsity": sparsity, "method": method, "d_model": 64, "steps": 10,
-            "final_val_loss": spread(losses), "wall_seconds": spread([1.0] * len(losses))}
+    return {
+        "name": name,
+        "kind": kind,
+        "sparsity": sparsity,
+        "method": method,
+        "d_model": 64,
+        "steps": 10,
+        "final_val_loss": spread(losses),
+        "wall_seconds": spread([1.0] * len(losses)),
+    }
 
 
 def test_verdict_reports_winners_margins_and_the_seed_spread():
-    assert compare(_row("a", "dense", [3.0, 3.1, 3.2]), _row("b", "dense", [3.05, 3.15, 3.25]))[
-        "exceeds_seed_spread"] is False
-    rows = [_row("dense", "dense", [4.0, 4.02, 4.01]), _row("sw-s75-static", "sparse-wide", [3.9, 3.91, 3.92]),
-            _row("sw-s75-set", "sparse-wide", [3.80, 3.81, 3.79], method="set"),
-            _row("dense-iso-flop-s75", "dense-iso-flop", [3.85, 3.86, 3.84])]
+    assert (
+        compare(_row("a", "dense", [3.0, 3.1, 3.2]), _row("b", "dense", [3.05, 3.15, 3.25]))["exceeds_seed_spread"]
+        is False
+    )
+    rows = [
+        _row("dense", "dense", [4.0, 4.02, 4.01]),
+        _row("sw-s75-static", "sparse-wide", [3.9, 3.91, 3.92]),
+        _row("sw-s75-set", "sparse-wide", [3.80, 3.81, 3.79], method="set"),
+        _row("dense-iso-flop-s75", "dense-iso-flop", [3.85, 3.86, 3.84]),
+    ]
     v = verdict(rows)
     text = "\n".join(v["lines"])
     assert "**sw-s75-set** beats dense by 0.2100" in text
@@ -205,8 +247,15 @@ def test_smoke_study_files_invariants_skip_and_resume(tmp_path, monkeypatch):
     study = build_study_config(tiny_study(out))
     results = runner.run_study(study)
 
-    for name in ("results.json", "results.md", "loss_vs_flops.png", "final_loss_vs_sparsity.png", "spectral_gap.png",
-                 "calibration.json", "data_check.json"):
+    for name in (
+        "results.json",
+        "results.md",
+        "loss_vs_flops.png",
+        "final_loss_vs_sparsity.png",
+        "spectral_gap.png",
+        "calibration.json",
+        "data_check.json",
+    ):
         assert (out / name).stat().st_size > 0, name
     arms = {a["name"]: a for a in results["arms"]}
     assert set(arms) == {"dense", "sw-s75-set", "dense-iso-time-s75"}
@@ -219,7 +268,7 @@ def test_smoke_study_files_invariants_skip_and_resume(tmp_path, monkeypatch):
     cal = json.loads((out / "calibration.json").read_text())["arms"]["dense-iso-time-s75"]
     assert iso["steps"] == max(1, round(4 * cal["ratio"])) and iso["tokens"] == iso["steps"] * 128
     iso_batches = batches[str(out / "runs/dense-iso-time-s75/seed-0")]  # its length follows the measured ratio
-    assert len(iso_batches) == iso["steps"] and iso_batches[:4] == batches[dense_run][:len(iso_batches)]
+    assert len(iso_batches) == iso["steps"] and iso_batches[:4] == batches[dense_run][: len(iso_batches)]
     # the table's FLOP columns are plan's numbers
     for arm in build_arms(study):
         if arm.name in arms and arm.steps is not None:
@@ -229,7 +278,7 @@ def test_smoke_study_files_invariants_skip_and_resume(tmp_path, monkeypatch):
     md = (out / "results.md").read_text()
     assert "| sw-s75-set | 32 / 128 | 0.7500 |" in md and "## Verdict" in md and "(n=1)" in md
     spectral = arms["sw-s75-set"]["runs"][0]["spectral"]["ramanujan_gap"]
-    assert [s for s, _ in spectral][0] == 0 and [s for s, _ in spectral][-1] == 4 and len(spectral) >= 3
+    assert next(s for s, _ in spectral) == 0 and [s for s, _ in spectral][-1] == 4 and len(spectral) >= 3
 
     # a second start without --resume is refused; with --resume finished runs are skipped, a run killed after
     # a checkpoint is resumed and one killed before any checkpoint starts over
@@ -245,7 +294,10 @@ def test_smoke_study_files_invariants_skip_and_resume(tmp_path, monkeypatch):
     results = runner.run_study(study, resume=True)
     assert sorted(calls) == [("dense/seed-0", False), ("sw-s75-set/seed-0", True)]
     assert {a["name"]: a["final_val_loss"]["n"] for a in results["arms"]} == {
-        "dense": 1, "sw-s75-set": 1, "dense-iso-time-s75": 1}
+        "dense": 1,
+        "sw-s75-set": 1,
+        "dense-iso-time-s75": 1,
+    }
     # a changed study cannot resume into the same folder
     changed = tiny_study(out)
     changed["base"]["optim"]["lr"] = 1e-3

@@ -18,17 +18,24 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("evaluate", help="score a checkpoint or Hub model with lm-eval-harness")
     p.add_argument("--model", required=True, help="checkpoint folder (…/checkpoint-N/hf) or Hub name")
     p.add_argument("--revision", help="Hub branch, tag or commit (default: main, recorded as its commit)")
-    p.add_argument("--suite", default="paper",
-                   help=f"one of {', '.join(SUITES)}, or comma-separated lm-eval task names (default: paper)")
+    p.add_argument(
+        "--suite",
+        default="paper",
+        help=f"one of {', '.join(SUITES)}, or comma-separated lm-eval task names (default: paper)",
+    )
     p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
     p.add_argument("--num-fewshot", type=int, help="override the suite's few-shot counts (not for leaderboard-v2)")
     p.add_argument("--batch-size", default="auto", help="integer or auto (default)")
     p.add_argument("--dtype", default="auto", help=f"one of {', '.join(DTYPES)} (default: auto)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available, else cpu)")
-    p.add_argument("--limit", type=float, help="examples per task (or a fraction), for quick checks; marks the "
-                                               "results partial")
-    p.add_argument("--output-dir", default="eval_results",
-                   help="results go to <output-dir>/<model>/<suite>/ (default: eval_results)")
+    p.add_argument(
+        "--limit", type=float, help="examples per task (or a fraction), for quick checks; marks the results partial"
+    )
+    p.add_argument(
+        "--output-dir",
+        default="eval_results",
+        help="results go to <output-dir>/<model>/<suite>/ (default: eval_results)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace earlier results in that folder")
 
     c = sub.add_parser("compare", help="tables of evaluation summaries (one per suite), with deltas")
@@ -50,10 +57,17 @@ def add_parsers(sub) -> None:
 
     k = sub.add_parser("card", help="render (and optionally push) the Hub model card of a checkpoint")
     k.add_argument("checkpoint", help="a save_pretrained folder, e.g. outputs/…/checkpoint-600/hf")
-    k.add_argument("--results", action="append", metavar="SUMMARY",
-                   help="summary.json from `evaluate` of this checkpoint (results table and model-index); repeatable")
-    k.add_argument("--allow-other-checkpoint", action="store_true",
-                   help="accept --results made from a checkpoint with other weights")
+    k.add_argument(
+        "--results",
+        action="append",
+        metavar="SUMMARY",
+        help="summary.json from `evaluate` of this checkpoint (results table and model-index); repeatable",
+    )
+    k.add_argument(
+        "--allow-other-checkpoint",
+        action="store_true",
+        help="accept --results made from a checkpoint with other weights",
+    )
     k.add_argument("--repo-id", help="Hub repo id shown in the card (default: the training run's name)")
     k.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder with its card to this Hub repo")
     k.add_argument("--private", action="store_true")
@@ -62,9 +76,19 @@ def add_parsers(sub) -> None:
 def cmd_evaluate(args) -> int:
     from .compare import raw_table, results_table
 
-    summary = evaluate(args.model, args.suite, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-                       limit=args.limit, output_dir=args.output_dir, include_path=args.include_path,
-                       num_fewshot=args.num_fewshot, overwrite=args.overwrite, revision=args.revision)
+    summary = evaluate(
+        args.model,
+        args.suite,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        limit=args.limit,
+        output_dir=args.output_dir,
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
+        overwrite=args.overwrite,
+        revision=args.revision,
+    )
     print(results_table([summary]), end="")
     if summary["scoring"] == "leaderboard-v2":
         print("\nRaw lm-eval scores:\n\n" + raw_table(summary), end="")
@@ -87,15 +111,28 @@ def cmd_compare(args) -> int:
 def cmd_perplexity(args) -> int:
     from .perplexity import perplexity
 
-    print(json.dumps(perplexity(args.model, args.dataset, args.tokenizer, args.split, args.max_batches,
-                                args.batch_size, args.seq_len, args.data_files, args.text_column)))
+    print(
+        json.dumps(
+            perplexity(
+                args.model,
+                args.dataset,
+                args.tokenizer,
+                args.split,
+                args.max_batches,
+                args.batch_size,
+                args.seq_len,
+                args.data_files,
+                args.text_column,
+            )
+        )
+    )
     return 0
 
 
 def checked_summaries(checkpoint: str | Path, paths: list[str], allow_other: bool = False) -> list[dict]:
     """The summaries of `paths`, each made from `checkpoint`'s weights (sha256), unless `allow_other`."""
-    from .compare import load_summary
     from ..hub.identity import describe, local_identity, same_model
+    from .compare import load_summary
 
     mine = local_identity(checkpoint)
     out = []
@@ -103,10 +140,15 @@ def checked_summaries(checkpoint: str | Path, paths: list[str], allow_other: boo
         summary = load_summary(path)
         theirs = summary["model"]
         if not allow_other and not same_model(theirs, mine):
-            made_from = describe(theirs) if theirs.get("weights_sha256") or theirs.get("hub_id") else \
-                f"{theirs.get('path') or theirs.get('name')} (no weights hash recorded)"
-            raise ValueError(f"--results {path} was made from {made_from}, not from this checkpoint {describe(mine)}; "
-                             "pass --allow-other-checkpoint to use it anyway")
+            made_from = (
+                describe(theirs)
+                if theirs.get("weights_sha256") or theirs.get("hub_id")
+                else f"{theirs.get('path') or theirs.get('name')} (no weights hash recorded)"
+            )
+            raise ValueError(
+                f"--results {path} was made from {made_from}, not from this checkpoint {describe(mine)}; "
+                "pass --allow-other-checkpoint to use it anyway"
+            )
         out.append(summary)
     return out
 
@@ -124,8 +166,11 @@ def cmd_card(args) -> int:
 
         api = HfApi()
         api.create_repo(args.push_to_hub, private=args.private, exist_ok=True)
-        api.upload_folder(folder_path=args.checkpoint, repo_id=args.push_to_hub,
-                          commit_message="Upload Sparse Wide GPT checkpoint (hf-sparse-ift)")
+        api.upload_folder(
+            folder_path=args.checkpoint,
+            repo_id=args.push_to_hub,
+            commit_message="Upload Sparse Wide GPT checkpoint (hf-sparse-ift)",
+        )
         print(f"pushed {args.checkpoint} to https://huggingface.co/{args.push_to_hub}")
     return 0
 

@@ -16,9 +16,19 @@ def _upgrade(s: dict) -> dict:
         return s
     model = s["model"] if isinstance(s["model"], dict) else {"name": str(s["model"]), "path": str(s["model"])}
     rows = [{**r, "score": 100 * r["value"]} for r in s["tasks"]]
-    return {**s, "schema": 2, "model": model, "tasks": rows, "suite_id": s.get("suite", "?"), "scoring": "mean",
-            "average": 100 * s["average"], "average_over": [r["label"] for r in rows], "complete": True,
-            "missing": {}, "partial": s.get("limit") is not None}
+    return {
+        **s,
+        "schema": 2,
+        "model": model,
+        "tasks": rows,
+        "suite_id": s.get("suite", "?"),
+        "scoring": "mean",
+        "average": 100 * s["average"],
+        "average_over": [r["label"] for r in rows],
+        "complete": True,
+        "missing": {},
+        "partial": s.get("limit") is not None,
+    }
 
 
 def load_summary(path: str | Path) -> dict:
@@ -67,8 +77,10 @@ def results_table(summaries: list[dict], paper: bool = False) -> str:
         raise ValueError("no summaries to tabulate")
     keys = {group_key(s) for s in summaries}
     if len(keys) > 1:
-        raise ValueError(f"these summaries are of different suites or task sets ({sorted(k[0] for k in keys)}); "
-                         "compare() puts each in its own table")
+        raise ValueError(
+            f"these summaries are of different suites or task sets ({sorted(k[0] for k in keys)}); "
+            "compare() puts each in its own table"
+        )
     labels = [r["label"] for r in summaries[0]["tasks"]]
     lines = ["| model | " + " | ".join(labels) + " | Average |", "|" + "---|" * (len(labels) + 2)]
     base = {r["label"]: r.get("score") for r in summaries[0]["tasks"]}
@@ -80,20 +92,27 @@ def results_table(summaries: list[dict], paper: bool = False) -> str:
         mark = ""
         if not s.get("complete", True):
             mark = "*" * (len([n for n in notes if n.startswith("*")]) + 1)
-            notes.append(f"{mark} {row_name(s)}: average over {len(s['average_over'])} of {len(labels)} "
-                         f"({', '.join(s['average_over'])}); not scored: "
-                         + "; ".join(f"{k} ({v.split(':')[0]})" for k, v in s.get("missing", {}).items()))
+            notes.append(
+                f"{mark} {row_name(s)}: average over {len(s['average_over'])} of {len(labels)} "
+                f"({', '.join(s['average_over'])}); not scored: "
+                + "; ".join(f"{k} ({v.split(':')[0]})" for k, v in s.get("missing", {}).items())
+            )
         cells.append(_cell(s.get("average"), base_avg, i == 0, mark))
         lines.append(f"| {row_name(s)} | " + " | ".join(cells) + " |")
     if paper and summaries[0].get("suite_id") == PAPER_SUITE:
         for row in PAPER_TABLE15:
-            lines.append(f"| {row['model']} | " + " | ".join(
-                f"{row[label]:.1f}" if label in row else "–" for label in labels + ["Average"]) + " |")
+            lines.append(
+                f"| {row['model']} | "
+                + " | ".join(f"{row[label]:.1f}" if label in row else "–" for label in labels + ["Average"])
+                + " |"
+            )
     if any(s.get("partial") for s in summaries):
         notes.append("partial: scored on the first --limit examples of each task, not comparable with full runs")
     if summaries[0].get("scoring") == "leaderboard-v2":
-        notes.append("Open LLM Leaderboard v2 normalised scores (0 = random guessing, 100 = all correct); raw "
-                     "lm-eval scores are in summary.json and results.md")
+        notes.append(
+            "Open LLM Leaderboard v2 normalised scores (0 = random guessing, 100 = all correct); raw "
+            "lm-eval scores are in summary.json and results.md"
+        )
     return "\n".join(lines) + "\n" + "".join(f"\n{n}" for n in notes) + ("\n" if notes else "")
 
 
@@ -104,11 +123,14 @@ def raw_table(summary: dict) -> str:
         if r.get("missing"):
             lines.append(f"| {r['label']} | {r['task']} | {r['metric']} | n/a | n/a | not scored |")
             continue
-        lines.append(f"| {r['label']} | {r['task']} | {r['metric']} | {r['value']:.4f} | {r['score']:.2f} | "
-                     f"{r.get('rule', '')} |")
+        lines.append(
+            f"| {r['label']} | {r['task']} | {r['metric']} | {r['value']:.4f} | {r['score']:.2f} | "
+            f"{r.get('rule', '')} |"
+        )
         for sub in r.get("subtasks", []):
-            lines.append(f"| | {sub['task']} | k = {sub['num_choices']} | {sub['raw']:.4f} | {sub['normalised']:.2f} "
-                         "| |")
+            lines.append(
+                f"| | {sub['task']} | k = {sub['num_choices']} | {sub['raw']:.4f} | {sub['normalised']:.2f} | |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -133,6 +155,8 @@ def compare(paths: list[str | Path], paper: bool = False, names: list[str] | Non
             title += " (normalised)"
         parts.append(title + "\n\n" + results_table(group, paper=paper))
     if paper and PAPER_SUITE not in {k[0] for k in groups}:
-        parts.append("(--paper: the paper's published rows are zero-shot ARC, HellaSwag, TruthfulQA, MMLU and "
-                     "Winogrande; they are shown only beside summaries of the `paper` suite, and none was given)\n")
+        parts.append(
+            "(--paper: the paper's published rows are zero-shot ARC, HellaSwag, TruthfulQA, MMLU and "
+            "Winogrande; they are shown only beside summaries of the `paper` suite, and none was given)\n"
+        )
     return "\n".join(parts)

@@ -20,9 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..hub.identity import resolve_model, weights_sha256
 from . import leaderboard
 from .compare import raw_table, results_table
-from ..hub.identity import resolve_model, weights_sha256
 from .suites import SUITES, Suite, TaskSpec, builtin_tasks_dir, resolve_suite, task_names
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -41,10 +41,14 @@ def check_options(dtype: str, limit: float | None, batch_size: str | int) -> Non
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if limit is not None and not limit > 0:
-        raise ValueError(f"--limit {limit:g} must be positive: a number of examples per task (>= 1) or a fraction "
-                         "(0 < limit < 1)")
-    if str(batch_size) != "auto" and not (str(batch_size).isdigit() and int(batch_size) > 0) \
-            and not str(batch_size).startswith("auto:"):
+        raise ValueError(
+            f"--limit {limit:g} must be positive: a number of examples per task (>= 1) or a fraction (0 < limit < 1)"
+        )
+    if (
+        str(batch_size) != "auto"
+        and not (str(batch_size).isdigit() and int(batch_size) > 0)
+        and not str(batch_size).startswith("auto:")
+    ):
         raise ValueError(f"--batch-size {batch_size!r} must be a positive integer, auto or auto:<N>")
 
 
@@ -61,8 +65,10 @@ def check_writable(folder: str | Path) -> None:
         with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise ValueError(f"--output-dir {folder} is not writable ({err.strerror or err}: {probe_dir}); choose a "
-                         "folder you can write to") from None
+        raise ValueError(
+            f"--output-dir {folder} is not writable ({err.strerror or err}: {probe_dir}); choose a "
+            "folder you can write to"
+        ) from None
 
 
 def suite_folder(suite: Suite, num_fewshot: int | None, limit: float | None) -> str:
@@ -74,8 +80,9 @@ def suite_folder(suite: Suite, num_fewshot: int | None, limit: float | None) -> 
     return name
 
 
-def results_dir(output_dir: str | Path, identity: dict, suite: Suite, num_fewshot: int | None = None,
-                limit: float | None = None) -> Path:
+def results_dir(
+    output_dir: str | Path, identity: dict, suite: Suite, num_fewshot: int | None = None, limit: float | None = None
+) -> Path:
     return Path(output_dir) / identity["slug"] / suite_folder(suite, num_fewshot, limit)
 
 
@@ -108,9 +115,12 @@ def _lm_eval_yaml_text() -> str:
 
 def _unknown_task(suite: Suite, bad: str, known: list[str]) -> ValueError:
     close = difflib.get_close_matches(bad, list(SUITES) + known, n=3)
-    return ValueError(f"--suite {suite.name!r}: {bad!r} is neither a suite (choose one of {', '.join(SUITES)}) nor "
-                      "an lm-eval task or group" + (f"; did you mean {', '.join(close)}?" if close else "")
-                      + " (`lm_eval ls tasks` lists the tasks; --include-path adds a folder of task YAMLs)")
+    return ValueError(
+        f"--suite {suite.name!r}: {bad!r} is neither a suite (choose one of {', '.join(SUITES)}) nor "
+        "an lm-eval task or group"
+        + (f"; did you mean {', '.join(close)}?" if close else "")
+        + " (`lm_eval ls tasks` lists the tasks; --include-path adds a folder of task YAMLs)"
+    )
 
 
 def task_manager_for(suite: Suite, include_path: str | None = None):
@@ -158,8 +168,10 @@ def load_tasks(suite: Suite, manager, log=_stderr) -> tuple[dict, dict]:
         try:
             built = manager.load([spec.task])
         except ImportError as err:
-            raise ValueError(f"task {spec.task} needs a package that is not installed ({err}); the leaderboard-v2 "
-                             "suite needs lm-eval's extras: pip install 'lm-eval[math,ifeval]'") from None
+            raise ValueError(
+                f"task {spec.task} needs a package that is not installed ({err}); the leaderboard-v2 "
+                "suite needs lm-eval's extras: pip install 'lm-eval[math,ifeval]'"
+            ) from None
         except OSError as err:  # no network, offline mode, gated or missing dataset
             reason = f"{type(err).__name__}: {err}".splitlines()[0]
             if spec.benchmark in suite.optional:
@@ -167,11 +179,14 @@ def load_tasks(suite: Suite, manager, log=_stderr) -> tuple[dict, dict]:
                     f"{spec.label} not scored: its data could not be loaded ({reason}). {spec.label} "
                     f"({GPQA_DATASET}) is gated on the Hub: accept its terms on "
                     f"https://huggingface.co/datasets/{GPQA_DATASET}, log in with `hf auth login` and run online. "
-                    f"The average is over the other {len(suite.specs) - 1} benchmarks and marked as such.")
+                    f"The average is over the other {len(suite.specs) - 1} benchmarks and marked as such."
+                )
                 log(f"hf-sparse-ift evaluate: warning: {missing[spec.benchmark]}")
                 continue
-            raise ValueError(f"cannot load the data of task {spec.task} ({reason}); offline runs need the datasets in "
-                             "the local Hugging Face cache") from None
+            raise ValueError(
+                f"cannot load the data of task {spec.task} ({reason}); offline runs need the datasets in "
+                "the local Hugging Face cache"
+            ) from None
         loaded[spec.task] = built["groups"].get(spec.task) or built["tasks"][spec.task]
     return loaded, missing
 
@@ -198,8 +213,13 @@ def score_task(spec: TaskSpec, results: dict, scoring: str = "mean") -> dict:
         norm = leaderboard.normalise(spec.benchmark, spec.task, results)
         return {"metric": norm.pop("metric"), "value": norm.pop("raw"), "score": norm["normalised"], **norm}
     if spec.task == "mmlu":  # leaderboard v1: unweighted mean over the 57 subjects
-        subjects = [v for k, v in results.items() if k.startswith("mmlu_") and spec.metric in v
-                    and k not in ("mmlu_humanities", "mmlu_stem", "mmlu_social_sciences", "mmlu_other")]
+        subjects = [
+            v
+            for k, v in results.items()
+            if k.startswith("mmlu_")
+            and spec.metric in v
+            and k not in ("mmlu_humanities", "mmlu_stem", "mmlu_social_sciences", "mmlu_other")
+        ]
         if subjects:
             value = sum(float(v[spec.metric]) for v in subjects) / len(subjects)
             return {"metric": spec.metric, "value": value, "score": 100 * value}
@@ -213,11 +233,17 @@ def summarise_scores(rows: list[dict], scoring: str) -> dict:
     if scoring == "leaderboard-v2":
         avg = leaderboard.average({r["benchmark"]: r["score"] for r in rows})
         labels = {r["benchmark"]: r["label"] for r in rows}
-        return {"average": avg["average"], "average_over": [labels[k] for k in avg["average_over"]],
-                "complete": avg["complete"]}
+        return {
+            "average": avg["average"],
+            "average_over": [labels[k] for k in avg["average_over"]],
+            "complete": avg["complete"],
+        }
     scored = [r for r in rows if r.get("score") is not None]
-    return {"average": sum(r["score"] for r in scored) / len(scored), "average_over": [r["label"] for r in scored],
-            "complete": len(scored) == len(rows)}
+    return {
+        "average": sum(r["score"] for r in scored) / len(scored),
+        "average_over": [r["label"] for r in scored],
+        "complete": len(scored) == len(rows),
+    }
 
 
 def _dataset_of(task: str, result: dict) -> tuple[str, str | None]:
@@ -230,10 +256,21 @@ def _dataset_of(task: str, result: dict) -> tuple[str, str | None]:
 # ----------------------------------------------------------------------------------------------
 # evaluate
 # ----------------------------------------------------------------------------------------------
-def evaluate(model: str, suite: str = "paper", batch_size: str | int = "auto", dtype: str = "auto",
-             device: str | None = None, limit: float | None = None, output_dir: str | Path | None = "eval_results",
-             include_path: str | None = None, num_fewshot: int | None = None, max_length: int | None = None,
-             overwrite: bool = False, revision: str | None = None, log=_stderr) -> dict:
+def evaluate(
+    model: str,
+    suite: str = "paper",
+    batch_size: str | int = "auto",
+    dtype: str = "auto",
+    device: str | None = None,
+    limit: float | None = None,
+    output_dir: str | Path | None = "eval_results",
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    max_length: int | None = None,
+    overwrite: bool = False,
+    revision: str | None = None,
+    log=_stderr,
+) -> dict:
     """Score `model` (checkpoint folder or Hub name) on a suite; returns the summary and, unless `output_dir` is
     None, writes it with lm-eval's results to ``results_dir(...)`` (``summary["output_dir"]``)."""
     # 1. the request: checked before anything is loaded or written
@@ -247,8 +284,10 @@ def evaluate(model: str, suite: str = "paper", batch_size: str | int = "auto", d
         out = results_dir(output_dir, identity, the_suite, num_fewshot, limit)
         check_writable(output_dir)
         if out.exists() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{out} already holds results of this model and suite; pass --overwrite to replace "
-                                  "them, or choose another --output-dir")
+            raise FileExistsError(
+                f"{out} already holds results of this model and suite; pass --overwrite to replace "
+                "them, or choose another --output-dir"
+            )
     manager = task_manager_for(the_suite, include_path)
     loaded, missing = load_tasks(the_suite, manager, log)
 
@@ -261,14 +300,25 @@ def evaluate(model: str, suite: str = "paper", batch_size: str | int = "auto", d
     from .. import __version__ as package_version
 
     summary = {
-        "schema": SUMMARY_SCHEMA, "model": identity, "suite": the_suite.name,
-        "suite_id": suite_folder(the_suite, num_fewshot, None), "scoring": the_suite.scoring, "tasks": rows,
-        **summarise_scores(rows, the_suite.scoring), "missing": {r["label"]: r["missing"] for r in rows
-                                                                   if r.get("missing")},
-        "limit": limit, "partial": limit is not None, "num_fewshot_override": num_fewshot,
-        "dtype": dtype, "model_dtype": str(getattr(lm.model, "dtype", "")).replace("torch.", ""),
-        "batch_size": str(batch_size), "device": device, "max_length": lm.max_length, "apply_chat_template": False,
-        "lm_eval_version": lm_eval.__version__, "hf_sparse_ift_version": package_version,
+        "schema": SUMMARY_SCHEMA,
+        "model": identity,
+        "suite": the_suite.name,
+        "suite_id": suite_folder(the_suite, num_fewshot, None),
+        "scoring": the_suite.scoring,
+        "tasks": rows,
+        **summarise_scores(rows, the_suite.scoring),
+        "missing": {r["label"]: r["missing"] for r in rows if r.get("missing")},
+        "limit": limit,
+        "partial": limit is not None,
+        "num_fewshot_override": num_fewshot,
+        "dtype": dtype,
+        "model_dtype": str(getattr(lm.model, "dtype", "")).replace("torch.", ""),
+        "batch_size": str(batch_size),
+        "device": device,
+        "max_length": lm.max_length,
+        "apply_chat_template": False,
+        "lm_eval_version": lm_eval.__version__,
+        "hf_sparse_ift_version": package_version,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if out is not None:
@@ -285,8 +335,13 @@ def _load_lm(identity: dict, dtype, batch_size, device, max_length):
     import hf_sparse_ift  # noqa: F401  (registers the model; remote code covers other environments)
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs = dict(pretrained=identity.get("path") or identity["hub_id"], trust_remote_code=True, dtype=dtype,
-                  batch_size=batch_size, device=device)
+    kwargs = dict(
+        pretrained=identity.get("path") or identity["hub_id"],
+        trust_remote_code=True,
+        dtype=dtype,
+        batch_size=batch_size,
+        device=device,
+    )
     if identity.get("revision"):
         kwargs["revision"] = identity["revision"]
     if max_length:
@@ -301,21 +356,58 @@ def _run_suite(lm, the_suite, loaded: dict, missing: dict, manager, limit) -> tu
     rows, raw = [], {}
     for spec in the_suite.specs:
         if spec.benchmark in missing:
-            rows.append({"task": spec.task, "label": spec.label, "benchmark": spec.benchmark,
-                         "num_fewshot": spec.num_fewshot, "metric": spec.metric, "value": None, "score": None,
-                         "missing": missing[spec.benchmark]})
+            rows.append(
+                {
+                    "task": spec.task,
+                    "label": spec.label,
+                    "benchmark": spec.benchmark,
+                    "num_fewshot": spec.num_fewshot,
+                    "metric": spec.metric,
+                    "value": None,
+                    "score": None,
+                    "missing": missing[spec.benchmark],
+                }
+            )
             continue
         # fixed suites (leaderboard-v2) keep their task YAMLs' few-shot counts, as `lm_eval --tasks leaderboard`
         shots = None if the_suite.fixed_fewshot else spec.num_fewshot
-        result = lm_eval.simple_evaluate(model=lm, tasks=[loaded[spec.task]], num_fewshot=shots,
-                                         limit=limit, task_manager=manager, log_samples=False, bootstrap_iters=0,
-                                         apply_chat_template=False, fewshot_as_multiturn=False)
+        result = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[loaded[spec.task]],
+            num_fewshot=shots,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=0,
+            apply_chat_template=False,
+            fewshot_as_multiturn=False,
+        )
         dataset, split = _dataset_of(spec.task, result)
-        rows.append({"task": spec.task, "label": spec.label, "benchmark": spec.benchmark,
-                     "num_fewshot": result.get("n-shot", {}).get(spec.task, spec.num_fewshot), "dataset": dataset,
-                     "dataset_split": split, **score_task(spec, result["results"], the_suite.scoring)})
-        raw[spec.task] = {k: result[k] for k in ("results", "groups", "group_subtasks", "configs", "versions",
-                                                 "n-shot", "higher_is_better", "n-samples") if k in result}
+        rows.append(
+            {
+                "task": spec.task,
+                "label": spec.label,
+                "benchmark": spec.benchmark,
+                "num_fewshot": result.get("n-shot", {}).get(spec.task, spec.num_fewshot),
+                "dataset": dataset,
+                "dataset_split": split,
+                **score_task(spec, result["results"], the_suite.scoring),
+            }
+        )
+        raw[spec.task] = {
+            k: result[k]
+            for k in (
+                "results",
+                "groups",
+                "group_subtasks",
+                "configs",
+                "versions",
+                "n-shot",
+                "higher_is_better",
+                "n-samples",
+            )
+            if k in result
+        }
     return rows, raw
 
 
@@ -325,9 +417,12 @@ def _complete_identity(identity: dict) -> None:
         try:
             from huggingface_hub import snapshot_download
 
-            identity.update(weights_sha256(snapshot_download(identity["hub_id"], revision=identity["revision"],
-                                                             local_files_only=True)))
-        except Exception:  # noqa: BLE001  (identity keeps the Hub id and commit)
+            identity.update(
+                weights_sha256(
+                    snapshot_download(identity["hub_id"], revision=identity["revision"], local_files_only=True)
+                )
+            )
+        except Exception:
             pass
     identity.pop("cached_path", None)
 
@@ -354,5 +449,16 @@ def _write(out: Path, summary: dict, raw: dict, overwrite: bool) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["DTYPES", "SUITES", "check_options", "check_writable", "evaluate", "load_tasks", "results_dir",
-           "score_task", "summarise_scores", "task_manager_for", "task_names"]
+__all__ = [
+    "DTYPES",
+    "SUITES",
+    "check_options",
+    "check_writable",
+    "evaluate",
+    "load_tasks",
+    "results_dir",
+    "score_task",
+    "summarise_scores",
+    "task_manager_for",
+    "task_names",
+]

@@ -26,22 +26,45 @@ from __future__ import annotations
 
 # [A] BBH subtasks and their number of choices.
 BBH_CHOICES = {
-    "sports_understanding": 2, "tracking_shuffled_objects_three_objects": 3, "navigate": 2, "snarks": 2,
-    "date_understanding": 6, "reasoning_about_colored_objects": 18, "object_counting": 19,
-    "logical_deduction_seven_objects": 7, "geometric_shapes": 11, "web_of_lies": 2, "movie_recommendation": 6,
-    "logical_deduction_five_objects": 5, "salient_translation_error_detection": 6, "disambiguation_qa": 3,
-    "temporal_sequences": 4, "hyperbaton": 2, "logical_deduction_three_objects": 3, "causal_judgement": 2,
-    "formal_fallacies": 2, "tracking_shuffled_objects_seven_objects": 7, "ruin_names": 6,
-    "penguins_in_a_table": 5, "boolean_expressions": 2, "tracking_shuffled_objects_five_objects": 5,
+    "sports_understanding": 2,
+    "tracking_shuffled_objects_three_objects": 3,
+    "navigate": 2,
+    "snarks": 2,
+    "date_understanding": 6,
+    "reasoning_about_colored_objects": 18,
+    "object_counting": 19,
+    "logical_deduction_seven_objects": 7,
+    "geometric_shapes": 11,
+    "web_of_lies": 2,
+    "movie_recommendation": 6,
+    "logical_deduction_five_objects": 5,
+    "salient_translation_error_detection": 6,
+    "disambiguation_qa": 3,
+    "temporal_sequences": 4,
+    "hyperbaton": 2,
+    "logical_deduction_three_objects": 3,
+    "causal_judgement": 2,
+    "formal_fallacies": 2,
+    "tracking_shuffled_objects_seven_objects": 7,
+    "ruin_names": 6,
+    "penguins_in_a_table": 5,
+    "boolean_expressions": 2,
+    "tracking_shuffled_objects_five_objects": 5,
 }
 # [A], [N] MuSR subtasks (lm-eval task suffixes) and their number of choices.
 MUSR_CHOICES = {"murder_mysteries": 2, "object_placements": 5, "team_allocation": 3}
-GPQA_CHOICES = 4        # [A], [N]
-MMLU_PRO_CHOICES = 10   # [A]
+GPQA_CHOICES = 4  # [A], [N]
+MMLU_PRO_CHOICES = 10  # [A]
 
 BENCHMARKS = ("mmlu_pro", "bbh", "gpqa", "math_hard", "ifeval", "musr")
-BENCHMARK_LABELS = {"mmlu_pro": "MMLU-Pro", "bbh": "BBH", "gpqa": "GPQA", "math_hard": "MATH Lvl 5",
-                    "ifeval": "IFEval", "musr": "MuSR"}
+BENCHMARK_LABELS = {
+    "mmlu_pro": "MMLU-Pro",
+    "bbh": "BBH",
+    "gpqa": "GPQA",
+    "math_hard": "MATH Lvl 5",
+    "ifeval": "IFEval",
+    "musr": "MuSR",
+}
 
 
 def rescale(raw: float, num_choices: int) -> float:
@@ -65,7 +88,7 @@ def _subtasks(results: dict, group: str, table: dict[str, int], metric: str) -> 
     for key in sorted(results):
         if not key.startswith(group + "_") or metric not in results[key]:
             continue
-        name = key[len(group) + 1:]
+        name = key[len(group) + 1 :]
         if name not in table:
             raise ValueError(f"{key}: unknown {group} subtask {name!r}; the leaderboard lists {sorted(table)}")
         raw = float(results[key][metric])
@@ -83,19 +106,34 @@ def normalise(benchmark: str, task: str, results: dict) -> dict:
         # [N] per subtask, then the unweighted mean; raw = lm-eval's group value (mean over all questions).
         table = BBH_CHOICES if benchmark == "bbh" else MUSR_CHOICES
         subtasks = _subtasks(results, task, table, "acc_norm,none")
-        raw = (_metric(results, task, "acc_norm,none") if "acc_norm,none" in results.get(task, {})
-               else sum(s["raw"] for s in subtasks) / len(subtasks))
-        return {"metric": "acc_norm,none", "raw": raw,
-                "normalised": sum(s["normalised"] for s in subtasks) / len(subtasks), "subtasks": subtasks,
-                "rule": "mean over subtasks of max(0, (acc_norm - 1/k) / (1 - 1/k)) * 100, k per subtask"}
+        raw = (
+            _metric(results, task, "acc_norm,none")
+            if "acc_norm,none" in results.get(task, {})
+            else sum(s["raw"] for s in subtasks) / len(subtasks)
+        )
+        return {
+            "metric": "acc_norm,none",
+            "raw": raw,
+            "normalised": sum(s["normalised"] for s in subtasks) / len(subtasks),
+            "subtasks": subtasks,
+            "rule": "mean over subtasks of max(0, (acc_norm - 1/k) / (1 - 1/k)) * 100, k per subtask",
+        }
     if benchmark == "gpqa":
         raw = _metric(results, task, "acc_norm,none")  # [C] the group's value over diamond, extended and main
-        return {"metric": "acc_norm,none", "raw": raw, "normalised": rescale(raw, GPQA_CHOICES),
-                "rule": f"max(0, (acc_norm - 1/{GPQA_CHOICES}) / (1 - 1/{GPQA_CHOICES})) * 100"}
+        return {
+            "metric": "acc_norm,none",
+            "raw": raw,
+            "normalised": rescale(raw, GPQA_CHOICES),
+            "rule": f"max(0, (acc_norm - 1/{GPQA_CHOICES}) / (1 - 1/{GPQA_CHOICES})) * 100",
+        }
     if benchmark == "mmlu_pro":
         raw = _metric(results, task, "acc,none")
-        return {"metric": "acc,none", "raw": raw, "normalised": rescale(raw, MMLU_PRO_CHOICES),
-                "rule": f"max(0, (acc - 1/{MMLU_PRO_CHOICES}) / (1 - 1/{MMLU_PRO_CHOICES})) * 100"}
+        return {
+            "metric": "acc,none",
+            "raw": raw,
+            "normalised": rescale(raw, MMLU_PRO_CHOICES),
+            "rule": f"max(0, (acc - 1/{MMLU_PRO_CHOICES}) / (1 - 1/{MMLU_PRO_CHOICES})) * 100",
+        }
     if benchmark == "math_hard":
         raw = _metric(results, task, "exact_match,none")  # [C] group value; [A] num_choices 0: not rescaled
         return {"metric": "exact_match,none", "raw": raw, "normalised": rescale(raw, 0), "rule": "exact_match * 100"}
@@ -103,9 +141,14 @@ def normalise(benchmark: str, task: str, results: dict) -> dict:
         inst = _metric(results, task, "inst_level_strict_acc,none")
         prompt = _metric(results, task, "prompt_level_strict_acc,none")
         raw = (inst + prompt) / 2  # [C] mean of the two strict accuracies; [A] num_choices 0: not rescaled
-        return {"metric": "inst_level_strict_acc,none+prompt_level_strict_acc,none", "raw": raw,
-                "normalised": rescale(raw, 0), "inst_level_strict_acc": inst, "prompt_level_strict_acc": prompt,
-                "rule": "(inst_level_strict_acc + prompt_level_strict_acc) / 2 * 100"}
+        return {
+            "metric": "inst_level_strict_acc,none+prompt_level_strict_acc,none",
+            "raw": raw,
+            "normalised": rescale(raw, 0),
+            "inst_level_strict_acc": inst,
+            "prompt_level_strict_acc": prompt,
+            "rule": "(inst_level_strict_acc + prompt_level_strict_acc) / 2 * 100",
+        }
     raise ValueError(f"unknown leaderboard-v2 benchmark {benchmark!r}; expected one of {list(BENCHMARKS)}")
 
 
@@ -115,5 +158,9 @@ def average(scores: dict[str, float | None]) -> dict:
     present = {k: v for k, v in scores.items() if v is not None}
     missing = [k for k in BENCHMARKS if k not in present]
     value = sum(present.values()) / len(present) if present else None
-    return {"average": value, "average_over": [k for k in BENCHMARKS if k in present], "missing": missing,
-            "complete": not missing}
+    return {
+        "average": value,
+        "average_over": [k for k in BENCHMARKS if k in present],
+        "missing": missing,
+        "complete": not missing,
+    }

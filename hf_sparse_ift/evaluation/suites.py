@@ -25,8 +25,8 @@ from ..resources import builtin_dir
 class TaskSpec:
     task: str
     num_fewshot: int | None
-    metric: str          # lm-eval result key, e.g. "acc_norm,none"
-    label: str           # column name in tables
+    metric: str  # lm-eval result key, e.g. "acc_norm,none"
+    label: str  # column name in tables
     benchmark: str = ""  # leaderboard-v2 benchmark key ("bbh", "gpqa", ...): selects the normalisation rule
 
 
@@ -34,10 +34,10 @@ class TaskSpec:
 class Suite:
     name: str
     specs: tuple[TaskSpec, ...]
-    scoring: str = "mean"            # "mean" of the raw metrics, or "leaderboard-v2" normalisation
+    scoring: str = "mean"  # "mean" of the raw metrics, or "leaderboard-v2" normalisation
     lm_eval_dirs: tuple[str, ...] | None = None  # lm-eval task folders to index (None: all of lm-eval's tasks)
     optional: frozenset[str] = field(default_factory=frozenset)  # benchmarks that may be missing (gated data)
-    fixed_fewshot: bool = False      # the suite's few-shot counts are part of its definition
+    fixed_fewshot: bool = False  # the suite's few-shot counts are part of its definition
 
     @property
     def labels(self) -> list[str]:
@@ -70,25 +70,61 @@ def _leaderboard_v2(prefix: str) -> tuple[TaskSpec, ...]:
 SUITES: dict[str, Suite] = {
     "openllm": Suite("openllm", _OPENLLM),
     "paper": Suite("paper", tuple(replace(s, num_fewshot=0) for s in _OPENLLM[:5])),
-    "leaderboard-v2": Suite("leaderboard-v2", _leaderboard_v2("leaderboard"), scoring="leaderboard-v2",
-                            lm_eval_dirs=("leaderboard",), optional=frozenset({"gpqa"}), fixed_fewshot=True),
-    "leaderboard-v2-builtin": Suite("leaderboard-v2-builtin", _leaderboard_v2("builtin_leaderboard"),
-                                    scoring="leaderboard-v2", lm_eval_dirs=(), optional=frozenset({"gpqa"}),
-                                    fixed_fewshot=True),
-    "builtin": Suite("builtin", (
-        TaskSpec("sparse_ift_docstring_mc", 0, "acc_norm,none", "DocstringMC"),
-        TaskSpec("sparse_ift_arithmetic_gen", 0, "exact_match,strip", "ArithmeticGen"),
-    ), lm_eval_dirs=()),
+    "leaderboard-v2": Suite(
+        "leaderboard-v2",
+        _leaderboard_v2("leaderboard"),
+        scoring="leaderboard-v2",
+        lm_eval_dirs=("leaderboard",),
+        optional=frozenset({"gpqa"}),
+        fixed_fewshot=True,
+    ),
+    "leaderboard-v2-builtin": Suite(
+        "leaderboard-v2-builtin",
+        _leaderboard_v2("builtin_leaderboard"),
+        scoring="leaderboard-v2",
+        lm_eval_dirs=(),
+        optional=frozenset({"gpqa"}),
+        fixed_fewshot=True,
+    ),
+    "builtin": Suite(
+        "builtin",
+        (
+            TaskSpec("sparse_ift_docstring_mc", 0, "acc_norm,none", "DocstringMC"),
+            TaskSpec("sparse_ift_arithmetic_gen", 0, "exact_match,strip", "ArithmeticGen"),
+        ),
+        lm_eval_dirs=(),
+    ),
 }
 
 # Sparse-IFT paper, Table 15 (GPT-3 Small on the Pile, SET), in percent: zero-shot, the `paper` suite's tasks.
 PAPER_TABLE15 = [
-    {"model": "paper: GPT-3 Small dense", "ARC": 20.8, "HellaSwag": 27.2, "TruthfulQA": 47.0, "MMLU": 24.6,
-     "Winogrande": 49.4, "Average": 33.8},
-    {"model": "paper: Sparse Wide 50% SET", "ARC": 20.6, "HellaSwag": 27.4, "TruthfulQA": 47.4, "MMLU": 25.6,
-     "Winogrande": 49.6, "Average": 34.1},
-    {"model": "paper: Sparse Wide 75% SET", "ARC": 22.1, "HellaSwag": 27.8, "TruthfulQA": 47.5, "MMLU": 25.6,
-     "Winogrande": 50.4, "Average": 34.7},
+    {
+        "model": "paper: GPT-3 Small dense",
+        "ARC": 20.8,
+        "HellaSwag": 27.2,
+        "TruthfulQA": 47.0,
+        "MMLU": 24.6,
+        "Winogrande": 49.4,
+        "Average": 33.8,
+    },
+    {
+        "model": "paper: Sparse Wide 50% SET",
+        "ARC": 20.6,
+        "HellaSwag": 27.4,
+        "TruthfulQA": 47.4,
+        "MMLU": 25.6,
+        "Winogrande": 49.6,
+        "Average": 34.1,
+    },
+    {
+        "model": "paper: Sparse Wide 75% SET",
+        "ARC": 22.1,
+        "HellaSwag": 27.8,
+        "TruthfulQA": 47.5,
+        "MMLU": 25.6,
+        "Winogrande": 50.4,
+        "Average": 34.7,
+    },
 ]
 PAPER_SUITE = "paper"
 
@@ -108,13 +144,17 @@ def resolve_suite(suite_or_tasks: str, num_fewshot: int | None = None) -> Suite:
         suite = SUITES[suite_or_tasks]
         if num_fewshot is not None:
             if suite.fixed_fewshot:
-                raise ValueError(f"--num-fewshot {num_fewshot} cannot be used with --suite {suite.name}: its few-shot "
-                                 f"counts are part of the leaderboard's definition "
-                                 f"({', '.join(f'{s.label} {s.num_fewshot}' for s in suite.specs)})")
+                raise ValueError(
+                    f"--num-fewshot {num_fewshot} cannot be used with --suite {suite.name}: its few-shot "
+                    f"counts are part of the leaderboard's definition "
+                    f"({', '.join(f'{s.label} {s.num_fewshot}' for s in suite.specs)})"
+                )
             suite = replace(suite, specs=tuple(replace(s, num_fewshot=num_fewshot) for s in suite.specs))
         return suite
     names = task_names(suite_or_tasks)
     if not names:
-        raise ValueError(f"--suite {suite_or_tasks!r} is empty: expected one of {sorted(SUITES)} or comma-separated "
-                         "lm-eval task names")
+        raise ValueError(
+            f"--suite {suite_or_tasks!r} is empty: expected one of {sorted(SUITES)} or comma-separated "
+            "lm-eval task names"
+        )
     return Suite("+".join(names), tuple(TaskSpec(n, num_fewshot, "", n) for n in names))

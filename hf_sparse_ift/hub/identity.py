@@ -40,8 +40,11 @@ def weights_sha256(folder: str | Path) -> dict:
     files = {p.name: _sha256(p) for p in weight_files(Path(folder))}
     if not files:
         return {"weights_sha256": None, "weight_files": {}}
-    combined = (next(iter(files.values())) if len(files) == 1 else
-                hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(files.items())).encode()).hexdigest())
+    combined = (
+        next(iter(files.values()))
+        if len(files) == 1
+        else hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+    )
     return {"weights_sha256": combined, "weight_files": files}
 
 
@@ -54,8 +57,14 @@ def training_run(folder: str | Path) -> tuple[str | None, int | None]:
     if config.is_file():
         out_dir = ((yaml.safe_load(config.read_text()) or {}).get("train") or {}).get("output_dir")
         run = Path(str(out_dir)).name if out_dir else None
-    step = next((int(m.group(1)) for part in reversed(folder.resolve().parts)
-                 if (m := re.fullmatch(r"checkpoint-(\d+)", part))), None)
+    step = next(
+        (
+            int(m.group(1))
+            for part in reversed(folder.resolve().parts)
+            if (m := re.fullmatch(r"checkpoint-(\d+)", part))
+        ),
+        None,
+    )
     return run, step
 
 
@@ -72,8 +81,15 @@ def local_identity(folder: str | Path) -> dict:
     folder = Path(folder)
     run, step = training_run(folder)
     name = model_name(folder)
-    return {"source": "local", "path": str(folder.resolve()), "name": name, "run": run, "step": step,
-            "slug": f"{name}-checkpoint-{step}" if step is not None else name, **weights_sha256(folder)}
+    return {
+        "source": "local",
+        "path": str(folder.resolve()),
+        "name": name,
+        "run": run,
+        "step": step,
+        "slug": f"{name}-checkpoint-{step}" if step is not None else name,
+        **weights_sha256(folder),
+    }
 
 
 def resolve_model(model: str, revision: str | None = None) -> dict:
@@ -82,8 +98,10 @@ def resolve_model(model: str, revision: str | None = None) -> dict:
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"--model {model}: the folder has no config.json; expected a save_pretrained folder "
-                                    "such as outputs/<run>/checkpoint-<N>/hf")
+            raise FileNotFoundError(
+                f"--model {model}: the folder has no config.json; expected a save_pretrained folder "
+                "such as outputs/<run>/checkpoint-<N>/hf"
+            )
         return local_identity(path)
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or not HUB_ID.match(model):
         raise FileNotFoundError(f"--model {model}: no such checkpoint folder (and not a Hub name like org/name)")
@@ -92,22 +110,37 @@ def resolve_model(model: str, revision: str | None = None) -> dict:
 
 def hub_identity(repo_id: str, revision: str | None = None) -> dict:
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
-    identity = {"source": "hub", "hub_id": repo_id, "name": repo_id, "run": None, "step": None,
-                "slug": repo_id.replace("/", "--"), "weights_sha256": None, "weight_files": {}}
+    identity = {
+        "source": "hub",
+        "hub_id": repo_id,
+        "name": repo_id,
+        "run": None,
+        "step": None,
+        "slug": repo_id.replace("/", "--"),
+        "weights_sha256": None,
+        "weight_files": {},
+    }
     try:
         info = HfApi().model_info(repo_id, revision=revision)
         return {**identity, "revision": info.sha}
     except GatedRepoError as err:
-        raise ValueError(f"--model {repo_id}: the Hub model is gated and this account has no access; request it on "
-                         f"https://huggingface.co/{repo_id} and log in (`hf auth login`)") from err
+        raise ValueError(
+            f"--model {repo_id}: the Hub model is gated and this account has no access; request it on "
+            f"https://huggingface.co/{repo_id} and log in (`hf auth login`)"
+        ) from err
     except RevisionNotFoundError as err:
         raise ValueError(f"--model {repo_id}: no revision {revision!r} on the Hub") from err
     except RepositoryNotFoundError as err:
-        raise ValueError(f"--model {repo_id}: no such model on the Hub (or it is private); pass a local path or a "
-                         "correct Hub name") from err
+        raise ValueError(
+            f"--model {repo_id}: no such model on the Hub (or it is private); pass a local path or a correct Hub name"
+        ) from err
     except OfflineModeIsEnabled:  # offline: fall back to the local cache
         reason = "offline mode is on: HF_HUB_OFFLINE"
     except Exception as err:  # no network: fall back to the local cache
@@ -115,12 +148,16 @@ def hub_identity(repo_id: str, revision: str | None = None) -> dict:
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except Exception:
-        raise ValueError(f"--model {repo_id}: cannot reach the Hub ({reason}) and the model is not in the local "
-                         "Hugging Face cache; pass a local path (a save_pretrained folder such as "
-                         "outputs/<run>/checkpoint-<N>/hf)") from None
+        raise ValueError(
+            f"--model {repo_id}: cannot reach the Hub ({reason}) and the model is not in the local "
+            "Hugging Face cache; pass a local path (a save_pretrained folder such as "
+            "outputs/<run>/checkpoint-<N>/hf)"
+        ) from None
     if not (folder / "config.json").is_file():
-        raise ValueError(f"--model {repo_id}: cannot reach the Hub ({reason}) and the cached copy has no config.json; "
-                         "pass a local path")
+        raise ValueError(
+            f"--model {repo_id}: cannot reach the Hub ({reason}) and the cached copy has no config.json; "
+            "pass a local path"
+        )
     return {**identity, "revision": folder.name, "cached_path": str(folder), **weights_sha256(folder)}
 
 

@@ -1,8 +1,8 @@
 """``hf-sparse-ift compress | decompress | condense``: convert saved Sparse Wide checkpoints.
 
-    hf-sparse-ift compress   IN OUT [--overwrite] [--max-shard-size 5GB]   # plain -> bitmask-values-v1
-    hf-sparse-ift decompress IN OUT [--overwrite]                          # bitmask-values-v1 -> plain
-    hf-sparse-ift condense   IN OUT [--representation auto|csr|padded]     # masked (either layout) -> condensed-v1
+hf-sparse-ift compress   IN OUT [--overwrite] [--max-shard-size 5GB]   # plain -> bitmask-values-v1
+hf-sparse-ift decompress IN OUT [--overwrite]                          # bitmask-values-v1 -> plain
+hf-sparse-ift condense   IN OUT [--representation auto|csr|padded]     # masked (either layout) -> condensed-v1
 """
 
 from __future__ import annotations
@@ -26,30 +26,61 @@ def _add(sub, name: str, help_text: str, description: str):
 
 
 def add_parsers(sub) -> None:
-    _add(sub, "compress", "store a sparse checkpoint as packed mask bits + active values (lossless)",
-         "Rewrite a plain Sparse Wide checkpoint (dense weights + bool masks) in the bitmask-values-v1 layout: "
-         "per sparse layer the mask as packed bits and the active weights in their dtype. Lossless: every mask "
-         "bit and every active weight, zeros included. Other files (tokenizer, model card) are copied.")
-    _add(sub, "decompress", "rewrite a compressed checkpoint in the plain layout (dense weights + bool masks)",
-         "Rewrite a bitmask-values-v1 checkpoint in the plain layout, for tools that expect dense weights.")
-    p = _add(sub, "condense", "store only the active weights and their input indices, for fast inference",
-             "Condense every sparse layer of a masked checkpoint (either layout): rows of SRigL's constant fan-in "
-             "become [rows, k] values and indices, neurons without active weights are dropped, variable fan-in "
-             "(SET, RigL) is stored as CSR. The result loads with from_pretrained and generates like the masked "
-             "model.")
-    p.add_argument("--representation", default="auto", choices=REPRESENTATIONS,
-                   help="auto: [rows, k] for constant fan-in, else CSR (default); csr; padded (to the largest fan-in)")
+    _add(
+        sub,
+        "compress",
+        "store a sparse checkpoint as packed mask bits + active values (lossless)",
+        "Rewrite a plain Sparse Wide checkpoint (dense weights + bool masks) in the bitmask-values-v1 layout: "
+        "per sparse layer the mask as packed bits and the active weights in their dtype. Lossless: every mask "
+        "bit and every active weight, zeros included. Other files (tokenizer, model card) are copied.",
+    )
+    _add(
+        sub,
+        "decompress",
+        "rewrite a compressed checkpoint in the plain layout (dense weights + bool masks)",
+        "Rewrite a bitmask-values-v1 checkpoint in the plain layout, for tools that expect dense weights.",
+    )
+    p = _add(
+        sub,
+        "condense",
+        "store only the active weights and their input indices, for fast inference",
+        "Condense every sparse layer of a masked checkpoint (either layout): rows of SRigL's constant fan-in "
+        "become [rows, k] values and indices, neurons without active weights are dropped, variable fan-in "
+        "(SET, RigL) is stored as CSR. The result loads with from_pretrained and generates like the masked "
+        "model.",
+    )
+    p.add_argument(
+        "--representation",
+        default="auto",
+        choices=REPRESENTATIONS,
+        help="auto: [rows, k] for constant fan-in, else CSR (default); csr; padded (to the largest fan-in)",
+    )
 
 
 def _convert(args, layout: str) -> int:
     from pathlib import Path
 
     before = checkpoint_format(args.input)
-    out = convert_checkpoint(args.input, args.output, layout, overwrite=args.overwrite,
-                             representation=getattr(args, "representation", "auto"),
-                             max_shard_size=args.max_shard_size)
-    print(json.dumps({"input": str(args.input), "input_format": before, "input_bytes": _folder_bytes(Path(args.input)),
-                      "output": str(out), "output_format": layout, "output_bytes": _folder_bytes(out)}))
+    out = convert_checkpoint(
+        args.input,
+        args.output,
+        layout,
+        overwrite=args.overwrite,
+        representation=getattr(args, "representation", "auto"),
+        max_shard_size=args.max_shard_size,
+    )
+    print(
+        json.dumps(
+            {
+                "input": str(args.input),
+                "input_format": before,
+                "input_bytes": _folder_bytes(Path(args.input)),
+                "output": str(out),
+                "output_format": layout,
+                "output_bytes": _folder_bytes(out),
+            }
+        )
+    )
     return 0
 
 

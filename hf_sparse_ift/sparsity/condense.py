@@ -22,12 +22,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models.sparse_wide_gpt.condensed import (CONDENSED_FORMAT, REPRESENTATIONS, CondensedLinear,
-                                                kernel_available)
+from ..models.sparse_wide_gpt.condensed import CONDENSED_FORMAT, REPRESENTATIONS, CondensedLinear, kernel_available
 from ..models.sparse_wide_gpt.sparse_safetensors import BITMASK_FORMAT, PLAIN
 
-__all__ = ["CONDENSED_FORMAT", "REPRESENTATIONS", "CondensedLinear", "condensed_layers",
-           "condensed_summary", "kernel_available", "convert_checkpoint", "checkpoint_format"]
+__all__ = [
+    "CONDENSED_FORMAT",
+    "REPRESENTATIONS",
+    "CondensedLinear",
+    "checkpoint_format",
+    "condensed_layers",
+    "condensed_summary",
+    "convert_checkpoint",
+    "kernel_available",
+]
 
 
 def condensed_layers(model: nn.Module) -> dict[str, CondensedLinear]:
@@ -40,10 +47,14 @@ def condensed_summary(model: nn.Module) -> dict:
     layers = condensed_layers(model)
     stored = sum(m.values.numel() for m in layers.values())
     nbytes = sum(t.numel() * t.element_size() for m in layers.values() for t in (m.values, m.col_indices))
-    return {"layers": len(layers), "constant_fan_in_layers": sum(m.fan_in is not None for m in layers.values()),
-            "rows": sum(m.row_ids.numel() for m in layers.values()),
-            "out_features": sum(m.out_features for m in layers.values()),
-            "stored_weights": stored, "value_and_index_bytes": nbytes}
+    return {
+        "layers": len(layers),
+        "constant_fan_in_layers": sum(m.fan_in is not None for m in layers.values()),
+        "rows": sum(m.row_ids.numel() for m in layers.values()),
+        "out_features": sum(m.out_features for m in layers.values()),
+        "stored_weights": stored,
+        "value_and_index_bytes": nbytes,
+    }
 
 
 def _checkpoint_config(path: Path) -> dict:
@@ -66,8 +77,15 @@ def checkpoint_format(path: str | Path) -> str:
 _WRITTEN_BY_SAVE = ("config.json", "generation_config.json", "model.safetensors.index.json")
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, layout: str, *, overwrite: bool = False,
-                       representation: str = "auto", max_shard_size: str | int = "50GB") -> Path:
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    layout: str,
+    *,
+    overwrite: bool = False,
+    representation: str = "auto",
+    max_shard_size: str | int = "50GB",
+) -> Path:
     """Re-save the checkpoint folder `src` at `dst` as ``layout`` (``plain``, ``bitmask-values-v1`` or
     ``condensed-v1``). Other files (tokenizer, model card, ...) are copied. Every check runs before the model is
     loaded; `dst` is written to a temporary folder next to it and renamed into place, so it is either complete or
@@ -80,8 +98,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, layout: str, *, overwri
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     except OSError as err:
-        raise ValueError(f"output {str(dst)!r} is not writable ({err.strerror or err}); choose a folder this process "
-                         "can create and write") from None
+        raise ValueError(
+            f"output {str(dst)!r} is not writable ({err.strerror or err}); choose a folder this process "
+            "can create and write"
+        ) from None
     try:
         model = SparseWideGPTForCausalLM.from_pretrained(src, dtype="auto").eval()
         if layout == CONDENSED_FORMAT:
@@ -117,15 +137,19 @@ def _check_conversion(src: Path, dst: Path, layout: str, overwrite: bool, repres
     config = _checkpoint_config(src)
     held = _layout(config)
     if held == CONDENSED_FORMAT:
-        raise ValueError(f"{src} is condensed ({CONDENSED_FORMAT}); condensed checkpoints cannot be converted "
-                         "(keep the masked checkpoint they were made from)")
+        raise ValueError(
+            f"{src} is condensed ({CONDENSED_FORMAT}); condensed checkpoints cannot be converted "
+            "(keep the masked checkpoint they were made from)"
+        )
     if layout == PLAIN and held == PLAIN:
         raise ValueError(f"{src} is not compressed (plain layout): nothing to decompress")
     if layout == BITMASK_FORMAT and held == BITMASK_FORMAT:
         raise ValueError(f"{src} is already compressed ({BITMASK_FORMAT})")
     if not config.get("sparsity"):
-        raise ValueError(f"{src} has no sparse layers (sparsity {config.get('sparsity', 0)}): there is nothing to "
-                         f"convert to {layout}")
+        raise ValueError(
+            f"{src} has no sparse layers (sparsity {config.get('sparsity', 0)}): there is nothing to "
+            f"convert to {layout}"
+        )
     if dst.resolve() == src.resolve():
         raise ValueError(f"output {dst} is the input folder; write to another folder")
     if dst.exists() and not overwrite:

@@ -8,8 +8,16 @@ from torch import nn
 
 from ..models.sparse_wide_gpt.modeling_sparse_wide_gpt import SparseLinear, derive_seed
 
-__all__ = ["SparseLinear", "derive_seed", "sparse_layers", "parameter_counts", "masked_nonzeros", "select_top_k",
-           "pack_bits", "count_differing_bits"]
+__all__ = [
+    "SparseLinear",
+    "count_differing_bits",
+    "derive_seed",
+    "masked_nonzeros",
+    "pack_bits",
+    "parameter_counts",
+    "select_top_k",
+    "sparse_layers",
+]
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:

@@ -56,8 +56,12 @@ def mask_graph_stats(mask: torch.Tensor, weight: torch.Tensor | None = None) -> 
     edges = float(m.sum())
     degree = 2.0 * edges / (out_features + in_features)
     mu0, mu_hat = top_singular_values(m)
-    stats = {"avg_degree": degree, "mu0": mu0, "mu_hat": mu_hat,
-             "ramanujan_gap": 2.0 * math.sqrt(max(degree - 1.0, 0.0)) - mu_hat}
+    stats = {
+        "avg_degree": degree,
+        "mu0": mu0,
+        "mu_hat": mu_hat,
+        "ramanujan_gap": 2.0 * math.sqrt(max(degree - 1.0, 0.0)) - mu_hat,
+    }
     if weight is not None:
         w0, w_hat = top_singular_values((weight.detach().float() * m).abs())
         stats["weighted_spectral_gap"] = w0 - w_hat
@@ -66,8 +70,10 @@ def mask_graph_stats(mask: torch.Tensor, weight: torch.Tensor | None = None) -> 
 
 def model_spectral_stats(model: nn.Module, weighted: bool = True) -> dict[str, dict[str, float]]:
     """`mask_graph_stats` of every sparse layer of `model`, by layer name."""
-    return {name: mask_graph_stats(layer.weight_mask, layer.weight if weighted else None)
-            for name, layer in sparse_layers(model).items()}
+    return {
+        name: mask_graph_stats(layer.weight_mask, layer.weight if weighted else None)
+        for name, layer in sparse_layers(model).items()
+    }
 
 
 def mean_stats(per_layer: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -80,4 +86,4 @@ def mean_stats(per_layer: dict[str, dict[str, float]]) -> dict[str, float]:
     return out
 
 
-__all__ = ["top_singular_values", "mask_graph_stats", "model_spectral_stats", "mean_stats"]
+__all__ = ["mask_graph_stats", "mean_stats", "model_spectral_stats", "top_singular_values"]

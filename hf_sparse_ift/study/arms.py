@@ -56,10 +56,26 @@ class Arm:
 def _model_values(cfg: PretrainConfig) -> dict:
     """The base model as explicit SparseWideGPTConfig fields (preset resolved)."""
     c = cfg.model_config()
-    keep = ("vocab_size", "n_positions", "n_layer", "n_head", "dense_hidden_size", "dense_intermediate_size",
-            "width_multiple", "sparse_layers", "activation_function", "resid_pdrop", "embd_pdrop", "attn_pdrop",
-            "layer_norm_epsilon", "initializer_range", "tie_word_embeddings", "bos_token_id", "eos_token_id",
-            "pad_token_id")
+    keep = (
+        "vocab_size",
+        "n_positions",
+        "n_layer",
+        "n_head",
+        "dense_hidden_size",
+        "dense_intermediate_size",
+        "width_multiple",
+        "sparse_layers",
+        "activation_function",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+        "layer_norm_epsilon",
+        "initializer_range",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    )
     values = {k: getattr(c, k) for k in keep}
     values["sparse_layers"] = list(values["sparse_layers"])
     return values
@@ -101,16 +117,22 @@ def flop_accounting(cfg: PretrainConfig) -> dict:
     params = count_parameters(shape, c.n_positions, c.tie_word_embeddings)
     tokens = cfg.steps() * cfg.train.global_batch_size * seq
     return {
-        "d_model": c.hidden_size, "d_ff": c.intermediate_size, "layer_sparsity": c.layer_sparsity,
-        "params_total": params["total"], "params_active": params["active"],
+        "d_model": c.hidden_size,
+        "d_ff": c.intermediate_size,
+        "layer_sparsity": c.layer_sparsity,
+        "params_total": params["total"],
+        "params_active": params["active"],
         "flops_per_token": {
             # the paper's iso-FLOP quantity: the block linears (sparse ones at their active weights)
             "block_layers_forward": flops.forward - 2.0 * shape.d_model * shape.vocab_size - flops.attention,
-            "forward_ideal": flops.forward, "forward_executed": flops.forward_executed,
-            "training_ideal": flops.training, "training_executed": flops.training_executed,
+            "forward_ideal": flops.forward,
+            "forward_executed": flops.forward_executed,
+            "training_ideal": flops.training,
+            "training_executed": flops.training_executed,
         },
         "tokens_per_step": cfg.train.global_batch_size * seq,
-        "steps": cfg.steps(), "tokens": tokens,
+        "steps": cfg.steps(),
+        "tokens": tokens,
         "training_flops_ideal": flops.training * tokens,
         "training_flops_executed": flops.training_executed * tokens,
     }
@@ -150,20 +172,38 @@ def build_arms(study: StudyConfig) -> list[Arm]:
             target = count_flops(sw_config.shape(seq_len=seq)).forward
             d, dff = dense_iso_flop_widths(SparseWideGPTConfig(**dense_values), target, seq)
             values = {**dense_values, "dense_hidden_size": d, "dense_intermediate_size": dff}
-            got = count_flops(GPTShape(n_layer=model["n_layer"], d_model=d, d_ff=dff, vocab_size=model["vocab_size"],
-                                       seq_len=seq)).forward
-            arm = Arm(f"dense-iso-flop-s{round(s * 100):d}", "dense-iso-flop", float(s), "static",
-                      tree_for(values, "static", False), steps)
-            arm.notes.append(f"total forward FLOPs/token {got:.6g} vs Sparse Wide {target:.6g} "
-                             f"(relative gap {got / target - 1:+.2e})")
+            got = count_flops(
+                GPTShape(n_layer=model["n_layer"], d_model=d, d_ff=dff, vocab_size=model["vocab_size"], seq_len=seq)
+            ).forward
+            arm = Arm(
+                f"dense-iso-flop-s{round(s * 100):d}",
+                "dense-iso-flop",
+                float(s),
+                "static",
+                tree_for(values, "static", False),
+                steps,
+            )
+            arm.notes.append(
+                f"total forward FLOPs/token {got:.6g} vs Sparse Wide {target:.6g} "
+                f"(relative gap {got / target - 1:+.2e})"
+            )
             arms.append(arm)
         if "sparse-wide" in st.arms:
             for m in st.methods:
-                arms.append(Arm(sw_name(s, m), "sparse-wide", float(s), m, tree_for(sw_values, m, st.spectral_gap),
-                                steps))
+                arms.append(
+                    Arm(sw_name(s, m), "sparse-wide", float(s), m, tree_for(sw_values, m, st.spectral_gap), steps)
+                )
         if "dense-iso-time" in st.arms:
-            arms.append(Arm(f"dense-iso-time-s{round(s * 100):d}", "dense-iso-time", float(s), "static",
-                            tree_for(dense_values, "static", False), None))
+            arms.append(
+                Arm(
+                    f"dense-iso-time-s{round(s * 100):d}",
+                    "dense-iso-time",
+                    float(s),
+                    "static",
+                    tree_for(dense_values, "static", False),
+                    None,
+                )
+            )
     return arms
 
 
@@ -173,5 +213,11 @@ def iso_time_reference(study: StudyConfig, arm: Arm) -> Arm:
     tree = copy.deepcopy(arm.tree)
     tree["model"] = values
     tree["dst"] = {**tree.get("dst", {}), "method": study.study.iso_time_method}
-    return Arm(sw_name(arm.sparsity, study.study.iso_time_method), "sparse-wide", arm.sparsity,
-               study.study.iso_time_method, tree, study.base.steps())
+    return Arm(
+        sw_name(arm.sparsity, study.study.iso_time_method),
+        "sparse-wide",
+        arm.sparsity,
+        study.study.iso_time_method,
+        tree,
+        study.base.steps(),
+    )

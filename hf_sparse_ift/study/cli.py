@@ -1,7 +1,7 @@
 """``hf-sparse-ift study`` and ``hf-sparse-ift plan --study ... [--paper-scale]``.
 
-    hf-sparse-ift study --config configs/study-cpu-small.yaml [--resume] [--report-only]
-    hf-sparse-ift plan --study configs/study-gpu-gpt3-small.yaml [--paper-scale] [--mfu 0.4]
+hf-sparse-ift study --config configs/study-cpu-small.yaml [--resume] [--report-only]
+hf-sparse-ift plan --study configs/study-gpu-gpt3-small.yaml [--paper-scale] [--mfu 0.4]
 """
 
 from __future__ import annotations
@@ -15,20 +15,27 @@ PAPER_BASE = "pretrain-gpt3-small-dense"  # GPT-3 Small on the Pile, 2.5B tokens
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "study", help="train dense / iso-FLOP / Sparse Wide / iso-time arms on identical data and compare them",
+        "study",
+        help="train dense / iso-FLOP / Sparse Wide / iso-time arms on identical data and compare them",
         description="Does Sparse Wide pay off on your data and budget? Trains every arm of a study YAML "
-                    "(configs/study-*.yaml) x seed as an ordinary pretraining run under <study.output_dir>/runs, "
-                    "then writes results.json, results.md (table and verdict) and plots there.")
+        "(configs/study-*.yaml) x seed as an ordinary pretraining run under <study.output_dir>/runs, "
+        "then writes results.json, results.md (table and verdict) and plots there.",
+    )
     p.add_argument("--config", required=True, help="study YAML path or preset name in configs/ (study-cpu-small, ...)")
-    p.add_argument("--resume", action="store_true", help="skip finished arms and resume killed ones from their checkpoints")
+    p.add_argument(
+        "--resume", action="store_true", help="skip finished arms and resume killed ones from their checkpoints"
+    )
     p.add_argument("--report-only", action="store_true", help="write the results from the finished runs, train nothing")
     p.add_argument("--output-dir", default=None, help="override study.output_dir")
 
 
 def add_plan_arguments(p) -> None:
     p.add_argument("--study", default=None, help="plan every arm of a study YAML instead of one pretraining config")
-    p.add_argument("--paper-scale", action="store_true",
-                   help=f"with --study: the paper's scale (base {PAPER_BASE}: GPT-3 Small, Pile, 2.5B tokens)")
+    p.add_argument(
+        "--paper-scale",
+        action="store_true",
+        help=f"with --study: the paper's scale (base {PAPER_BASE}: GPT-3 Small, Pile, 2.5B tokens)",
+    )
 
 
 def _logging():
@@ -93,23 +100,34 @@ def plan_study(study, mfu: float, peak_tflops: float) -> list[dict]:
         note = ""
         if arm.kind == "dense-iso-time":
             ref = flop_accounting(iso_time_reference(study, arm).pretrain_config("plan", 0))
-            dense = flop_accounting(arm.__class__(**{**arm.__dict__, "steps": study.base.steps()}).pretrain_config("plan", 0))
+            dense = flop_accounting(
+                arm.__class__(**{**arm.__dict__, "steps": study.base.steps()}).pretrain_config("plan", 0)
+            )
             ratio = ref["flops_per_token"]["training_executed"] / dense["flops_per_token"]["training_executed"]
             arm.steps = round(study.base.steps() * ratio)
             note = f"steps = reference steps x executed-FLOP ratio {ratio:.3f} (equal MFU assumed)"
         acc = flop_accounting(arm.pretrain_config("plan", study.study.seeds[0]))
         seeds = len(study.study.seeds)
-        rows.append({"arm": arm.name, "d_model": acc["d_model"], "d_ff": acc["d_ff"],
-                     "layer_sparsity": acc["layer_sparsity"], "params_total": acc["params_total"],
-                     "params_active": acc["params_active"], "steps": acc["steps"], "tokens": acc["tokens"],
-                     "flops_per_token_ideal": acc["flops_per_token"]["training_ideal"],
-                     "flops_per_token_executed": acc["flops_per_token"]["training_executed"],
-                     "training_flops_ideal": acc["training_flops_ideal"],
-                     "training_flops_executed": acc["training_flops_executed"],
-                     "gpu_hours_ideal": acc["training_flops_ideal"] / rate / 3600,
-                     "gpu_hours_executed": acc["training_flops_executed"] / rate / 3600,
-                     "gpu_hours_executed_all_seeds": seeds * acc["training_flops_executed"] / rate / 3600,
-                     "note": note})
+        rows.append(
+            {
+                "arm": arm.name,
+                "d_model": acc["d_model"],
+                "d_ff": acc["d_ff"],
+                "layer_sparsity": acc["layer_sparsity"],
+                "params_total": acc["params_total"],
+                "params_active": acc["params_active"],
+                "steps": acc["steps"],
+                "tokens": acc["tokens"],
+                "flops_per_token_ideal": acc["flops_per_token"]["training_ideal"],
+                "flops_per_token_executed": acc["flops_per_token"]["training_executed"],
+                "training_flops_ideal": acc["training_flops_ideal"],
+                "training_flops_executed": acc["training_flops_executed"],
+                "gpu_hours_ideal": acc["training_flops_ideal"] / rate / 3600,
+                "gpu_hours_executed": acc["training_flops_executed"] / rate / 3600,
+                "gpu_hours_executed_all_seeds": seeds * acc["training_flops_executed"] / rate / 3600,
+                "note": note,
+            }
+        )
     return rows
 
 
@@ -121,18 +139,42 @@ def cmd_plan_study(args) -> int:
         study = paper_scale(study)
     rows = plan_study(study, args.mfu, args.peak_tflops)
     b = study.base
-    print(f"Study plan: base {b.model.get('preset', 'custom')} on {b.data.dataset}, {b.data.seq_len} x "
-          f"{b.train.global_batch_size} tokens/step, seeds {study.study.seeds}; GPU hours at {args.mfu:.0%} MFU of "
-          f"{args.peak_tflops:g} TFLOP/s ('executed': masks on dense weights, what a GPU runs; 'ideal': sparse "
-          "layers at their active weights, only on hardware that skips zeros)")
-    header = ("arm", "d_model/d_ff", "sparsity", "params total", "params active", "tokens", "train FLOPs ideal",
-              "train FLOPs executed", "GPU-h ideal", "GPU-h executed", "GPU-h x seeds")
+    print(
+        f"Study plan: base {b.model.get('preset', 'custom')} on {b.data.dataset}, {b.data.seq_len} x "
+        f"{b.train.global_batch_size} tokens/step, seeds {study.study.seeds}; GPU hours at {args.mfu:.0%} MFU of "
+        f"{args.peak_tflops:g} TFLOP/s ('executed': masks on dense weights, what a GPU runs; 'ideal': sparse "
+        "layers at their active weights, only on hardware that skips zeros)"
+    )
+    header = (
+        "arm",
+        "d_model/d_ff",
+        "sparsity",
+        "params total",
+        "params active",
+        "tokens",
+        "train FLOPs ideal",
+        "train FLOPs executed",
+        "GPU-h ideal",
+        "GPU-h executed",
+        "GPU-h x seeds",
+    )
     table = [header]
     for r in rows:
-        table.append((r["arm"], f"{r['d_model']}/{r['d_ff']}", f"{r['layer_sparsity']:.4f}", f"{r['params_total']:,}",
-                      f"{r['params_active']:,}", f"{r['tokens']:.4g}", f"{r['training_flops_ideal']:.4g}",
-                      f"{r['training_flops_executed']:.4g}", f"{r['gpu_hours_ideal']:.1f}",
-                      f"{r['gpu_hours_executed']:.1f}", f"{r['gpu_hours_executed_all_seeds']:.1f}"))
+        table.append(
+            (
+                r["arm"],
+                f"{r['d_model']}/{r['d_ff']}",
+                f"{r['layer_sparsity']:.4f}",
+                f"{r['params_total']:,}",
+                f"{r['params_active']:,}",
+                f"{r['tokens']:.4g}",
+                f"{r['training_flops_ideal']:.4g}",
+                f"{r['training_flops_executed']:.4g}",
+                f"{r['gpu_hours_ideal']:.1f}",
+                f"{r['gpu_hours_executed']:.1f}",
+                f"{r['gpu_hours_executed_all_seeds']:.1f}",
+            )
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))

@@ -70,8 +70,11 @@ class StudySettings:
             checks.invalid("study.arms", self.arms, "each arm may appear once")
         needs_sparse = {"dense-iso-flop", "sparse-wide", "dense-iso-time"} & set(self.arms)
         if not isinstance(self.sparsities, list) or (needs_sparse and not self.sparsities):
-            checks.invalid("study.sparsities", self.sparsities,
-                           f"expected a non-empty list of numbers in (0, 1) (arms {sorted(needs_sparse)} need one)")
+            checks.invalid(
+                "study.sparsities",
+                self.sparsities,
+                f"expected a non-empty list of numbers in (0, 1) (arms {sorted(needs_sparse)} need one)",
+            )
         for s in self.sparsities:
             checks.number("study.sparsities[]", s, low=0, high=1, low_open=True, high_open=True)
         if len(set(self.sparsities)) != len(self.sparsities):
@@ -144,8 +147,10 @@ def build_study_config(tree: dict, output_dir: str | None = None) -> StudyConfig
     if isinstance(base, str):
         base = load_yaml(resolve_config_path(base))
     if not isinstance(base, dict):
-        raise ValueError("base: expected a pretraining config (mapping with model, data, optim, dst, train) "
-                         "or the name / path of one")
+        raise ValueError(
+            "base: expected a pretraining config (mapping with model, data, optim, dst, train) "
+            "or the name / path of one"
+        )
     base = copy.deepcopy(base)
     try:
         cfg = build_pretrain_config(copy.deepcopy(base))
@@ -153,13 +158,18 @@ def build_study_config(tree: dict, output_dir: str | None = None) -> StudyConfig
         raise ValueError(f"base: {err}") from None
     model = cfg.model_config()
     if model.sparsity != 0:
-        checks.invalid("base.model.sparsity", model.sparsity,
-                       "the base must be the dense model (sparsity 0): the study sets the sparsity of each arm")
+        checks.invalid(
+            "base.model.sparsity",
+            model.sparsity,
+            "the base must be the dense model (sparsity 0): the study sets the sparsity of each arm",
+        )
     if cfg.data.validation_split is None:
         checks.invalid("base.data.validation_split", None, "a study compares validation losses: name a held-out split")
     for s in settings.sparsities:
         if s > 0 and not model.sparse_layers:
-            checks.invalid("base.model.sparse_layers", model.sparse_layers, "Sparse Wide needs at least one sparse layer")
+            checks.invalid(
+                "base.model.sparse_layers", model.sparse_layers, "Sparse Wide needs at least one sparse layer"
+            )
     return StudyConfig(study=settings, base_tree=base, base=cfg)
 
 

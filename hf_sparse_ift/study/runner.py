@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..training.config import PretrainConfig
 from ..training.checkpoint import list_checkpoints
+from ..training.config import PretrainConfig
 from ..training.loop import pretrain
 from .arms import Arm, build_arms, flop_accounting, iso_time_reference
 from .config import StudyConfig
@@ -84,15 +84,23 @@ def check_data(study: StudyConfig, arms: list[Arm]) -> dict:
         available, complete = epoch_tokens(base, needed)
         source = "counted (packed sequences of one epoch of the training split)"
     repeated = complete and needed > available
-    report = {"tokens_needed_max_arm": needed, "tokens_in_one_epoch": available if complete else None,
-              "tokens_in_one_epoch_at_least": available, "count_source": source, "repeated_epochs": repeated,
-              "epochs_max_arm": needed / available if complete else None, "dataset": base.data.dataset,
-              "data_files": base.data.data_files}
+    report = {
+        "tokens_needed_max_arm": needed,
+        "tokens_in_one_epoch": available if complete else None,
+        "tokens_in_one_epoch_at_least": available,
+        "count_source": source,
+        "repeated_epochs": repeated,
+        "epochs_max_arm": needed / available if complete else None,
+        "dataset": base.data.dataset,
+        "data_files": base.data.data_files,
+    }
     if repeated:
-        message = (f"the largest arm trains on {needed:,} tokens but one epoch of {base.data.dataset!r} "
-                   f"(split {base.data.train_split!r}) holds only {available:,}: {needed / available:.2f} epochs. "
-                   "Repeated epochs reward regularisation, not capacity, so no claim about Sparse Wide can rest on "
-                   "this. Use a larger corpus (scripts/make_english_corpus.py) or fewer steps")
+        message = (
+            f"the largest arm trains on {needed:,} tokens but one epoch of {base.data.dataset!r} "
+            f"(split {base.data.train_split!r}) holds only {available:,}: {needed / available:.2f} epochs. "
+            "Repeated epochs reward regularisation, not capacity, so no claim about Sparse Wide can rest on "
+            "this. Use a larger corpus (scripts/make_english_corpus.py) or fewer steps"
+        )
         if not study.study.allow_repeated_data:
             raise RepeatedDataError(message + "; or set study.allow_repeated_data: true to run anyway.")
         banner = "!" * 100
@@ -117,7 +125,9 @@ def _timed_steps(cfg: PretrainConfig, steps: int, warmup: int, device: torch.dev
     accumulation = cfg.train.global_batch_size // micro
     vocab = cfg.model_config().vocab_size
     x = torch.randint(0, vocab, (micro, cfg.data.seq_len), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     times = []
     for i in range(warmup + steps):
         if device.type == "cuda":
@@ -152,11 +162,13 @@ def calibrate_iso_time(study: StudyConfig, arms: list[Arm], out: Path) -> dict:
         return saved
     c = study.study.calibration
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = {"method": f"interleaved timing: {c.rounds} rounds x {c.steps} optimizer steps of each model after "
-                        f"{c.warmup_steps} warm-up step(s), random tokens (compute only: no data loading, "
-                        "evaluation or checkpointing), masks applied to dense weights; median per model",
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-              "arms": {}}
+    result = {
+        "method": f"interleaved timing: {c.rounds} rounds x {c.steps} optimizer steps of each model after "
+        f"{c.warmup_steps} warm-up step(s), random tokens (compute only: no data loading, "
+        "evaluation or checkpointing), masks applied to dense weights; median per model",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "arms": {},
+    }
     for arm in arms:
         if arm.kind != "dense-iso-time":
             continue
@@ -170,11 +182,24 @@ def calibrate_iso_time(study: StudyConfig, arms: list[Arm], out: Path) -> dict:
         d, s = statistics.median(dense_times), statistics.median(sw_times)
         arm.steps = max(1, round(ref.steps * s / d))
         result["arms"][arm.name] = {
-            "reference_arm": ref.name, "reference_steps": ref.steps, "steps": arm.steps,
-            "dense_seconds_per_step": d, "sparse_wide_seconds_per_step": s, "ratio": s / d,
-            "dense_samples": dense_times, "sparse_wide_samples": sw_times}
-        logger.info("iso-time %s: dense %.4f s/step, %s %.4f s/step (x%.3f) -> %d steps", arm.name, d, ref.name, s,
-                    s / d, arm.steps)
+            "reference_arm": ref.name,
+            "reference_steps": ref.steps,
+            "steps": arm.steps,
+            "dense_seconds_per_step": d,
+            "sparse_wide_seconds_per_step": s,
+            "ratio": s / d,
+            "dense_samples": dense_times,
+            "sparse_wide_samples": sw_times,
+        }
+        logger.info(
+            "iso-time %s: dense %.4f s/step, %s %.4f s/step (x%.3f) -> %d steps",
+            arm.name,
+            d,
+            ref.name,
+            s,
+            s / d,
+            arm.steps,
+        )
     path.write_text(json.dumps(result, indent=1))
     return result
 
@@ -187,11 +212,15 @@ def _check_folder(study: StudyConfig, out: Path, resume: bool) -> None:
     current = yaml.safe_dump(study.to_dict(), sort_keys=True)
     if saved.exists():
         if not resume:
-            raise FileExistsError(f"{out} already holds a study: pass --resume to continue it (finished arms are "
-                                  "skipped, killed ones resumed), or choose another study.output_dir")
+            raise FileExistsError(
+                f"{out} already holds a study: pass --resume to continue it (finished arms are "
+                "skipped, killed ones resumed), or choose another study.output_dir"
+            )
         if saved.read_text() != current:
-            raise ValueError(f"{saved} differs from the study config given now: a resumed study must keep its "
-                             "config (arms, seeds and budgets would no longer compare); use another study.output_dir")
+            raise ValueError(
+                f"{saved} differs from the study config given now: a resumed study must keep its "
+                "config (arms, seeds and budgets would no longer compare); use another study.output_dir"
+            )
     out.mkdir(parents=True, exist_ok=True)
     if not saved.exists():  # its time stamp marks the study's start
         saved.write_text(current)
@@ -236,8 +265,15 @@ def run_study(study: StudyConfig, resume: bool = False, report: bool = True) -> 
                 raise FileExistsError(f"{folder} holds an unfinished run: pass --resume")
             if state == "new" and folder.exists():
                 shutil.rmtree(folder)  # a run killed before its first checkpoint starts over
-            logger.info("[%d/%d] %s seed %d: %s (%d steps)", done, total, arm.name, seed,
-                        "resuming" if state == "killed" else "training", arm.steps)
+            logger.info(
+                "[%d/%d] %s seed %d: %s (%d steps)",
+                done,
+                total,
+                arm.name,
+                seed,
+                "resuming" if state == "killed" else "training",
+                arm.steps,
+            )
             cfg = arm.pretrain_config(str(folder), seed)
             pretrain(cfg, resume=state == "killed")
     if not report:

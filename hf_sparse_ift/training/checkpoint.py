@@ -35,8 +35,10 @@ def ensure_writable(out_dir: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise ValueError(f"train.output_dir={str(out_dir)!r} is not writable ({err.strerror or err}); choose a "
-                         "folder this process can create and write") from None
+        raise ValueError(
+            f"train.output_dir={str(out_dir)!r} is not writable ({err.strerror or err}); choose a "
+            "folder this process can create and write"
+        ) from None
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -90,8 +92,9 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, run, out_dir: Pa
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every rank has written its RNG state into tmp before it is renamed
-    state_dict = accelerator.get_state_dict(model, unwrap=True) \
-        if accelerator.distributed_type.name.startswith("FSDP") else None  # a collective: every rank calls it
+    state_dict = (
+        accelerator.get_state_dict(model, unwrap=True) if accelerator.distributed_type.name.startswith("FSDP") else None
+    )  # a collective: every rank calls it
     if accelerator.is_main_process:
         (tmp / RUN_CONFIG).write_text(run.to_yaml())
         export = tmp / "hf"
@@ -103,7 +106,7 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, run, out_dir: Pa
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in list_checkpoints(out_dir)[:-run.config.train.keep_checkpoints]:
+        for old in list_checkpoints(out_dir)[: -run.config.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -117,7 +120,7 @@ def load_newest_checkpoint(accelerator: Accelerator, out_dir: Path) -> Path:
         if problem is None:
             try:
                 accelerator.load_state(str(path))
-            except Exception as err:  # noqa: BLE001 - any failure to read means: try the previous one
+            except Exception as err:
                 problem = f"cannot be loaded ({type(err).__name__}: {err})"
         if problem is None:
             for name, why in skipped:
@@ -151,13 +154,16 @@ class RunLock:
             except FileExistsError:
                 owner = self._owner()
                 if owner and owner.get("host") == me["host"] and not _alive(owner.get("pid")):
-                    logger.warning("taking over the stale lock %s of process %s, which no longer runs", self.path,
-                                   owner.get("pid"))
+                    logger.warning(
+                        "taking over the stale lock %s of process %s, which no longer runs", self.path, owner.get("pid")
+                    )
                     self.path.unlink(missing_ok=True)
                     continue
-                raise FileExistsError(f"{self.path.parent} is in use by another run (process {owner.get('pid')} on "
-                                      f"{owner.get('host')}, lock {self.path}); wait for it to finish or choose "
-                                      "another train.output_dir") from None
+                raise FileExistsError(
+                    f"{self.path.parent} is in use by another run (process {owner.get('pid')} on "
+                    f"{owner.get('host')}, lock {self.path}); wait for it to finish or choose "
+                    "another train.output_dir"
+                ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
@@ -201,8 +207,10 @@ class DataPosition:
     def load_state_dict(self, state: dict) -> None:
         ranks = state["ranks"]
         if len(ranks) != self.accelerator.num_processes:
-            raise ValueError(f"checkpoint was written by {len(ranks)} processes, this run has "
-                             f"{self.accelerator.num_processes}: data positions cannot be matched")
+            raise ValueError(
+                f"checkpoint was written by {len(ranks)} processes, this run has "
+                f"{self.accelerator.num_processes}: data positions cannot be matched"
+            )
         self.batches.load_state_dict(ranks[self.accelerator.process_index])
 
 
@@ -217,8 +225,13 @@ class TrainingProgress:
         self.wall_seconds = 0.0
 
     def state_dict(self):
-        return {"step": self.step, "tokens": self.tokens, "train_loss": self.train_loss, "val_loss": self.val_loss,
-                "wall_seconds": self.wall_seconds}
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "wall_seconds": self.wall_seconds,
+        }
 
     def load_state_dict(self, state):
         self.step, self.tokens = state["step"], state["tokens"]

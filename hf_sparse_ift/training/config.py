@@ -67,8 +67,11 @@ class DataConfig:
         if self.validation_split is not None:
             checks.text("data.validation_split", self.validation_split)
         if self.data_files is None and self.dataset in LOCAL_LOADERS:
-            checks.invalid("data.dataset", self.dataset, "a local-file loader needs data.data_files (the files to "
-                           "read); or name a Hub dataset, or builtin")
+            checks.invalid(
+                "data.dataset",
+                self.dataset,
+                "a local-file loader needs data.data_files (the files to read); or name a Hub dataset, or builtin",
+            )
         if self.data_files is not None and not isinstance(self.data_files, (str, list, dict)):
             checks.invalid("data.data_files", self.data_files, "expected a path, a list of paths or {split: paths}")
 
@@ -88,8 +91,11 @@ class OptimConfig:
 
     def validate(self):
         checks.number("optim.lr", self.lr, low=0, low_open=True)
-        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2 or not all(
-                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas):
+        if (
+            not isinstance(self.betas, (list, tuple))
+            or len(self.betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)
+        ):
             checks.invalid("optim.betas", self.betas, "expected two numbers in [0, 1)")
         self.betas = tuple(float(b) for b in self.betas)
         checks.number("optim.eps", self.eps, low=0, low_open=True)
@@ -134,8 +140,15 @@ class TrainLoopConfig:
     check_memory: bool = True
 
     def validate(self):
-        for key in ("global_batch_size", "micro_batch_size", "log_interval", "eval_interval", "eval_batches",
-                    "checkpoint_interval", "keep_checkpoints"):
+        for key in (
+            "global_batch_size",
+            "micro_batch_size",
+            "log_interval",
+            "eval_interval",
+            "eval_batches",
+            "checkpoint_interval",
+            "keep_checkpoints",
+        ):
             checks.integer(f"train.{key}", getattr(self, key))
         checks.integer("train.max_steps", self.max_steps, allow_none=True)
         checks.integer("train.seed", self.seed, low=0)
@@ -200,9 +213,12 @@ class PretrainConfig:
         """Micro-batches per optimizer step on each of `processes` ranks (the global batch must divide evenly)."""
         per_step = self.train.micro_batch_size * processes
         if self.train.global_batch_size % per_step:
-            checks.invalid("train.global_batch_size", self.train.global_batch_size,
-                           f"must be a multiple of train.micro_batch_size x processes = "
-                           f"{self.train.micro_batch_size} x {processes}")
+            checks.invalid(
+                "train.global_batch_size",
+                self.train.global_batch_size,
+                f"must be a multiple of train.micro_batch_size x processes = "
+                f"{self.train.micro_batch_size} x {processes}",
+            )
         return self.train.global_batch_size // per_step
 
     def steps(self) -> int:
@@ -239,8 +255,10 @@ def parse_override(text: str) -> tuple[list[str], object]:
 
 def _set_dotted(tree: dict, path: list[str], value) -> None:
     if len(path) != 2 or path[0] not in ("model", *SECTIONS):
-        raise ValueError(f"unknown config key {'.'.join(path)!r}: expected section.key with a section of "
-                         f"{['model', *SECTIONS]}, e.g. train.max_steps")
+        raise ValueError(
+            f"unknown config key {'.'.join(path)!r}: expected section.key with a section of "
+            f"{['model', *SECTIONS]}, e.g. train.max_steps"
+        )
     section = tree.setdefault(path[0], {})
     if section is None:
         section = tree[path[0]] = {}
@@ -269,7 +287,8 @@ def build_pretrain_config(tree: dict) -> PretrainConfig:
         known = {f.name for f in fields(cls)}
         bad = sorted(set(values) - known)
         if bad:
-            raise ValueError(f"unknown config key(s) {[f'{name}.{k}' for k in bad]}; valid keys in {name}: "
-                             f"{sorted(known)}")
+            raise ValueError(
+                f"unknown config key(s) {[f'{name}.{k}' for k in bad]}; valid keys in {name}: {sorted(known)}"
+            )
         sections[name] = cls(**values)
     return PretrainConfig(model=tree["model"], **sections).validate()

@@ -41,22 +41,24 @@ _LOADER_BY_SUFFIX = {".jsonl": "json", ".json": "json", ".parquet": "parquet", "
 class DataSource:
     """What a run actually reads; written into every record of the run."""
 
-    dataset: str                    # builtin, a Hub dataset name, or the loader of local files
-    data_files: dict | None         # {split: [paths]} for local files
+    dataset: str  # builtin, a Hub dataset name, or the loader of local files
+    data_files: dict | None  # {split: [paths]} for local files
     dataset_config: str | None
     text_column: str
     train_split: str
-    validation_split: str | None    # a split of its own; None with holdout_every: held out of train_split
-    holdout_every: int | None       # every n-th training document is held out for validation (never trained on)
+    validation_split: str | None  # a split of its own; None with holdout_every: held out of train_split
+    holdout_every: int | None  # every n-th training document is held out for validation (never trained on)
     tokenizer: str
     seq_len: int
     shuffle_buffer: int = 0
-    fallback: str | None = None     # why the built-in corpus replaced what the config asked for
+    fallback: str | None = None  # why the built-in corpus replaced what the config asked for
 
     def describe_validation(self) -> str:
         if self.holdout_every:
-            return (f"every {self.holdout_every}th document of split {self.train_split!r} held out "
-                    f"({100 / self.holdout_every:.2g}% of documents; not trained on)")
+            return (
+                f"every {self.holdout_every}th document of split {self.train_split!r} held out "
+                f"({100 / self.holdout_every:.2g}% of documents; not trained on)"
+            )
         return f"split {self.validation_split!r}" if self.validation_split else "none"
 
     def to_dict(self) -> dict:
@@ -74,8 +76,10 @@ def load_tokenizer(name: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         if _is_offline_error(err):
-            raise ValueError(f"data.tokenizer={name!r}: cannot reach the Hub to load it (offline); pass a local "
-                             "tokenizer folder or builtin") from None
+            raise ValueError(
+                f"data.tokenizer={name!r}: cannot reach the Hub to load it (offline); pass a local "
+                "tokenizer folder or builtin"
+            ) from None
         raise ValueError(f"data.tokenizer={name!r} cannot be loaded: {err}") from None
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {name!r} has no EOS token, which packing needs between documents")
@@ -84,8 +88,15 @@ def load_tokenizer(name: str):
 
 def _is_offline_error(err: BaseException) -> bool:
     """True when `err` (or what caused it) says the Hub could not be reached, not that something is missing."""
-    names = {"ConnectionError", "ConnectTimeout", "ConnectError", "TimeoutException", "ReadTimeout",
-             "OfflineModeIsEnabled", "LocalEntryNotFoundError"}
+    names = {
+        "ConnectionError",
+        "ConnectTimeout",
+        "ConnectError",
+        "TimeoutException",
+        "ReadTimeout",
+        "OfflineModeIsEnabled",
+        "LocalEntryNotFoundError",
+    }
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -118,9 +129,11 @@ def _infer_loader(files: dict[str, list[str]]) -> str:
             suffixes.pop()
         loader = _LOADER_BY_SUFFIX.get(suffixes[-1] if suffixes else "")
         if loader is None:
-            raise ValueError(f"data.data_files: cannot tell the format of {path!r} from its name; expected "
-                             f"{sorted(_LOADER_BY_SUFFIX)} (optionally compressed {list(_COMPRESSION)}), or set "
-                             f"data.dataset to one of {list(LOCAL_LOADERS)}")
+            raise ValueError(
+                f"data.data_files: cannot tell the format of {path!r} from its name; expected "
+                f"{sorted(_LOADER_BY_SUFFIX)} (optionally compressed {list(_COMPRESSION)}), or set "
+                f"data.dataset to one of {list(LOCAL_LOADERS)}"
+            )
         loaders.add(loader)
     if len(loaders) > 1:
         raise ValueError(f"data.data_files mixes formats {sorted(loaders)}; use files of one format")
@@ -128,50 +141,87 @@ def _infer_loader(files: dict[str, list[str]]) -> str:
 
 
 def _builtin_source(cfg: DataConfig, fallback: str | None = None) -> DataSource:
-    return DataSource(dataset=BUILTIN, data_files=None, dataset_config=None, text_column="text",
-                      train_split="train", validation_split="validation" if cfg.validation_split else None,
-                      holdout_every=None, tokenizer=BUILTIN if fallback else cfg.tokenizer, seq_len=cfg.seq_len,
-                      shuffle_buffer=cfg.shuffle_buffer, fallback=fallback)
+    return DataSource(
+        dataset=BUILTIN,
+        data_files=None,
+        dataset_config=None,
+        text_column="text",
+        train_split="train",
+        validation_split="validation" if cfg.validation_split else None,
+        holdout_every=None,
+        tokenizer=BUILTIN if fallback else cfg.tokenizer,
+        seq_len=cfg.seq_len,
+        shuffle_buffer=cfg.shuffle_buffer,
+        fallback=fallback,
+    )
 
 
 def resolve_data_source(cfg: DataConfig) -> DataSource:
     """What the run will read, checked by reading the first document of every stream (before any work)."""
     if cfg.data_files is not None:
         if cfg.dataset not in (BUILTIN, *LOCAL_LOADERS):
-            raise ValueError(f"data.dataset={cfg.dataset!r} with data.data_files: data_files are local files; set "
-                             f"data.dataset to one of {list(LOCAL_LOADERS)} or leave it at its default to infer "
-                             "the format from the file names")
+            raise ValueError(
+                f"data.dataset={cfg.dataset!r} with data.data_files: data_files are local files; set "
+                f"data.dataset to one of {list(LOCAL_LOADERS)} or leave it at its default to infer "
+                "the format from the file names"
+            )
         files = _local_files(cfg)
         loader = cfg.dataset if cfg.dataset in LOCAL_LOADERS else _infer_loader(files)
         if cfg.train_split not in files:
-            raise ValueError(f"data.train_split={cfg.train_split!r} is not among the splits of data.data_files: "
-                             f"{sorted(files)}")
-        source = DataSource(dataset=loader, data_files=files, dataset_config=None, text_column=cfg.text_column,
-                            train_split=cfg.train_split, validation_split=None, holdout_every=None,
-                            tokenizer=cfg.tokenizer, seq_len=cfg.seq_len, shuffle_buffer=cfg.shuffle_buffer)
+            raise ValueError(
+                f"data.train_split={cfg.train_split!r} is not among the splits of data.data_files: {sorted(files)}"
+            )
+        source = DataSource(
+            dataset=loader,
+            data_files=files,
+            dataset_config=None,
+            text_column=cfg.text_column,
+            train_split=cfg.train_split,
+            validation_split=None,
+            holdout_every=None,
+            tokenizer=cfg.tokenizer,
+            seq_len=cfg.seq_len,
+            shuffle_buffer=cfg.shuffle_buffer,
+        )
         has_validation = cfg.validation_split in files
     elif cfg.dataset == BUILTIN:
-        for key, value, allowed in (("train_split", cfg.train_split, ("train",)),
-                                    ("validation_split", cfg.validation_split, ("validation", None))):
+        for key, value, allowed in (
+            ("train_split", cfg.train_split, ("train",)),
+            ("validation_split", cfg.validation_split, ("validation", None)),
+        ):
             if value not in allowed:
-                raise ValueError(f"data.{key}={value!r}: the built-in corpus has splits ['train', 'validation'] "
-                                 f"(data.{key} may be {' or '.join(map(repr, allowed))})")
+                raise ValueError(
+                    f"data.{key}={value!r}: the built-in corpus has splits ['train', 'validation'] "
+                    f"(data.{key} may be {' or '.join(map(repr, allowed))})"
+                )
         return _check(_builtin_source(cfg))
     else:
-        source = DataSource(dataset=cfg.dataset, data_files=None, dataset_config=cfg.dataset_config,
-                            text_column=cfg.text_column, train_split=cfg.train_split, validation_split=None,
-                            holdout_every=None, tokenizer=cfg.tokenizer, seq_len=cfg.seq_len,
-                            shuffle_buffer=cfg.shuffle_buffer)
+        source = DataSource(
+            dataset=cfg.dataset,
+            data_files=None,
+            dataset_config=cfg.dataset_config,
+            text_column=cfg.text_column,
+            train_split=cfg.train_split,
+            validation_split=None,
+            holdout_every=None,
+            tokenizer=cfg.tokenizer,
+            seq_len=cfg.seq_len,
+            shuffle_buffer=cfg.shuffle_buffer,
+        )
         try:
             _first_document(source, cfg.train_split)
-        except Exception as err:  # noqa: BLE001 - classified right below
+        except Exception as err:
             if not _is_offline_error(err):
                 raise ValueError(f"data.dataset={cfg.dataset!r} cannot be read: {type(err).__name__}: {err}") from None
             if not cfg.offline_fallback:
-                raise ValueError(f"data.dataset={cfg.dataset!r}: cannot reach the Hub (offline) and "
-                                 "data.offline_fallback is false; pass local data.data_files or builtin") from None
-            reason = (f"data.dataset={cfg.dataset!r} could not be reached (offline: {type(err).__name__}); the run "
-                      "uses the BUILT-IN corpus and tokenizer instead (data.offline_fallback=true)")
+                raise ValueError(
+                    f"data.dataset={cfg.dataset!r}: cannot reach the Hub (offline) and "
+                    "data.offline_fallback is false; pass local data.data_files or builtin"
+                ) from None
+            reason = (
+                f"data.dataset={cfg.dataset!r} could not be reached (offline: {type(err).__name__}); the run "
+                "uses the BUILT-IN corpus and tokenizer instead (data.offline_fallback=true)"
+            )
             logger.warning(reason)
             return _check(_builtin_source(cfg, fallback=reason))
         has_validation = cfg.validation_split is not None and _has_split(source, cfg.validation_split)
@@ -179,8 +229,12 @@ def resolve_data_source(cfg: DataConfig) -> DataSource:
         return _check(source)
     if has_validation:
         return _check(replace(source, validation_split=cfg.validation_split))
-    logger.warning("%s has no split %r: holding out every %dth training document for validation",
-                   source.dataset, cfg.validation_split, cfg.holdout_every)
+    logger.warning(
+        "%s has no split %r: holding out every %dth training document for validation",
+        source.dataset,
+        cfg.validation_split,
+        cfg.holdout_every,
+    )
     return _check(replace(source, holdout_every=cfg.holdout_every))
 
 
@@ -199,8 +253,10 @@ def _first_document(source: DataSource, split: str, raw: bool = False) -> dict:
     try:
         return next(stream)
     except StopIteration:
-        raise ValueError(f"split {split!r} of {source.dataset!r} has no documents"
-                         + (f" (files {source.data_files.get(split)})" if source.data_files else "")) from None
+        raise ValueError(
+            f"split {split!r} of {source.dataset!r} has no documents"
+            + (f" (files {source.data_files.get(split)})" if source.data_files else "")
+        ) from None
 
 
 def _check(source: DataSource) -> DataSource:
@@ -213,17 +269,24 @@ def _check(source: DataSource) -> DataSource:
             what = source.describe_validation() if role == "validation" else f"split {source.train_split!r}"
             if source.data_files:
                 what += f", files {source.data_files[source.train_split if role == 'train' or source.holdout_every else source.validation_split]}"
-            hint = (f": the source has fewer than data.holdout_every={source.holdout_every} documents; lower it or "
-                    "give a validation split" if role == "validation" and source.holdout_every else "")
+            hint = (
+                f": the source has fewer than data.holdout_every={source.holdout_every} documents; lower it or "
+                "give a validation split"
+                if role == "validation" and source.holdout_every
+                else ""
+            )
             raise ValueError(f"the {role} stream of {source.dataset!r} ({what}) has no documents{hint}") from None
-        except Exception as err:  # noqa: BLE001 - datasets raises many kinds for bad files
+        except Exception as err:
             if isinstance(err, ValueError):
                 raise
-            raise ValueError(f"the {role} data of {source.dataset!r} cannot be read: {type(err).__name__}: "
-                             f"{err}") from None
+            raise ValueError(
+                f"the {role} data of {source.dataset!r} cannot be read: {type(err).__name__}: {err}"
+            ) from None
         if source.text_column not in document:
-            raise ValueError(f"data.text_column={source.text_column!r} is not a column of {source.dataset!r}; "
-                             f"columns: {sorted(document)}")
+            raise ValueError(
+                f"data.text_column={source.text_column!r} is not a column of {source.dataset!r}; "
+                f"columns: {sorted(document)}"
+            )
     return source
 
 
@@ -239,8 +302,7 @@ def _load_split(source: DataSource, split: str) -> IterableDataset:
     if source.data_files is not None:
         if split not in source.data_files:
             raise ValueError(f"no split {split!r} in data.data_files (splits: {sorted(source.data_files)})")
-        return load_dataset(source.dataset, data_files={split: source.data_files[split]}, split=split,
-                            streaming=True)
+        return load_dataset(source.dataset, data_files={split: source.data_files[split]}, split=split, streaming=True)
     return load_dataset(source.dataset, source.dataset_config, split=split, streaming=True)
 
 
@@ -263,8 +325,17 @@ def load_documents(source: DataSource, role: str) -> IterableDataset:
 class PackedStream(torch.utils.data.IterableDataset):
     """This rank's stream of packed ``seq_len``-token sequences, endless (epochs follow each other)."""
 
-    def __init__(self, source: DataSource, tokenizer, role: str = "train", rank: int = 0, world_size: int = 1,
-                 seed: int = 0, endless: bool = True, tokenize_batch_docs: int = TOKENIZE_BATCH_DOCS):
+    def __init__(
+        self,
+        source: DataSource,
+        tokenizer,
+        role: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        endless: bool = True,
+        tokenize_batch_docs: int = TOKENIZE_BATCH_DOCS,
+    ):
         self.source, self.role, self.seed, self.endless = source, role, seed, endless
         self.eos = tokenizer.eos_token_id
         docs = load_documents(source, role)
@@ -275,15 +346,17 @@ class PackedStream(torch.utils.data.IterableDataset):
 
         def tokenize(batch):
             if column not in batch:
-                raise ValueError(f"data.text_column={column!r} is not a column of {source.dataset!r}; "
-                                 f"columns: {sorted(batch)}")
+                raise ValueError(
+                    f"data.text_column={column!r} is not a column of {source.dataset!r}; columns: {sorted(batch)}"
+                )
             # verbose=False: documents longer than model_max_length are expected; packing cuts them.
             return {"input_ids": tokenizer(batch[column], add_special_tokens=False, verbose=False)["input_ids"]}
 
         # 64 documents per tokenizer call instead of datasets' 1000: a call takes tens of milliseconds instead
         # of up to 1.6 s on Pile-sized documents, for 8% less throughput (still 3x what an H100 needs).
-        self.tokens = docs.map(tokenize, batched=True, batch_size=tokenize_batch_docs,
-                               remove_columns=list(docs.column_names or [column]))
+        self.tokens = docs.map(
+            tokenize, batched=True, batch_size=tokenize_batch_docs, remove_columns=list(docs.column_names or [column])
+        )
         self.epoch = 0
         self.buffer: list[int] = []
         self._resume_state = None
@@ -304,8 +377,10 @@ class PackedStream(torch.utils.data.IterableDataset):
                     produced = True
                     yield torch.tensor(sequence, dtype=torch.long)
             if not produced:
-                raise ValueError(f"the {self.role} stream of {self.source.dataset!r} gave this rank fewer than "
-                                 f"data.seq_len={seq_len} tokens")
+                raise ValueError(
+                    f"the {self.role} stream of {self.source.dataset!r} gave this rank fewer than "
+                    f"data.seq_len={seq_len} tokens"
+                )
             self.epoch += 1
             self.buffer = []  # an epoch's last partial sequence is dropped, not mixed into the next epoch
             if not self.endless:
@@ -403,8 +478,9 @@ class Batches:
         self._position = None
 
 
-def validation_batches(source: DataSource, tokenizer, batch_size: int, num_batches: int, rank: int = 0,
-                       world_size: int = 1) -> list[torch.Tensor]:
+def validation_batches(
+    source: DataSource, tokenizer, batch_size: int, num_batches: int, rank: int = 0, world_size: int = 1
+) -> list[torch.Tensor]:
     """A fixed list of held-out batches (the same at every evaluation, so losses compare).
 
     At most `num_batches`; fewer when one pass over the held-out stream gives fewer sequences.
@@ -417,4 +493,4 @@ def validation_batches(source: DataSource, tokenizer, batch_size: int, num_batch
         if len(sequences) == batch_size * num_batches:
             break
     usable = len(sequences) - len(sequences) % batch_size
-    return [torch.stack(sequences[i:i + batch_size]) for i in range(0, usable, batch_size)]
+    return [torch.stack(sequences[i : i + batch_size]) for i in range(0, usable, batch_size)]

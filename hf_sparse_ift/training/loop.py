@@ -24,9 +24,18 @@ from accelerate.utils import set_seed
 from ..models.sparse_wide_gpt.modeling_sparse_wide_gpt import SparseWideGPTForCausalLM
 from ..sparsity import parameter_counts
 from ..sparsity.dst import DSTEngine, summarize
-from .checkpoint import (RUN_CONFIG, DataPosition, RunLock, TrainingProgress, checkpoint_step, ensure_writable,
-                         list_checkpoints,
-                         load_newest_checkpoint, newest_complete_checkpoint, save_checkpoint)
+from .checkpoint import (
+    RUN_CONFIG,
+    DataPosition,
+    RunLock,
+    TrainingProgress,
+    checkpoint_step,
+    ensure_writable,
+    list_checkpoints,
+    load_newest_checkpoint,
+    newest_complete_checkpoint,
+    save_checkpoint,
+)
 from .config import PretrainConfig
 from .data import Batches, PackedStream, validation_batches
 from .hardware import peak_flops, set_sdpa_backend
@@ -45,21 +54,30 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     """Train as `cfg` says; returns the summary (steps, tokens, losses, checkpoints, the resolved run config)."""
     out_dir = Path(cfg.train.output_dir)
     previous = _resume_point(out_dir, resume)
-    run = resolve_run(cfg, int(os.environ.get("WORLD_SIZE", "1")),
-                      previous=yaml.safe_load((previous / RUN_CONFIG).read_text()) if previous else None)
+    run = resolve_run(
+        cfg,
+        int(os.environ.get("WORLD_SIZE", "1")),
+        previous=yaml.safe_load((previous / RUN_CONFIG).read_text()) if previous else None,
+    )
     finished = previous is not None and checkpoint_step(previous) >= run.total_steps
     if finished and (out_dir / SUMMARY).exists():
-        print(f"hf-sparse-ift pretrain: {out_dir} already finished at step {checkpoint_step(previous)} "
-              f"(train.max_steps / total_tokens give {run.total_steps} steps); nothing changed. Raise "
-              "train.max_steps to continue it.")
+        print(
+            f"hf-sparse-ift pretrain: {out_dir} already finished at step {checkpoint_step(previous)} "
+            f"(train.max_steps / total_tokens give {run.total_steps} steps); nothing changed. Raise "
+            "train.max_steps to continue it."
+        )
         return json.loads((out_dir / SUMMARY).read_text())
     ensure_writable(out_dir)
     with RunLock(out_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
         session = setup(run, resume)
         try:
             if finished:  # killed after its last checkpoint, before its summary: write it from the checkpoint
-                logger.warning("%s finished at step %d but has no %s: writing it from the checkpoint", out_dir,
-                               session.progress.step, SUMMARY)
+                logger.warning(
+                    "%s finished at step %d but has no %s: writing it from the checkpoint",
+                    out_dir,
+                    session.progress.step,
+                    SUMMARY,
+                )
                 return _write_summary(session)
             return fit(session)
         finally:
@@ -70,8 +88,9 @@ def _resume_point(out_dir: Path, resume: bool) -> Path | None:
     """The checkpoint a --resume continues from; without --resume, an output folder with checkpoints is refused."""
     if not resume:
         if list_checkpoints(out_dir):
-            raise FileExistsError(f"{out_dir} already holds checkpoints: pass --resume to continue, or choose "
-                                  "another train.output_dir")
+            raise FileExistsError(
+                f"{out_dir} already holds checkpoints: pass --resume to continue, or choose another train.output_dir"
+            )
         return None
     found = newest_complete_checkpoint(out_dir)
     if found is None:
@@ -105,11 +124,14 @@ class Session:
 
 def setup(run: RunConfig, resume: bool) -> Session:
     cfg = run.config
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=run.mixed_precision,
-                              gradient_accumulation_steps=run.accumulation,
-                              log_with=[t for t in cfg.train.trackers if t] or None,
-                              project_dir=cfg.train.output_dir,
-                              dynamo_backend="inductor" if cfg.train.compile else "no")
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=run.mixed_precision,
+        gradient_accumulation_steps=run.accumulation,
+        log_with=[t for t in cfg.train.trackers if t] or None,
+        project_dir=cfg.train.output_dir,
+        dynamo_backend="inductor" if cfg.train.compile else "no",
+    )
     _configure_logging(accelerator)
     set_seed(cfg.train.seed)
     set_sdpa_backend(cfg.train.attention_backend)
@@ -123,31 +145,60 @@ def setup(run: RunConfig, resume: bool) -> Session:
     # The scheduler steps once per optimizer step: it is not prepared (accelerate would scale it by processes).
     model, optimizer = accelerator.prepare(model, optimizer)
     engine = DSTEngine(model, optimizer, cfg.dst, total_steps=run.total_steps)
-    stream = PackedStream(run.data, tokenizer, "train", accelerator.process_index, accelerator.num_processes,
-                          seed=cfg.train.seed)
-    batches = Batches(stream, cfg.train.micro_batch_size, prefetch=cfg.data.prefetch_batches,
-                      pin_memory=accelerator.device.type == "cuda")
+    stream = PackedStream(
+        run.data, tokenizer, "train", accelerator.process_index, accelerator.num_processes, seed=cfg.train.seed
+    )
+    batches = Batches(
+        stream,
+        cfg.train.micro_batch_size,
+        prefetch=cfg.data.prefetch_batches,
+        pin_memory=accelerator.device.type == "cuda",
+    )
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(scheduler, engine, DataPosition(batches, accelerator), progress)
     out_dir = Path(cfg.train.output_dir)
     if resume:
         path = load_newest_checkpoint(accelerator, out_dir)
         engine.total_steps = run.total_steps  # a raised max_steps moves the end of DST updates with it
-        logger.info("resumed from %s at step %d%s", path, progress.step,
-                    f"; changed on resume: {run.resume_changes}" if run.resume_changes else "")
-    val = validation_batches(run.data, tokenizer, cfg.train.micro_batch_size, cfg.train.eval_batches,
-                             accelerator.process_index, accelerator.num_processes)
+        logger.info(
+            "resumed from %s at step %d%s",
+            path,
+            progress.step,
+            f"; changed on resume: {run.resume_changes}" if run.resume_changes else "",
+        )
+    val = validation_batches(
+        run.data,
+        tokenizer,
+        cfg.train.micro_batch_size,
+        cfg.train.eval_batches,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
     summary = run.to_dict()["resolved"]["model"]
-    session = Session(run=run, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                      engine=engine, tokenizer=tokenizer, train_batches=batches, val_batches=val, progress=progress,
-                      out_dir=out_dir, flops_per_token=summary, peak=peak_flops(cfg.train.peak_tflops))
+    session = Session(
+        run=run,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        engine=engine,
+        tokenizer=tokenizer,
+        train_batches=batches,
+        val_batches=val,
+        progress=progress,
+        out_dir=out_dir,
+        flops_per_token=summary,
+        peak=peak_flops(cfg.train.peak_tflops),
+    )
     _start_records(session)
     return session
 
 
 def _configure_logging(accelerator: Accelerator) -> None:
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "removed shared tensor" of tied lm_head
 
@@ -161,12 +212,21 @@ def _start_records(s: Session) -> None:
     if run.config.train.trackers:
         accelerator.init_trackers(run.config.train.project_name, config=run.flat())
     counts = parameter_counts(accelerator.unwrap_model(s.model))
-    logger.info("model: %s total / %s active parameters, sparse-layer sparsity %.3f (model sparsity %.3f), "
-                "%d steps x %d sequences x %d tokens, accumulation %d, precision %s, data %s (validation: %s)",
-                f"{counts['total']:,}", f"{counts['active']:,}", s.engine.sparsity(),
-                counts["inactive"] / counts["total"], run.total_steps, run.config.train.global_batch_size,
-                run.data.seq_len, run.accumulation, run.mixed_precision, run.data.dataset,
-                run.data.describe_validation())
+    logger.info(
+        "model: %s total / %s active parameters, sparse-layer sparsity %.3f (model sparsity %.3f), "
+        "%d steps x %d sequences x %d tokens, accumulation %d, precision %s, data %s (validation: %s)",
+        f"{counts['total']:,}",
+        f"{counts['active']:,}",
+        s.engine.sparsity(),
+        counts["inactive"] / counts["total"],
+        run.total_steps,
+        run.config.train.global_batch_size,
+        run.data.seq_len,
+        run.accumulation,
+        run.mixed_precision,
+        run.data.dataset,
+        run.data.describe_validation(),
+    )
     for decision in run.decisions + run.resume_changes:
         logger.warning("decided for this run: %s", decision)
 
@@ -198,8 +258,10 @@ def evaluate(s: Session) -> float | None:
     if not s.val_batches:
         return None
     s.model.eval()
-    losses = [s.model(input_ids=x.to(s.accelerator.device), labels=x.to(s.accelerator.device)).loss.float()
-              for x in s.val_batches]
+    losses = [
+        s.model(input_ids=x.to(s.accelerator.device), labels=x.to(s.accelerator.device)).loss.float()
+        for x in s.val_batches
+    ]
     s.model.train()
     return s.accelerator.gather(torch.stack(losses)).mean().item()
 
@@ -248,8 +310,9 @@ class StepLog:
         if s.accelerator.is_main_process and s.run.config.train.progress_bar:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=s.run.total_steps, initial=s.progress.step, desc="pretrain", unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=s.run.total_steps, initial=s.progress.step, desc="pretrain", unit="step", dynamic_ncols=True
+            )
 
     def _say(self, text: str) -> None:
         if self.bar is not None:
@@ -263,14 +326,20 @@ class StepLog:
             last = list_checkpoints(s.out_dir)
             raise NonFiniteLossError(
                 f"loss is {loss} at step {step}: stopping. The last good checkpoint is "
-                f"{last[-1] if last else 'none (no checkpoint was written yet)'}; lower optim.lr or check the data.")
+                f"{last[-1] if last else 'none (no checkpoint was written yet)'}; lower optim.lr or check the data."
+            )
         if step % s.run.config.train.log_interval and step != s.run.total_steps:
             return
         s.progress.train_loss.append((step, loss))
         elapsed = time.perf_counter() - self.window_start
         s.last_tokens_per_s = tok_s = self.window_tokens / max(elapsed, 1e-9)
-        logs = {"train/loss": loss, "train/lr": lr, "train/tokens_seen": step * s.run.tokens_per_step,
-                "train/tokens_per_s": tok_s, "train/sparsity": s.engine.sparsity()}
+        logs = {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/tokens_seen": step * s.run.tokens_per_step,
+            "train/tokens_per_s": tok_s,
+            "train/sparsity": s.engine.sparsity(),
+        }
         if grad_norm is not None:
             logs["train/grad_norm"] = grad_norm
         mfu = ""
@@ -280,13 +349,23 @@ class StepLog:
             mfu = f", MFU {logs['train/mfu_active']:.3f} active / {logs['train/mfu_executed']:.3f} executed"
         s.accelerator.log(logs, step=step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
-                                 sparsity=f"{logs['train/sparsity']:.3f}")
+            self.bar.set_postfix(
+                loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", sparsity=f"{logs['train/sparsity']:.3f}"
+            )
         else:
             remaining = (s.run.total_steps - step) * s.run.tokens_per_step / max(tok_s, 1e-9)
-            logger.info("step %d/%d: loss %.4f, grad norm %s, lr %.3g, %s tokens/s, sparsity %.3f%s, ETA %s", step,
-                        s.run.total_steps, loss, "-" if grad_norm is None else f"{grad_norm:.3f}", lr,
-                        f"{tok_s:,.0f}", logs["train/sparsity"], mfu, time.strftime("%H:%M:%S", time.gmtime(remaining)))
+            logger.info(
+                "step %d/%d: loss %.4f, grad norm %s, lr %.3g, %s tokens/s, sparsity %.3f%s, ETA %s",
+                step,
+                s.run.total_steps,
+                loss,
+                "-" if grad_norm is None else f"{grad_norm:.3f}",
+                lr,
+                f"{tok_s:,.0f}",
+                logs["train/sparsity"],
+                mfu,
+                time.strftime("%H:%M:%S", time.gmtime(remaining)),
+            )
         self.window_start, self.window_tokens = time.perf_counter(), 0
 
     def validation(self, step: int) -> None:
@@ -331,9 +410,9 @@ def fit(s: Session) -> dict:
             accelerator.log(summarize(telemetry), step=progress.step)
         evaluate_now = progress.step % run.config.train.eval_interval == 0 or progress.step == run.total_steps
         save_now = progress.step % run.config.train.checkpoint_interval == 0 or progress.step == run.total_steps
-        if evaluate_now or save_now:  # never evaluate or checkpoint a step whose loss was not checked
-            if (finished := pending.flush()) is not None:
-                log.record(**finished)
+        # never evaluate or checkpoint a step whose loss was not checked
+        if (evaluate_now or save_now) and (finished := pending.flush()) is not None:
+            log.record(**finished)
         if evaluate_now:
             log.validation(progress.step)
         if save_now:
@@ -353,15 +432,24 @@ def _check_masks(s: Session) -> None:
 
 def _write_summary(s: Session) -> dict:
     p = s.progress
-    summary = {"steps": p.step, "tokens": p.tokens, "wall_seconds": p.wall_seconds,
-               "val_loss": p.val_loss, "final_train_loss": p.train_loss[-1][1] if p.train_loss else None,
-               "train_loss": p.train_loss, "checkpoints": [str(c) for c in list_checkpoints(s.out_dir)],
-               "dataset": s.run.data.dataset, "tokenizer": s.run.data.tokenizer,
-               "validation": s.run.data.describe_validation(), "processes": s.accelerator.num_processes,
-               "mask_checks": s.mask_checks, "tokens_per_s": s.last_tokens_per_s,
-               "sparse_layer_sparsity": s.engine.sparsity(),
-               "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
-               "run_config": s.run.to_dict()}
+    summary = {
+        "steps": p.step,
+        "tokens": p.tokens,
+        "wall_seconds": p.wall_seconds,
+        "val_loss": p.val_loss,
+        "final_train_loss": p.train_loss[-1][1] if p.train_loss else None,
+        "train_loss": p.train_loss,
+        "checkpoints": [str(c) for c in list_checkpoints(s.out_dir)],
+        "dataset": s.run.data.dataset,
+        "tokenizer": s.run.data.tokenizer,
+        "validation": s.run.data.describe_validation(),
+        "processes": s.accelerator.num_processes,
+        "mask_checks": s.mask_checks,
+        "tokens_per_s": s.last_tokens_per_s,
+        "sparse_layer_sparsity": s.engine.sparsity(),
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
+        "run_config": s.run.to_dict(),
+    }
     if s.accelerator.is_main_process:
         tmp = s.out_dir / f"{SUMMARY}.tmp"
         tmp.write_text(json.dumps(summary, indent=1))

@@ -24,4 +24,5 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.O
 def build_scheduler(optimizer, optim: OptimConfig, warmup_steps: int, total_steps: int):
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` x peak at the last step."""
     return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps, min_lr_rate=optim.min_lr_ratio)
+        optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps, min_lr_rate=optim.min_lr_ratio
+    )

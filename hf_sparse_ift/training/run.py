@@ -21,12 +21,24 @@ from .hardware import available_memory_bytes, resolve_mixed_precision
 
 # Keys that may differ on --resume: they change how the run is watched or how fast it goes, or extend it.
 # Any other difference is refused: the checkpointed optimizer, schedule, masks and data would not match it.
-RESUME_MAY_CHANGE = frozenset({
-    "train.max_steps", "train.total_tokens", "train.log_interval", "train.eval_interval",
-    "train.checkpoint_interval", "train.keep_checkpoints", "train.trackers", "train.progress_bar", "train.compile",
-    "train.gradient_checkpointing", "train.attention_backend", "train.peak_tflops", "train.check_memory",
-    "data.prefetch_batches",
-})
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "train.max_steps",
+        "train.total_tokens",
+        "train.log_interval",
+        "train.eval_interval",
+        "train.checkpoint_interval",
+        "train.keep_checkpoints",
+        "train.trackers",
+        "train.progress_bar",
+        "train.compile",
+        "train.gradient_checkpointing",
+        "train.attention_backend",
+        "train.peak_tflops",
+        "train.check_memory",
+        "data.prefetch_batches",
+    }
+)
 
 
 @dataclass
@@ -53,15 +65,24 @@ class RunConfig:
         return self.total_steps * self.tokens_per_step
 
     def to_dict(self) -> dict:
-        return {**self.config.to_dict(), "resolved": {
-            "model": model_summary(self.model, self.data.seq_len),
-            "data": self.data.to_dict(),
-            "processes": self.processes, "accumulation": self.accumulation,
-            "micro_batch_size": self.config.train.micro_batch_size, "mixed_precision": self.mixed_precision,
-            "tokens_per_step": self.tokens_per_step, "total_steps": self.total_steps,
-            "total_tokens": self.total_tokens, "warmup_steps": self.warmup_steps,
-            "memory_estimate_gb": round(self.memory_estimate_bytes / 1e9, 3),
-            "decisions": list(self.decisions), "resume_changes": list(self.resume_changes)}}
+        return {
+            **self.config.to_dict(),
+            "resolved": {
+                "model": model_summary(self.model, self.data.seq_len),
+                "data": self.data.to_dict(),
+                "processes": self.processes,
+                "accumulation": self.accumulation,
+                "micro_batch_size": self.config.train.micro_batch_size,
+                "mixed_precision": self.mixed_precision,
+                "tokens_per_step": self.tokens_per_step,
+                "total_steps": self.total_steps,
+                "total_tokens": self.total_tokens,
+                "warmup_steps": self.warmup_steps,
+                "memory_estimate_gb": round(self.memory_estimate_bytes / 1e9, 3),
+                "decisions": list(self.decisions),
+                "resume_changes": list(self.resume_changes),
+            },
+        }
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -103,26 +124,39 @@ def resolve_run(cfg: PretrainConfig, processes: int, previous: dict | None = Non
                 f"the model needs about {memory / 1e9:,.1f} GB to train ({model_summary(model)['parameters_total']:,} "
                 f"parameters; weights, gradients and Adam state alone) but the {where} is "
                 f"{available / 1e9:,.1f} GB: choose a smaller model (model.sparsity={model.sparsity} widens it "
-                f"to d_model {model.hidden_size}) or micro-batch, or set train.check_memory=false to try anyway")
+                f"to d_model {model.hidden_size}) or micro-batch, or set train.check_memory=false to try anyway"
+            )
     data = resolve_data_source(cfg.data)
     tokenizer = load_tokenizer(data.tokenizer)
     if len(tokenizer) > model.vocab_size:
-        raise ValueError(f"data.tokenizer={data.tokenizer!r} has {len(tokenizer)} tokens but model.vocab_size is "
-                         f"{model.vocab_size}: set model.vocab_size >= {len(tokenizer)}")
+        raise ValueError(
+            f"data.tokenizer={data.tokenizer!r} has {len(tokenizer)} tokens but model.vocab_size is "
+            f"{model.vocab_size}: set model.vocab_size >= {len(tokenizer)}"
+        )
     if data.fallback:
         decisions.append(data.fallback)
     if data.holdout_every:
-        decisions.append(f"validation: {data.describe_validation()}, because the source has no split "
-                         f"{cfg.data.validation_split!r}")
+        decisions.append(
+            f"validation: {data.describe_validation()}, because the source has no split {cfg.data.validation_split!r}"
+        )
     precision = resolve_mixed_precision(cfg.train.mixed_precision)
     if precision != cfg.train.mixed_precision:
         decisions.append(f"train.mixed_precision=auto: {precision}")
     total_steps = cfg.steps()
     warmup = cfg.warmup_steps()
-    run = RunConfig(config=cfg, model=model, data=data, processes=processes,
-                    accumulation=accumulation, mixed_precision=precision,
-                    total_steps=total_steps, warmup_steps=warmup, memory_estimate_bytes=memory, tokenizer=tokenizer,
-                    decisions=decisions)
+    run = RunConfig(
+        config=cfg,
+        model=model,
+        data=data,
+        processes=processes,
+        accumulation=accumulation,
+        mixed_precision=precision,
+        total_steps=total_steps,
+        warmup_steps=warmup,
+        memory_estimate_bytes=memory,
+        tokenizer=tokenizer,
+        decisions=decisions,
+    )
     if previous is not None:
         run.resume_changes = resume_changes(previous, cfg)
     return run
@@ -142,8 +176,10 @@ def resume_changes(previous: dict, cfg: PretrainConfig) -> list[str]:
             dotted = f"{section}.{key}"
             (changed if dotted in RESUME_MAY_CHANGE else refused).append(f"{dotted}: {old!r} -> {new!r}")
     if refused:
-        raise ValueError(f"--resume: {'; '.join(refused)} differ from the checkpoint's run config and cannot change "
-                         f"mid-run (the checkpointed optimizer, schedule, masks and data position depend on them). "
-                         f"Keys that may change on resume: {sorted(RESUME_MAY_CHANGE)}. To change the others, start "
-                         "a new run in another train.output_dir")
+        raise ValueError(
+            f"--resume: {'; '.join(refused)} differ from the checkpoint's run config and cannot change "
+            f"mid-run (the checkpointed optimizer, schedule, masks and data position depend on them). "
+            f"Keys that may change on resume: {sorted(RESUME_MAY_CHANGE)}. To change the others, start "
+            "a new run in another train.output_dir"
+        )
     return changed

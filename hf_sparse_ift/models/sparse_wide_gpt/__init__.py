@@ -8,5 +8,10 @@ from .modeling_sparse_wide_gpt import (
     SparseWideGPTPreTrainedModel,
 )
 
-__all__ = ["SparseLinear", "SparseWideGPTConfig", "SparseWideGPTForCausalLM", "SparseWideGPTModel",
-           "SparseWideGPTPreTrainedModel"]
+__all__ = [
+    "SparseLinear",
+    "SparseWideGPTConfig",
+    "SparseWideGPTForCausalLM",
+    "SparseWideGPTModel",
+    "SparseWideGPTPreTrainedModel",
+]

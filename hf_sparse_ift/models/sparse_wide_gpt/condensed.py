@@ -46,8 +46,14 @@ from torch import nn
 CONDENSED_FORMAT = "condensed-v1"
 REPRESENTATIONS = ("auto", "csr", "padded")
 
-__all__ = ["CONDENSED_FORMAT", "REPRESENTATIONS", "CondensedLinear", "condense_model", "kernel_available",
-           "condensed_layer_shapes"]
+__all__ = [
+    "CONDENSED_FORMAT",
+    "REPRESENTATIONS",
+    "CondensedLinear",
+    "condense_model",
+    "condensed_layer_shapes",
+    "kernel_available",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +378,8 @@ def _cpu_identity() -> str:
 
 def _cache_dir() -> Path:
     root = os.environ.get("HF_SPARSE_IFT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "hf_sparse_ift")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "hf_sparse_ift"
+    )
     return Path(root) / "kernels"
 
 
@@ -431,12 +438,15 @@ def _kernel():
                 else:
                     try:
                         _LIB = _load_kernel()
-                    except Exception as err:  # noqa: BLE001 - any failure means: use the torch path
-                        warnings.warn(f"the CPU kernel of condensed.py is unavailable ({err}): condensed layers "
-                                      f"compute with torch, slower on CPU than the masked model's matmuls, and compressed "
-                                      f"checkpoints decode with numpy (the same results). HF_SPARSE_IFT_KERNEL=0 "
-                                      f"chooses this without the warning.",
-                                      RuntimeWarning, stacklevel=3)
+                    except Exception as err:
+                        warnings.warn(
+                            f"the CPU kernel of condensed.py is unavailable ({err}): condensed layers "
+                            f"compute with torch, slower on CPU than the masked model's matmuls, and compressed "
+                            f"checkpoints decode with numpy (the same results). HF_SPARSE_IFT_KERNEL=0 "
+                            f"chooses this without the warning.",
+                            RuntimeWarning,
+                            stacklevel=3,
+                        )
                         _LIB = None
     return _LIB
 
@@ -468,8 +478,9 @@ def expand_active(bits: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndar
         return None
     bits, values = np.ascontiguousarray(bits), np.ascontiguousarray(values)
     out, mask = _fresh(n, values.dtype), _fresh(n, np.bool_)
-    active = getattr(lib, f"expand_u{8 * values.itemsize}")(bits.ctypes.data, values.ctypes.data, out.ctypes.data,
-                                                            mask.ctypes.data, n, values.size)
+    active = getattr(lib, f"expand_u{8 * values.itemsize}")(
+        bits.ctypes.data, values.ctypes.data, out.ctypes.data, mask.ctypes.data, n, values.size
+    )
     if active != values.size:
         raise ValueError(f"{values.size} stored values for a mask with {active} active positions")
     return out, mask
@@ -485,9 +496,18 @@ def _index_dtype(in_features: int) -> torch.dtype:
 class CondensedLinear(nn.Module):
     """``y = x Wᵀ + b`` for a sparse ``W`` stored as its active weights and their input indices (see module doc)."""
 
-    def __init__(self, in_features: int, out_features: int, rows: int, fan_in: int | None = None,
-                 nnz: int | None = None, bias: bool = True, index_dtype: torch.dtype | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rows: int,
+        fan_in: int | None = None,
+        nnz: int | None = None,
+        bias: bool = True,
+        index_dtype: torch.dtype | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if (fan_in is None) == (nnz is None):
             raise ValueError("CondensedLinear needs exactly one of fan_in (constant fan-in) or nnz (CSR)")
@@ -501,22 +521,32 @@ class CondensedLinear(nn.Module):
         if fan_in is None:
             self.register_buffer("row_ptr", torch.empty(rows + 1, dtype=torch.int64, device=device))
         self.register_buffer("row_ids", torch.empty(rows, dtype=torch.int64, device=device))
-        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64,
-                                                          device=device))
-        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) \
-            if bias else None
+        self.register_buffer(
+            "weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device)
+        )
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        )
         self._constant_row_ptr = None
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def empty(cls, spec: dict, dtype=None, device=None) -> "CondensedLinear":
-        return cls(spec["in_features"], spec["out_features"], spec["rows"], fan_in=spec.get("fan_in"),
-                   nnz=spec.get("nnz"), bias=spec["bias"], index_dtype=spec.get("index_dtype"), device=device,
-                   dtype=dtype)
+    def empty(cls, spec: dict, dtype=None, device=None) -> CondensedLinear:
+        return cls(
+            spec["in_features"],
+            spec["out_features"],
+            spec["rows"],
+            fan_in=spec.get("fan_in"),
+            nnz=spec.get("nnz"),
+            bias=spec["bias"],
+            index_dtype=spec.get("index_dtype"),
+            device=device,
+            dtype=dtype,
+        )
 
     @classmethod
     @torch.no_grad()
-    def from_sparse(cls, linear: nn.Linear, representation: str = "auto") -> "CondensedLinear":
+    def from_sparse(cls, linear: nn.Linear, representation: str = "auto") -> CondensedLinear:
         """Condense a masked linear (``weight`` with a bool ``weight_mask``). Outputs stay those of the masked layer.
 
         representation: ``auto`` (``[rows, k]`` when every kept row has the same fan-in, else CSR), ``csr``, or
@@ -526,7 +556,9 @@ class CondensedLinear(nn.Module):
             raise ValueError(f"representation={representation!r} is invalid: expected one of {list(REPRESENTATIONS)}")
         mask = getattr(linear, "weight_mask", None)
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != linear.weight.shape:
-            raise ValueError(f"{type(linear).__name__} has no bool weight_mask of its weight's shape: nothing to condense")
+            raise ValueError(
+                f"{type(linear).__name__} has no bool weight_mask of its weight's shape: nothing to condense"
+            )
         out_features, in_features = mask.shape
         device, dtype = linear.weight.device, linear.weight.dtype
         m = mask.detach().cpu().numpy()
@@ -590,8 +622,9 @@ class CondensedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lib = _kernel() if x.device.type == "cpu" else None
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad or
-                                                  (self.bias is not None and self.bias.requires_grad))
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or self.values.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        )
         if lib is None or needs_grad or self.values.dtype not in (torch.float32, torch.bfloat16):
             return self._torch_forward(x)
         return _kernel_linear(self, lib, x)
@@ -604,12 +637,14 @@ class CondensedLinear(nn.Module):
         compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         row_ptr, cols, values = self._row_ptr(), self.col_indices.reshape(-1), self.values.reshape(-1).to(compute)
         if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
-            y_rows = F.embedding_bag(cols.long(), x2.t().to(compute).contiguous(), row_ptr[:-1], mode="sum",
-                                     per_sample_weights=values).t()  # [tokens, rows]
+            y_rows = F.embedding_bag(
+                cols.long(), x2.t().to(compute).contiguous(), row_ptr[:-1], mode="sum", per_sample_weights=values
+            ).t()  # [tokens, rows]
         else:
             index = torch.int32 if values.numel() < 2**31 else torch.int64
-            csr = torch.sparse_csr_tensor(row_ptr.to(index), cols.to(index), values,
-                                          (self.row_ids.numel(), self.in_features))
+            csr = torch.sparse_csr_tensor(
+                row_ptr.to(index), cols.to(index), values, (self.row_ids.numel(), self.in_features)
+            )
             y_rows = torch.sparse.mm(csr, x2.t().to(compute)).t()
         y = x2.new_zeros(x2.shape[0], self.out_features, dtype=compute).index_copy(1, self.row_ids, y_rows)
         if self.bias is not None:
@@ -618,26 +653,36 @@ class CondensedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = f"fan_in={self.fan_in}" if self.fan_in is not None else f"nnz={self.values.numel()} (csr)"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rows={self.row_ids.numel()}, "
-                f"{kind}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rows={self.row_ids.numel()}, "
+            f"{kind}, bias={self.bias is not None}"
+        )
 
 
-def _kernel_linear(layer: "CondensedLinear", lib, x: torch.Tensor) -> torch.Tensor:
+def _kernel_linear(layer: CondensedLinear, lib, x: torch.Tensor) -> torch.Tensor:
     """The layer's forward through the C kernel: one dot product per row for one token, token tiles for more."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, layer.in_features).to(torch.float32).contiguous()
     tokens, rows = x2.shape[0], layer.row_ids.numel()
     if rows < layer.out_features:  # dropped rows output their bias
-        y = (layer.bias.to(torch.float32).expand(tokens, -1).clone() if layer.bias is not None
-             else x2.new_zeros(tokens, layer.out_features))
+        y = (
+            layer.bias.to(torch.float32).expand(tokens, -1).clone()
+            if layer.bias is not None
+            else x2.new_zeros(tokens, layer.out_features)
+        )
     else:
         y = x2.new_empty(tokens, layer.out_features)
     if tokens and rows:
         bias = layer.bias.to(torch.float32).contiguous() if layer.bias is not None else None
         vt = "bf16" if layer.values.dtype == torch.bfloat16 else "f32"
         it = "i16" if layer.col_indices.dtype == torch.int16 else "i32"
-        args = (layer.values.data_ptr(), layer.col_indices.data_ptr(), layer._row_ptr().data_ptr(),
-                layer.row_ids.data_ptr(), bias.data_ptr() if bias is not None else None)
+        args = (
+            layer.values.data_ptr(),
+            layer.col_indices.data_ptr(),
+            layer._row_ptr().data_ptr(),
+            layer.row_ids.data_ptr(),
+            bias.data_ptr() if bias is not None else None,
+        )
         threads = torch.get_num_threads()
         if tokens == 1:
             getattr(lib, f"gemv_{vt}_{it}")(x2.data_ptr(), *args, y.data_ptr(), rows, threads)
@@ -647,8 +692,9 @@ def _kernel_linear(layer: "CondensedLinear", lib, x: torch.Tensor) -> torch.Tens
             xb = x2.new_zeros(blocks * tb, layer.in_features)
             xb[:tokens] = x2
             xb = xb.view(blocks, tb, layer.in_features).transpose(1, 2).contiguous()
-            getattr(lib, f"spmm{tb}_{vt}_{it}")(xb.data_ptr(), *args, y.data_ptr(), rows, layer.in_features,
-                                               layer.out_features, tokens, threads)
+            getattr(lib, f"spmm{tb}_{vt}_{it}")(
+                xb.data_ptr(), *args, y.data_ptr(), rows, layer.in_features, layer.out_features, tokens, threads
+            )
     return y.to(x.dtype).view(*lead, layer.out_features)
 
 
@@ -704,8 +750,13 @@ def condensed_layer_shapes(sources: dict) -> dict:
         if index_dtype not in _INDEX_DTYPES:
             raise ValueError(f"condensed layer {prefix!r}: col_indices dtype {index_dtype} is not int16 or int32")
         out_features, in_features = (int(v) for v in sources[f"{prefix}.weight_shape"][...].tolist())
-        spec = {"in_features": in_features, "out_features": out_features, "bias": f"{prefix}.bias" in sources,
-                "rows": _shape_and_dtype(sources[f"{prefix}.row_ids"])[0][0], "index_dtype": _INDEX_DTYPES[index_dtype]}
+        spec = {
+            "in_features": in_features,
+            "out_features": out_features,
+            "bias": f"{prefix}.bias" in sources,
+            "rows": _shape_and_dtype(sources[f"{prefix}.row_ids"])[0][0],
+            "index_dtype": _INDEX_DTYPES[index_dtype],
+        }
         if len(value_shape) == 2:
             spec["fan_in"] = value_shape[1]
         else:

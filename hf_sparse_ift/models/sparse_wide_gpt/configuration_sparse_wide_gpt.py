@@ -46,10 +46,28 @@ def _prob(field: str, value) -> float:
 # kept as an extra attribute and round-trips through to_dict / from_dict, as in every Hugging Face config,
 # unless it is one typo away from one of our own arguments (then it is surely a mistake: refused).
 _PRETRAINED_KEYS = frozenset(PretrainedConfig().to_dict()) | {
-    "torch_dtype", "dtype", "attn_implementation", "name_or_path", "_name_or_path", "_commit_hash",
-    "transformers_version", "architectures", "auto_map", "model_type", "num_labels", "id2label",
-    "label2id", "output_attentions", "output_hidden_states", "return_dict", "experts_implementation",
-    "_attn_implementation_autoset", "max_length", "min_length", "do_sample", "num_beams",
+    "torch_dtype",
+    "dtype",
+    "attn_implementation",
+    "name_or_path",
+    "_name_or_path",
+    "_commit_hash",
+    "transformers_version",
+    "architectures",
+    "auto_map",
+    "model_type",
+    "num_labels",
+    "id2label",
+    "label2id",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "experts_implementation",
+    "_attn_implementation_autoset",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "num_beams",
 }
 # Derived sizes are written to config.json so that tools which read the JSON see the real shapes;
 # on load they must agree with what the dense sizes and sparsity imply.
@@ -160,8 +178,17 @@ class SparseWideGPTConfig(PretrainedConfig):
         aliases = {k: kwargs.pop(k) for k in self.attribute_map if k in kwargs}
         _check_typos(kwargs)
 
-        self._set_architecture(vocab_size, n_positions, n_layer, n_head, dense_hidden_size, dense_intermediate_size,
-                               activation_function, layer_norm_epsilon, initializer_range)
+        self._set_architecture(
+            vocab_size,
+            n_positions,
+            n_layer,
+            n_head,
+            dense_hidden_size,
+            dense_intermediate_size,
+            activation_function,
+            layer_norm_epsilon,
+            initializer_range,
+        )
         self._set_sparsity(sparsity, width_multiple, sparse_layers, mask_seed)
         self.sparse_format = _storage_format(sparse_format)
         self.resid_pdrop = _prob("resid_pdrop", resid_pdrop)
@@ -171,12 +198,26 @@ class SparseWideGPTConfig(PretrainedConfig):
         self._derive_widths()
         _check_given(self, derived, aliases)
         super().__init__(
-            bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            tie_word_embeddings=tie_word_embeddings, **kwargs)
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------------------------------
-    def _set_architecture(self, vocab_size, n_positions, n_layer, n_head, dense_hidden_size, dense_intermediate_size,
-                          activation_function, layer_norm_epsilon, initializer_range) -> None:
+    def _set_architecture(
+        self,
+        vocab_size,
+        n_positions,
+        n_layer,
+        n_head,
+        dense_hidden_size,
+        dense_intermediate_size,
+        activation_function,
+        layer_norm_epsilon,
+        initializer_range,
+    ) -> None:
         from transformers.activations import ACT2FN
 
         self.vocab_size = _int_at_least("vocab_size", vocab_size, 1)
@@ -211,29 +252,40 @@ class SparseWideGPTConfig(PretrainedConfig):
         """Widths k = sqrt(1/(1-s)) times the dense ones; with a width multiple, the layer sparsity that keeps
         the sparse layers' FLOPs those of the dense model."""
         self.hidden_size, self.intermediate_size = sparse_wide_widths(
-            self.dense_hidden_size, self.dense_intermediate_size, self.n_head, self.sparsity, self.width_multiple)
+            self.dense_hidden_size, self.dense_intermediate_size, self.n_head, self.sparsity, self.width_multiple
+        )
         self.head_dim = self.hidden_size // self.n_head
         if self.width_multiple is None or self.sparsity == 0.0:
             self.layer_sparsity = self.sparsity
         else:
             self.layer_sparsity = calibrate_sparsity(
-                self.dense_shape(), self.shape(layer_sparsity=0.0), scope="sparse_layers")
+                self.dense_shape(), self.shape(layer_sparsity=0.0), scope="sparse_layers"
+            )
 
     # ------------------------------------------------------------------------------------------
     def shape(self, seq_len: int | None = None, layer_sparsity: float | None = None) -> GPTShape:
         """Sizes of this (widened) model for the FLOP counter in `iso_flop`."""
         return GPTShape(
-            n_layer=self.n_layer, d_model=self.hidden_size, d_ff=self.intermediate_size,
-            vocab_size=self.vocab_size, seq_len=seq_len or self.n_positions,
+            n_layer=self.n_layer,
+            d_model=self.hidden_size,
+            d_ff=self.intermediate_size,
+            vocab_size=self.vocab_size,
+            seq_len=seq_len or self.n_positions,
             layer_sparsity=self.layer_sparsity if layer_sparsity is None else layer_sparsity,
-            sparse_layers=tuple(self.sparse_layers) if self.sparsity > 0 else ())
+            sparse_layers=tuple(self.sparse_layers) if self.sparsity > 0 else (),
+        )
 
     def dense_shape(self, seq_len: int | None = None) -> GPTShape:
         """Sizes of the dense model this one is iso-FLOP with."""
         return GPTShape(
-            n_layer=self.n_layer, d_model=self.dense_hidden_size, d_ff=self.dense_intermediate_size,
-            vocab_size=self.vocab_size, seq_len=seq_len or self.n_positions, layer_sparsity=0.0,
-            sparse_layers=tuple(self.sparse_layers))
+            n_layer=self.n_layer,
+            d_model=self.dense_hidden_size,
+            d_ff=self.dense_intermediate_size,
+            vocab_size=self.vocab_size,
+            seq_len=seq_len or self.n_positions,
+            layer_sparsity=0.0,
+            sparse_layers=tuple(self.sparse_layers),
+        )
 
 
 def _check_given(config: SparseWideGPTConfig, derived: dict, aliases: dict) -> None:
@@ -267,7 +319,8 @@ def _check_typos(extra: dict) -> None:
             raise ValueError(
                 f"SparseWideGPTConfig got unknown option {key!r}: did you mean {close[0]!r}? Other unknown "
                 f"keys are kept as extra attributes, but this one is too close to an argument of "
-                f"SparseWideGPTConfig to be anything but a typo")
+                f"SparseWideGPTConfig to be anything but a typo"
+            )
 
 
 __all__ = ["SparseWideGPTConfig"]

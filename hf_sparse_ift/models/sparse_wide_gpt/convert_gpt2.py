@@ -18,9 +18,22 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from .configuration_sparse_wide_gpt import SparseWideGPTConfig
 from .modeling_sparse_wide_gpt import SparseWideGPTForCausalLM
 
-_SHARED_CONFIG = ("vocab_size", "n_positions", "n_layer", "n_head", "activation_function", "resid_pdrop",
-                  "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range", "bos_token_id",
-                  "eos_token_id", "pad_token_id", "tie_word_embeddings")
+_SHARED_CONFIG = (
+    "vocab_size",
+    "n_positions",
+    "n_layer",
+    "n_head",
+    "activation_function",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "layer_norm_epsilon",
+    "initializer_range",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "tie_word_embeddings",
+)
 
 
 def _load_gpt2(model_or_path) -> GPT2LMHeadModel:
@@ -52,8 +65,10 @@ def _linked_tensors(model: SparseWideGPTForCausalLM, gpt2: GPT2LMHeadModel):
         norms += [(o.ln_1, t.ln_1), (o.ln_2, t.ln_2)]
         d = o.attn.q_proj.weight.shape[0]
         for i, linear in enumerate((o.attn.q_proj, o.attn.k_proj, o.attn.v_proj)):
-            pairs += [(linear.weight, t.attn.c_attn.weight[:, i * d:(i + 1) * d], True),
-                      (linear.bias, t.attn.c_attn.bias[i * d:(i + 1) * d], False)]
+            pairs += [
+                (linear.weight, t.attn.c_attn.weight[:, i * d : (i + 1) * d], True),
+                (linear.bias, t.attn.c_attn.bias[i * d : (i + 1) * d], False),
+            ]
         for linear, conv in ((o.attn.o_proj, t.attn.c_proj), (o.mlp.fc_in, t.mlp.c_fc), (o.mlp.fc_out, t.mlp.c_proj)):
             pairs += [(linear.weight, conv.weight, True), (linear.bias, conv.bias, False)]
     pairs += [(a, b, False) for x, y in norms for a, b in ((x.weight, y.weight), (x.bias, y.bias))]
@@ -69,8 +84,11 @@ def gpt2_to_sparse_wide(model_or_path) -> SparseWideGPTForCausalLM:
     gc = gpt2.config
     _check_gpt2_supported(gc)
     config = SparseWideGPTConfig(
-        dense_hidden_size=gc.n_embd, dense_intermediate_size=gc.n_inner or 4 * gc.n_embd, sparsity=0.0,
-        **{k: getattr(gc, k) for k in _SHARED_CONFIG})
+        dense_hidden_size=gc.n_embd,
+        dense_intermediate_size=gc.n_inner or 4 * gc.n_embd,
+        sparsity=0.0,
+        **{k: getattr(gc, k) for k in _SHARED_CONFIG},
+    )
     model = SparseWideGPTForCausalLM(config).to(gpt2.dtype)
     for ours, theirs, transposed in _linked_tensors(model, gpt2):
         ours.copy_(theirs.t() if transposed else theirs)
@@ -81,8 +99,7 @@ def gpt2_to_sparse_wide(model_or_path) -> SparseWideGPTForCausalLM:
 def sparse_wide_to_gpt2(model: SparseWideGPTForCausalLM) -> GPT2LMHeadModel:
     """A GPT2LMHeadModel of the widened sizes computing the same logits (inactive weights stay 0)."""
     c = model.config
-    config = GPT2Config(n_embd=c.hidden_size, n_inner=c.intermediate_size,
-                        **{k: getattr(c, k) for k in _SHARED_CONFIG})
+    config = GPT2Config(n_embd=c.hidden_size, n_inner=c.intermediate_size, **{k: getattr(c, k) for k in _SHARED_CONFIG})
     gpt2 = GPT2LMHeadModel(config).to(model.dtype)
     for ours, theirs, transposed in _linked_tensors(model, gpt2):
         theirs.copy_(ours.t() if transposed else ours)

@@ -74,7 +74,7 @@ def family_layer_flops(member: str, d_in: int, d_out: int, sparsity: float) -> f
 
 def round_up(x: float, multiple: int) -> int:
     """Smallest multiple of `multiple` that is >= x (tolerant to float noise such as 1536.0000001)."""
-    return int(math.ceil(x / multiple - 1e-9)) * multiple
+    return math.ceil(x / multiple - 1e-9) * multiple
 
 
 def sparse_wide_widths(
@@ -89,7 +89,7 @@ def sparse_wide_widths(
     """
     k = sparse_wide_factor(sparsity)
     if width_multiple is None:
-        return round_up(k * d_model, n_head), int(round(k * d_ff))
+        return round_up(k * d_model, n_head), round(k * d_ff)
     return round_up(k * d_model, math.lcm(width_multiple, n_head)), round_up(k * d_ff, width_multiple)
 
 
@@ -123,7 +123,7 @@ def linear_shapes(d_model: int, d_ff: int) -> dict[str, tuple[int, int]]:
 
 def num_inactive(numel: int, sparsity: float) -> int:
     """Inactive weights of a layer with `numel` weights: exactly round(s·n) (the masks use this too)."""
-    return int(round(sparsity * numel))
+    return round(sparsity * numel)
 
 
 @dataclass(frozen=True)
@@ -161,8 +161,12 @@ class FlopCount:
 
     def as_dict(self) -> dict[str, float]:
         d = asdict(self)
-        d.update(forward=self.forward, forward_executed=self.forward_executed,
-                 training=self.training, training_executed=self.training_executed)
+        d.update(
+            forward=self.forward,
+            forward_executed=self.forward_executed,
+            training=self.training,
+            training_executed=self.training_executed,
+        )
         return d
 
 
@@ -199,8 +203,12 @@ def count_parameters(shape: GPTShape, n_positions: int, tied_embeddings: bool = 
     total = (shape.vocab_size + n_positions) * d + shape.n_layer * block + 2 * d
     if not tied_embeddings:
         total += shape.vocab_size * d
-    return {"total": total, "active": total - shape.n_layer * inactive, "sparse_weights": shape.n_layer * sparse,
-            "inactive": shape.n_layer * inactive}
+    return {
+        "total": total,
+        "active": total - shape.n_layer * inactive,
+        "sparse_weights": shape.n_layer * sparse,
+        "inactive": shape.n_layer * inactive,
+    }
 
 
 def flop_ratio(shape: GPTShape, dense: GPTShape) -> float:
@@ -214,9 +222,7 @@ def flop_ratio(shape: GPTShape, dense: GPTShape) -> float:
 CALIBRATION_SCOPES = ("total", "sparse_layers")
 
 
-def calibrate_sparsity(
-    dense: GPTShape, wide: GPTShape, scope: str = "total", rtol: float = 1e-6
-) -> float:
+def calibrate_sparsity(dense: GPTShape, wide: GPTShape, scope: str = "total", rtol: float = 1e-6) -> float:
     """Sparsity of `wide`'s sparse layers that makes its FLOPs equal `dense`'s within `rtol`.
 
     ``scope="total"`` matches whole-model forward FLOPs (A.2: dense embeddings/LM head and attention
@@ -244,11 +250,13 @@ def calibrate_sparsity(
     if flops(with_s(lo)) < target * (1 - rtol):
         raise ValueError(
             f"widths d_model={wide.d_model}, d_ff={wide.d_ff} already cost fewer FLOPs ({flops(with_s(0)):.6g}) "
-            f"than the dense model ({target:.6g}) at sparsity 0: widen more")
+            f"than the dense model ({target:.6g}) at sparsity 0: widen more"
+        )
     if flops(with_s(hi)) > target * (1 + rtol):
         raise ValueError(
             f"widths d_model={wide.d_model}, d_ff={wide.d_ff} exceed the dense model's {scope} FLOPs "
-            f"({target:.6g}) even with every sparse weight removed: no sparsity is iso-FLOP")
+            f"({target:.6g}) even with every sparse weight removed: no sparsity is iso-FLOP"
+        )
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         if flops(with_s(mid)) > target:
@@ -279,17 +287,26 @@ def model_summary(config, seq_len: int | None = None) -> dict:
     params = count_parameters(shape, config.n_positions, config.tie_word_embeddings)
     dense_params = count_parameters(dense_shape, config.n_positions, config.tie_word_embeddings)
     return {
-        "dense_hidden_size": config.dense_hidden_size, "dense_intermediate_size": config.dense_intermediate_size,
-        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-        "head_dim": config.head_dim, "n_positions": config.n_positions,
-        "sparsity": config.sparsity, "layer_sparsity": config.layer_sparsity,
+        "dense_hidden_size": config.dense_hidden_size,
+        "dense_intermediate_size": config.dense_intermediate_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "head_dim": config.head_dim,
+        "n_positions": config.n_positions,
+        "sparsity": config.sparsity,
+        "layer_sparsity": config.layer_sparsity,
         "sparse_layers": list(shape.sparse_layers),
-        "parameters_total": params["total"], "parameters_active": params["active"],
-        "parameters_dense_reference": dense_params["total"], "sparse_weights": params["sparse_weights"],
+        "parameters_total": params["total"],
+        "parameters_active": params["active"],
+        "parameters_dense_reference": dense_params["total"],
+        "sparse_weights": params["sparse_weights"],
         "model_sparsity": params["inactive"] / params["total"],
-        "forward_flops_per_token": flops.forward, "forward_flops_per_token_executed": flops.forward_executed,
-        "training_flops_per_token": flops.training, "training_flops_per_token_executed": flops.training_executed,
-        "sparse_layer_flops_per_token": flops.sparse_matmul, "dense_sparse_layer_flops_per_token": dense.sparse_matmul,
+        "forward_flops_per_token": flops.forward,
+        "forward_flops_per_token_executed": flops.forward_executed,
+        "training_flops_per_token": flops.training,
+        "training_flops_per_token_executed": flops.training_executed,
+        "sparse_layer_flops_per_token": flops.sparse_matmul,
+        "dense_sparse_layer_flops_per_token": dense.sparse_matmul,
         "flop_ratio_to_dense": flops.forward / dense.forward,
         "executed_flop_ratio_to_dense": flops.forward_executed / dense.forward,
         "dense_forward_flops_per_token": dense.forward,

@@ -47,10 +47,13 @@ except ImportError:  # earlier transformers 5.x: one decorator recorded outputs 
 try:
     from transformers.modeling_utils import slice_logits_to_keep
 except ImportError:  # earlier transformers 5.x
+
     def slice_logits_to_keep(hidden_states, logits_to_keep):
         if isinstance(logits_to_keep, int):
             return hidden_states[:, -logits_to_keep:, :] if logits_to_keep > 0 else hidden_states
         return hidden_states[:, logits_to_keep, :]
+
+
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # torch built without distributed
@@ -111,9 +114,18 @@ class SparseLinear(nn.Linear):
     built on the meta device gets it from the checkpoint, or from `_init_weights` once materialised.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 sparsity: float = 0.0, mask_seed: int = 0, residual_projection: bool = False,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        sparsity: float = 0.0,
+        mask_seed: int = 0,
+        residual_projection: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.sparsity = sparsity
         self.mask_seed = mask_seed
@@ -167,10 +179,15 @@ def _fusable(linear: nn.Module) -> bool:
     Not when something wraps or replaces it: a PEFT adapter (another module type), hooks (accelerate's
     offloading, user probes), a forward installed on the instance (tensor parallelism) or sharded weights.
     """
-    return (type(linear) in (nn.Linear, SparseLinear) and linear.bias is not None
-            and not (linear._forward_hooks or linear._forward_pre_hooks
-                     or linear._backward_hooks or linear._backward_pre_hooks)
-            and "forward" not in linear.__dict__ and not _is_dtensor(linear.weight))
+    return (
+        type(linear) in (nn.Linear, SparseLinear)
+        and linear.bias is not None
+        and not (
+            linear._forward_hooks or linear._forward_pre_hooks or linear._backward_hooks or linear._backward_pre_hooks
+        )
+        and "forward" not in linear.__dict__
+        and not _is_dtensor(linear.weight)
+    )
 
 
 def _block_linear(config: SparseWideGPTConfig, name: str, layer_idx: int, d_in: int, d_out: int) -> nn.Linear:
@@ -227,13 +244,15 @@ class SparseWideGPTAttention(nn.Module):
         if width % self.head_dim:
             raise ValueError(
                 f"q_proj gives {width} features here, not a whole number of heads of size {self.head_dim}: under "
-                f"tensor parallelism the TP size must divide n_head={self.config.n_head}")
+                f"tensor parallelism the TP size must divide n_head={self.config.n_head}"
+            )
         query, key, value = (t.view(*input_shape, -1, self.head_dim).transpose(1, 2) for t in qkv)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward)
+            self.config._attn_implementation, eager_attention_forward
+        )
         pad = 0
         if attention_interface is not eager_attention_forward:
             # Fused kernels (flash / memory-efficient) need head sizes that are multiples of 8; the paper's
@@ -243,8 +262,15 @@ class SparseWideGPTAttention(nn.Module):
             if pad:
                 query, key, value = (F.pad(t, (0, pad)) for t in (query, key, value))
         attn_output, attn_weights = attention_interface(
-            self, query, key, value, attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs)
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
         if pad:
             attn_output = attn_output[..., : self.head_dim]
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
@@ -352,8 +378,14 @@ class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
             module.weight.masked_fill_(~module.weight_mask, 0.0)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, rebuild_masks: str | None = None,
-                        strict_masks: bool = False, **kwargs):
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *model_args,
+        rebuild_masks: str | None = None,
+        strict_masks: bool = False,
+        **kwargs,
+    ):
         r"""`PreTrainedModel.from_pretrained`, plus two options for the sparsity masks.
 
         Args:
@@ -372,7 +404,8 @@ class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
             raise ValueError(f"strict_masks={strict_masks!r} is invalid: expected True or False")
         output_loading_info = kwargs.pop("output_loading_info", False)
         model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
         model._check_tensor_parallel()
         model._check_loaded_masks(rebuild_masks=rebuild_masks, strict_masks=strict_masks)
         return (model, loading_info) if output_loading_info else model
@@ -385,7 +418,8 @@ class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
                 if self.config.n_head % tp_size:
                     raise ValueError(
                         f"Tensor parallelism over {tp_size} ranks cannot split n_head={self.config.n_head} attention "
-                        f"heads evenly: use a TP size that divides n_head")
+                        f"heads evenly: use a TP size that divides n_head"
+                    )
                 return
 
     @torch.no_grad()
@@ -399,16 +433,20 @@ class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
                 f"The checkpoint has the weights of {len(rebuilt)} sparse layer(s) but not their masks "
                 f"({', '.join(n + '.weight_mask' for n in rebuilt[:3])}{', ...' if len(rebuilt) > 3 else ''}). "
                 f"Refusing to draw new random masks over trained weights. Load a checkpoint saved with its masks, or "
-                f"pass rebuild_masks='from_weights' to rebuild each mask from the non-zero pattern of its weights.")
+                f"pass rebuild_masks='from_weights' to rebuild each mask from the non-zero pattern of its weights."
+            )
         if rebuilt:
             active = sum(int(layers[n].weight_mask.sum()) for n in rebuilt)
-            expected = sum(layers[n].weight_mask.numel() - num_inactive(layers[n].weight_mask.numel(),
-                                                                      layers[n].sparsity) for n in rebuilt)
+            expected = sum(
+                layers[n].weight_mask.numel() - num_inactive(layers[n].weight_mask.numel(), layers[n].sparsity)
+                for n in rebuilt
+            )
             logger.warning(
                 f"Rebuilt the masks of {len(rebuilt)} sparse layer(s) from the non-zero pattern of their weights "
                 f"(rebuild_masks='from_weights'): {active} active weights, where the configured sparsity gives "
                 f"{expected}. Active weights that were exactly zero in the checkpoint (e.g. regrown at zero) are now "
-                f"inactive; that cannot be recovered from the weights.")
+                f"inactive; that cannot be recovered from the weights."
+            )
         for m in layers.values():
             if m._mask_source is None:
                 m._mask_source = "checkpoint"
@@ -431,18 +469,21 @@ class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
         if strict_masks:
             raise ValueError(
                 f"strict_masks=True: {total} weights are non-zero at inactive (masked) positions ({detail}); "
-                f"a Sparse Wide GPT keeps them exactly zero. Load without strict_masks to zero them.")
+                f"a Sparse Wide GPT keeps them exactly zero. Load without strict_masks to zero them."
+            )
         if offloaded:
             raise ValueError(
                 f"{total} weights are non-zero at inactive (masked) positions ({detail}), and the layers "
                 f"{offloaded} are offloaded, where they cannot be repaired. Load without offloading (no device_map, "
-                f"or one that fits in memory) to zero them, then save the repaired model.")
+                f"or one that fits in memory) to zero them, then save the repaired model."
+            )
         for name in counts:
             m = layers[name]
             m.weight.masked_fill_(~m.weight_mask, 0.0)
         logger.warning(
             f"Zeroed {total} weights that were non-zero at inactive (masked) positions ({detail}): a Sparse Wide GPT "
-            f"keeps inactive weights exactly zero. Pass strict_masks=True to refuse such checkpoints instead.")
+            f"keeps inactive weights exactly zero. Pass strict_masks=True to refuse such checkpoints instead."
+        )
 
 
 def _shard_mask_like_weight(module: SparseLinear) -> None:
@@ -451,7 +492,8 @@ def _shard_mask_like_weight(module: SparseLinear) -> None:
     weight, mask = module.weight, module.weight_mask
     if _is_dtensor(weight) and not _is_dtensor(mask):
         module._buffers["weight_mask"] = distribute_tensor(
-            mask.to(weight.device), weight.device_mesh, weight.placements, src_data_rank=None)
+            mask.to(weight.device), weight.device_mesh, weight.placements, src_data_rank=None
+        )
 
 
 def _weight_and_mask(module: SparseLinear):
@@ -478,7 +520,8 @@ def _causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, pas
     kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = inputs_embeds
     if "cache_position" in params:
         kwargs["cache_position"] = torch.arange(
-            past_seen, past_seen + inputs_embeds.shape[1], device=inputs_embeds.device)
+            past_seen, past_seen + inputs_embeds.shape[1], device=inputs_embeds.device
+        )
     return create_causal_mask(**kwargs)
 
 
@@ -539,8 +582,12 @@ class SparseWideGPTModel(SparseWideGPTPreTrainedModel):
             # Padding-free batches (DataCollatorWithFlattening): positions restart at 0 at each document, and a
             # document must not see the ones before it. Detected as transformers does (positions not +1 apart).
             packed = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1)) is not None
-        if (attention_mask is None and cache is None and not packed
-                and self.config._attn_implementation in _CAUSAL_KERNELS):
+        if (
+            attention_mask is None
+            and cache is None
+            and not packed
+            and self.config._attn_implementation in _CAUSAL_KERNELS
+        ):
             # Training and plain full-sequence forwards: the kernel applies causality itself (is_causal). An
             # explicit mask would force slower SDPA kernels (transformers builds one whenever torch.compile traces).
             causal_mask = None
@@ -550,7 +597,8 @@ class SparseWideGPTModel(SparseWideGPTPreTrainedModel):
             if getattr(cache, "is_compileable", False):
                 raise ValueError(
                     "position_ids restart inside a row (packed sequences) but the KV cache is a static one, whose "
-                    "masks cannot separate the documents: pass use_cache=False (or a DynamicCache) for packed inputs")
+                    "masks cannot separate the documents: pass use_cache=False (or a DynamicCache) for packed inputs"
+                )
             causal_mask = _causal_mask(self.config, inputs_embeds, None, None, position_ids, 0)
         else:
             causal_mask = _causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids, past_seen)
@@ -559,8 +607,13 @@ class SparseWideGPTModel(SparseWideGPTPreTrainedModel):
         hidden_states = self.drop(inputs_embeds + position_embeds)
         for block in self.h:
             hidden_states = block(
-                hidden_states, attention_mask=causal_mask, cache=cache, use_cache=use_cache,
-                position_ids=position_ids, **kwargs)
+                hidden_states,
+                attention_mask=causal_mask,
+                cache=cache,
+                use_cache=use_cache,
+                position_ids=position_ids,
+                **kwargs,
+            )
         hidden_states = self.ln_f(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache if use_cache else None})
 
@@ -600,15 +653,32 @@ class SparseWideGPTForCausalLM(SparseWideGPTPreTrainedModel, GenerationMixin):
         # return_dict=True: the base model must hand back its output object whatever config.return_dict says
         # (this class's decorator turns the final output into a tuple when asked).
         outputs = self.transformer(
-            input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)
+            input_ids,
+            cache=cache,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
+        )
 
 
-__all__ = ["SparseLinear", "derive_seed", "SparseWideGPTPreTrainedModel", "SparseWideGPTModel", "SparseWideGPTForCausalLM"]
+__all__ = [
+    "SparseLinear",
+    "SparseWideGPTForCausalLM",
+    "SparseWideGPTModel",
+    "SparseWideGPTPreTrainedModel",
+    "derive_seed",
+]

@@ -39,9 +39,17 @@ SHAPE_SUFFIX = ".weight_shape"
 METADATA_KEY = "sparse_format"
 KNOWN_FORMATS = (BITMASK_FORMAT, CONDENSED_FORMAT)
 
-__all__ = ["BITMASK_FORMAT", "PLAIN", "SparseCheckpointMixin", "compress_weight",
-           "decompress_weight", "compress_state_dict", "decompress_state_dict", "is_compressed_state_dict",
-           "format_config"]
+__all__ = [
+    "BITMASK_FORMAT",
+    "PLAIN",
+    "SparseCheckpointMixin",
+    "compress_state_dict",
+    "compress_weight",
+    "decompress_state_dict",
+    "decompress_weight",
+    "format_config",
+    "is_compressed_state_dict",
+]
 
 # Integer dtypes of each width: values are moved between torch and numpy as raw bits (numpy has no bfloat16).
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -50,9 +58,12 @@ _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def format_config(fmt: str = BITMASK_FORMAT) -> dict:
     """What ``config.json`` records about the layout (``config.sparse_format``)."""
     if fmt == BITMASK_FORMAT:
-        return {"format": BITMASK_FORMAT, "mask": "uint8 <layer>.weight_bitmask: row-major, least significant bit first",
-                "values": "<layer>.weight_active_values: active weights in row-major order, weight dtype",
-                "shape": "int64 <layer>.weight_shape: (out_features, in_features)"}
+        return {
+            "format": BITMASK_FORMAT,
+            "mask": "uint8 <layer>.weight_bitmask: row-major, least significant bit first",
+            "values": "<layer>.weight_active_values: active weights in row-major order, weight dtype",
+            "shape": "int64 <layer>.weight_shape: (out_features, in_features)",
+        }
     return {"format": fmt}
 
 
@@ -65,8 +76,9 @@ def _as_bits(t: torch.Tensor) -> np.ndarray:
 def compress_weight(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(bits, active values, shape) of one sparse weight. Values are copied bit for bit, active zeros included."""
     if mask.shape != weight.shape or mask.dtype != torch.bool:
-        raise ValueError(f"weight {tuple(weight.shape)} needs a bool mask of the same shape, got "
-                         f"{mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(
+            f"weight {tuple(weight.shape)} needs a bool mask of the same shape, got {mask.dtype} {tuple(mask.shape)}"
+        )
     flat_mask = _as_bits(mask).reshape(-1).view(np.bool_)
     values = np.compress(flat_mask, _as_bits(weight).reshape(-1))
     values = torch.from_numpy(values).view(weight.dtype)
@@ -74,16 +86,19 @@ def compress_weight(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
     return bits, values, torch.tensor(list(weight.shape), dtype=torch.int64)
 
 
-def decompress_weight(bits: torch.Tensor, values: torch.Tensor, shape, name: str = "weight"
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def decompress_weight(
+    bits: torch.Tensor, values: torch.Tensor, shape, name: str = "weight"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, mask) from `compress_weight`'s output. Inactive positions are +0.0."""
     shape = tuple(int(s) for s in (shape.tolist() if isinstance(shape, torch.Tensor) else shape))
     if len(shape) != 2 or min(shape) < 1:
         raise ValueError(f"{name}: stored shape {shape} is not a 2-D weight shape")
     numel = shape[0] * shape[1]
     if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (numel + 7) // 8:
-        raise ValueError(f"{name}: mask bits of shape {tuple(bits.shape)} and dtype {bits.dtype} do not fit a weight "
-                         f"of shape {shape}: expected uint8 [{(numel + 7) // 8}]")
+        raise ValueError(
+            f"{name}: mask bits of shape {tuple(bits.shape)} and dtype {bits.dtype} do not fit a weight "
+            f"of shape {shape}: expected uint8 [{(numel + 7) // 8}]"
+        )
     if values.dim() != 1:
         raise ValueError(f"{name}: stored values must be 1-D, got shape {tuple(values.shape)}")
     packed, raw = _as_bits(bits), _as_bits(values)
@@ -143,8 +158,10 @@ def _compressed_prefixes(keys) -> list[str]:
     for p in prefixes:
         missing = [p + s for s in (MASK_SUFFIX, VALUES_SUFFIX, SHAPE_SUFFIX) if p + s not in keys]
         if missing:
-            raise ValueError(f"compressed layer {p!r} is incomplete: missing {missing} ({BITMASK_FORMAT} stores "
-                             f"{MASK_SUFFIX}, {VALUES_SUFFIX} and {SHAPE_SUFFIX} for each sparse layer)")
+            raise ValueError(
+                f"compressed layer {p!r} is incomplete: missing {missing} ({BITMASK_FORMAT} stores "
+                f"{MASK_SUFFIX}, {VALUES_SUFFIX} and {SHAPE_SUFFIX} for each sparse layer)"
+            )
     return sorted(prefixes)
 
 
@@ -164,8 +181,13 @@ def decompress_state_dict(state_dict: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 class _LayerDecoder:
     def __init__(self, prefix: str, bits, values, shape):
-        self.prefix, self._parts, self._lock, self._result, self._served = prefix, (bits, values, shape), \
-            threading.Lock(), None, set()
+        self.prefix, self._parts, self._lock, self._result, self._served = (
+            prefix,
+            (bits, values, shape),
+            threading.Lock(),
+            None,
+            set(),
+        )
 
     def get(self, part: str) -> torch.Tensor:
         with self._lock:
@@ -258,9 +280,12 @@ def _config_format(config, value):
 
 def _model_format(model) -> str | None:
     """What the model holds: condensed layers, masked sparse layers, or neither."""
-    kinds = {CONDENSED_FORMAT if isinstance(m, CondensedLinear) else BITMASK_FORMAT
-             for m in model.modules() if isinstance(m, CondensedLinear) or (
-                 isinstance(getattr(m, "weight_mask", None), torch.Tensor) and isinstance(m, torch.nn.Linear))}
+    kinds = {
+        CONDENSED_FORMAT if isinstance(m, CondensedLinear) else BITMASK_FORMAT
+        for m in model.modules()
+        if isinstance(m, CondensedLinear)
+        or (isinstance(getattr(m, "weight_mask", None), torch.Tensor) and isinstance(m, torch.nn.Linear))
+    }
     if len(kinds) > 1:
         raise ValueError("the model mixes condensed and masked sparse layers; condense all of them or none")
     return kinds.pop() if kinds else None
@@ -274,15 +299,24 @@ def _checkpoint_format(metadatas: list[dict | None], config) -> None:
         named.add(configured["format"])
     unknown = sorted(named - set(KNOWN_FORMATS))
     if unknown:
-        raise ValueError(f"checkpoint sparse_format {unknown[0]!r} is not supported by this code; supported: "
-                         f"{list(KNOWN_FORMATS)} (and the plain layout)")
+        raise ValueError(
+            f"checkpoint sparse_format {unknown[0]!r} is not supported by this code; supported: "
+            f"{list(KNOWN_FORMATS)} (and the plain layout)"
+        )
 
 
 class SparseCheckpointMixin:
     """`save_pretrained` / `push_to_hub` / `from_pretrained` with the compressed and condensed layouts."""
 
-    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None,
-                        *args, sparse_format: str | None = "auto", **kwargs):
+    def save_pretrained(
+        self,
+        save_directory,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        *args,
+        sparse_format: str | None = "auto",
+        **kwargs,
+    ):
         """As `PreTrainedModel.save_pretrained`, plus ``sparse_format``:
 
         * ``"auto"`` (default): ``bitmask-values-v1`` for a model with masked sparse layers, the condensed layout for a
@@ -297,10 +331,14 @@ class SparseCheckpointMixin:
             raise ValueError(f"sparse_format={sparse_format!r} is invalid: expected one of {list(valid)} or None")
         if held == CONDENSED_FORMAT:
             if wanted not in ("auto",):
-                raise ValueError(f"sparse_format={sparse_format!r} is invalid for a condensed model: it holds no masks "
-                                 f"or dense weights; save it with sparse_format='auto' ({CONDENSED_FORMAT})")
-            with _config_format(self.config, format_config(CONDENSED_FORMAT)), \
-                    _shard_metadata({METADATA_KEY: CONDENSED_FORMAT}):
+                raise ValueError(
+                    f"sparse_format={sparse_format!r} is invalid for a condensed model: it holds no masks "
+                    f"or dense weights; save it with sparse_format='auto' ({CONDENSED_FORMAT})"
+                )
+            with (
+                _config_format(self.config, format_config(CONDENSED_FORMAT)),
+                _shard_metadata({METADATA_KEY: CONDENSED_FORMAT}),
+            ):
                 return super().save_pretrained(save_directory, is_main_process, state_dict, *args, **kwargs)
         if held is None or wanted == PLAIN or kwargs.get("distributed_checkpoint"):
             with _config_format(self.config, None):
@@ -308,8 +346,10 @@ class SparseCheckpointMixin:
         if state_dict is None:
             state_dict = self.state_dict()
         state_dict = compress_state_dict(state_dict)
-        with _config_format(self.config, format_config(BITMASK_FORMAT)), \
-                _shard_metadata({METADATA_KEY: BITMASK_FORMAT}):
+        with (
+            _config_format(self.config, format_config(BITMASK_FORMAT)),
+            _shard_metadata({METADATA_KEY: BITMASK_FORMAT}),
+        ):
             return super().save_pretrained(save_directory, is_main_process, state_dict, *args, **kwargs)
 
     def push_to_hub(self, *args, sparse_format: str | None = "auto", **kwargs):
@@ -335,8 +375,11 @@ class SparseCheckpointMixin:
         """Decode compressed layers lazily and give condensed layers their stored shapes, then load as usual."""
         handles = []
         try:
-            if state_dict is None and checkpoint_files and all(str(f).endswith(".safetensors")
-                                                               for f in checkpoint_files):
+            if (
+                state_dict is None
+                and checkpoint_files
+                and all(str(f).endswith(".safetensors") for f in checkpoint_files)
+            ):
                 from safetensors import safe_open
 
                 sources, metadatas = {}, []
@@ -344,7 +387,7 @@ class SparseCheckpointMixin:
                     handle = safe_open(file, framework="pt", device="cpu")
                     handles.append(handle)
                     metadatas.append(handle.metadata())
-                    for key in handle.keys():
+                    for key in handle:
                         sources[key] = handle.get_slice(key)
                 _checkpoint_format(metadatas, model.config)
                 _install_condensed_layers(model, sources)
@@ -354,8 +397,9 @@ class SparseCheckpointMixin:
                 _install_condensed_layers(model, state_dict)
                 if is_compressed_state_dict(state_dict):
                     state_dict = decompress_state_dict(state_dict)
-            return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config,
-                                                          *args, **kwargs)
+            return PreTrainedModel._load_pretrained_model(
+                model, state_dict, checkpoint_files, load_config, *args, **kwargs
+            )
         finally:
             for handle in handles:
                 handle.__exit__(None, None, None)
@@ -370,8 +414,8 @@ def _install_condensed_layers(model, sources: dict) -> None:
     names = {name for name, _ in model.named_modules()}
     for key, spec in layers.items():
         name = key
-        if name not in names and name.startswith(prefix) and name[len(prefix):] in names:
-            name = name[len(prefix):]
+        if name not in names and name.startswith(prefix) and name[len(prefix) :] in names:
+            name = name[len(prefix) :]
         elif name not in names and prefix + name in names:
             name = prefix + name
         if name not in names:

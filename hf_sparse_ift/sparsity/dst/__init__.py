@@ -14,4 +14,4 @@ from .config import DSTConfig
 from .engine import DSTEngine, summarize
 from .methods import METHODS, DSTMethod, LayerUpdate
 
-__all__ = ["DSTConfig", "DSTEngine", "DSTMethod", "LayerUpdate", "METHODS", "summarize"]
+__all__ = ["METHODS", "DSTConfig", "DSTEngine", "DSTMethod", "LayerUpdate", "summarize"]

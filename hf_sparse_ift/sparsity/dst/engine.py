@@ -78,8 +78,9 @@ class DSTEngine:
         # The budget of a layer: the active weights it keeps (SRigL: those its fan-in allows across all neurons).
         self.layer_budget = {name: int(m.weight_mask.sum()) for name, m in self.layers.items()}
         self.active_counts = dict(self.layer_budget)
-        self.initial_masks = {name: pack_bits(m.weight_mask) for name, m in self.layers.items()} \
-            if config.track_churn else {}
+        self.initial_masks = (
+            {name: pack_bits(m.weight_mask) for name, m in self.layers.items()} if config.track_churn else {}
+        )
         self.dense_grads: dict[str, _DenseGradAccumulator] = {}
         self._arm_dense_grad_capture()
 
@@ -89,8 +90,12 @@ class DSTEngine:
         return int(self.config.stop_fraction * self.total_steps)
 
     def is_update_step(self, step: int) -> bool:
-        return (self.method.updates_masks and step > 0 and step % self.config.update_interval == 0
-                and step < self.last_update_step)
+        return (
+            self.method.updates_masks
+            and step > 0
+            and step % self.config.update_interval == 0
+            and step < self.last_update_step
+        )
 
     def drop_fraction_at(self, step: int) -> float:
         """Cosine decay of α from `drop_fraction` at step 0 to 0 at the last update step."""
@@ -114,9 +119,16 @@ class DSTEngine:
         telemetry = {"step": self.step_count, "drop_fraction": alpha, "layers": {}}
         churn = {}
         for index, (name, layer) in enumerate(self.layers.items()):
-            update = LayerUpdate(name=name, index=index, layer=layer, weight=_full(layer.weight.detach()),
-                                 budget=self.layer_budget[name], step=self.step_count, seed=self.config.seed,
-                                 dense_grad=lambda name=name: self._dense_grad(name))
+            update = LayerUpdate(
+                name=name,
+                index=index,
+                layer=layer,
+                weight=_full(layer.weight.detach()),
+                budget=self.layer_budget[name],
+                step=self.step_count,
+                seed=self.config.seed,
+                dense_grad=lambda name=name: self._dense_grad(name),
+            )
             old = layer.weight_mask.clone()
             new, stats = self.method.new_mask(update, alpha)
             self._apply(layer, old, new)
@@ -152,7 +164,8 @@ class DSTEngine:
         if accumulator is None or accumulator.grad is None:
             raise RuntimeError(
                 f"{self.method.name} needs the dense gradient of the update step: call engine.step() after every "
-                "optimizer step, starting from the first, so that it can capture it")
+                "optimizer step, starting from the first, so that it can capture it"
+            )
         if _distributed():
             dist.all_reduce(accumulator.grad)  # every rank ranks the same (summed) gradient -> identical masks
         return accumulator.grad
@@ -180,15 +193,21 @@ class DSTEngine:
         Masks themselves live in the model's state (persistent buffers). Randomness is a pure function of
         (seed, step, layer), so there is no generator state to save.
         """
-        return {"step_count": self.step_count, "total_steps": self.total_steps, "config": asdict(self.config),
-                "layer_budget": dict(self.layer_budget),
-                "initial_masks": {k: v.cpu() for k, v in self.initial_masks.items()}}
+        return {
+            "step_count": self.step_count,
+            "total_steps": self.total_steps,
+            "config": asdict(self.config),
+            "layer_budget": dict(self.layer_budget),
+            "initial_masks": {k: v.cpu() for k, v in self.initial_masks.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         # spectral_gap only adds telemetry (and is absent from older checkpoints): it may change on resume.
         saved = {k: v for k, v in state["config"].items() if k != "spectral_gap"}
         if saved != {k: v for k, v in asdict(self.config).items() if k != "spectral_gap"}:
-            raise ValueError(f"checkpointed DST settings {state['config']} differ from the current {asdict(self.config)}")
+            raise ValueError(
+                f"checkpointed DST settings {state['config']} differ from the current {asdict(self.config)}"
+            )
         self.step_count = state["step_count"]
         self.total_steps = state["total_steps"]
         self.layer_budget = dict(state["layer_budget"])
@@ -217,8 +236,9 @@ def masks_identical_across_ranks(layers) -> bool:
     for layer in layers:
         flat = layer.weight_mask.reshape(-1)
         positions = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
-        sums.append(torch.stack([flat.sum(dtype=torch.float64), (positions * flat).sum(),
-                                 (positions.sqrt() * flat).sum()]))
+        sums.append(
+            torch.stack([flat.sum(dtype=torch.float64), (positions * flat).sum(), (positions.sqrt() * flat).sum()])
+        )
     local = torch.stack(sums) if sums else torch.zeros(1, 3, dtype=torch.float64)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)

@@ -41,7 +41,7 @@ def _last_boxed(text: str) -> str | None:
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return text[i + 1:j]
+            return text[i + 1 : j]
     return None
 
 
@@ -99,8 +99,12 @@ def ifeval_process_results(doc: dict, results: list[str]) -> dict:
         kwargs = {k: v for k, v in (kwargs or {}).items() if v}
         strict.append(bool(response.strip()) and _follows(instruction_id, kwargs, response))
         loose.append(any(r.strip() and _follows(instruction_id, kwargs, r) for r in _loose_variants(response)))
-    return {"prompt_level_strict_acc": all(strict), "inst_level_strict_acc": strict,
-            "prompt_level_loose_acc": all(loose), "inst_level_loose_acc": loose}
+    return {
+        "prompt_level_strict_acc": all(strict),
+        "inst_level_strict_acc": strict,
+        "prompt_level_loose_acc": all(loose),
+        "inst_level_loose_acc": loose,
+    }
 
 
 def agg_inst_level_acc(items: list[list[bool]]) -> float:

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -18,10 +19,10 @@ class LayerUpdate:
     """One layer at one update step, as a method sees it."""
 
     name: str
-    index: int               # position of the layer in model order
+    index: int  # position of the layer in model order
     layer: SparseLinear
-    weight: torch.Tensor     # the whole weight (gathered under FSDP2), detached
-    budget: int              # active weights the layer must keep
+    weight: torch.Tensor  # the whole weight (gathered under FSDP2), detached
+    budget: int  # active weights the layer must keep
     step: int
     seed: int
     dense_grad: Callable[[], torch.Tensor]  # the unmasked gradient of this step (methods with needs_dense_grad)
@@ -36,7 +37,7 @@ class DSTMethod:
     """Base class; subclasses set ``name`` and implement `new_mask` (and optionally `initial_mask`)."""
 
     name: ClassVar[str]
-    updates_masks: ClassVar[bool] = True     # False: the masks never change (static sparsity)
+    updates_masks: ClassVar[bool] = True  # False: the masks never change (static sparsity)
     needs_dense_grad: ClassVar[bool] = False  # True: the engine captures the unmasked gradient on update steps
 
     def __init_subclass__(cls, **kwargs):
@@ -67,7 +68,7 @@ class UnstructuredMethod(DSTMethod):
     def new_mask(self, update: LayerUpdate, drop_fraction: float) -> tuple[torch.Tensor, dict]:
         mask = update.layer.weight_mask.reshape(-1)
         n_active = update.budget  # constant: no need to count (and sync) on the device
-        k = min(int(round(drop_fraction * n_active)), n_active, mask.numel() - n_active)
+        k = min(round(drop_fraction * n_active), n_active, mask.numel() - n_active)
         inf = torch.tensor(float("inf"), device=mask.device)
         magnitude = update.weight.reshape(-1).abs().float()
         dropped = select_top_k(torch.where(mask, magnitude, inf), k, largest=False)

@@ -21,7 +21,7 @@ class SRigL(DSTMethod):
         alive = fan_ins[fan_ins > 0]
         if alive.numel() and (alive == alive[0]).all():
             return None
-        fan_in = max(1, int(round((1 - layer.sparsity) * d_in)))
+        fan_in = max(1, round((1 - layer.sparsity) * d_in))
         generator = torch.Generator().manual_seed(derive_seed(self.config.seed, index))
         columns = torch.rand(d_out, d_in, generator=generator).argsort(dim=1)[:, :fan_in]
         mask = torch.zeros(d_out, d_in, dtype=torch.bool)
@@ -36,7 +36,7 @@ class SRigL(DSTMethod):
         active_rows = mask.any(dim=1)
         n_active = int(mask.sum())
         fan_in = n_active // max(int(active_rows.sum()), 1)
-        k = min(int(round(drop_fraction * n_active)), n_active)
+        k = min(round(drop_fraction * n_active), n_active)
         inf = torch.tensor(float("inf"), device=weight.device)
         # Saliency as unstructured RigL would decide it: keep all but the k smallest |w|, regrow the k
         # largest |∇w| among inactive positions.
@@ -59,6 +59,11 @@ class SRigL(DSTMethod):
         new.scatter_(1, columns, True)
         new &= alive.unsqueeze(1)
         active_neurons = int(alive.sum())
-        stats = {"dropped": int((mask & ~new).sum()), "grown": int((new & ~mask).sum()),
-                 "active_neurons": active_neurons, "fan_in": new_fan_in, "active": new_fan_in * active_neurons}
+        stats = {
+            "dropped": int((mask & ~new).sum()),
+            "grown": int((new & ~mask).sum()),
+            "active_neurons": active_neurons,
+            "fan_in": new_fan_in,
+            "active": new_fan_in * active_neurons,
+        }
         return new, stats

@@ -387,7 +387,7 @@ class SparseCheckpointMixin:
                     handle = safe_open(file, framework="pt", device="cpu")
                     handles.append(handle)
                     metadatas.append(handle.metadata())
-                    for key in handle:
+                    for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
                         sources[key] = handle.get_slice(key)
                 _checkpoint_format(metadatas, model.config)
                 _install_condensed_layers(model, sources)

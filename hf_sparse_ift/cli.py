@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
+from pathlib import Path
 
 from .study import cli as study_cli  # study
 
@@ -81,7 +83,8 @@ def cmd_pretrain(args) -> int:
         print(f"hf-sparse-ift pretrain: stopped: {err}", file=sys.stderr)
         return 3
     if int(os.environ.get("RANK", "0")) == 0 and summary:
-        print(json.dumps({k: summary[k] for k in ("steps", "tokens", "wall_seconds", "dataset", "processes")}))
+        keys = ("steps", "tokens", "wall_seconds", "dataset", "processes", "skipped_documents")
+        print(json.dumps({k: summary.get(k) for k in keys}))
     return 0
 
 
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from .sparsity import commands as sparse_commands  # compress / decompress / condense
 
     sparse_commands.add_parsers(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     handlers = {
         "pretrain": cmd_pretrain,
@@ -159,6 +163,41 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
         print(f"hf-sparse-ift {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
+            print(f"hf-sparse-ift {args.command}: interrupted: {_where_it_stopped(args, argv)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+
+
+def _where_it_stopped(args, argv: list[str]) -> str:
+    """After Ctrl-C: where the work stopped and the exact command that continues it (pretrain and study resume
+    from their newest complete checkpoints; the other commands write their results only once they finish)."""
+    if args.command not in ("pretrain", "study") or getattr(args, "report_only", False):
+        return "nothing was written; run the command again"
+    from .training.checkpoint import newest_complete_checkpoint
+
+    resume = "hf-sparse-ift " + shlex.join(argv if "--resume" in argv else [*argv, "--resume"])
+    if args.command == "pretrain":
+        from .training.config import load_pretrain_config
+
+        out = Path(load_pretrain_config(args.config, args.overrides).train.output_dir)
+        last = newest_complete_checkpoint(out)
+        if last is None:
+            start = "hf-sparse-ift " + shlex.join([a for a in argv if a != "--resume"])
+            return f"no checkpoint in {out} yet, so nothing to resume; start again with: {start}"
+        return f"the last checkpoint is {last}; continue from it with: {resume}"
+    from .study.config import load_study_config
+
+    out = Path(load_study_config(args.config, args.output_dir).study.output_dir)
+    runs = sorted(out.glob("runs/*/seed-*"))
+    finished = [run for run in runs if (run / "train_summary.json").exists()]
+    unfinished = [run for run in runs if run not in finished]
+    where = f"{len(finished)} run(s) finished in {out / 'runs'}"
+    if unfinished:
+        stopped = max(unfinished, key=lambda run: run.stat().st_mtime)
+        last = newest_complete_checkpoint(stopped)
+        where += f"; {stopped} resumes from {last.name}" if last else f"; {stopped} has no checkpoint and starts over"
+    return f"{where}; continue with: {resume}"
 
 
 if __name__ == "__main__":

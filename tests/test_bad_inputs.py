@@ -49,6 +49,14 @@ def files(tmp_path_factory):
     (root / "empty.jsonl").write_text("")
     (root / "body.jsonl").write_text("".join(json.dumps({"body": f"doc {i} " * 30}) + "\n" for i in range(300)))
     (root / "docs.xyz").write_text("hello\n")
+    texts = [f"doc {i} " * 30 for i in range(300)]
+    for name, row, value in (("null.jsonl", 5, None), ("number.jsonl", 7, 42)):  # row: 1-based
+        (root / name).write_text(
+            "".join(json.dumps({"text": value if i == row - 1 else t}) + "\n" for i, t in enumerate(texts))
+        )
+    (root / "empty-cell.csv").write_text(
+        "text,id\n" + "".join(f"{'' if i == 3 else t},{i}\n" for i, t in enumerate(texts))
+    )
     (root / "not-a-folder").write_text("a file")
     return root
 
@@ -75,6 +83,13 @@ CASES = {
     "context too long": (["data.seq_len=4096"], ["data.seq_len=4096", "n_positions"]),
     "override without =": (["train.max_steps"], ["'train.max_steps'", "section.key=value"]),
     "output folder not writable": (["train.output_dir={root}/not-a-folder/run"], ["not-a-folder", "not writable"]),
+    "null text": (
+        ["data.data_files={root}/null.jsonl"],
+        ["null.jsonl, row 5: column 'text' holds None (NoneType), not text", "data.bad_text=skip"],
+    ),
+    "number as text": (["data.data_files={root}/number.jsonl"], ["number.jsonl, row 7: column 'text' holds 42 (int)"]),
+    "empty CSV cell": (["data.data_files={root}/empty-cell.csv"], ["empty-cell.csv, row 4: column 'text' holds None"]),
+    "unknown bad-text policy": (["data.bad_text=ignore"], ["data.bad_text='ignore'", "'error'", "'skip'"]),
 }
 
 

@@ -12,7 +12,9 @@ import transformers
 from lm_eval.models import huggingface as lm_eval_hf
 from test_evaluation_v2 import save_tiny
 
+from hf_sparse_ift import SparseWideGPTForCausalLM
 from hf_sparse_ift.cli import main
+from hf_sparse_ift.hub.identity import tensors_sha256
 
 OFFLINE_HUB_NAME = "nobody-xyz/not-a-model"
 
@@ -21,17 +23,22 @@ OFFLINE_HUB_NAME = "nobody-xyz/not-a-model"
 def ctx(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     model = save_tiny(root / "run" / "checkpoint-6" / "hf", seed=0)  # 256 positions
+    # another model with the same run name and step, so the same results folder name (other weights)
+    same_name = save_tiny(root / "elsewhere" / "run" / "checkpoint-6" / "hf", seed=1)
+    bare = root / "bare"  # save_pretrained of a model alone: no tokenizer
+    SparseWideGPTForCausalLM.from_pretrained(model).save_pretrained(bare)
     out = root / "eval_results"  # earlier results of this model
     earlier = out / "tiny-sw75-set-checkpoint-6" / "builtin"
     earlier.mkdir(parents=True)
-    (earlier / "summary.json").write_text(json.dumps({"model": {"path": str(model)}, "tasks": []}))
+    identity = {"source": "local", "path": str(model), "tensors_sha256": tensors_sha256(model)}
+    (earlier / "summary.json").write_text(json.dumps({"model": identity, "tasks": []}))
     (earlier / "results.md").write_text("| model | DocstringMC |\n")
     other = root / "other-summary.json"  # results of a checkpoint with other weights
     other.write_text(
         json.dumps(
             {
                 "schema": 2,
-                "model": {"source": "local", "path": "/elsewhere/hf", "weights_sha256": "0" * 64},
+                "model": {"source": "local", "path": "/elsewhere/hf", "tensors_sha256": "0" * 64},
                 "suite": "builtin",
                 "tasks": [],
             }
@@ -40,7 +47,9 @@ def ctx(tmp_path_factory):
     (root / "not-a-summary.json").write_text("[1, 2]")
     (root / "read-only").mkdir()
     (root / "read-only" / "old.txt").write_text("earlier output")
-    return {"root": root, "model": model, "out": out, "other": other}
+    (root / "body.jsonl").write_text("".join(json.dumps({"body": f"doc {i} " * 30}) + "\n" for i in range(300)))
+    (root / "short.jsonl").write_text(json.dumps({"text": "a few words"}) + "\n")
+    return {"root": root, "model": model, "same_name": same_name, "bare": bare, "out": out, "other": other}
 
 
 def evaluate(*args, out="{out}"):
@@ -91,7 +100,51 @@ CASES = [
         evaluate("--suite", "builtin", "--include-path", "{root}/no-tasks"),
         ["{root}/no-tasks", "no such folder"],
     ),
-    ("earlier results", evaluate("--suite", "builtin"), ["{out}/tiny-sw75-set-checkpoint-6/builtin", "--overwrite"]),
+    (
+        "earlier results",
+        evaluate("--suite", "builtin"),
+        ["{out}/tiny-sw75-set-checkpoint-6/builtin already holds results of this model", "--overwrite"],
+    ),
+    (
+        "another model's results under the same name",
+        ["evaluate", "--model", "{same_name}", "--suite", "builtin", "--output-dir", "{out}"],
+        ["{out}/tiny-sw75-set-checkpoint-6/builtin holds results of a different model", "{model}", "{same_name}"],
+    ),
+    (
+        "another model's results, --overwrite",
+        ["evaluate", "--model", "{same_name}", "--suite", "builtin", "--output-dir", "{out}", "--overwrite"],
+        ["holds results of a different model", "never replaces another model's results (--overwrite included)"],
+    ),
+    (
+        "evaluate a model folder without tokenizer",
+        evaluate("--suite", "builtin", "--model", "{bare}"),
+        ["--model {bare}: the folder has no tokenizer", "pass --tokenizer"],
+    ),
+    (
+        "evaluate with a missing tokenizer",
+        evaluate("--suite", "builtin", "--tokenizer", "{root}/no-tokenizer"),
+        ["--tokenizer='{root}/no-tokenizer'"],
+    ),
+    (
+        "perplexity of a model folder without tokenizer",
+        ["perplexity", "--model", "{bare}"],
+        ["--model {bare}: the folder has no tokenizer", "pass --tokenizer"],
+    ),
+    (
+        "perplexity on files without the text column",
+        ["perplexity", "--model", "{model}", "--data-files", "{root}/body.jsonl"],
+        ["--text-column='text' is not a column of 'json'", "columns: ['body']"],
+    ),
+    (
+        "perplexity on too little text",
+        ["perplexity", "--model", "{model}", "--data-files", "{root}/short.jsonl"],
+        ["the validation stream of 'json' (files ['{root}/short.jsonl'])", "fewer than --seq-len=256 tokens"],
+    ),
+    (
+        "perplexity on missing files",
+        ["perplexity", "--model", "{model}", "--data-files", "{root}/nope.jsonl"],
+        ["--data-files: '{root}/nope.jsonl'", "matches no file"],
+    ),
     (
         "seq-len past the positions",
         ["perplexity", "--model", "{model}", "--seq-len", "4096"],
@@ -139,13 +192,19 @@ def read_only(folder: Path):
 @pytest.mark.parametrize("argv, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_sentence_and_changes_nothing(ctx, argv, expected, monkeypatch, capsys):
     loaders = [(lm_eval_hf.HFLM, "__init__"), (transformers.AutoModelForCausalLM, "from_pretrained")]
-    assert run_refused(ctx, argv, expected, loaders, monkeypatch, capsys) != 0
+    # never a wrong claim: another model's results are not "this model's"; perplexity has no builtin source or
+    # data.* keys when it reads --data-files
+    absent = ["already holds results of this model"] if "different model" in expected[0] else []
+    absent += ["'builtin'", "data.", "holdout"] if argv[0] == "perplexity" and "--data-files" in argv else []
+    assert run_refused(ctx, argv, expected, loaders, monkeypatch, capsys, absent) != 0
 
 
-def run_refused(ctx: dict, argv: list[str], expected: list[str], loaders, monkeypatch, capsys) -> int:
+def run_refused(
+    ctx: dict, argv: list[str], expected: list[str], loaders, monkeypatch, capsys, absent: list[str] = ()
+) -> int:
     """Run the command (``{name}`` in `argv` / `expected` filled from `ctx`) with every loader in `loaders` failing
-    and `ctx["root"]/read-only` unwritable; assert one error sentence holding every `expected` text, no traceback and
-    every file under the root unchanged. Returns the exit code."""
+    and `ctx["root"]/read-only` unwritable; assert one error sentence holding every `expected` text and none of the
+    `absent` ones, no traceback and every file under the root unchanged. Returns the exit code."""
     fill = {k: str(v) for k, v in ctx.items()}
     argv = [a.format(**fill) for a in argv]
     expected = [e.format(**fill) for e in expected]
@@ -163,6 +222,8 @@ def run_refused(ctx: dict, argv: list[str], expected: list[str], loaders, monkey
     assert err.startswith(f"hf-sparse-ift {argv[0]}: error: ") and err.count("\n") == 1, err
     for text in expected:
         assert text in err, f"{text!r} not in {err!r}"
+    for text in absent:
+        assert text not in err, f"{text!r} in {err!r}"
     assert "Traceback" not in err
     assert snapshot(root) == before
     return code

@@ -237,3 +237,225 @@ def test_loss_and_grad_norm_of_a_log_line_belong_to_the_same_step():
     assert pending.push(torch.tensor([2.5, 0.5]), step=1) is None
     assert pending.push(torch.tensor([2.0, 0.25]), step=2) == {"step": 1, "loss": 2.5, "grad_norm": 0.5}
     assert pending.flush() == {"step": 2, "loss": 2.0, "grad_norm": 0.25}
+
+
+# 13. the Pile's format: .jsonl.zst files, as shards and as a local copy of the Hub dataset --------------
+def pile_documents(n: int, tag: str = "doc") -> list[dict]:
+    return [
+        {"text": text, "meta": {"pile_set_name": ["Pile-CC", "Github"][i % 2]}}
+        for i, text in enumerate(documents(n, tag))
+    ]
+
+
+def write_zst(path: Path, docs: list[dict]) -> str:
+    import zstandard
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(zstandard.ZstdCompressor().compress("".join(json.dumps(d) + "\n" for d in docs).encode()))
+    return str(path)
+
+
+def test_the_piles_jsonl_zst_trains_and_evaluates(tmp_path, capsys):
+    from hf_sparse_ift.cli import main
+
+    train = write_zst(tmp_path / "pile" / "00.jsonl.zst", pile_documents(400))
+    validation = write_zst(tmp_path / "pile" / "val.jsonl.zst", pile_documents(60, "held-out"))
+    out = tmp_path / "run"
+    summary = pretrain(config(out, 2, f"data.data_files={{train: {train}, validation: {validation}}}"))
+    assert summary["dataset"] == "json" and summary["validation"] == "split 'validation'"
+    resolved = records(out)["run"]["resolved"]["data"]
+    assert resolved["data_files"] == {"train": [train], "validation": [validation]}
+    assert len(summary["val_loss"]) == 2  # read at step 0 and 2
+    capsys.readouterr()
+    model = out / "checkpoint-2" / "hf"
+    assert main(["perplexity", "--model", str(model), "--data-files", validation, "--batch-size", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dataset"] == "json" and result["data_files"] == {"validation": [validation]}
+    assert result["validation"] == "split 'validation'" and result["tokens"] > 0 and result["loss"] > 0
+
+
+def test_a_local_copy_of_the_pile_streams_through_the_recipes_path(tmp_path):
+    """The GPT-3 Small configs stream a Hub dataset of .jsonl.zst shards (train/NN.jsonl.zst, val.jsonl.zst): a
+    local folder laid out like it is read by the same `load_dataset(name, split=..., streaming=True)` call, with the
+    recipe's shuffle buffer and context, each rank streaming its own shards."""
+    from hf_sparse_ift.training.data import PackedStream, load_tokenizer
+
+    pile = tmp_path / "pile-uncopyrighted"
+    train_docs = pile_documents(300) + pile_documents(300, "more")
+    write_zst(pile / "train" / "00.jsonl.zst", train_docs[:300])
+    write_zst(pile / "train" / "01.jsonl.zst", train_docs[300:])
+    write_zst(pile / "val.jsonl.zst", pile_documents(40, "held-out"))
+    cfg = load_pretrain_config("pretrain-gpt3-small-sw75-set", [f"data.dataset={pile}", "data.tokenizer=builtin"])
+    assert cfg.data.shuffle_buffer == 10000 and cfg.data.seq_len == 2048
+    source = resolve_data_source(cfg.data)
+    # datasets takes the splits from the train/ folder alone (val.jsonl.zst needs a dataset card's `configs` or
+    # data.data_files), so validation is held out of the training split, and the records say so
+    assert source.dataset == str(pile) and source.data_files is None and source.holdout_every == 100
+    texts = [d["text"] for d in train_docs]
+    assert [d["text"] for d in load_documents(source, "validation")] == texts[99::100]
+    assert [d["text"] for d in load_documents(source, "train")] == [t for i, t in enumerate(texts) if i % 100 != 99]
+    tokenizer = load_tokenizer("builtin")
+    shards = [PackedStream(source, tokenizer, "train", rank, 2, seed=0, endless=False) for rank in (0, 1)]
+    sequences = [[tuple(s.tolist()) for s in shard] for shard in shards]
+    assert all(len(seqs) > 0 and all(len(s) == 2048 for s in seqs) for seqs in sequences)
+    assert not set(sequences[0]) & set(sequences[1])
+
+
+# 14. bad text: named (file, column, row) or, with data.bad_text=skip, left out and counted -----------------------
+def test_bad_text_past_the_checked_documents_is_named_when_reached(tmp_path):
+    from hf_sparse_ift.training.data import CHECKED_DOCUMENTS, BadTextError, PackedStream, load_tokenizer
+
+    docs = [{"text": d} for d in documents(CHECKED_DOCUMENTS + 200)]
+    docs[CHECKED_DOCUMENTS + 99]["text"] = None  # row 1100: after the documents checked before training
+    path = tmp_path / "late.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    source = resolve_data_source(DataConfig(data_files=str(path), validation_split=None, seq_len=32))
+    with pytest.raises(BadTextError, match=rf"late\.jsonl, row {CHECKED_DOCUMENTS + 100}: column 'text' holds None"):
+        list(PackedStream(source, load_tokenizer("builtin"), "train", endless=False))
+
+
+def test_skipped_bad_text_is_counted_in_the_records(tmp_path):
+    texts = documents(400)
+    bad = {0: None, 1: 7, 2: None, 199: None}  # rows 1-3 are trained on first; row 200 is held out (every 100th)
+    path = tmp_path / "some-bad.jsonl"
+    path.write_text("".join(json.dumps({"text": bad.get(i, t)}) + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "run"
+    summary = pretrain(config(out, 2, f"data.data_files={path}", "data.bad_text=skip"))
+    assert summary["skipped_documents"] == {"train": 3, "validation": 1}
+    assert records(out)["run"]["resolved"]["data"]["bad_text"] == "skip"
+    assert json.loads((out / "train_summary.json").read_text())["skipped_documents"] == {"train": 3, "validation": 1}
+
+
+# 15. results of different models never mix ---------------------------------------------------------------------
+def test_identity_follows_the_tensors_not_the_files(tmp_path):
+    from conftest import tiny_config
+
+    from hf_sparse_ift import SparseWideGPTForCausalLM
+    from hf_sparse_ift.hub.identity import tensors_sha256
+
+    torch.manual_seed(0)
+    model = SparseWideGPTForCausalLM(tiny_config())
+    model.save_pretrained(tmp_path / "compressed")
+    model.save_pretrained(tmp_path / "plain", sparse_format="plain")
+    model.save_pretrained(tmp_path / "sharded", sparse_format="plain", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    digests = {name: tensors_sha256(tmp_path / name) for name in ("compressed", "plain", "sharded")}
+    assert len(set(digests.values())) == 1, digests
+    mask_name = next(name for name, _ in model.named_buffers() if name.endswith("weight_mask"))
+    weight, mask = model.get_parameter(mask_name.removesuffix("_mask")), model.get_buffer(mask_name)
+    with torch.no_grad():
+        weight[tuple(mask.nonzero()[0])] += 1e-3  # one active weight changed
+    model.save_pretrained(tmp_path / "changed")
+    assert tensors_sha256(tmp_path / "changed") != digests["plain"]
+
+
+def test_card_accepts_results_of_a_lossless_decompress(tmp_path, capsys):
+    from conftest import tiny_config
+
+    from hf_sparse_ift import SparseWideGPTForCausalLM
+    from hf_sparse_ift.cli import main
+    from hf_sparse_ift.hub.identity import local_identity
+
+    SparseWideGPTForCausalLM(tiny_config()).save_pretrained(tmp_path / "compressed")
+    summary = tmp_path / "summary.json"
+    summary.write_text(
+        json.dumps({"schema": 2, "model": local_identity(tmp_path / "compressed"), "suite": "builtin", "tasks": []})
+    )
+    assert main(["decompress", str(tmp_path / "compressed"), str(tmp_path / "plain")]) == 0
+    assert main(["card", str(tmp_path / "plain"), "--results", str(summary)]) == 0
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_compare_labels_runs_of_one_model_in_different_dtypes_differently(tmp_path):
+    from hf_sparse_ift.evaluation.compare import compare
+
+    model = {"source": "local", "name": "tiny-sw75-set", "step": 6, "tensors_sha256": "a" * 64}
+    paths = []
+    for dtype in ("float32", "bfloat16"):
+        row = {"task": "t", "label": "T", "metric": "acc,none", "value": 0.5, "score": 50.0}
+        summary = {"schema": 2, "model": model, "suite": "builtin", "suite_id": "builtin", "tasks": [row]}
+        paths.append(tmp_path / f"{dtype}.json")
+        paths[-1].write_text(json.dumps({**summary, "dtype": dtype, "model_dtype": dtype}))
+    table = compare(paths)
+    assert "| tiny-sw75-set (step 6, float32) |" in table and "| tiny-sw75-set (step 6, bfloat16) |" in table
+
+
+# 16. Ctrl-C: one line saying where the work stopped and the exact command that continues it; exit code 130 --------
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_pretrain_names_the_last_checkpoint_and_the_resume_command(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    import hf_sparse_ift.training.loop as loop
+    from hf_sparse_ift.cli import main
+
+    out = tmp_path / "run"
+    argv = ["pretrain", *FAST, f"train.output_dir={out}", "train.max_steps=2", "train.checkpoint_interval=2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "pretrain", interrupted)
+        assert main(argv) == 130
+    assert capsys.readouterr().err == (
+        f"hf-sparse-ift pretrain: interrupted: no checkpoint in {out} yet, so nothing to resume; start again "
+        f"with: hf-sparse-ift {shlex.join(argv)}\n"
+    )
+    assert main(argv) == 0
+    capsys.readouterr()
+    longer = [*argv, "train.max_steps=4"]
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "pretrain", interrupted)
+        assert main(longer) == 130
+    resume = f"hf-sparse-ift {shlex.join([*longer, '--resume'])}"
+    assert capsys.readouterr().err == (
+        f"hf-sparse-ift pretrain: interrupted: the last checkpoint is {out / 'checkpoint-2'}; continue from it "
+        f"with: {resume}\n"
+    )
+    assert main(shlex.split(resume)[1:]) == 0  # the printed command continues the run
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_real_pretrain_with_one_line_and_no_traceback(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    argv = [*FAST, f"train.output_dir={out}", "train.max_steps=10000", "train.checkpoint_interval=1"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hf_sparse_ift.cli", "pretrain", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while not (out / "checkpoint-1").exists() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"hf-sparse-ift pretrain: interrupted: the last checkpoint is {out}/checkpoint-"), last
+    assert last.endswith("train.checkpoint_interval=1 --resume"), last
+
+
+def test_ctrl_c_in_a_study_names_the_runs_kept_and_the_resume_command(tmp_path, monkeypatch, capsys):
+    import hf_sparse_ift.study.runner as runner
+    from hf_sparse_ift.cli import main
+
+    out = tmp_path / "study"
+    (out / "runs" / "dense" / "seed-0").mkdir(parents=True)
+    (out / "runs" / "dense" / "seed-0" / "train_summary.json").write_text("{}")
+    checkpoint = out / "runs" / "sw-s75-set" / "seed-0" / "checkpoint-20"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "manifest.json").write_text(json.dumps({"files": {}}))
+    monkeypatch.setattr(runner, "run_study", interrupted)
+    argv = ["study", "--config", "study-cpu-small", "--output-dir", str(out)]
+    assert main(argv) == 130
+    assert capsys.readouterr().err == (
+        f"hf-sparse-ift study: interrupted: 1 run(s) finished in {out / 'runs'}; {checkpoint.parent} resumes from "
+        f"checkpoint-20; continue with: hf-sparse-ift study --config study-cpu-small --output-dir {out} --resume\n"
+    )

@@ -36,7 +36,15 @@ def add_parsers(sub) -> None:
         default="eval_results",
         help="results go to <output-dir>/<model>/<suite>/ (default: eval_results)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace earlier results in that folder")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer folder, Hub name or builtin (default: the model's own; needed when the model folder has none)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace earlier results of the same model in that folder (never another model's)",
+    )
 
     c = sub.add_parser("compare", help="tables of evaluation summaries (one per suite), with deltas")
     c.add_argument("summaries", nargs="+", help="summary.json files or the folders holding them; first = baseline")
@@ -45,12 +53,22 @@ def add_parsers(sub) -> None:
     c.add_argument("--output", help="also write the tables to this markdown file")
 
     x = sub.add_parser("perplexity", help="validation loss / perplexity on held-out text")
-    x.add_argument("--model", required=True)
-    x.add_argument("--dataset", default="builtin")
-    x.add_argument("--data-files")
+    x.add_argument("--model", required=True, help="checkpoint folder (…/checkpoint-N/hf) or Hub name")
+    x.add_argument(
+        "--dataset", default="builtin", help="builtin, a Hub dataset, or a loader (json, csv, …) for --data-files"
+    )
+    x.add_argument("--data-files", help="local files (a path or glob), all of them read as the held-out text")
     x.add_argument("--text-column", default="text")
-    x.add_argument("--split", default="validation")
-    x.add_argument("--tokenizer")
+    x.add_argument("--split", default="validation", help="the split to read (default: %(default)s)")
+    x.add_argument(
+        "--bad-text",
+        default="error",
+        choices=("error", "skip"),
+        help="documents whose text is not a string: stop naming the first (default) or skip and count them",
+    )
+    x.add_argument(
+        "--tokenizer", help="tokenizer folder, Hub name or builtin (default: the model's own; needed when it has none)"
+    )
     x.add_argument("--batch-size", type=int, default=8)
     x.add_argument("--max-batches", type=int, default=50)
     x.add_argument("--seq-len", type=int, help="tokens per sequence (default and maximum: the model's positions)")
@@ -88,6 +106,7 @@ def cmd_evaluate(args) -> int:
         num_fewshot=args.num_fewshot,
         overwrite=args.overwrite,
         revision=args.revision,
+        tokenizer=args.tokenizer,
     )
     print(results_table([summary]), end="")
     if summary["scoring"] == "leaderboard-v2":
@@ -123,6 +142,7 @@ def cmd_perplexity(args) -> int:
                 args.seq_len,
                 args.data_files,
                 args.text_column,
+                args.bad_text,
             )
         )
     )
@@ -130,7 +150,8 @@ def cmd_perplexity(args) -> int:
 
 
 def checked_summaries(checkpoint: str | Path, paths: list[str], allow_other: bool = False) -> list[dict]:
-    """The summaries of `paths`, each made from `checkpoint`'s weights (sha256), unless `allow_other`."""
+    """The summaries of `paths`, each made from `checkpoint`'s weights (the sha256 of its decoded tensors, so a
+    lossless `compress` / `decompress` of the same weights counts as the same), unless `allow_other`."""
     from ..hub.identity import describe, local_identity, same_model
     from .compare import load_summary
 
@@ -142,8 +163,9 @@ def checked_summaries(checkpoint: str | Path, paths: list[str], allow_other: boo
         if not allow_other and not same_model(theirs, mine):
             made_from = (
                 describe(theirs)
-                if theirs.get("weights_sha256") or theirs.get("hub_id")
-                else f"{theirs.get('path') or theirs.get('name')} (no weights hash recorded)"
+                if theirs.get("tensors_sha256") or theirs.get("hub_id")
+                else f"{theirs.get('path') or theirs.get('name')} (no tensors sha256 recorded: written by an "
+                "older version; evaluate again to record it)"
             )
             raise ValueError(
                 f"--results {path} was made from {made_from}, not from this checkpoint {describe(mine)}; "

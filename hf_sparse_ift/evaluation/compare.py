@@ -51,8 +51,11 @@ def row_name(s: dict) -> str:
     else:
         model = s["model"]
         name = model.get("name") or model.get("path") or "?"
-        if model.get("step") is not None:
-            name += f" (step {model['step']})"
+        details = [f"step {model['step']}"] if model.get("step") is not None else []
+        if s.get("dtype", "auto") != "auto":  # the fp32 and bf16 runs of one model are different rows
+            details.append(s.get("model_dtype") or s["dtype"])
+        if details:
+            name += f" ({', '.join(details)})"
     if s.get("partial"):
         name += f" [partial: --limit {s['limit']:g}]"
     return name

@@ -3,7 +3,8 @@
 Everything that can be wrong with the request (suite or task names, dtype, limit, the model's path or Hub name,
 the output folder, gated or missing task data) is checked before the model is loaded and before anything is
 written. Results go to ``<output_dir>/<model>/<suite>/`` (``<model>`` = the training run and checkpoint step, or the
-Hub name; ``<suite>`` gets ``-limit<N>`` for partial runs), which is never overwritten without ``overwrite=True``:
+Hub name; ``<suite>`` gets ``-limit<N>`` for partial runs and ``-<dtype>`` for a dtype other than auto). Earlier
+results of the same model are replaced only with ``overwrite=True``; another model's never (`check_results_folder`):
 lm-eval's own JSON per task (``lm_eval_<task>.json``), ``summary.json`` (scores plus the model's identity, suite,
 lm-eval version, dtype, limit) and ``results.md``.
 """
@@ -20,12 +21,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..hub.identity import resolve_model, weights_sha256
+from ..hub.identity import describe, resolve_model, same_model, weights_identity
 from . import leaderboard
 from .compare import raw_table, results_table
 from .suites import SUITES, Suite, TaskSpec, builtin_tasks_dir, resolve_suite, task_names
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 GPQA_DATASET = "Idavidrein/gpqa"
 SUMMARY_SCHEMA = 2
 
@@ -52,6 +54,31 @@ def check_options(dtype: str, limit: float | None, batch_size: str | int) -> Non
         raise ValueError(f"--batch-size {batch_size!r} must be a positive integer, auto or auto:<N>")
 
 
+def model_tokenizer(identity: dict, tokenizer: str | None, vocab_size: int | None = None):
+    """The tokenizer to score `identity` with, checked before the model is loaded: ``--tokenizer`` (loaded here and
+    returned), else None for the model's own, which a local folder must hold: a folder from `save_pretrained` of a
+    model alone has none, and transformers would then fail with an unrelated message."""
+    from ..training.data import load_tokenizer
+
+    if tokenizer is None:
+        folder = identity.get("path")
+        if folder and not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+            raise ValueError(
+                f"--model {folder}: the folder has no tokenizer (none of {', '.join(TOKENIZER_FILES)}; "
+                "save_pretrained of a model alone writes none); pass --tokenizer with a tokenizer folder or Hub "
+                "name (builtin: the package's own, which the default pretraining uses), or save the tokenizer "
+                "into the model folder"
+            )
+        return None
+    loaded = load_tokenizer(tokenizer, key="--tokenizer")
+    if vocab_size is not None and len(loaded) > vocab_size:
+        raise ValueError(
+            f"--tokenizer {tokenizer} has {len(loaded)} tokens but the model has vocab_size {vocab_size}: "
+            "pass the tokenizer the model was trained with"
+        )
+    return loaded
+
+
 def check_writable(folder: str | Path) -> None:
     """The folder, or the nearest existing folder above it, must accept a new file (a real write: permission bits
     say nothing to root, a read-only mount says nothing to os.access)."""
@@ -71,19 +98,54 @@ def check_writable(folder: str | Path) -> None:
         ) from None
 
 
-def suite_folder(suite: Suite, num_fewshot: int | None, limit: float | None) -> str:
+def check_results_folder(out: Path, identity: dict, overwrite: bool) -> None:
+    """`out` may receive this model's results: it is empty, or it holds this model's (same tensors, or same Hub
+    commit) and `overwrite` is set. Another model's results, or files whose model cannot be told, are never
+    replaced: two models can share a folder name (two runs called ``model``, a `condense` output)."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    try:
+        theirs = json.loads((out / "summary.json").read_text())["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        theirs = None
+    if isinstance(theirs, dict) and same_model(theirs, identity):
+        if overwrite:
+            return
+        raise FileExistsError(
+            f"{out} already holds results of this model ({describe(identity)}) and suite; pass --overwrite to "
+            "replace them, or choose another --output-dir"
+        )
+    whose = (
+        f"a different model: {describe(theirs)}"
+        if isinstance(theirs, dict) and (theirs.get("tensors_sha256") or theirs.get("hub_id"))
+        else "a model whose identity it does not record (no readable summary.json with a tensors sha256)"
+    )
+    raise FileExistsError(
+        f"{out} holds results of {whose}, not of --model {describe(identity)}; evaluate never replaces another "
+        "model's results (--overwrite included): choose another --output-dir"
+    )
+
+
+def suite_folder(suite: Suite, num_fewshot: int | None, limit: float | None, dtype: str = "auto") -> str:
     name = suite.name if suite.name in SUITES else "tasks-" + re.sub(r"[^\w.+-]+", "_", suite.name)
     if num_fewshot is not None:
         name += f"-{num_fewshot}shot"
     if limit is not None:
         name += f"-limit{limit:g}"
+    if dtype != "auto":  # a bfloat16 run of a float32 model is a result of its own
+        name += f"-{dtype}"
     return name
 
 
 def results_dir(
-    output_dir: str | Path, identity: dict, suite: Suite, num_fewshot: int | None = None, limit: float | None = None
+    output_dir: str | Path,
+    identity: dict,
+    suite: Suite,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    dtype: str = "auto",
 ) -> Path:
-    return Path(output_dir) / identity["slug"] / suite_folder(suite, num_fewshot, limit)
+    return Path(output_dir) / identity["slug"] / suite_folder(suite, num_fewshot, limit, dtype)
 
 
 _MANAGERS: dict[tuple, object] = {}
@@ -269,6 +331,7 @@ def evaluate(
     max_length: int | None = None,
     overwrite: bool = False,
     revision: str | None = None,
+    tokenizer: str | None = None,
     log=_stderr,
 ) -> dict:
     """Score `model` (checkpoint folder or Hub name) on a suite; returns the summary and, unless `output_dir` is
@@ -279,20 +342,19 @@ def evaluate(
         raise FileNotFoundError(f"--include-path {include_path}: no such folder of task YAMLs")
     the_suite = resolve_suite(suite, num_fewshot)
     identity = resolve_model(model, revision)
+    config = Path(identity["path"]) / "config.json" if identity.get("path") else None
+    vocab_size = json.loads(config.read_text()).get("vocab_size") if config else None
+    tok = model_tokenizer(identity, tokenizer, vocab_size)
     out = None
     if output_dir is not None:
-        out = results_dir(output_dir, identity, the_suite, num_fewshot, limit)
+        out = results_dir(output_dir, identity, the_suite, num_fewshot, limit, dtype)
         check_writable(output_dir)
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"{out} already holds results of this model and suite; pass --overwrite to replace "
-                "them, or choose another --output-dir"
-            )
+        check_results_folder(out, identity, overwrite)
     manager = task_manager_for(the_suite, include_path)
     loaded, missing = load_tasks(the_suite, manager, log)
 
     # 2. the model, 3. the suite
-    lm, device = _load_lm(identity, dtype, batch_size, device, max_length)
+    lm, device = _load_lm(identity, dtype, batch_size, device, max_length, tok)
     rows, raw = _run_suite(lm, the_suite, loaded, missing, manager, limit)
     _complete_identity(identity)
     import lm_eval  # already imported by the run: the version of what scored
@@ -312,6 +374,7 @@ def evaluate(
         "partial": limit is not None,
         "num_fewshot_override": num_fewshot,
         "dtype": dtype,
+        "tokenizer": tokenizer,  # None: the model's own
         "model_dtype": str(getattr(lm.model, "dtype", "")).replace("torch.", ""),
         "batch_size": str(batch_size),
         "device": device,
@@ -327,7 +390,7 @@ def evaluate(
     return summary
 
 
-def _load_lm(identity: dict, dtype, batch_size, device, max_length):
+def _load_lm(identity: dict, dtype, batch_size, device, max_length, tokenizer=None):
     """lm-eval's `HFLM` on the model (with remote code, as ``lm_eval --model hf`` would load it)."""
     import torch
     from lm_eval.models.huggingface import HFLM
@@ -346,6 +409,8 @@ def _load_lm(identity: dict, dtype, batch_size, device, max_length):
         kwargs["revision"] = identity["revision"]
     if max_length:
         kwargs["max_length"] = max_length
+    if tokenizer is not None:
+        kwargs["tokenizer"] = tokenizer
     return HFLM(**kwargs), device
 
 
@@ -413,12 +478,12 @@ def _run_suite(lm, the_suite, loaded: dict, missing: dict, manager, limit) -> tu
 
 def _complete_identity(identity: dict) -> None:
     """A Hub model's identity gains the sha256 of the weights HFLM just fetched into the cache."""
-    if identity["source"] == "hub" and not identity.get("weights_sha256"):
+    if identity["source"] == "hub" and not identity.get("tensors_sha256"):
         try:
             from huggingface_hub import snapshot_download
 
             identity.update(
-                weights_sha256(
+                weights_identity(
                     snapshot_download(identity["hub_id"], revision=identity["revision"], local_files_only=True)
                 )
             )
@@ -440,8 +505,7 @@ def _write(out: Path, summary: dict, raw: dict, overwrite: bool) -> None:
             text += "\nRaw lm-eval scores:\n\n" + raw_table(summary)
         (tmp / "results.md").write_text(text)
         if out.exists():
-            if not overwrite and any(out.iterdir()):
-                raise FileExistsError(f"{out} appeared while evaluating; pass --overwrite to replace it")
+            check_results_folder(out, summary["model"], overwrite)  # again: results may have appeared meanwhile
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:

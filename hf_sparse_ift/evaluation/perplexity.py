@@ -35,6 +35,26 @@ def check_perplexity_args(model: str, seq_len: int | None, batch_size: int, max_
     return identity, seq_len
 
 
+# The data layer names its settings as pretraining config keys; perplexity's errors name its own flags.
+_FLAG_OF_KEY = {
+    "data.data_files": "--data-files",
+    "data.dataset": "--dataset",
+    "data.text_column": "--text-column",
+    "data.train_split": "--split",
+    "data.validation_split": "--split",
+    "data.tokenizer": "--tokenizer",
+    "data.bad_text": "--bad-text",
+    "data.seq_len": "--seq-len",
+}
+
+
+def _in_flags(err: Exception) -> Exception:
+    text = str(err)
+    for key, flag in _FLAG_OF_KEY.items():
+        text = text.replace(key, flag)
+    return type(err)(text)
+
+
 def perplexity(
     model: str,
     dataset: str = "builtin",
@@ -45,42 +65,56 @@ def perplexity(
     seq_len: int | None = None,
     data_files: str | None = None,
     text_column: str = "text",
+    bad_text: str = "error",
 ) -> dict:
-    """Mean next-token loss and perplexity of `model` on a held-out text stream (packed like training)."""
+    """Mean next-token loss and perplexity of `model` on held-out text, packed like training: the split `split` of
+    `dataset`, or every document of `data_files` (read as split `split`)."""
     identity, seq_len = check_perplexity_args(model, seq_len, batch_size, max_batches)
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..training.config import DataConfig
+    from ..training.config import BUILTIN, DataConfig
     from ..training.data import load_tokenizer, resolve_data_source, validation_batches
+    from .harness import model_tokenizer
 
     source = identity.get("path") or identity["hub_id"]
-    lm = AutoModelForCausalLM.from_pretrained(source, revision=identity.get("revision"), trust_remote_code=True).eval()
-    tok = load_tokenizer(tokenizer or str(source))  # checkpoints exported by the trainer carry their tokenizer
-    cfg = DataConfig(
-        dataset=dataset,
-        data_files=data_files,
-        text_column=text_column,
-        validation_split=split,
-        seq_len=seq_len,
-        tokenizer=tokenizer or "builtin",
-    )
-    data = resolve_data_source(cfg)
-    batches = validation_batches(data, tok, batch_size, max_batches, rank=0, world_size=1)
+    try:
+        tok = model_tokenizer(identity, tokenizer) or load_tokenizer(str(source), key="--model")
+        if dataset == BUILTIN and data_files is None:
+            cfg = DataConfig(validation_split=split, seq_len=seq_len, bad_text=bad_text)
+        else:  # the given split (or files) is the held-out text, all of it: nothing is held out of a training split
+            cfg = DataConfig(
+                dataset=dataset,
+                data_files={split: data_files} if data_files else None,
+                text_column=text_column,
+                train_split=split,
+                validation_split=split,
+                seq_len=seq_len,
+                bad_text=bad_text,
+            )
+        cfg.validate()
+        data = resolve_data_source(cfg)
+        batches = validation_batches(data, tok, batch_size, max_batches, rank=0, world_size=1)
+    except (ValueError, FileNotFoundError) as err:
+        raise _in_flags(err) from None
     if not batches:
+        files = f" (files {data.data_files[split]})" if data.data_files else ""
         raise ValueError(
-            f"the held-out text of {dataset!r} ({data.describe_validation()}) is shorter than one batch "
-            f"of {batch_size}x{seq_len} tokens"
+            f"the held-out text of {data.dataset!r}{files}, split {split!r}, is shorter than one batch of "
+            f"{batch_size}x{seq_len} tokens; lower --batch-size or --seq-len, or give more text"
         )
+    lm = AutoModelForCausalLM.from_pretrained(source, revision=identity.get("revision"), trust_remote_code=True).eval()
     with torch.no_grad():
         losses = [lm(input_ids=b, labels=b).loss.item() for b in batches]
     loss = sum(losses) / len(losses)
     return {
         "model": str(model),
         "dataset": data.dataset,
+        "data_files": data.data_files,
         "validation": data.describe_validation(),
         "tokens": len(batches) * batch_size * seq_len,
+        "skipped_documents": batches.skipped_documents,
         "loss": loss,
         "perplexity": math.exp(loss),
     }

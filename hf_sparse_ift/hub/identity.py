@@ -3,6 +3,7 @@ model (repo id and commit), resolved before anything is loaded so that a bad ``-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -14,38 +15,91 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weight_files(folder: Path) -> list[Path]:
-    """The weights of a `save_pretrained` folder: the single file, or the index plus the shards it names."""
+    """The weights of a `save_pretrained` folder: the single file, or the shards its index names."""
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
             return [folder / name]
         index = folder / f"{name}.index.json"
         if index.is_file():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [index] + [folder / s for s in shards]
+            return [folder / s for s in shards]
     return []
 
 
-def weights_sha256(folder: str | Path) -> dict:
-    """``{"weights_sha256": ..., "weight_files": {name: sha256}}``; with one weights file the digest is that file's
-    sha256 (what ``sha256sum model.safetensors`` prints), with shards the sha256 of the ``name:digest`` lines."""
-    files = {p.name: _sha256(p) for p in weight_files(Path(folder))}
-    if not files:
-        return {"weights_sha256": None, "weight_files": {}}
-    combined = (
-        next(iter(files.values()))
-        if len(files) == 1
-        else hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+def _open_tensors(files: list[Path], stack: contextlib.ExitStack) -> dict:
+    """Tensor name -> a zero-argument function returning the tensor, over every weights file (read lazily)."""
+    import torch
+    from safetensors import safe_open
+
+    getters = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            handle = stack.enter_context(safe_open(str(path), framework="pt"))
+            getters.update({key: (lambda h=handle, k=key: h.get_tensor(k)) for key in handle.keys()})  # noqa: SIM118
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            getters.update({key: (lambda t=tensor: t) for key, tensor in state.items()})
+    return getters
+
+
+def tensors_sha256(folder: str | Path) -> str | None:
+    """sha256 of the model's tensors as they load, not of the files' bytes: the same weights give the same digest
+    in the plain and the compressed (``bitmask-values-v1``) layout, sharded or not.
+
+    Each sparse layer is hashed in the compressed form (its mask bits, active values and shape; a plain layer is
+    compressed on the fly, one layer at a time), every other tensor as stored; each tensor contributes its name,
+    dtype, shape and bytes, in name order. None when the folder has no weights file."""
+    import torch
+
+    from ..models.sparse_wide_gpt.sparse_safetensors import (
+        MASK_SUFFIX,
+        SHAPE_SUFFIX,
+        VALUES_SUFFIX,
+        compress_weight,
     )
-    return {"weights_sha256": combined, "weight_files": files}
+
+    files = weight_files(Path(folder))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+
+    def add(name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+    with contextlib.ExitStack() as stack:
+        tensors = _open_tensors(files, stack)
+        masks = {key.removesuffix(".weight_mask") for key in tensors if key.endswith(".weight_mask")}
+        plain_sparse = {p for p in masks if p + ".weight" in tensors}
+        entries = []  # (name in the compressed layout, plain prefix or None, stored key)
+        for key in tensors:
+            prefix = key.removesuffix(".weight_mask").removesuffix(".weight")
+            if prefix in plain_sparse and key in (prefix + ".weight", prefix + ".weight_mask"):
+                if key.endswith(".weight"):
+                    entries += [
+                        (prefix + suffix, prefix, None) for suffix in (MASK_SUFFIX, VALUES_SUFFIX, SHAPE_SUFFIX)
+                    ]
+                continue
+            entries.append((key, None, key))
+        compressed = {}
+        for name, prefix, key in sorted(entries):
+            if prefix is None:
+                add(name, tensors[key]())
+                continue
+            if prefix not in compressed:  # the bitmask comes first in name order; values and shape follow it
+                weight, mask = tensors[prefix + ".weight"](), tensors[prefix + ".weight_mask"]()
+                compressed = {
+                    prefix: dict(zip((MASK_SUFFIX, VALUES_SUFFIX, SHAPE_SUFFIX), compress_weight(weight, mask)))
+                }
+            add(name, compressed[prefix][name[len(prefix) :]])
+    return digest.hexdigest()
+
+
+def weights_identity(folder: str | Path) -> dict:
+    """``{"tensors_sha256": ..., "weight_files": [names]}`` of a `save_pretrained` folder."""
+    return {"tensors_sha256": tensors_sha256(folder), "weight_files": [p.name for p in weight_files(Path(folder))]}
 
 
 def training_run(folder: str | Path) -> tuple[str | None, int | None]:
@@ -88,7 +142,7 @@ def local_identity(folder: str | Path) -> dict:
         "run": run,
         "step": step,
         "slug": f"{name}-checkpoint-{step}" if step is not None else name,
-        **weights_sha256(folder),
+        **weights_identity(folder),
     }
 
 
@@ -124,8 +178,8 @@ def hub_identity(repo_id: str, revision: str | None = None) -> dict:
         "run": None,
         "step": None,
         "slug": repo_id.replace("/", "--"),
-        "weights_sha256": None,
-        "weight_files": {},
+        "tensors_sha256": None,
+        "weight_files": [],
     }
     try:
         info = HfApi().model_info(repo_id, revision=revision)
@@ -158,17 +212,18 @@ def hub_identity(repo_id: str, revision: str | None = None) -> dict:
             f"--model {repo_id}: cannot reach the Hub ({reason}) and the cached copy has no config.json; "
             "pass a local path"
         )
-    return {**identity, "revision": folder.name, "cached_path": str(folder), **weights_sha256(folder)}
+    return {**identity, "revision": folder.name, "cached_path": str(folder), **weights_identity(folder)}
 
 
 def same_model(a: dict, b: dict) -> bool:
-    """Whether two identities name the same weights (sha256 when both have one, else Hub id and commit)."""
-    if a.get("weights_sha256") and b.get("weights_sha256"):
-        return a["weights_sha256"] == b["weights_sha256"]
+    """Whether two identities name the same weights: the tensors' sha256 when both have one (so a lossless
+    `compress` / `decompress` of a checkpoint is the same model), else Hub id and commit."""
+    if a.get("tensors_sha256") and b.get("tensors_sha256"):
+        return a["tensors_sha256"] == b["tensors_sha256"]
     return bool(a.get("hub_id")) and a.get("hub_id") == b.get("hub_id") and a.get("revision") == b.get("revision")
 
 
 def describe(identity: dict) -> str:
     where = identity.get("path") or f"{identity.get('hub_id')}@{identity.get('revision')}"
-    digest = identity.get("weights_sha256")
-    return f"{where} (weights sha256 {digest[:12]}…)" if digest else where
+    digest = identity.get("tensors_sha256")
+    return f"{where} (tensors sha256 {digest[:12]}…)" if digest else where

@@ -26,6 +26,7 @@ from .hardware import ATTENTION_BACKENDS, MIXED_PRECISION
 
 BUILTIN = "builtin"
 LOCAL_LOADERS = ("json", "parquet", "text", "csv")
+BAD_TEXT = ("error", "skip")
 
 
 @dataclass
@@ -42,6 +43,10 @@ class DataConfig:
     offline_fallback: when a *Hub* dataset cannot be reached because the machine is offline, train on the
         built-in corpus and tokenizer instead; every record of the run says so. Any other problem is an error.
     prefetch_batches: micro-batches packed ahead in a background thread (0: pack on demand).
+    bad_text: what a document whose ``text_column`` is not a string (null, an empty CSV cell, a number) does:
+        ``error`` (default) stops, naming the file, column and first bad row (the first 1000 documents of each
+        split are checked before training starts); ``skip`` leaves such documents out and counts them in
+        ``train_summary.json`` (``skipped_documents``).
     """
 
     dataset: str = BUILTIN
@@ -56,12 +61,14 @@ class DataConfig:
     shuffle_buffer: int = 0
     offline_fallback: bool = True
     prefetch_batches: int = 32
+    bad_text: str = "error"
 
     def validate(self):
         checks.integer("data.seq_len", self.seq_len)
         checks.integer("data.holdout_every", self.holdout_every, low=2)
         checks.integer("data.shuffle_buffer", self.shuffle_buffer, low=0)
         checks.integer("data.prefetch_batches", self.prefetch_batches, low=0)
+        checks.choice("data.bad_text", self.bad_text, BAD_TEXT)
         for key in ("dataset", "text_column", "train_split", "tokenizer"):
             checks.text(f"data.{key}", getattr(self, key))
         if self.validation_split is not None:

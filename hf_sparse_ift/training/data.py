@@ -5,6 +5,10 @@
   or a deterministic slice of training documents held out), the tokenizer, and — only when a Hub dataset
   cannot be reached because the machine is offline — the built-in fallback with its reason. It reads the
   first document of each stream, so a missing column or an empty file is an error before training starts.
+* Bad text: a document whose text is not a string (a JSON null, an empty CSV cell, a number) stops the run with
+  its file, column and row (`bad_texts` finds them by reading the split's files in order; the first
+  `CHECKED_DOCUMENTS` of each split are read before training), or, with ``data.bad_text: skip``, is left out and
+  counted (`PackedStream.skipped`, saved with the stream position).
 * Sharding: ``datasets.distributed.split_dataset_by_node`` gives each rank a disjoint part.
 * Packing: documents are joined with EOS and cut into ``seq_len`` tokens; the remainder carries over to the
   next sequence, so no token is lost or repeated within an epoch.
@@ -33,6 +37,7 @@ from .config import BUILTIN, LOCAL_LOADERS, DataConfig
 
 logger = logging.getLogger(__name__)
 TOKENIZE_BATCH_DOCS = 64
+CHECKED_DOCUMENTS = 1000  # documents of each split whose text is checked before training starts
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")
 _LOADER_BY_SUFFIX = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 
@@ -52,6 +57,7 @@ class DataSource:
     seq_len: int
     shuffle_buffer: int = 0
     fallback: str | None = None  # why the built-in corpus replaced what the config asked for
+    bad_text: str = "error"  # or "skip": documents whose text is not a string are left out and counted
 
     def describe_validation(self) -> str:
         if self.holdout_every:
@@ -68,7 +74,8 @@ class DataSource:
 # ----------------------------------------------------------------------------------------------
 # Resolving the config into a source
 # ----------------------------------------------------------------------------------------------
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, key: str = "data.tokenizer"):
+    """The tokenizer `name` (a folder, a Hub name or builtin); errors name it as ``key=name``."""
     from transformers import AutoTokenizer
 
     path = builtin_dir() / "tokenizer" if name == BUILTIN else name
@@ -77,10 +84,9 @@ def load_tokenizer(name: str):
     except OSError as err:
         if _is_offline_error(err):
             raise ValueError(
-                f"data.tokenizer={name!r}: cannot reach the Hub to load it (offline); pass a local "
-                "tokenizer folder or builtin"
+                f"{key}={name!r}: cannot reach the Hub to load it (offline); pass a local tokenizer folder or builtin"
             ) from None
-        raise ValueError(f"data.tokenizer={name!r} cannot be loaded: {err}") from None
+        raise ValueError(f"{key}={name!r} cannot be loaded: {err}") from None
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {name!r} has no EOS token, which packing needs between documents")
     return tokenizer
@@ -153,6 +159,7 @@ def _builtin_source(cfg: DataConfig, fallback: str | None = None) -> DataSource:
         seq_len=cfg.seq_len,
         shuffle_buffer=cfg.shuffle_buffer,
         fallback=fallback,
+        bad_text=cfg.bad_text,
     )
 
 
@@ -182,6 +189,7 @@ def resolve_data_source(cfg: DataConfig) -> DataSource:
             tokenizer=cfg.tokenizer,
             seq_len=cfg.seq_len,
             shuffle_buffer=cfg.shuffle_buffer,
+            bad_text=cfg.bad_text,
         )
         has_validation = cfg.validation_split in files
     elif cfg.dataset == BUILTIN:
@@ -207,6 +215,7 @@ def resolve_data_source(cfg: DataConfig) -> DataSource:
             tokenizer=cfg.tokenizer,
             seq_len=cfg.seq_len,
             shuffle_buffer=cfg.shuffle_buffer,
+            bad_text=cfg.bad_text,
         )
         try:
             _first_document(source, cfg.train_split)
@@ -287,7 +296,62 @@ def _check(source: DataSource) -> DataSource:
                 f"data.text_column={source.text_column!r} is not a column of {source.dataset!r}; "
                 f"columns: {sorted(document)}"
             )
+    if source.bad_text == "error":
+        for split in dict.fromkeys(s for s in (source.train_split, source.validation_split) if s):
+            found = next(bad_texts(source, split, CHECKED_DOCUMENTS), None)
+            if found is not None:
+                raise BadTextError(bad_text_message(source, split, *found))
     return source
+
+
+# ----------------------------------------------------------------------------------------------
+# Documents whose text is not a string
+# ----------------------------------------------------------------------------------------------
+class BadTextError(ValueError):
+    pass
+
+
+def split_files(source: DataSource, split: str) -> tuple[str, list[str]] | None:
+    """(loader, files) that `_load_split` streams for `split`, in stream order; None when they cannot be listed."""
+    if source.dataset == BUILTIN:
+        return "json", [str(builtin_dir() / f"corpus-{split}.jsonl.gz")]
+    if source.data_files is not None:
+        return source.dataset, list(source.data_files.get(split, []))
+    from datasets import load_dataset_builder
+
+    try:
+        builder = load_dataset_builder(source.dataset, source.dataset_config)
+        return builder.name, list(builder.config.data_files[split])
+    except Exception:  # a dataset with a loading script, or an unreachable Hub: no file list
+        return None
+
+
+def bad_texts(source: DataSource, split: str, limit: int | None = None):
+    """``(file, row, value)`` of each document of `split` whose text is not a string, in stream order (row: 1-based
+    within its file). Reads the split's files one by one, at most `limit` documents in all."""
+    listed = split_files(source, split)
+    if listed is None:
+        return
+    loader, files = listed
+    read = 0
+    for file in files:
+        rows = load_dataset(loader, data_files={split: [file]}, split=split, streaming=True)
+        for row, document in enumerate(rows, 1):
+            if limit is not None and read == limit:
+                return
+            read += 1
+            value = document.get(source.text_column)
+            if not isinstance(value, str):
+                yield file, row, value
+
+
+def bad_text_message(source: DataSource, split: str, file: str | None, row: int | None, value) -> str:
+    where = f"{file}, row {row}" if file else f"a document of split {split!r} of {source.dataset!r}"
+    return (
+        f"{where}: column {source.text_column!r} holds {value!r} ({type(value).__name__}), not text; every "
+        f"document's data.text_column must be a string. Fix the data, or set data.bad_text=skip to leave such "
+        "documents out (the run counts them in train_summary.json)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,20 +401,31 @@ class PackedStream(torch.utils.data.IterableDataset):
         tokenize_batch_docs: int = TOKENIZE_BATCH_DOCS,
     ):
         self.source, self.role, self.seed, self.endless = source, role, seed, endless
+        self.split = (
+            source.validation_split if role == "validation" and not source.holdout_every else source.train_split
+        )
         self.eos = tokenizer.eos_token_id
         docs = load_documents(source, role)
         if source.shuffle_buffer:
             docs = docs.shuffle(seed=seed, buffer_size=source.shuffle_buffer)
         docs = split_dataset_by_node(docs, rank=rank, world_size=world_size)
-        column = source.text_column
+        column, split = source.text_column, self.split
 
         def tokenize(batch):
             if column not in batch:
                 raise ValueError(
                     f"data.text_column={column!r} is not a column of {source.dataset!r}; columns: {sorted(batch)}"
                 )
+            texts = batch[column]
+            good = [i for i, text in enumerate(texts) if isinstance(text, str)]
+            if len(good) < len(texts) and source.bad_text == "error":
+                value = next(text for text in texts if not isinstance(text, str))
+                found = next(bad_texts(source, split), (None, None, value))  # the first one in file order
+                raise BadTextError(bad_text_message(source, split, *found))
             # verbose=False: documents longer than model_max_length are expected; packing cuts them.
-            return {"input_ids": tokenizer(batch[column], add_special_tokens=False, verbose=False)["input_ids"]}
+            ids = tokenizer([texts[i] for i in good], add_special_tokens=False, verbose=False)["input_ids"]
+            by_position = dict(zip(good, ids))
+            return {"input_ids": [by_position.get(i) for i in range(len(texts))]}  # None: skipped, counted below
 
         # 64 documents per tokenizer call instead of datasets' 1000: a call takes tens of milliseconds instead
         # of up to 1.6 s on Pile-sized documents, for 8% less throughput (still 3x what an H100 needs).
@@ -359,6 +434,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         )
         self.epoch = 0
         self.buffer: list[int] = []
+        self.skipped = 0  # documents left out for bad text (data.bad_text=skip), over all epochs
         self._resume_state = None
 
     def __iter__(self):
@@ -370,6 +446,15 @@ class PackedStream(torch.utils.data.IterableDataset):
                 self._resume_state = None
             produced = False
             for example in self.tokens:
+                if example["input_ids"] is None:
+                    if not self.skipped:
+                        logger.warning(
+                            "skipping documents whose %r is not text (data.bad_text=skip); train_summary.json "
+                            "counts them",
+                            self.source.text_column,
+                        )
+                    self.skipped += 1
+                    continue
                 self.buffer.extend(example["input_ids"])
                 self.buffer.append(self.eos)
                 while len(self.buffer) >= seq_len:
@@ -377,8 +462,9 @@ class PackedStream(torch.utils.data.IterableDataset):
                     produced = True
                     yield torch.tensor(sequence, dtype=torch.long)
             if not produced:
+                files = f" (files {self.source.data_files[self.split]})" if self.source.data_files else ""
                 raise ValueError(
-                    f"the {self.role} stream of {self.source.dataset!r} gave this rank fewer than "
+                    f"the {self.role} stream of {self.source.dataset!r}{files} gave this rank fewer than "
                     f"data.seq_len={seq_len} tokens"
                 )
             self.epoch += 1
@@ -388,11 +474,17 @@ class PackedStream(torch.utils.data.IterableDataset):
 
     # Resuming: the stream position is read right after a sequence was taken, so it is exact.
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "buffer": list(self.buffer), "stream": self.tokens.state_dict()}
+        return {
+            "epoch": self.epoch,
+            "buffer": list(self.buffer),
+            "skipped": self.skipped,
+            "stream": self.tokens.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
         self.buffer = list(state["buffer"])
+        self.skipped = state.get("skipped", 0)
         self._resume_state = state["stream"]
 
 
@@ -478,19 +570,29 @@ class Batches:
         self._position = None
 
 
+class HeldOutBatches(list):
+    """The fixed held-out batches, and how many held-out documents were skipped for bad text."""
+
+    skipped_documents: int = 0
+
+
 def validation_batches(
     source: DataSource, tokenizer, batch_size: int, num_batches: int, rank: int = 0, world_size: int = 1
-) -> list[torch.Tensor]:
+) -> HeldOutBatches:
     """A fixed list of held-out batches (the same at every evaluation, so losses compare).
 
     At most `num_batches`; fewer when one pass over the held-out stream gives fewer sequences.
     """
+    batches = HeldOutBatches()
     if source.validation_split is None and not source.holdout_every:
-        return []
+        return batches
     sequences = []
-    for sequence in PackedStream(source, tokenizer, "validation", rank, world_size, endless=False):
+    stream = PackedStream(source, tokenizer, "validation", rank, world_size, endless=False)
+    for sequence in stream:
         sequences.append(sequence)
         if len(sequences) == batch_size * num_batches:
             break
     usable = len(sequences) - len(sequences) % batch_size
-    return [torch.stack(sequences[i : i + batch_size]) for i in range(0, usable, batch_size)]
+    batches.extend(torch.stack(sequences[i : i + batch_size]) for i in range(0, usable, batch_size))
+    batches.skipped_documents = stream.skipped
+    return batches

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 
 from ..models.sparse_wide_gpt.modeling_sparse_wide_gpt import SparseWideGPTForCausalLM
 from ..sparsity import parameter_counts
@@ -430,6 +430,13 @@ def _check_masks(s: Session) -> None:
     s.mask_checks += s.accelerator.num_processes > 1
 
 
+def _skipped_documents(s: Session) -> dict:
+    """Documents left out for bad text (data.bad_text=skip) by all processes: in training up to the last batch
+    trained on, and in the held-out batches."""
+    counts = gather_object([(s.train_batches.state_dict().get("skipped", 0), s.val_batches.skipped_documents)])
+    return {"train": sum(train for train, _ in counts), "validation": sum(held_out for _, held_out in counts)}
+
+
 def _write_summary(s: Session) -> dict:
     p = s.progress
     summary = {
@@ -447,6 +454,7 @@ def _write_summary(s: Session) -> dict:
         "mask_checks": s.mask_checks,
         "tokens_per_s": s.last_tokens_per_s,
         "sparse_layer_sparsity": s.engine.sparsity(),
+        "skipped_documents": _skipped_documents(s),
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
         "run_config": s.run.to_dict(),
     }

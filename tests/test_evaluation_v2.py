@@ -3,7 +3,6 @@ its guards, and model cards with v2 results."""
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import shutil
@@ -18,6 +17,7 @@ from huggingface_hub import ModelCard
 from hf_sparse_ift import SparseWideGPTForCausalLM
 from hf_sparse_ift.cli import main
 from hf_sparse_ift.evaluation import suites
+from hf_sparse_ift.hub.identity import tensors_sha256
 
 MUSR_CHOICES = {"murder_mysteries": 2, "object_placements": 5, "team_allocation": 3}  # leaderboard docs, "About"
 
@@ -115,7 +115,7 @@ def test_v2_suite_runs_offline_and_normalises_lm_evals_raw_scores(v2_run, tiny):
     # the model's identity and the run's settings
     model = summary["model"]
     assert model["path"] == str(tiny.resolve()) and model["run"] == "tiny-sw75-set" and model["step"] == 6
-    assert model["weights_sha256"] == hashlib.sha256((tiny / "model.safetensors").read_bytes()).hexdigest()
+    assert model["tensors_sha256"] == tensors_sha256(tiny) and model["weight_files"] == ["model.safetensors"]
     assert (
         summary["suite"],
         summary["limit"],
@@ -146,7 +146,7 @@ def test_earlier_results_are_not_overwritten_without_overwrite(v2_run, tiny, cap
 def test_overwrite_replaces_the_folder_and_full_runs_go_elsewhere_than_partial_ones(tiny, tmp_path):
     old = tmp_path / "tiny-sw75-set-checkpoint-6" / "builtin-limit2"
     old.mkdir(parents=True)
-    (old / "summary.json").write_text("{}")
+    (old / "summary.json").write_text(json.dumps({"model": {"tensors_sha256": tensors_sha256(tiny)}}))  # this model's
     (old / "lm_eval_stale_task.json").write_text("{}")
     args = [
         "evaluate",

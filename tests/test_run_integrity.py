@@ -278,15 +278,17 @@ def test_a_local_copy_of_the_pile_streams_through_the_recipes_path(tmp_path):
     """The GPT-3 Small configs stream a Hub dataset of .jsonl.zst shards (train/NN.jsonl.zst, val.jsonl.zst): a
     local folder laid out like it is read by the same `load_dataset(name, split=..., streaming=True)` call, with the
     recipe's shuffle buffer and context, each rank streaming its own shards."""
-    from hf_sparse_ift.training.data import PackedStream, load_tokenizer
+    from hf_sparse_ift.training.data import BadTextError, PackedStream, load_tokenizer
 
     pile = tmp_path / "pile-uncopyrighted"
     train_docs = pile_documents(300) + pile_documents(300, "more")
     write_zst(pile / "train" / "00.jsonl.zst", train_docs[:300])
     write_zst(pile / "train" / "01.jsonl.zst", train_docs[300:])
     write_zst(pile / "val.jsonl.zst", pile_documents(40, "held-out"))
+    recipes = ("pretrain-gpt3-small-dense", "pretrain-gpt3-small-sw50-set", "pretrain-gpt3-small-sw75-set")
+    assert len({str(load_pretrain_config(name).data) for name in recipes}) == 1  # one data path for all three
     cfg = load_pretrain_config("pretrain-gpt3-small-sw75-set", [f"data.dataset={pile}", "data.tokenizer=builtin"])
-    assert cfg.data.shuffle_buffer == 10000 and cfg.data.seq_len == 2048
+    assert cfg.data.dataset != "monology/pile-uncopyrighted" and cfg.data.shuffle_buffer == 10000
     source = resolve_data_source(cfg.data)
     # datasets takes the splits from the train/ folder alone (val.jsonl.zst needs a dataset card's `configs` or
     # data.data_files), so validation is held out of the training split, and the records say so
@@ -299,6 +301,10 @@ def test_a_local_copy_of_the_pile_streams_through_the_recipes_path(tmp_path):
     sequences = [[tuple(s.tolist()) for s in shard] for shard in shards]
     assert all(len(seqs) > 0 and all(len(s) == 2048 for s in seqs) for seqs in sequences)
     assert not set(sequences[0]) & set(sequences[1])
+    train_docs[310]["text"] = None  # a bad document is named by its shard of the folder
+    write_zst(pile / "train" / "01.jsonl.zst", train_docs[300:])
+    with pytest.raises(BadTextError, match=r"train/01\.jsonl\.zst, row 11: column 'text' holds None"):
+        resolve_data_source(cfg.data)
 
 
 # 14. bad text: named (file, column, row) or, with data.bad_text=skip, left out and counted -----------------------

@@ -171,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _where_it_stopped(args, argv: list[str]) -> str:
     """After Ctrl-C: where the work stopped and the exact command that continues it (pretrain and study resume
-    from their newest complete checkpoints; the other commands write their results only once they finish)."""
+    from their newest complete checkpoints; the other commands are run again)."""
     if args.command not in ("pretrain", "study") or getattr(args, "report_only", False):
-        return "nothing was written; run the command again"
+        return "stopped before it finished; run the command again"
     from .training.checkpoint import newest_complete_checkpoint
 
     resume = "hf-sparse-ift " + shlex.join(argv if "--resume" in argv else [*argv, "--resume"])

@@ -255,6 +255,7 @@ def write_zst(path: Path, docs: list[dict]) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_the_piles_jsonl_zst_trains_and_evaluates(tmp_path, capsys):
     from hf_sparse_ift.cli import main
 
@@ -320,6 +321,7 @@ def test_bad_text_past_the_checked_documents_is_named_when_reached(tmp_path):
         list(PackedStream(source, load_tokenizer("builtin"), "train", endless=False))
 
 
+@pytest.mark.slow
 def test_skipped_bad_text_is_counted_in_the_records(tmp_path):
     texts = documents(400)
     bad = {0: None, 1: 7, 2: None, 199: None}  # rows 1-3 are trained on first; row 200 is held out (every 100th)
@@ -391,6 +393,7 @@ def interrupted(*args, **kwargs):
     raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_pretrain_names_the_last_checkpoint_and_the_resume_command(tmp_path, monkeypatch, capsys):
     import shlex
 
@@ -465,3 +468,43 @@ def test_ctrl_c_in_a_study_names_the_runs_kept_and_the_resume_command(tmp_path, 
         f"hf-sparse-ift study: interrupted: 1 run(s) finished in {out / 'runs'}; {checkpoint.parent} resumes from "
         f"checkpoint-20; continue with: hf-sparse-ift study --config study-cpu-small --output-dir {out} --resume\n"
     )
+
+
+def test_a_model_folder_without_tokenizer_is_scored_with_tokenizer(tmp_path, monkeypatch, capsys):
+    from conftest import tiny_config
+    from lm_eval.models import huggingface as lm_eval_hf
+
+    from hf_sparse_ift import SparseWideGPTForCausalLM
+    from hf_sparse_ift.cli import main
+
+    bare = tmp_path / "bare"  # save_pretrained of a model alone: no tokenizer
+    SparseWideGPTForCausalLM(tiny_config(vocab_size=4096, n_positions=64)).save_pretrained(bare)
+    argv = ["perplexity", "--model", str(bare), "--tokenizer", "builtin", "--batch-size", "2", "--max-batches", "1"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 2 * 64
+
+    class Loaded(Exception):
+        pass
+
+    given = {}
+
+    def load(self, **kwargs):  # stands in for lm-eval's model loading: what evaluate hands it is the point
+        given.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(lm_eval_hf.HFLM, "__init__", load)
+    with pytest.raises(Loaded):
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(bare),
+                "--tokenizer",
+                "builtin",
+                "--suite",
+                "builtin",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+    assert given["pretrained"] == str(bare.resolve()) and len(given["tokenizer"]) == 4096

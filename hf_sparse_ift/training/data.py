@@ -350,7 +350,7 @@ def bad_text_message(source: DataSource, split: str, file: str | None, row: int 
     return (
         f"{where}: column {source.text_column!r} holds {value!r} ({type(value).__name__}), not text; every "
         f"document's data.text_column must be a string. Fix the data, or set data.bad_text=skip to leave such "
-        "documents out (the run counts them in train_summary.json)"
+        "documents out (they are counted)"
     )
 
 

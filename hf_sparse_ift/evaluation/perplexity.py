@@ -7,9 +7,11 @@ import math
 from ..hub.identity import resolve_model
 
 
-def check_perplexity_args(model: str, seq_len: int | None, batch_size: int, max_batches: int) -> tuple[dict, int]:
-    """The model's identity and the sequence length to use; a ValueError naming the bad value otherwise. Reads
-    only the model's config."""
+def check_perplexity_args(
+    model: str, seq_len: int | None, batch_size: int, max_batches: int
+) -> tuple[dict, int, int | None]:
+    """The model's identity, the sequence length to use and the model's vocabulary size; a ValueError naming the
+    bad value otherwise. Reads only the model's config."""
     from transformers import AutoConfig
 
     import hf_sparse_ift  # noqa: F401  (registers the config class)
@@ -23,8 +25,9 @@ def check_perplexity_args(model: str, seq_len: int | None, batch_size: int, max_
         identity.get("path") or identity["hub_id"], revision=identity.get("revision"), trust_remote_code=True
     )
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    vocab_size = getattr(config, "vocab_size", None)
     if seq_len is None:
-        return identity, positions
+        return identity, positions, vocab_size
     if positions and not 1 <= seq_len <= positions:
         raise ValueError(
             f"--seq-len {seq_len} does not fit the model: it has {positions} positions "
@@ -32,7 +35,7 @@ def check_perplexity_args(model: str, seq_len: int | None, batch_size: int, max_
         )
     if seq_len < 1:
         raise ValueError(f"--seq-len {seq_len} must be at least 1")
-    return identity, seq_len
+    return identity, seq_len, vocab_size
 
 
 # The data layer names its settings as pretraining config keys; perplexity's errors name its own flags.
@@ -69,7 +72,7 @@ def perplexity(
 ) -> dict:
     """Mean next-token loss and perplexity of `model` on held-out text, packed like training: the split `split` of
     `dataset`, or every document of `data_files` (read as split `split`)."""
-    identity, seq_len = check_perplexity_args(model, seq_len, batch_size, max_batches)
+    identity, seq_len, vocab_size = check_perplexity_args(model, seq_len, batch_size, max_batches)
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -80,7 +83,7 @@ def perplexity(
 
     source = identity.get("path") or identity["hub_id"]
     try:
-        tok = model_tokenizer(identity, tokenizer) or load_tokenizer(str(source), key="--model")
+        tok = model_tokenizer(identity, tokenizer, vocab_size) or load_tokenizer(str(source), key="--model")
         if dataset == BUILTIN and data_files is None:
             cfg = DataConfig(validation_split=split, seq_len=seq_len, bad_text=bad_text)
         else:  # the given split (or files) is the held-out text, all of it: nothing is held out of a training split

@@ -1,4 +1,4 @@
-"""Which model a result belongs to: a local `save_pretrained` folder (path, weights sha256, training run) or a Hub
+"""Which model a result belongs to: a local `save_pretrained` folder (path, tensors sha256, training run) or a Hub
 model (repo id and commit), resolved before anything is loaded so that a bad ``--model`` fails in one sentence."""
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def tensors_sha256(folder: str | Path) -> str | None:
             if prefix is None:
                 add(name, tensors[key]())
                 continue
-            if prefix not in compressed:  # the bitmask comes first in name order; values and shape follow it
+            if prefix not in compressed:  # the first of the layer's three names compresses it, one layer held at a time
                 weight, mask = tensors[prefix + ".weight"](), tensors[prefix + ".weight_mask"]()
                 compressed = {
                     prefix: dict(zip((MASK_SUFFIX, VALUES_SUFFIX, SHAPE_SUFFIX), compress_weight(weight, mask)))

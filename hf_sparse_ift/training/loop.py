@@ -420,8 +420,9 @@ def fit(s: Session) -> dict:
             start = time.time()
             save_checkpoint(accelerator, s.model, s.tokenizer, run, s.out_dir, progress.step)
     log.close()
+    summary = _write_summary(s)  # a collective (the skipped-document counts): before end_training ends the group
     accelerator.end_training()
-    return _write_summary(s)
+    return summary
 
 
 def _check_masks(s: Session) -> None:

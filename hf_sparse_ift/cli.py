@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from .study import cli as study_cli  # study
+from .study import commands as study_cli  # study
 
 DEFAULT_PRETRAIN_CONFIG = "pretrain-tiny"
 

@@ -253,7 +253,7 @@ def test_smoke_study_files_invariants_skip_and_resume(tmp_path, monkeypatch):
     from hf_sparse_ift.training import data
 
     original_next, original_pretrain = data.Batches.__next__, runner.pretrain
-    current = {}
+    current = {"run": "calibration"}  # the calibration times real training steps, on the real data stream
 
     def recording_next(self):
         batch = original_next(self)

@@ -162,7 +162,7 @@ def markdown(
     study_verdict: Verdict,
 ) -> str:
     lines = ["# Does Sparse Wide pay off? Study results", "", *_data_lines(study, data_check)]
-    lines += ["", study_regime.sentence(), _time_line(study, arms)]
+    lines += ["", _time_line(study, arms)]
     lines += [
         "",
         "| arm | d_model / d_ff | layer sparsity | params total | params active | tokens / non-emb. active param "

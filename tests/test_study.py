@@ -600,3 +600,34 @@ def test_calibration_times_the_training_loops_own_step(tmp_path, monkeypatch):
     times = runner._timed_steps(cfg, steps=2, warmup=1)
     assert len(times) == 2 and all(t > 0 for t in times)
     assert calls == [str(tmp_path / "calibration-runs" / "dense")] * 3
+
+
+def test_a_stopped_and_resumed_run_logs_only_its_running_time(tmp_path):
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hf_sparse_ift.study.results import read_scalars
+    from hf_sparse_ift.training.config import build_pretrain_config
+    from hf_sparse_ift.training.loop import pretrain
+
+    def run_config(steps):
+        tree = copy.deepcopy(TINY_BASE)
+        tree["train"].update(output_dir=str(tmp_path / "run"), max_steps=steps)
+        tree["dst"]["method"] = "static"  # the dense base, as the study trains it
+        return build_pretrain_config(tree)
+
+    pretrain(run_config(2))
+    time.sleep(3)  # the study is stopped
+    summary = pretrain(run_config(4), resume=True)
+    running = read_scalars(tmp_path / "run", ("val/running_seconds",))["val/running_seconds"]
+    assert sorted(running) == [0, 2, 4] and running[0] == 0
+    assert running[0] < running[2] < running[4] <= summary["wall_seconds"]
+    # the tracker's clock spans the pause; the running time does not
+    clock = {}
+    for events in (tmp_path / "run").rglob("events.out.tfevents*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if "val/loss" in accumulator.Tags()["scalars"]:
+            clock.update({e.step: e.wall_time for e in accumulator.Scalars("val/loss")})
+    assert (clock[4] - clock[2]) - (running[4] - running[2]) > 3

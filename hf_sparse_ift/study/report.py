@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .arms import Arm, flop_accounting
+from .arms import Arm, arm_name, flop_accounting
 from .config import ArmKind, StudyConfig
 from .plots import plots
 from .results import ArmResult, Verdict, collect, recorded_runs, verdict
@@ -95,7 +95,7 @@ def iso_time_checks(arms: list[ArmResult], calibration: dict | None) -> list[Iso
             continue
         calibrated = calibration["arms"][arm.name]
         reference = by_name.get(calibrated["reference_arm"])
-        dense = by_name.get("dense")
+        dense = by_name.get(arm_name(ArmKind.DENSE))
         dense = dense if dense is not None and dense.finished else arm
         sw_step = reference.seconds_per_step() if reference else None
         dense_step = dense.seconds_per_step()

@@ -91,6 +91,23 @@ def test_base_must_be_dense_and_base_keys_are_checked(tmp_path):
         build_study_config(tree)
 
 
+def test_arm_names_come_from_one_place():
+    from hf_sparse_ift.study.arms import arm_name
+
+    assert arm_name(ArmKind.DENSE) == "dense"
+    assert arm_name(ArmKind.SPARSE_WIDE, 0.75, "set") == "sw-s75-set"
+    assert arm_name(ArmKind.SPARSE_WIDE, 0.75, "set", block=16) == "sw-s75-block16-set"  # the block arms' names
+    assert arm_name(ArmKind.DENSE_ISO_FLOP_TOKENS, 0.5) == "dense-iso-flop-tokens-s50"
+    study = build_study_config(tiny_study("unused", arms=[kind.value for kind in ArmKind]))
+    assert [arm.name for arm in build_arms(study)] == [
+        "dense",
+        "dense-iso-flop-s75",
+        "dense-iso-flop-tokens-s75",
+        "sw-s75-set",
+        "dense-iso-time-s75",
+    ]
+
+
 def test_shipped_study_configs_load():
     for name in ("study-cpu-small", "study-cpu-20tpp", "study-gpu-gpt3-small"):
         study = load_study_config(name)

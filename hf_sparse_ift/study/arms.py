@@ -30,13 +30,15 @@ from ..training.config import PretrainConfig, build_pretrain_config
 from .config import ArmKind, StudyConfig
 
 
-def arm_name(kind: ArmKind, sparsity: float = 0.0, method: str = "static") -> str:
-    """The one place arm names are made: ``dense``, ``sw-s75-set``, ``dense-iso-flop-s75``, ..."""
+def arm_name(kind: ArmKind, sparsity: float = 0.0, method: str = "static", block: int = 1) -> str:
+    """The one place arm names are made: ``dense``, ``sw-s75-set``, ``dense-iso-flop-s75``, ... A Sparse Wide arm
+    whose masks hold blocks of `block` x `block` weights (model key ``sparsity_block``) is ``sw-s75-block16-set``."""
     if kind is ArmKind.DENSE:
-        return "dense"
+        return kind.value
     percent = round(sparsity * 100)
     if kind is ArmKind.SPARSE_WIDE:
-        return f"sw-s{percent:d}-{method}"
+        layout = "" if block == 1 else f"block{block:d}-"
+        return f"sw-s{percent:d}-{layout}{method}"
     return f"{kind.value}-s{percent:d}"
 
 
@@ -50,8 +52,13 @@ class Arm:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def block(self) -> int:
+        """Side of the square weight blocks the masks hold (1: single weights), as the model config says."""
+        return self.tree["model"].get("sparsity_block", 1)
+
+    @property
     def name(self) -> str:
-        return arm_name(self.kind, self.sparsity, self.method)
+        return arm_name(self.kind, self.sparsity, self.method, self.block)
 
     def pretrain_config(self, output_dir: str, seed: int) -> PretrainConfig:
         """The ordinary pretraining config of this arm's run with `seed`."""

@@ -94,8 +94,7 @@ def _plot_curves(plt, out: Path, arms: list[ArmResult]) -> str:
             ax.set_xlabel(label)
             ax.set_xscale("log")
     axes[0].set_ylabel("validation loss (mean over seeds; band: min-max)")
-    for ax in axes:
-        ax.legend(fontsize=7)
+    axes[0].legend(fontsize=7)  # one legend: every arm has the same colour and line style in all three panels
     fig.suptitle("Validation loss of every arm vs tokens, ideal training FLOPs and running seconds")
     return _save(plt, fig, out, "loss_vs_flops.png")
 

@@ -18,7 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .study import cli as study_cli  # study
+from .study import commands as study_cli  # study
 
 DEFAULT_PRETRAIN_CONFIG = "pretrain-tiny"
 

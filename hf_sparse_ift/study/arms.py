@@ -5,9 +5,11 @@
 * ``dense-iso-flop-s<S>``: a dense model widened until its *total* forward FLOPs per token (LM head and
   attention scores included) equal Sparse Wide S's ideal FLOPs. Widening d_model widens the LM head and the
   attention scores too, so Sparse Wide costs more in total than the dense base: this control pays the dense
-  model the same total. d_model is a multiple of the head count; d_ff is solved exactly to close the gap;
+  model the same total as width. d_model is a multiple of the head count; d_ff is solved exactly to close the gap;
+* ``dense-iso-flop-tokens-s<S>``: the dense base trained on more tokens, until its total ideal training FLOPs
+  equal Sparse Wide S's: the same total compute spent on data instead of width;
 * ``dense-iso-time-s<S>``: the dense base trained for as many steps as take the masked-dense Sparse Wide S
-  arm's wall-clock on this hardware (steps from an interleaved timing calibration, see `runner`).
+  arm's wall-clock on this hardware (steps from a timing calibration of the real training step, see `runner`).
 
 FLOPs per token (`iso_flop.count_flops`, forward; training = 3 x forward):
   block_layers  = the paper's iso-FLOP quantity: the block linears (sparse ones at their active weights);
@@ -23,20 +25,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
-from ..models.sparse_wide_gpt.iso_flop import GPTShape, count_flops, count_parameters
+from ..models.sparse_wide_gpt.iso_flop import count_flops, count_parameters
 from ..training.config import PretrainConfig, build_pretrain_config
-from .config import StudyConfig
+from .config import ArmKind, StudyConfig
+
+
+def arm_name(kind: ArmKind, sparsity: float = 0.0, method: str = "static", block: int = 1) -> str:
+    """The one place arm names are made: ``dense``, ``sw-s75-set``, ``dense-iso-flop-s75``, ... A Sparse Wide arm
+    whose masks hold blocks of `block` x `block` weights (model key ``sparsity_block``) is ``sw-s75-block16-set``."""
+    if kind is ArmKind.DENSE:
+        return kind.value
+    percent = round(sparsity * 100)
+    if kind is ArmKind.SPARSE_WIDE:
+        layout = "" if block == 1 else f"block{block:d}-"
+        return f"sw-s{percent:d}-{layout}{method}"
+    return f"{kind.value}-s{percent:d}"
 
 
 @dataclass
 class Arm:
-    name: str
-    kind: str  # dense | sparse-wide | dense-iso-flop | dense-iso-time
+    kind: ArmKind
     sparsity: float  # of the Sparse Wide arm it belongs to (0 for dense)
     method: str  # DST method (static for dense arms)
     tree: dict  # pretraining tree without output_dir / seed
     steps: int | None  # None for dense-iso-time until calibrated
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def block(self) -> int:
+        """Side of the square weight blocks the masks hold (1: single weights), as the model config says."""
+        return self.tree["model"].get("sparsity_block", 1)
+
+    @property
+    def name(self) -> str:
+        return arm_name(self.kind, self.sparsity, self.method, self.block)
 
     def pretrain_config(self, output_dir: str, seed: int) -> PretrainConfig:
         """The ordinary pretraining config of this arm's run with `seed`."""
@@ -48,9 +70,78 @@ class Arm:
         tree.setdefault("dst", {})["seed"] = seed
         return build_pretrain_config(tree)
 
+    def model_config(self) -> SparseWideGPTConfig:
+        return SparseWideGPTConfig(**self.tree["model"])
+
     def run_dir(self, study: StudyConfig, seed: int) -> Path:
         """Where this arm's run with `seed` lives in the study's output folder."""
         return Path(study.study.output_dir) / "runs" / self.name / f"seed-{seed}"
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    block_layers_forward: float  # the paper's iso-FLOP quantity: the block linears, sparse ones at active weights
+    forward_ideal: float
+    forward_executed: float
+    training_ideal: float
+    training_executed: float
+
+
+@dataclass(frozen=True)
+class FlopAccounting:
+    """Widths, parameters and FLOPs of one arm (the same arithmetic as ``hf-sparse-ift plan``)."""
+
+    d_model: int
+    d_ff: int
+    layer_sparsity: float
+    params_total: int
+    params_active: int
+    params_embedding: int  # token and position embeddings (and an untied LM head): excluded from "non-embedding"
+    flops_per_token: FlopsPerToken
+    tokens_per_step: int
+    steps: int
+    tokens: int
+    training_flops_ideal: float
+    training_flops_executed: float
+
+    @property
+    def params_non_embedding_active(self) -> int:
+        return self.params_active - self.params_embedding
+
+
+def flop_accounting(model: SparseWideGPTConfig, seq_len: int, global_batch_size: int, steps: int) -> FlopAccounting:
+    """FLOPs and parameters of `model` trained for `steps` steps of `global_batch_size` x `seq_len` tokens."""
+    shape = model.shape(seq_len=seq_len)
+    flops = count_flops(shape)
+    params = count_parameters(shape, model.n_positions, model.tie_word_embeddings)
+    embedding_rows = model.vocab_size * (1 if model.tie_word_embeddings else 2) + model.n_positions
+    tokens_per_step = global_batch_size * seq_len
+    tokens = steps * tokens_per_step
+    return FlopAccounting(
+        d_model=model.hidden_size,
+        d_ff=model.intermediate_size,
+        layer_sparsity=model.layer_sparsity,
+        params_total=params["total"],
+        params_active=params["active"],
+        params_embedding=embedding_rows * model.hidden_size,
+        flops_per_token=FlopsPerToken(
+            block_layers_forward=flops.forward - 2.0 * shape.d_model * shape.vocab_size - flops.attention,
+            forward_ideal=flops.forward,
+            forward_executed=flops.forward_executed,
+            training_ideal=flops.training,
+            training_executed=flops.training_executed,
+        ),
+        tokens_per_step=tokens_per_step,
+        steps=steps,
+        tokens=tokens,
+        training_flops_ideal=flops.training * tokens,
+        training_flops_executed=flops.training_executed * tokens,
+    )
+
+
+def arm_accounting(study: StudyConfig, arm: Arm) -> FlopAccounting:
+    base = study.base
+    return flop_accounting(arm.model_config(), base.data.seq_len, base.train.global_batch_size, arm.steps)
 
 
 def _model_values(cfg: PretrainConfig) -> dict:
@@ -86,138 +177,85 @@ def dense_iso_flop_widths(base: SparseWideGPTConfig, target_forward: float, seq_
     equal `target_forward`: d_model the multiple of n_head nearest the continuous solution at the base d_ff/d_model
     ratio, then d_ff solved exactly (rounded to an integer: FLOPs move by 4·L·d_model per unit)."""
     ratio = base.dense_intermediate_size / base.dense_hidden_size
-    L, V, T, h = base.n_layer, base.vocab_size, seq_len, base.n_head
+    n_layer, vocab, heads = base.n_layer, base.vocab_size, base.n_head
 
-    def forward(d: float, dff: float) -> float:
-        return 2 * L * (4 * d * d + 2 * d * dff) + 2 * d * V + 4 * T * d * L
+    def forward(d: float, d_ff: float) -> float:
+        return 2 * n_layer * (4 * d * d + 2 * d * d_ff) + 2 * d * vocab + 4 * seq_len * d * n_layer
 
-    # forward(d, ratio·d) = a·d² + b·d with a = 2L(4 + 2·ratio), b = 2V + 4TL
-    a, b = 2 * L * (4 + 2 * ratio), 2 * V + 4 * T * L
-    d_cont = (-b + math.sqrt(b * b + 4 * a * target_forward)) / (2 * a)
+    # forward(d, ratio·d) = a·d² + b·d
+    a, b = 2 * n_layer * (4 + 2 * ratio), 2 * vocab + 4 * seq_len * n_layer
+    d_continuous = (-b + math.sqrt(b * b + 4 * a * target_forward)) / (2 * a)
     best = None
-    for d in {max(h, h * math.floor(d_cont / h)), h * math.ceil(d_cont / h)}:
-        dff = round((target_forward - 2 * L * 4 * d * d - 2 * d * V - 4 * T * d * L) / (4 * L * d))
-        if dff < 1:
+    for d in {max(heads, heads * math.floor(d_continuous / heads)), heads * math.ceil(d_continuous / heads)}:
+        d_ff = round((target_forward - forward(d, 0)) / (4 * n_layer * d))
+        if d_ff < 1:
             continue
-        err = abs(forward(d, dff) / target_forward - 1)
-        key = (abs(dff / d - ratio), err)
+        key = (abs(d_ff / d - ratio), abs(forward(d, d_ff) / target_forward - 1))
         if best is None or key < best[0]:
-            best = (key, d, dff)
+            best = (key, d, d_ff)
     if best is None:
         raise ValueError(f"no dense width reaches {target_forward:.4g} FLOPs per token")
     return best[1], best[2]
 
 
-def flop_accounting(cfg: PretrainConfig) -> dict:
-    """Widths, parameters and FLOPs of one run config (the same arithmetic as ``hf-sparse-ift plan``)."""
-    c = cfg.model_config()
-    seq = cfg.data.seq_len
-    shape = c.shape(seq_len=seq)
-    flops = count_flops(shape)
-    params = count_parameters(shape, c.n_positions, c.tie_word_embeddings)
-    tokens = cfg.steps() * cfg.train.global_batch_size * seq
-    return {
-        "d_model": c.hidden_size,
-        "d_ff": c.intermediate_size,
-        "layer_sparsity": c.layer_sparsity,
-        "params_total": params["total"],
-        "params_active": params["active"],
-        "flops_per_token": {
-            # the paper's iso-FLOP quantity: the block linears (sparse ones at their active weights)
-            "block_layers_forward": flops.forward - 2.0 * shape.d_model * shape.vocab_size - flops.attention,
-            "forward_ideal": flops.forward,
-            "forward_executed": flops.forward_executed,
-            "training_ideal": flops.training,
-            "training_executed": flops.training_executed,
-        },
-        "tokens_per_step": cfg.train.global_batch_size * seq,
-        "steps": cfg.steps(),
-        "tokens": tokens,
-        "training_flops_ideal": flops.training * tokens,
-        "training_flops_executed": flops.training_executed * tokens,
-    }
-
-
-def sw_name(s: float, method: str) -> str:
-    return f"sw-s{round(s * 100):d}-{method}"
-
-
 def build_arms(study: StudyConfig) -> list[Arm]:
-    """Every arm of the study, in a stable order (dense, then per sparsity: iso-FLOP, Sparse Wide, iso-time)."""
-    st, base = study.study, study.base
-    base_tree = copy.deepcopy(study.base_tree)
+    """Every arm of the study, in a stable order: dense, then per sparsity the controls around Sparse Wide
+    (iso-FLOP wider, iso-FLOP more tokens, Sparse Wide per method, iso-time)."""
+    settings, base = study.study, study.base
+    kinds = {ArmKind(kind) for kind in settings.arms}
     model = _model_values(base)
     steps = base.steps()
     seq = base.data.seq_len
-    arms: list[Arm] = []
 
     def tree_for(model_values: dict, method: str, spectral: bool) -> dict:
-        tree = copy.deepcopy(base_tree)
+        tree = copy.deepcopy(study.base_tree)
         tree["model"] = dict(model_values)
-        dst = dict(tree.get("dst") or {})
-        dst.update(method=method, spectral_gap=spectral)
-        tree["dst"] = dst
-        train = dict(tree.get("train") or {})
-        train["total_tokens"] = None
-        tree["train"] = train
+        tree["dst"] = {**(tree.get("dst") or {}), "method": method, "spectral_gap": spectral}
+        tree["train"] = {**(tree.get("train") or {}), "total_tokens": None}
         return tree
 
     dense_values = {**model, "sparsity": 0.0}
-    if "dense" in st.arms:
-        arms.append(Arm("dense", "dense", 0.0, "static", tree_for(dense_values, "static", False), steps))
-    for s in st.sparsities:
-        sw_values = {**model, "sparsity": float(s)}
-        sw_config = SparseWideGPTConfig(**sw_values)
-        if "dense-iso-flop" in st.arms:
-            target = count_flops(sw_config.shape(seq_len=seq)).forward
-            d, dff = dense_iso_flop_widths(SparseWideGPTConfig(**dense_values), target, seq)
-            values = {**dense_values, "dense_hidden_size": d, "dense_intermediate_size": dff}
-            got = count_flops(
-                GPTShape(n_layer=model["n_layer"], d_model=d, d_ff=dff, vocab_size=model["vocab_size"], seq_len=seq)
-            ).forward
-            arm = Arm(
-                f"dense-iso-flop-s{round(s * 100):d}",
-                "dense-iso-flop",
-                float(s),
-                "static",
-                tree_for(values, "static", False),
-                steps,
-            )
+    dense_tree = tree_for(dense_values, "static", False)
+    dense_forward = count_flops(SparseWideGPTConfig(**dense_values).shape(seq_len=seq)).forward
+    arms: list[Arm] = []
+    if ArmKind.DENSE in kinds:
+        arms.append(Arm(ArmKind.DENSE, 0.0, "static", dense_tree, steps))
+    for sparsity in settings.sparsities:
+        sparsity = float(sparsity)
+        sw_values = {**model, "sparsity": sparsity}
+        sw_forward = count_flops(SparseWideGPTConfig(**sw_values).shape(seq_len=seq)).forward
+        if ArmKind.DENSE_ISO_FLOP in kinds:
+            d, d_ff = dense_iso_flop_widths(SparseWideGPTConfig(**dense_values), sw_forward, seq)
+            values = {**dense_values, "dense_hidden_size": d, "dense_intermediate_size": d_ff}
+            got = count_flops(SparseWideGPTConfig(**values).shape(seq_len=seq)).forward
+            arm = Arm(ArmKind.DENSE_ISO_FLOP, sparsity, "static", tree_for(values, "static", False), steps)
             arm.notes.append(
-                f"total forward FLOPs/token {got:.6g} vs Sparse Wide {target:.6g} "
-                f"(relative gap {got / target - 1:+.2e})"
+                f"total forward FLOPs/token {got:.6g} vs Sparse Wide {sw_forward:.6g} "
+                f"(relative gap {got / sw_forward - 1:+.2e})"
             )
             arms.append(arm)
-        if "sparse-wide" in st.arms:
-            for m in st.methods:
-                arms.append(
-                    Arm(sw_name(s, m), "sparse-wide", float(s), m, tree_for(sw_values, m, st.spectral_gap), steps)
-                )
-        if "dense-iso-time" in st.arms:
-            arms.append(
-                Arm(
-                    f"dense-iso-time-s{round(s * 100):d}",
-                    "dense-iso-time",
-                    float(s),
-                    "static",
-                    tree_for(dense_values, "static", False),
-                    None,
-                )
+        if ArmKind.DENSE_ISO_FLOP_TOKENS in kinds:
+            # the same total ideal training FLOPs as Sparse Wide, spent on more steps of the dense base
+            token_steps = round(steps * sw_forward / dense_forward)
+            arm = Arm(ArmKind.DENSE_ISO_FLOP_TOKENS, sparsity, "static", copy.deepcopy(dense_tree), token_steps)
+            arm.notes.append(
+                f"{token_steps} steps = {steps} x Sparse Wide's / dense's ideal FLOPs per token "
+                f"({sw_forward:.6g} / {dense_forward:.6g}); total FLOPs gap "
+                f"{token_steps * dense_forward / (steps * sw_forward) - 1:+.2e}"
             )
+            arms.append(arm)
+        if ArmKind.SPARSE_WIDE in kinds:
+            for method in settings.methods:
+                tree = tree_for(sw_values, method, settings.spectral_gap)
+                arms.append(Arm(ArmKind.SPARSE_WIDE, sparsity, method, tree, steps))
+        if ArmKind.DENSE_ISO_TIME in kinds:
+            arms.append(Arm(ArmKind.DENSE_ISO_TIME, sparsity, "static", copy.deepcopy(dense_tree), None))
     return arms
 
 
 def iso_time_reference(study: StudyConfig, arm: Arm) -> Arm:
     """The masked-dense Sparse Wide arm whose wall-clock a dense-iso-time arm matches."""
-    values = {**_model_values(study.base), "sparsity": arm.sparsity}
     tree = copy.deepcopy(arm.tree)
-    tree["model"] = values
+    tree["model"] = {**_model_values(study.base), "sparsity": arm.sparsity}
     tree["dst"] = {**tree.get("dst", {}), "method": study.study.iso_time_method}
-    return Arm(
-        sw_name(arm.sparsity, study.study.iso_time_method),
-        "sparse-wide",
-        arm.sparsity,
-        study.study.iso_time_method,
-        tree,
-        study.base.steps(),
-    )
+    return Arm(ArmKind.SPARSE_WIDE, arm.sparsity, study.study.iso_time_method, tree, study.base.steps())

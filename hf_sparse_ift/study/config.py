@@ -2,17 +2,17 @@
 
     study:
       output_dir: outputs/study-cpu-small
-      arms: [dense, dense-iso-flop, sparse-wide, dense-iso-time]   # any subset
-      sparsities: [0.5, 0.75]            # Sparse Wide sparsities (each gets its own iso-FLOP / iso-time control)
+      arms: [dense, dense-iso-flop, dense-iso-flop-tokens, sparse-wide, dense-iso-time]   # any subset
+      sparsities: [0.5, 0.75]            # Sparse Wide sparsities (each gets its own iso-FLOP / iso-time controls)
       methods: [static, set, rigl, srigl]
       seeds: [0, 1, 2]                   # train.seed, model.mask_seed and dst.seed of each run
       iso_time_method: set               # the Sparse Wide arm whose wall-clock dense-iso-time matches
-      calibration: {rounds: 3, steps: 3} # interleaved timing of dense vs Sparse Wide steps
+      calibration: {rounds: 3, steps: 3, warmup_steps: 1}  # interleaved timing of dense vs Sparse Wide steps
       allow_repeated_data: false         # true: train past one epoch anyway, with a loud warning
       corpus_tokens: null                # skip counting the training split: you assert its size
       spectral_gap: true                 # track the Ramanujan / weighted spectral gaps of the masks
     base:                                # an ordinary pretraining config of the DENSE base model
-      model: {...}                       # (or the name / path of one: base: pretrain-tiny)
+      model: {...}                       # (or the name / path of a dense one: base: pretrain-gpt3-small-dense)
       data: {...}
       optim: {...}
       dst: {...}                         # drop_fraction, update_interval, ... (method is set per arm)
@@ -25,13 +25,32 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 
 from .. import checks
 from ..resources import load_yaml, resolve_config_path
 from ..sparsity.dst.methods import METHODS
 from ..training.config import PretrainConfig, build_pretrain_config
 
-ARM_KINDS = ("dense", "dense-iso-flop", "sparse-wide", "dense-iso-time")
+
+class ArmKind(str, Enum):
+    """What an arm is: the base, Sparse Wide, or one of the dense controls that spends Sparse Wide's budget."""
+
+    DENSE = "dense"  # the base model
+    DENSE_ISO_FLOP = "dense-iso-flop"  # widened to Sparse Wide's total ideal FLOPs per token
+    DENSE_ISO_FLOP_TOKENS = "dense-iso-flop-tokens"  # the base on more tokens, to Sparse Wide's total ideal FLOPs
+    SPARSE_WIDE = "sparse-wide"  # widened by sqrt(1/(1-s)), sparse layers at sparsity s, one arm per DST method
+    DENSE_ISO_TIME = "dense-iso-time"  # the base for as long as masked Sparse Wide takes on this hardware
+
+
+ARM_KINDS = tuple(kind.value for kind in ArmKind)
+# the kinds built once per Sparse Wide sparsity (so they need study.sparsities)
+PER_SPARSITY_KINDS = (
+    ArmKind.DENSE_ISO_FLOP,
+    ArmKind.DENSE_ISO_FLOP_TOKENS,
+    ArmKind.SPARSE_WIDE,
+    ArmKind.DENSE_ISO_TIME,
+)
 
 
 @dataclass
@@ -68,7 +87,7 @@ class StudySettings:
             checks.choice("study.arms[]", arm, ARM_KINDS)
         if len(set(self.arms)) != len(self.arms):
             checks.invalid("study.arms", self.arms, "each arm may appear once")
-        needs_sparse = {"dense-iso-flop", "sparse-wide", "dense-iso-time"} & set(self.arms)
+        needs_sparse = {kind.value for kind in PER_SPARSITY_KINDS} & set(self.arms)
         if not isinstance(self.sparsities, list) or (needs_sparse and not self.sparsities):
             checks.invalid(
                 "study.sparsities",
@@ -144,8 +163,9 @@ def build_study_config(tree: dict, output_dir: str | None = None) -> StudyConfig
     if output_dir is not None:
         settings.output_dir = output_dir
     base = tree.get("base")
-    if isinstance(base, str):
-        base = load_yaml(resolve_config_path(base))
+    base_name = base if isinstance(base, str) else None
+    if base_name is not None:
+        base = load_yaml(resolve_config_path(base_name))
     if not isinstance(base, dict):
         raise ValueError(
             "base: expected a pretraining config (mapping with model, data, optim, dst, train) "
@@ -161,7 +181,13 @@ def build_study_config(tree: dict, output_dir: str | None = None) -> StudyConfig
         checks.invalid(
             "base.model.sparsity",
             model.sparsity,
-            "the base must be the dense model (sparsity 0): the study sets the sparsity of each arm",
+            "the base must be the dense model (sparsity 0): the study sets the sparsity of each arm"
+            + (
+                f" (base: {base_name} is a sparse config: name a dense one such as pretrain-gpt3-small-dense, "
+                "or write the model out with sparsity 0)"
+                if base_name
+                else ""
+            ),
         )
     if cfg.data.validation_split is None:
         checks.invalid("base.data.validation_split", None, "a study compares validation losses: name a held-out split")

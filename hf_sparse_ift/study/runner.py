@@ -2,8 +2,9 @@
 
 Folder layout (``study.output_dir``)::
 
+    .lock                        the process working on the study (a second one is refused, naming it)
     study_config.yaml            the validated study (a resumed study must match it)
-    calibration.json             interleaved timing of dense vs masked-dense Sparse Wide steps (iso-time)
+    calibration.json             interleaved timing of dense vs masked-dense Sparse Wide training steps (iso-time)
     data_check.json              tokens needed vs tokens in one epoch of the training split
     runs/<arm>/seed-<n>/         an ordinary pretraining run: checkpoint-*/, train_summary.json, TensorBoard
     results.json, results.md, loss_vs_flops.png, final_loss_vs_sparsity.png, spectral_gap.png
@@ -27,11 +28,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..training.checkpoint import list_checkpoints
+from ..training.checkpoint import RunLock, list_checkpoints
 from ..training.config import PretrainConfig
-from ..training.loop import pretrain
-from .arms import Arm, build_arms, flop_accounting, iso_time_reference
-from .config import StudyConfig
+from ..training.loop import pretrain, setup, train_step
+from ..training.run import resolve_run
+from .arms import Arm, build_arms, iso_time_reference
+from .config import ArmKind, StudyConfig
 
 logger = logging.getLogger("hf_sparse_ift.study")
 
@@ -112,41 +114,40 @@ def check_data(study: StudyConfig, arms: list[Arm]) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Iso-time calibration
 # ----------------------------------------------------------------------------------------------
-def _timed_steps(cfg: PretrainConfig, steps: int, warmup: int, device: torch.device) -> list[float]:
-    from ..models.sparse_wide_gpt.modeling_sparse_wide_gpt import SparseWideGPTForCausalLM
-    from ..sparsity.dst import DSTEngine
-    from ..training.optimizer import build_optimizer
-
-    torch.manual_seed(cfg.train.seed)
-    model = SparseWideGPTForCausalLM(cfg.model_config()).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    engine = DSTEngine(model, optimizer, cfg.dst, total_steps=cfg.steps())
-    micro = cfg.train.micro_batch_size
-    accumulation = cfg.train.global_batch_size // micro
-    vocab = cfg.model_config().vocab_size
-    x = torch.randint(0, vocab, (micro, cfg.data.seq_len), device=device)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    )
+def _timed_steps(cfg: PretrainConfig, steps: int, warmup: int) -> list[float]:
+    """Seconds of each of `steps` optimizer steps after `warmup` ones, as a run takes them: the training loop's
+    own `train_step` (accelerate, its precision and clipping, the run's data stream), the schedule and the DST
+    update. Nothing is evaluated, logged or saved."""
+    session = setup(resolve_run(cfg, 1), resume=False)
+    device = session.accelerator.device
     times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(accumulation):
-            with autocast:
-                loss = model(input_ids=x, labels=x).loss / accumulation
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or 1e9)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        engine.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    del model, optimizer, engine
+    try:
+        for i in range(warmup + steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            values = train_step(session)
+            session.scheduler.step()
+            session.engine.step()
+            values.tolist()  # wait for the step to finish
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    finally:
+        session.train_batches.close()
     return times
+
+
+def _calibration_warnings(arm: Arm, ratio: float, dense_seconds: float, sw_seconds: float) -> list[str]:
+    """A masked Sparse Wide step runs the dense base's matmuls at k² = 1/(1-s) times the block-layer size: it
+    cannot be faster than the dense step. A measured ratio below 1 means the timing is noise (too few steps,
+    no warm-up, a loaded machine), and the iso-time arm's steps would be wrong."""
+    if ratio >= 1:
+        return []
+    return [
+        f"implausible iso-time calibration for {arm.name}: masked Sparse Wide took {sw_seconds:.4f} s/step and "
+        f"dense {dense_seconds:.4f} s/step (ratio {ratio:.3f} < 1), but masked Sparse Wide runs more FLOPs than "
+        "dense. Raise study.calibration.warmup_steps / steps / rounds, or calibrate on an idle machine"
+    ]
 
 
 def calibrate_iso_time(study: StudyConfig, arms: list[Arm], out: Path) -> dict:
@@ -157,73 +158,116 @@ def calibrate_iso_time(study: StudyConfig, arms: list[Arm], out: Path) -> dict:
     if path.exists():
         saved = json.loads(path.read_text())
         for arm in arms:
-            if arm.kind == "dense-iso-time":
+            if arm.kind is ArmKind.DENSE_ISO_TIME:
                 arm.steps = saved["arms"][arm.name]["steps"]
         return saved
-    c = study.study.calibration
+    settings = study.study.calibration
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {
-        "method": f"interleaved timing: {c.rounds} rounds x {c.steps} optimizer steps of each model after "
-        f"{c.warmup_steps} warm-up step(s), random tokens (compute only: no data loading, "
-        "evaluation or checkpointing), masks applied to dense weights; median per model",
+        "method": f"interleaved timing: {settings.rounds} rounds x {settings.steps} optimizer steps of each model "
+        f"after {settings.warmup_steps} warm-up step(s) per round, through the training loop's train_step "
+        "(accelerate, the run's precision, clipping and data stream) with the schedule and DST update; no "
+        "evaluation, logging or checkpointing; masks applied to dense weights; median per model",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "arms": {},
+        "warnings": [],
     }
+    scratch = out / "calibration-runs"
     for arm in arms:
-        if arm.kind != "dense-iso-time":
+        if arm.kind is not ArmKind.DENSE_ISO_TIME:
             continue
-        ref = iso_time_reference(study, arm)
-        dense_cfg = replace(arm, steps=study.base.steps()).pretrain_config(str(out / "tmp"), 0)
-        sw_cfg = ref.pretrain_config(str(out / "tmp"), 0)
+        reference = iso_time_reference(study, arm)
+        dense_cfg = replace(arm, steps=study.base.steps()).pretrain_config(str(scratch / "dense"), 0)
+        sw_cfg = reference.pretrain_config(str(scratch / reference.name), 0)
+        for cfg in (dense_cfg, sw_cfg):
+            cfg.train.trackers = []
         dense_times, sw_times = [], []
-        for _ in range(c.rounds):
-            dense_times += _timed_steps(dense_cfg, c.steps, c.warmup_steps, device)
-            sw_times += _timed_steps(sw_cfg, c.steps, c.warmup_steps, device)
-        d, s = statistics.median(dense_times), statistics.median(sw_times)
-        arm.steps = max(1, round(ref.steps * s / d))
+        for _ in range(settings.rounds):
+            dense_times += _timed_steps(dense_cfg, settings.steps, settings.warmup_steps)
+            sw_times += _timed_steps(sw_cfg, settings.steps, settings.warmup_steps)
+        dense_seconds, sw_seconds = statistics.median(dense_times), statistics.median(sw_times)
+        ratio = sw_seconds / dense_seconds
+        arm.steps = max(1, round(reference.steps * ratio))
         result["arms"][arm.name] = {
-            "reference_arm": ref.name,
-            "reference_steps": ref.steps,
+            "reference_arm": reference.name,
+            "reference_steps": reference.steps,
             "steps": arm.steps,
-            "dense_seconds_per_step": d,
-            "sparse_wide_seconds_per_step": s,
-            "ratio": s / d,
+            "dense_seconds_per_step": dense_seconds,
+            "sparse_wide_seconds_per_step": sw_seconds,
+            "ratio": ratio,
             "dense_samples": dense_times,
             "sparse_wide_samples": sw_times,
         }
         logger.info(
             "iso-time %s: dense %.4f s/step, %s %.4f s/step (x%.3f) -> %d steps",
             arm.name,
-            d,
-            ref.name,
-            s,
-            s / d,
+            dense_seconds,
+            reference.name,
+            sw_seconds,
+            ratio,
             arm.steps,
         )
+        for warning in _calibration_warnings(arm, ratio, dense_seconds, sw_seconds):
+            logger.warning(warning)
+            result["warnings"].append(warning)
+    if scratch.exists():  # the timed sessions' run configs
+        shutil.rmtree(scratch)
     path.write_text(json.dumps(result, indent=1))
     return result
 
 
 # ----------------------------------------------------------------------------------------------
-# The study
+# The study folder
 # ----------------------------------------------------------------------------------------------
+STUDY_CONFIG = "study_config.yaml"
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def differing_keys(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ between two study trees. study.output_dir is not compared: the folder
+    holding study_config.yaml is the study (``X``, ``./X``, ``X/`` and a copy of X alike)."""
+    old, new = _flatten(saved), _flatten(current)
+    keys = (set(old) | set(new)) - {"study.output_dir"}
+    return sorted(key for key in keys if old.get(key, "<absent>") != new.get(key, "<absent>"))
+
+
+def check_same_study(study: StudyConfig, out: Path) -> None:
+    """Refuse when `out` holds a study whose config differs from `study` (naming the keys that differ)."""
+    saved = out / STUDY_CONFIG
+    keys = differing_keys(yaml.safe_load(saved.read_text()), study.to_dict())
+    if keys:
+        raise ValueError(
+            f"{saved} differs from the study config given now in {keys}: the runs in {out} were made with "
+            "the saved config (arms, seeds and budgets would no longer compare); give that config, or use "
+            "another study.output_dir"
+        )
+
+
+def study_lock(out: Path) -> RunLock:
+    """One process per study folder: a second is refused naming the first's PID; a stale lock is taken over."""
+    return RunLock(out, option="study.output_dir (or --output-dir)")
+
+
 def _check_folder(study: StudyConfig, out: Path, resume: bool) -> None:
-    saved = out / "study_config.yaml"
-    current = yaml.safe_dump(study.to_dict(), sort_keys=True)
+    saved = out / STUDY_CONFIG
     if saved.exists():
         if not resume:
             raise FileExistsError(
                 f"{out} already holds a study: pass --resume to continue it (finished arms are "
                 "skipped, killed ones resumed), or choose another study.output_dir"
             )
-        if saved.read_text() != current:
-            raise ValueError(
-                f"{saved} differs from the study config given now: a resumed study must keep its "
-                "config (arms, seeds and budgets would no longer compare); use another study.output_dir"
-            )
+        check_same_study(study, out)
     out.mkdir(parents=True, exist_ok=True)
     if not saved.exists():  # its time stamp marks the study's start
-        saved.write_text(current)
+        saved.write_text(yaml.safe_dump(study.to_dict(), sort_keys=True))
 
 
 def run_state(study: StudyConfig, arm: Arm, seed: int) -> str:
@@ -237,13 +281,28 @@ def run_state(study: StudyConfig, arm: Arm, seed: int) -> str:
     return "new"
 
 
+def _clear_run_folder(folder: Path) -> None:
+    """Empty a run folder killed before its first checkpoint, under the run's own lock: a folder that a live
+    process (a pretrain started by hand, another study) still writes is refused, never deleted."""
+    with RunLock(folder, option="study.output_dir (or --output-dir)"):
+        for path in folder.iterdir():
+            if path.name != ".lock":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def run_study(study: StudyConfig, resume: bool = False, report: bool = True) -> dict:
     """Train every arm x seed that is not finished yet, then write the results. Returns results.json's content."""
     out = Path(study.study.output_dir)
-    _check_folder(study, out, resume)
+    with study_lock(out):
+        _check_folder(study, out, resume)
+        return _run_locked(study, out, resume, report)
+
+
+def _run_locked(study: StudyConfig, out: Path, resume: bool, report: bool) -> dict:
     arms = build_arms(study)
     check_data(study, [a for a in arms if a.steps is not None])  # refuse before spending time on calibration
-    calibration = calibrate_iso_time(study, arms, out) if any(a.kind == "dense-iso-time" for a in arms) else None
+    needs_calibration = any(a.kind is ArmKind.DENSE_ISO_TIME for a in arms)
+    calibration = calibrate_iso_time(study, arms, out) if needs_calibration else None
     data_check = check_data(study, arms)
     data_check["fingerprints"] = {}
     for seed in study.study.seeds:
@@ -264,7 +323,7 @@ def run_study(study: StudyConfig, resume: bool = False, report: bool = True) -> 
             if state == "killed" and not resume:
                 raise FileExistsError(f"{folder} holds an unfinished run: pass --resume")
             if state == "new" and folder.exists():
-                shutil.rmtree(folder)  # a run killed before its first checkpoint starts over
+                _clear_run_folder(folder)  # a run killed before its first checkpoint starts over
             logger.info(
                 "[%d/%d] %s seed %d: %s (%d steps)",
                 done,
@@ -274,8 +333,7 @@ def run_study(study: StudyConfig, resume: bool = False, report: bool = True) -> 
                 "resuming" if state == "killed" else "training",
                 arm.steps,
             )
-            cfg = arm.pretrain_config(str(folder), seed)
-            pretrain(cfg, resume=state == "killed")
+            pretrain(arm.pretrain_config(str(folder), seed), resume=state == "killed")
     if not report:
         return {}
     from .report import write_report
@@ -283,5 +341,20 @@ def run_study(study: StudyConfig, resume: bool = False, report: bool = True) -> 
     return write_report(study, arms, calibration, data_check)
 
 
-def accounting_for(arm: Arm, study: StudyConfig) -> dict:
-    return flop_accounting(arm.pretrain_config(str(Path(study.study.output_dir) / "tmp"), study.study.seeds[0]))
+def report_only(study: StudyConfig) -> dict:
+    """Write the results of a study's finished runs, training nothing. Refuses (writing nothing) a folder that
+    holds no study, a config that differs from the folder's, and a report that would hold fewer finished runs
+    than the results already there."""
+    out = Path(study.study.output_dir)
+    if not (out / STUDY_CONFIG).is_file():
+        raise FileNotFoundError(f"no study in {out}; run it first (hf-sparse-ift study --config ...)")
+    check_same_study(study, out)
+    with study_lock(out):
+        arms = build_arms(study)
+        calibration = calibrate_iso_time(study, arms, out) if (out / "calibration.json").exists() else None
+        arms = [a for a in arms if a.steps is not None]
+        check = out / "data_check.json"
+        data_check = json.loads(check.read_text()) if check.exists() else None
+        from .report import write_report
+
+        return write_report(study, arms, calibration, data_check, keep_recorded=True)

@@ -138,10 +138,12 @@ def newest_complete_checkpoint(out_dir: Path) -> Path | None:
 
 class RunLock:
     """``<output_dir>/.lock`` naming the process that writes the folder; a second run refuses, naming it. A lock
-    left by a process that no longer exists (on this host) is taken over with a warning."""
+    left by a process that no longer exists (on this host) is taken over with a warning. `option`: the setting
+    that chooses the folder, named in the refusal."""
 
-    def __init__(self, out_dir: Path, enabled: bool = True):
+    def __init__(self, out_dir: Path, enabled: bool = True, option: str = "train.output_dir"):
         self.path, self.enabled, self.held = Path(out_dir) / ".lock", enabled, False
+        self.option = option
 
     def __enter__(self) -> RunLock:
         if not self.enabled:
@@ -162,7 +164,7 @@ class RunLock:
                 raise FileExistsError(
                     f"{self.path.parent} is in use by another run (process {owner.get('pid')} on "
                     f"{owner.get('host')}, lock {self.path}); wait for it to finish or choose "
-                    "another train.output_dir"
+                    f"another {self.option}"
                 ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)

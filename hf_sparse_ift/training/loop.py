@@ -368,12 +368,15 @@ class StepLog:
             )
         self.window_start, self.window_tokens = time.perf_counter(), 0
 
-    def validation(self, step: int) -> None:
+    def validation(self, step: int, running_seconds: float) -> None:
+        """Evaluate; `running_seconds`: the time this run has spent running so far (a stopped and resumed run's
+        pause excluded), logged beside the loss so that loss-vs-wall-clock curves need no tracker timestamps."""
         value = evaluate(self.s)
         if value is None:
             return
         self.s.progress.val_loss.append((step, value))
-        self.s.accelerator.log({"val/loss": value, "val/perplexity": math.exp(value)}, step=step)
+        logs = {"val/loss": value, "val/perplexity": math.exp(value), "val/running_seconds": running_seconds}
+        self.s.accelerator.log(logs, step=step)
         self._say(f"step {step}: val loss {value:.4f} (perplexity {math.exp(value):.1f})")
 
     def close(self) -> None:
@@ -389,7 +392,7 @@ def fit(s: Session) -> dict:
     start = time.time()
     log = StepLog(s)
     if progress.step == 0:
-        log.validation(0)
+        log.validation(0, 0.0)
     pending = DeferredScalars(accelerator.device)
     s.model.train()
     while progress.step < run.total_steps:
@@ -414,7 +417,7 @@ def fit(s: Session) -> dict:
         if (evaluate_now or save_now) and (finished := pending.flush()) is not None:
             log.record(**finished)
         if evaluate_now:
-            log.validation(progress.step)
+            log.validation(progress.step, progress.wall_seconds + time.time() - start)
         if save_now:
             progress.wall_seconds += time.time() - start
             start = time.time()

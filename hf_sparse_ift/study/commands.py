@@ -7,8 +7,8 @@ hf-sparse-ift plan --study configs/study-gpu-gpt3-small.yaml [--paper-scale] [--
 from __future__ import annotations
 
 import copy
-import json
 import sys
+from dataclasses import replace
 
 PAPER_BASE = "pretrain-gpt3-small-dense"  # GPT-3 Small on the Pile, 2.5B tokens (~20 per dense parameter)
 
@@ -25,7 +25,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--resume", action="store_true", help="skip finished arms and resume killed ones from their checkpoints"
     )
-    p.add_argument("--report-only", action="store_true", help="write the results from the finished runs, train nothing")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the results from the finished runs, train nothing (refused when the config differs from the "
+        "folder's study_config.yaml or the report would hold fewer finished runs than results.json)",
+    )
     p.add_argument("--output-dir", default=None, help="override study.output_dir")
 
 
@@ -46,33 +51,17 @@ def _logging():
 
 def cmd_study(args) -> int:
     from .config import load_study_config
-    from .runner import RepeatedDataError
+    from .runner import RepeatedDataError, report_only, run_study
 
     study = load_study_config(args.config, args.output_dir)
     _logging()
     try:
-        if args.report_only:
-            from pathlib import Path
-
-            from .arms import build_arms
-            from .report import write_report
-            from .runner import calibrate_iso_time
-
-            out = Path(study.study.output_dir)
-            arms = build_arms(study)
-            calibration = calibrate_iso_time(study, arms, out) if (out / "calibration.json").exists() else None
-            arms = [a for a in arms if a.steps is not None]
-            check = out / "data_check.json"
-            results = write_report(study, arms, calibration, json.loads(check.read_text()) if check.exists() else {})
-        else:
-            from .runner import run_study
-
-            results = run_study(study, resume=args.resume)
+        results = report_only(study) if args.report_only else run_study(study, resume=args.resume)
     except RepeatedDataError as err:
         print(f"hf-sparse-ift study: refused: {err}", file=sys.stderr)
         return 2
     print(f"{study.study.output_dir}/results.md")
-    for line in results.get("verdict", {}).get("lines", []):
+    for line in results["verdict"]["lines"]:
         print(f"- {line}")
     return 0
 
@@ -91,40 +80,28 @@ def plan_study(study, mfu: float, peak_tflops: float) -> list[dict]:
     """Per arm: widths, parameters, tokens, FLOPs and GPU-hours (per seed and for all seeds). dense-iso-time
     steps are the Sparse Wide reference's steps x its executed-FLOP ratio to dense (equal MFU assumed; a real
     study measures it)."""
-    from .arms import build_arms, flop_accounting, iso_time_reference
+    from .arms import arm_accounting, build_arms, iso_time_reference
+    from .config import ArmKind
 
     rate = mfu * peak_tflops * 1e12
+    seeds = len(study.study.seeds)
     rows = []
-    arms = build_arms(study)
-    for arm in arms:
+    for arm in build_arms(study):
         note = ""
-        if arm.kind == "dense-iso-time":
-            ref = flop_accounting(iso_time_reference(study, arm).pretrain_config("plan", 0))
-            dense = flop_accounting(
-                arm.__class__(**{**arm.__dict__, "steps": study.base.steps()}).pretrain_config("plan", 0)
-            )
-            ratio = ref["flops_per_token"]["training_executed"] / dense["flops_per_token"]["training_executed"]
+        if arm.kind is ArmKind.DENSE_ISO_TIME:
+            reference = arm_accounting(study, iso_time_reference(study, arm))
+            dense = arm_accounting(study, replace(arm, steps=study.base.steps()))
+            ratio = reference.flops_per_token.training_executed / dense.flops_per_token.training_executed
             arm.steps = round(study.base.steps() * ratio)
             note = f"steps = reference steps x executed-FLOP ratio {ratio:.3f} (equal MFU assumed)"
-        acc = flop_accounting(arm.pretrain_config("plan", study.study.seeds[0]))
-        seeds = len(study.study.seeds)
+        accounting = arm_accounting(study, arm)
         rows.append(
             {
                 "arm": arm.name,
-                "d_model": acc["d_model"],
-                "d_ff": acc["d_ff"],
-                "layer_sparsity": acc["layer_sparsity"],
-                "params_total": acc["params_total"],
-                "params_active": acc["params_active"],
-                "steps": acc["steps"],
-                "tokens": acc["tokens"],
-                "flops_per_token_ideal": acc["flops_per_token"]["training_ideal"],
-                "flops_per_token_executed": acc["flops_per_token"]["training_executed"],
-                "training_flops_ideal": acc["training_flops_ideal"],
-                "training_flops_executed": acc["training_flops_executed"],
-                "gpu_hours_ideal": acc["training_flops_ideal"] / rate / 3600,
-                "gpu_hours_executed": acc["training_flops_executed"] / rate / 3600,
-                "gpu_hours_executed_all_seeds": seeds * acc["training_flops_executed"] / rate / 3600,
+                "accounting": accounting,
+                "gpu_hours_ideal": accounting.training_flops_ideal / rate / 3600,
+                "gpu_hours_executed": accounting.training_flops_executed / rate / 3600,
+                "gpu_hours_executed_all_seeds": seeds * accounting.training_flops_executed / rate / 3600,
                 "note": note,
             }
         )
@@ -160,16 +137,17 @@ def cmd_plan_study(args) -> int:
     )
     table = [header]
     for r in rows:
+        a = r["accounting"]
         table.append(
             (
                 r["arm"],
-                f"{r['d_model']}/{r['d_ff']}",
-                f"{r['layer_sparsity']:.4f}",
-                f"{r['params_total']:,}",
-                f"{r['params_active']:,}",
-                f"{r['tokens']:.4g}",
-                f"{r['training_flops_ideal']:.4g}",
-                f"{r['training_flops_executed']:.4g}",
+                f"{a.d_model}/{a.d_ff}",
+                f"{a.layer_sparsity:.4f}",
+                f"{a.params_total:,}",
+                f"{a.params_active:,}",
+                f"{a.tokens:.4g}",
+                f"{a.training_flops_ideal:.4g}",
+                f"{a.training_flops_executed:.4g}",
                 f"{r['gpu_hours_ideal']:.1f}",
                 f"{r['gpu_hours_executed']:.1f}",
                 f"{r['gpu_hours_executed_all_seeds']:.1f}",

@@ -18,7 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .study import commands as study_cli  # study
+from .study import commands as study_commands
 
 DEFAULT_PRETRAIN_CONFIG = "pretrain-tiny"
 
@@ -64,7 +64,7 @@ def _plan_parser(sub) -> None:
         help="accelerator peak, dense bf16 TFLOP/s (default: H100, %(default)s)",
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    study_cli.add_plan_arguments(p)  # study: --study / --paper-scale
+    study_commands.add_plan_arguments(p)  # study: --study / --paper-scale
 
 
 def cmd_pretrain(args) -> int:
@@ -120,7 +120,7 @@ def cmd_plan(args) -> int:
     from .training.config import load_pretrain_config
 
     if args.study:  # study: plan every arm of a study
-        return study_cli.cmd_plan_study(args)
+        return study_commands.cmd_plan_study(args)
 
     cfg = load_pretrain_config(args.config, args.overrides)
     result = plan(cfg, args.mfu, args.peak_tflops)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _pretrain_parser(sub)
     _plan_parser(sub)
-    study_cli.add_parser(sub)  # study
+    study_commands.add_parser(sub)  # study
     from .evaluation import commands as evaluation
 
     evaluation.add_parsers(sub)
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain": cmd_pretrain,
         "plan": cmd_plan,
         **evaluation.HANDLERS,
-        **study_cli.HANDLERS,
+        **study_commands.HANDLERS,
         **sparse_commands.HANDLERS,
     }
     try:

@@ -190,9 +190,11 @@ RST_PROSE_BODIES |= {"function", "method", "class", "attribute", "data", "except
 RST_PROSE_BODIES |= {"classmethod", "staticmethod", "coroutinefunction", "coroutinemethod", "abstractmethod"}
 RST_PROSE_BODIES |= {"opcode", "pdbcommand", "c:function", "c:type", "c:member", "c:macro", "c:var", "c:struct"}
 RST_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([\w:.-]+)::\s*(.*)$")
-RST_ADORNMENT = re.compile(r"^\s*([=\-~^\"'`#*+<>_:.])\1{2,}\s*$")
-RST_TABLE_BORDER = re.compile(r"^\s*[=\-+]{3,}[=\-+ ]*$")
+RST_ADORNMENT = re.compile(r"^([=\-~^\"'`#*+<>_:.])\1{2,}$")
+RST_TABLE_BORDER = re.compile(r"^[=\-+]{3,}[=\-+ ]*$")
+RST_TABLE_ROW = re.compile(r"^\|")  # also a line block
 RST_FIELD = re.compile(r"^:[\w -]+:(\s|$)")  # field lists and directive options (:synopsis:, :maxdepth:)
+RST_DROPPED_LINES = (RST_ADORNMENT, RST_TABLE_BORDER, RST_TABLE_ROW, RST_FIELD)
 RST_ROLE = re.compile(r":[\w:.+-]+:`([^`]*)`")
 RST_REFERENCE = re.compile(r"`([^`<]*?)\s*(?:<[^>]*>)?`__?")
 RST_LITERAL = re.compile(r"``(.+?)``", flags=re.S)
@@ -247,10 +249,8 @@ def clean_rst(source: str) -> str:
                 kept += ["", directive.group(3)]
         elif stripped.startswith(".."):  # comment, hyperlink target, footnote or substitution definition
             skip_deeper_than = indent
-        elif RST_ADORNMENT.match(line) or RST_TABLE_BORDER.match(line) or RST_FIELD.match(stripped):
-            pass
-        elif stripped.startswith("|"):  # a table row or a line block
-            pass
+        elif any(pattern.match(stripped) for pattern in RST_DROPPED_LINES):
+            pass  # a title's adornment, a table's border or row, a line block, a field list
         elif stripped.endswith("::"):  # the indented block after it is a literal (code) block
             skip_deeper_than = indent
             stripped = stripped[:-2].rstrip()

@@ -176,7 +176,10 @@ def test_main_writes_disjoint_splits_and_a_manifest_that_matches_them(tmp_path, 
     out = tmp_path / "english"
     assert corpus.main(["--out", str(out), "--min-chars", "100"]) == 0
 
-    rows = {split: [json.loads(line) for line in open(out / f"{split}.jsonl")] for split in ("train", "validation")}
+    rows = {
+        split: [json.loads(line) for line in (out / f"{split}.jsonl").read_text().splitlines()]
+        for split in ("train", "validation")
+    }
     titles = {split: {row["title"] for row in split_rows} for split, split_rows in rows.items()}
     expected_validation = {f"page{i:03d}" for i in range(60) if corpus.is_validation(f"toy/page{i:03d}", 20)}
     assert titles["validation"] == expected_validation

@@ -480,7 +480,13 @@ SOURCES = (
     ),
     Source(
         "python-docs",
-        (Package("python3.11-doc", "PSF-2.0 (Python Software Foundation licence)", "PSF LICENSE AGREEMENT"),),
+        (
+            Package(
+                "python3.11-doc",
+                "PSF-2.0 (Python Software Foundation License Version 2)",
+                "PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2",
+            ),
+        ),
         "Python 3.11 documentation (tutorial, library, reference, HOWTOs), reST sources, one document per page",
         lambda: rst_documents("python-docs", "/usr/share/doc/python3.11/html/_sources", ["*.rst.txt"]),
     ),
@@ -609,7 +615,7 @@ def package_info(package: Package) -> dict:
     if not version or not copyright_file.exists():
         raise FileNotFoundError(f"package {package.name} is not installed (see this script's docstring)")
     if package.evidence not in copyright_file.read_text(errors="replace"):
-        raise ValueError(f"{copyright_file} no longer says {package.evidence!r}: check the licence of {package.name}")
+        raise ValueError(f"{copyright_file} does not contain {package.evidence!r}: check the licence of {package.name}")
     return {
         "package": package.name,
         "version": version,

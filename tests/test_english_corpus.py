@@ -1,5 +1,6 @@
 """scripts/make_english_corpus.py: its cleaners, split and manifest on tiny inputs made here (no Debian package needed)."""
 
+import gzip
 import hashlib
 import importlib.util
 import json
@@ -130,6 +131,21 @@ def test_sword_chapters_group_entries_by_chapter_once_each():
     assert corpus.sword_chapters(printed) == [
         ("Genesis 1", ["Verses 1-2 God said, Let there be light.", "The light was good; and it was divided."]),
         ("1 Samuel 2", ["Hannah prayed."]),
+    ]
+
+
+def test_rst_documents_reads_plain_and_gzipped_files_of_the_chosen_folders_only(tmp_path):
+    for folder, name in (("process", "a.rst.gz"), ("mm", "b.rst"), ("translations", "c.rst")):
+        (tmp_path / folder).mkdir()
+        text = f"Title {name}\n{'=' * 12}\n\nProse of {name}.\n"
+        data = gzip.compress(text.encode()) if name.endswith(".gz") else text.encode()
+        (tmp_path / folder / name).write_bytes(data)
+    docs = list(corpus.rst_documents("linux-docs", tmp_path, ["*.rst", "*.rst.gz"], ("process", "mm")))
+    assert docs == [
+        corpus.Document("linux-docs", "linux-docs/mm/b.rst", "Title b.rst", "Title b.rst\n\nProse of b.rst."),
+        corpus.Document(
+            "linux-docs", "linux-docs/process/a.rst.gz", "Title a.rst.gz", "Title a.rst.gz\n\nProse of a.rst.gz."
+        ),
     ]
 
 

@@ -10,7 +10,9 @@ the package's own /usr/share/doc/<package>/copyright file, which must contain th
 | henry-concise   | sword-comm-mhcc      | Matthew Henry's Concise Commentary, per chapter   | public domain            |
 | debian-handbook | debian-handbook      | The Debian Administrator's Handbook, per page     | GPL-2.0+ or CC-BY-SA-3.0 |
 | debian-reference| debian-reference-en  | Debian Reference, per chapter                     | GPL-2+                   |
-| debian-guides   | maint-guide, developers-reference, debian-policy | Debian's packaging guides | GPL-2+ / GPL-2 |
+| maint-guide     | maint-guide          | Debian New Maintainers' Guide, per chapter        | GPL-2.0+                 |
+| developers-reference | developers-reference | Debian Developer's Reference, per chapter    | GPL-2                    |
+| debian-policy   | debian-policy        | Debian Policy Manual, per chapter                 | GPL-2+                   |
 | python-docs     | python3.11-doc       | Python 3.11 documentation, per page               | PSF licence              |
 | postgresql-docs | postgresql-doc-15    | PostgreSQL 15 manual, per page                    | PostgreSQL licence       |
 | linux-docs      | linux-doc-6.1        | Linux kernel Documentation (prose-heavy parts)    | GPL-2                    |
@@ -30,7 +32,7 @@ Install the sources (Debian 12 / Ubuntu, as root; about 120 MB of downloads):
     python scripts/make_english_corpus.py --out data/english
 
 Writes ``train.jsonl`` and ``validation.jsonl`` ({"text", "title", "source"} per line) and ``manifest.json``
-(per source: packages and versions, licence and its evidence, documents and tokens per split; the sha256,
+(per source: package and version, licence and its evidence, documents and tokens per split; the sha256,
 documents and tokens of each file; the total). Tokens are counted with the package's built-in 4096-token BPE
 tokenizer as the data pipeline packs them: a document's ids without special tokens, plus the one EOS that
 packing appends. The split is by whole document and deterministic: a document goes to validation when the
@@ -52,6 +54,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -78,7 +81,7 @@ class Package:
 @dataclass(frozen=True)
 class Source:
     name: str
-    packages: tuple[Package, ...]
+    package: Package
     description: str
     read: Callable[[], Iterator[Document]]
 
@@ -432,78 +435,74 @@ LINUX_PROSE_FOLDERS = (
 SOURCES = (
     Source(
         "kjv",
-        (Package("bible-kjv-text", "public domain", "The copyright for the King James Version text of the Bible is"),),
+        Package("bible-kjv-text", "public domain", "The copyright for the King James Version text of the Bible is"),
         "King James Version of the Bible (1611), one document per chapter",
         kjv_documents,
     ),
     Source(
         "treasury-david",
-        (Package("sword-comm-tdavid", "public domain", "It is now in the public domain."),),
+        Package("sword-comm-tdavid", "public domain", "It is now in the public domain."),
         "C. H. Spurgeon, The Treasury of David (1869-1885), commentary on the Psalms, one document per psalm",
         lambda: sword_documents("treasury-david", "TDavid", "Psalms 1:1-Psalms 150:6"),
     ),
     Source(
         "henry-concise",
-        (Package("sword-comm-mhcc", "public domain", "Public Domain--Copy Freely."),),
+        Package("sword-comm-mhcc", "public domain", "Public Domain--Copy Freely."),
         "Matthew Henry's Concise Commentary on the Whole Bible (1706-1721), one document per chapter",
         lambda: sword_documents("henry-concise", "MHCC", "Genesis 1:1-Revelation of John 22:21"),
     ),
     Source(
         "debian-handbook",
-        (Package("debian-handbook", "GPL-2.0+ or CC-BY-SA-3.0", "License: GPL-2.0+ or CC-BY-SA-3.0"),),
+        Package("debian-handbook", "GPL-2.0+ or CC-BY-SA-3.0", "License: GPL-2.0+ or CC-BY-SA-3.0"),
         "The Debian Administrator's Handbook (Debian 11), English HTML, one document per page",
         lambda: html_documents("debian-handbook", "/usr/share/doc/debian-handbook/html/en-US"),
     ),
     Source(
         "debian-reference",
-        (Package("debian-reference-en", "GPL-2+", "License: GPL-2+"),),
+        Package("debian-reference-en", "GPL-2+", "License: GPL-2+"),
         "Debian Reference (English HTML), one document per chapter",
         lambda: html_documents("debian-reference", "/usr/share/debian-reference", ["*.en.html"]),
     ),
     Source(
-        "debian-guides",
-        (
-            Package("maint-guide", "GPL-2.0+", "License:   GPL-2.0+"),
-            Package("developers-reference", "GPL-2", "License: GPL-2"),
-            Package("debian-policy", "GPL-2+", "License: GPL-2+"),
-        ),
-        "Debian New Maintainers' Guide (HTML), Developer's Reference and Policy Manual (reST), one document per page",
-        lambda: (
-            doc
-            for docs in (
-                html_documents("debian-guides", "/usr/share/doc/maint-guide/html", ["*.en.html"]),
-                rst_documents("debian-guides", "/usr/share/developers-reference/_sources", ["*.rst.txt"]),
-                rst_documents("debian-guides", "/usr/share/doc/debian-policy/policy.html/_sources", ["*.rst.txt"]),
-            )
-            for doc in docs
-        ),
+        "maint-guide",
+        Package("maint-guide", "GPL-2.0+", "License:   GPL-2.0+"),
+        "Debian New Maintainers' Guide (English HTML), one document per chapter",
+        lambda: html_documents("maint-guide", "/usr/share/doc/maint-guide/html", ["*.en.html"]),
+    ),
+    Source(
+        "developers-reference",
+        Package("developers-reference", "GPL-2", "License: GPL-2"),
+        "Debian Developer's Reference (reST sources), one document per chapter",
+        lambda: rst_documents("developers-reference", "/usr/share/developers-reference/_sources", ["*.rst.txt"]),
+    ),
+    Source(
+        "debian-policy",
+        Package("debian-policy", "GPL-2+", "License: GPL-2+"),
+        "Debian Policy Manual (reST sources), one document per chapter or appendix",
+        lambda: rst_documents("debian-policy", "/usr/share/doc/debian-policy/policy.html/_sources", ["*.rst.txt"]),
     ),
     Source(
         "python-docs",
-        (
-            Package(
-                "python3.11-doc",
-                "PSF-2.0 (Python Software Foundation License Version 2)",
-                "PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2",
-            ),
+        Package(
+            "python3.11-doc",
+            "PSF-2.0 (Python Software Foundation License Version 2)",
+            "PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2",
         ),
         "Python 3.11 documentation (tutorial, library, reference, HOWTOs), reST sources, one document per page",
         lambda: rst_documents("python-docs", "/usr/share/doc/python3.11/html/_sources", ["*.rst.txt"]),
     ),
     Source(
         "postgresql-docs",
-        (Package("postgresql-doc-15", "PostgreSQL", "License: PostgreSQL"),),
+        Package("postgresql-doc-15", "PostgreSQL", "License: PostgreSQL"),
         "PostgreSQL 15 manual (HTML), one document per page",
         lambda: html_documents("postgresql-docs", "/usr/share/doc/postgresql-doc-15/html"),
     ),
     Source(
         "linux-docs",
-        (
-            Package(
-                "linux-doc-6.1",
-                "GPL-2",
-                "Files: *\nCopyright: 1991-2012 Linus Torvalds and many others\nLicense: GPL-2",
-            ),
+        Package(
+            "linux-doc-6.1",
+            "GPL-2",
+            "Files: *\nCopyright: 1991-2012 Linus Torvalds and many others\nLicense: GPL-2",
         ),
         "Linux 6.1 kernel Documentation, reST, prose-heavy folders: " + ", ".join(LINUX_PROSE_FOLDERS),
         lambda: rst_documents(
@@ -512,13 +511,13 @@ SOURCES = (
     ),
     Source(
         "git-docs",
-        (Package("git-doc", "GPL-2", "License: GPL-2"),),
+        Package("git-doc", "GPL-2", "License: GPL-2"),
         "Git manual pages, user manual, how-tos and technical notes (HTML), one document per page",
         lambda: html_documents("git-docs", "/usr/share/doc/git-doc"),
     ),
     Source(
         "perl-docs",
-        (Package("perl-doc", "GPL-1+ or Artistic", "License: GPL-1+ or Artistic"),),
+        Package("perl-doc", "GPL-1+ or Artistic", "License: GPL-1+ or Artistic"),
         "Perl 5.36 manual (perlintro, perlfaq, perlsyn, ...), POD, one document per page",
         lambda: pod_documents("perl-docs", "/usr/share/perl/5.36.0/pod"),
     ),
@@ -534,6 +533,11 @@ def is_validation(doc_id: str, every: int) -> bool:
 
 def select_documents(documents: Iterable[Document], min_chars: int) -> tuple[list[Document], dict[str, dict]]:
     """Documents of at least `min_chars` characters whose text was not seen before, with what was dropped."""
+    documents = list(documents)
+    ids = Counter(doc.doc_id for doc in documents)
+    repeated = sorted(doc_id for doc_id, n in ids.items() if n > 1)
+    if repeated:
+        raise ValueError(f"document ids must be unique (the split hashes them); repeated: {repeated[:5]}")
     kept, seen = [], set()
     dropped: dict[str, dict] = {}
     for doc in documents:
@@ -644,8 +648,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     # Every package is checked before any text is read or anything is written.
     sources = {
-        name: {"description": by_name[name].description, "packages": [package_info(p) for p in by_name[name].packages]}
-        for name in chosen
+        name: {"description": by_name[name].description, **package_info(by_name[name].package)} for name in chosen
     }
     documents = []
     for name in chosen:

@@ -168,6 +168,8 @@ def test_select_documents_drops_short_texts_and_exact_duplicates():
     kept, dropped = corpus.select_documents(docs, min_chars=10)
     assert [doc.doc_id for doc in kept] == ["a/1", "b/2"]
     assert dropped == {"a": {"short": 1, "duplicate": 0}, "b": {"short": 0, "duplicate": 1}}
+    with pytest.raises(ValueError, match=r"document ids must be unique .*repeated: \['a/1'\]"):
+        corpus.select_documents([*docs, corpus.Document("c", "a/1", "other", "z" * 20)], min_chars=10)
 
 
 def test_count_tokens_adds_one_eos_per_document_across_batches():
@@ -188,7 +190,10 @@ def test_main_writes_disjoint_splits_and_a_manifest_that_matches_them(tmp_path, 
     texts["toy/page999"] = texts["toy/page000"]  # an exact duplicate, kept once
     texts["toy/tiny"] = "too short"
     documents = [corpus.Document("toy", doc_id, doc_id.split("/")[1], text) for doc_id, text in texts.items()]
-    monkeypatch.setattr(corpus, "SOURCES", (corpus.Source("toy", (), "toy pages", lambda: iter(documents)),))
+    toy_package = corpus.Package("toy-doc", "public domain", "no copyright")
+    monkeypatch.setattr(corpus, "SOURCES", (corpus.Source("toy", toy_package, "toy pages", lambda: iter(documents)),))
+    # CI has no Debian packages: stand in for dpkg and the copyright file
+    monkeypatch.setattr(corpus, "package_info", lambda package: {"package": package.name, "version": "1.0-1"})
     out = tmp_path / "english"
     assert corpus.main(["--out", str(out), "--min-chars", "100"]) == 0
 
@@ -218,7 +223,7 @@ def test_main_writes_disjoint_splits_and_a_manifest_that_matches_them(tmp_path, 
     assert toy["documents"] == {split: len(rows[split]) for split in ("train", "validation")}
     assert toy["tokens"] == tokens
     assert toy["dropped"] == {"short": 1, "duplicate": 1}
-    assert toy["packages"] == []
+    assert (toy["description"], toy["package"], toy["version"]) == ("toy pages", "toy-doc", "1.0-1")
     assert manifest["total_tokens"] == tokens["train"] + tokens["validation"]
 
 

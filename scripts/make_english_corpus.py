@@ -13,18 +13,20 @@ the package's own /usr/share/doc/<package>/copyright file, which must contain th
 | maint-guide     | maint-guide          | Debian New Maintainers' Guide, per chapter        | GPL-2.0+                 |
 | developers-reference | developers-reference | Debian Developer's Reference, per chapter    | GPL-2                    |
 | debian-policy   | debian-policy        | Debian Policy Manual, per chapter                 | GPL-2+                   |
-| python-docs     | python3.11-doc       | Python 3.11 documentation, per page               | PSF licence              |
+| python-docs     | python3.11-doc       | Python 3.11 documentation, per page               | PSF License 2            |
 | postgresql-docs | postgresql-doc-15    | PostgreSQL 15 manual, per page                    | PostgreSQL licence       |
 | linux-docs      | linux-doc-6.1        | Linux kernel Documentation (prose-heavy parts)    | GPL-2                    |
 | git-docs        | git-doc              | Git manual pages and guides, per page             | GPL-2                    |
 | perl-docs       | perl-doc             | Perl's manual (perlfaq, perlintro, ...), per page | GPL-1+ or Artistic       |
 
-Two old-English religious books (KJV, Spurgeon, Henry) give narrative and argumentative prose; the manuals
-give modern expository English. Markup is stripped and code listings (literal blocks, <pre>, verbatim POD)
+Three public-domain religious works (the KJV and two commentaries) give narrative, poetic and argumentative
+prose written between 1611 and 1885; the manuals give modern expository English. Markup is stripped and code listings (literal blocks, <pre>, verbatim POD)
 are dropped, so the text is prose; documents shorter than --min-chars are dropped, and exact duplicate texts
 are kept once (the first by source order and document id).
 
-Install the sources (Debian 12 / Ubuntu, as root; about 120 MB of downloads):
+Install the sources (Debian 12 "bookworm", as root; about 130 MB of downloads; the doc packages require the
+exact version of what they document, so apt also upgrades perl, python3.11 and postgresql-15 where these are
+older; other releases name the versioned packages and folders differently):
 
     apt-get install --no-install-recommends bible-kjv bible-kjv-text diatheke sword-comm-tdavid \\
         sword-comm-mhcc debian-handbook debian-reference-en maint-guide developers-reference \\
@@ -553,12 +555,15 @@ def select_documents(documents: Iterable[Document], min_chars: int) -> tuple[lis
     return kept, dropped
 
 
-def count_tokens(texts: list[str], tokenizer, batch_size: int = 256) -> list[int]:
-    """Tokens each text takes in the packed stream: its ids without special tokens, plus the EOS packing adds."""
+def count_tokens(texts: list[str], tokenizer, batch_size: int = 64) -> list[int]:
+    """Tokens each text takes in the packed stream: its ids without special tokens, plus the EOS packing adds.
+
+    `tokenizer` is a fast tokenizer's Rust backend (`tokenizers.Tokenizer`): its encode_batch_fast skips the
+    offsets and Python lists that a transformers tokenizer call builds, which took most of the time here."""
     counts = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], add_special_tokens=False, verbose=False)
-        counts += [len(ids) + 1 for ids in batch["input_ids"]]
+        encodings = tokenizer.encode_batch_fast(texts[start : start + batch_size], add_special_tokens=False)
+        counts += [len(encoding) + 1 for encoding in encodings]
     return counts
 
 
@@ -659,7 +664,7 @@ def main(argv=None) -> int:
 
     from hf_sparse_ift.training.data import load_tokenizer
 
-    tokens = count_tokens([doc.text for doc in documents], load_tokenizer("builtin"))
+    tokens = count_tokens([doc.text for doc in documents], load_tokenizer("builtin").backend_tokenizer)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     file_sha256 = {

@@ -173,12 +173,13 @@ def test_select_documents_drops_short_texts_and_exact_duplicates():
 
 
 def test_count_tokens_adds_one_eos_per_document_across_batches():
-    def whitespace_tokenizer(texts, add_special_tokens, verbose):
-        assert add_special_tokens is False
-        return {"input_ids": [text.split() for text in texts]}
+    class WhitespaceTokenizer:
+        def encode_batch_fast(self, texts, add_special_tokens):
+            assert add_special_tokens is False
+            return [text.split() for text in texts]
 
     texts = ["a b c", "d", "e f", "g h i j", "k"]
-    assert corpus.count_tokens(texts, whitespace_tokenizer, batch_size=2) == [4, 2, 3, 5, 2]
+    assert corpus.count_tokens(texts, WhitespaceTokenizer(), batch_size=2) == [4, 2, 3, 5, 2]
 
 
 def test_main_writes_disjoint_splits_and_a_manifest_that_matches_them(tmp_path, monkeypatch):

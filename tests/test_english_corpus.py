@@ -126,7 +126,7 @@ def test_sword_chapters_group_entries_by_chapter_once_each():
         "Genesis 1:4: The light was good;\n"
         "    and it was divided.\n"
         "1 Samuel 2:1: Hannah prayed.\n"
-        "(MHCC)\n"
+        "(TDavid)\n"
     )
     assert corpus.sword_chapters(printed) == [
         ("Genesis 1", ["Verses 1-2 God said, Let there be light.", "The light was good; and it was divided."]),

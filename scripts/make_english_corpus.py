@@ -34,6 +34,9 @@ older; other releases name the versioned packages and folders differently):
         python3.11-doc postgresql-doc-15 linux-doc-6.1 git-doc perl-doc
     python scripts/make_english_corpus.py --out data/english
 
+Measured with these package versions (Debian 12.x, December 2026): 4,088 documents and 14,768,757 tokens,
+14,123,735 (3,888 documents) in train and 645,022 (200 documents) in validation; 3 minutes on 2 busy cores.
+
 Writes ``train.jsonl`` and ``validation.jsonl`` ({"text", "title", "source"} per line) and ``manifest.json``
 (per source: package and version, licence and its evidence, documents and tokens per split; the sha256,
 documents and tokens of each file; the total). Tokens are counted with the package's built-in 4096-token BPE

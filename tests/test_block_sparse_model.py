@@ -264,3 +264,28 @@ def test_generate_and_pipeline(builtin_tokenizer):
     generator = pipeline("text-generation", model=model, tokenizer=builtin_tokenizer)
     text = generator("def main():", max_new_tokens=6, do_sample=False)[0]["generated_text"]
     assert text == builtin_tokenizer.decode(out[0])
+
+
+# --- analysis and the commands that apply to masked models --------------------------------------------------
+def test_spectral_analysis_of_a_block_model_is_that_of_its_masked_twin():
+    from hf_sparse_ift.sparsity.spectral import model_spectral_stats
+
+    model = block_model()
+    block_stats = model_spectral_stats(model)
+    masked_stats = model_spectral_stats(to_masked_model(model))
+    assert block_stats.keys() == masked_stats.keys() and len(block_stats) == 12
+    for name, stats in block_stats.items():
+        assert stats == pytest.approx(masked_stats[name], rel=1e-9, abs=1e-9), name
+
+
+def test_condense_and_compress_refuse_block_models(tmp_path):
+    from hf_sparse_ift.sparsity.condense import convert_checkpoint
+
+    model = block_model()
+    with pytest.raises(ValueError, match=r"block-sparse \(sparsity_block=8\).*to_masked_model"):
+        model.condense()
+    model.save_pretrained(tmp_path / "ckpt")
+    for layout in ("bitmask-values-v1", "condensed-v1"):
+        with pytest.raises(ValueError, match=rf"block-sparse \(sparsity_block=8\).*{layout} applies to masked"):
+            convert_checkpoint(tmp_path / "ckpt", tmp_path / layout, layout)
+        assert not (tmp_path / layout).exists()

@@ -17,6 +17,7 @@ __all__ = [
     "pack_bits",
     "parameter_counts",
     "select_top_k",
+    "select_top_k_per_row",
     "sparse_layers",
 ]
 
@@ -66,6 +67,16 @@ def select_top_k(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     ties = scores == threshold
     room = k - beyond.sum()
     return beyond | (ties & (ties.cumsum(0, dtype=torch.int32) <= room))
+
+
+def select_top_k_per_row(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Boolean mask of the k largest (or smallest) entries of every row of a 2-D tensor; ties go to the lowest
+    index (a stable sort keeps equal scores in index order)."""
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return chosen
+    columns = scores.sort(dim=1, descending=largest, stable=True).indices[:, :k]
+    return chosen.scatter_(1, columns, True)
 
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)

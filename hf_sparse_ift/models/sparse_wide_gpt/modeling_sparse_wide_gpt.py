@@ -152,6 +152,11 @@ class SparseLinear(nn.Linear):
         mask[inactive] = False
         return mask.view(self.out_features, self.in_features)
 
+    def dense_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The full (out_features, in_features) weight, zero at inactive positions: ``weight`` itself (or the given
+        gathered one). The same view as `BlockSparseLinear.dense_weight`, for analysis."""
+        return self.weight if weight is None else weight
+
     def effective_weight(self) -> torch.Tensor:
         """The weight to multiply with: itself in forward, with the mask applied to its gradient."""
         weight = self.weight
@@ -310,6 +315,22 @@ class BlockSparseLinear(nn.Module):
             self.n_active, device=slot.device
         )
         return slot[block_mask.to(slot.device)]
+
+    def block_norms(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The Frobenius norm of every block of a dense (out_features, in_features) `matrix` (e.g. a weight gradient),
+        as a (block-rows, block-columns) float32 grid."""
+        rows, cols = self.sparsity_block
+        grid_rows, grid_cols = self.block_grid
+        return torch.linalg.vector_norm(matrix.float().reshape(grid_rows, rows, grid_cols, cols), dim=(1, 3))
+
+    def active_block_norms(self, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """The Frobenius norm of every active block of `blocks` (default ``weight_blocks``) in its place on the
+        (block-rows, block-columns) grid; 0 at inactive blocks."""
+        blocks = self.weight_blocks if blocks is None else blocks
+        grid = torch.zeros(self.block_grid, dtype=torch.float32, device=blocks.device)
+        norms = torch.linalg.vector_norm(blocks.float(), dim=(1, 2))
+        grid[block_rows_of(self.block_crow_indices), self.block_col_indices] = norms
+        return grid
 
     # --- conversion to and from the masked layout ---
     @classmethod
@@ -644,6 +665,17 @@ class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
             module._mask_source = "seed"
         if not weight_loaded:  # +0.0 at inactive positions (a product would leave -0.0 where the draw was negative)
             module.weight.masked_fill_(~module.weight_mask, 0.0)
+
+    def condense(self, representation: str = "auto"):
+        """`SparseCheckpointMixin.condense` for masked models; a block-sparse model is refused (it already stores and
+        computes only its active blocks)."""
+        if self.config.uses_blocks:
+            raise ValueError(
+                f"this model's sparse layers are block-sparse (sparsity_block={self.config.sparsity_block!r}): they "
+                f"already store and compute only their active blocks, and condensing applies to masked layers. "
+                f"Convert to the masked layout first (hf_sparse_ift.sparsity.blocks.to_masked_model) to condense."
+            )
+        return super().condense(representation)
 
     @staticmethod
     def _init_block_index(module: BlockSparseLinear) -> None:

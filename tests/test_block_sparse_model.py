@@ -208,8 +208,15 @@ def test_to_block_model_refuses_masks_that_are_not_whole_blocks():
         to_masked_model(masked)
 
 
-def test_parameters_exist_for_active_blocks_only():
+def test_parameters_gradients_and_adam_state_exist_for_active_blocks_only():
     model = block_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(IDS, labels=IDS).loss.backward()
+    optimizer.step()
+    for layer in sparse_layers(model).values():
+        state = optimizer.state[layer.weight_blocks]
+        shape = (layer.n_active, 8, 8)
+        assert layer.weight_blocks.grad.shape == state["exp_avg"].shape == state["exp_avg_sq"].shape == shape
     counts = parameter_counts(model)
     stored = sum(p.numel() for p in model.parameters())
     assert stored == counts["active"]

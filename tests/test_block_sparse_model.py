@@ -259,6 +259,20 @@ def test_checkpoint_without_block_index_is_refused(tmp_path):
         SparseWideGPTForCausalLM.from_pretrained(tmp_path / "ckpt")
 
 
+def test_damaged_block_index_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = block_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "model.safetensors"
+    tensors = load_file(path)
+    key = "transformer.h.0.mlp.fc_in.block_col_indices"
+    tensors[key][1] = tensors[key][0]  # a block listed twice
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"not a valid BSR index of \d+ active blocks on a 32x8 grid"):
+        SparseWideGPTForCausalLM.from_pretrained(tmp_path / "ckpt")
+
+
 def test_generate_and_pipeline(builtin_tokenizer):
     from transformers import pipeline
 

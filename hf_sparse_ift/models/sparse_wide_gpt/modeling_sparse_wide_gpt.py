@@ -307,6 +307,27 @@ class BlockSparseLinear(nn.Module):
         # nonzero() lists positions in row-major order: by block-row, then block-column (the BSR order).
         self.block_col_indices.copy_(block_mask.nonzero()[:, 1])
 
+    def check_block_index(self) -> None:
+        """Refuse a block index (e.g. a loaded one) that is not a BSR index of this layer: row pointers from 0 to
+        n_active, columns in range and strictly increasing within each block-row, and with a constant block fan-in,
+        as many blocks in every block-row."""
+        crow, col = self.block_crow_indices, self.block_col_indices
+        grid_rows, grid_cols = self.block_grid
+        counts = crow.diff()
+        valid = int(crow[0]) == 0 and int(crow[-1]) == self.n_active and bool((counts >= 0).all())
+        valid = valid and bool(((col >= 0) & (col < grid_cols)).all())
+        if valid:
+            positions = block_rows_of(crow) * grid_cols + col
+            valid = bool((positions.diff() > 0).all())
+        if valid and self.block_fan_in == "constant":
+            valid = bool((counts == counts[0]).all())
+        if not valid:
+            raise ValueError(
+                f"block index (block_crow_indices, block_col_indices) is not a valid BSR index of {self.n_active} "
+                f"active blocks on a {grid_rows}x{grid_cols} grid (block_fan_in={self.block_fan_in!r}): the checkpoint "
+                f"is damaged or was written for another layout"
+            )
+
     def block_slots(self, block_mask: torch.Tensor) -> torch.Tensor:
         """For every active block of `block_mask` (BSR order), its slot in ``weight_blocks`` now; -1 where the block
         is not active now."""
@@ -721,6 +742,9 @@ class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
         )
         model._check_tensor_parallel()
         model._check_loaded_masks(rebuild_masks=rebuild_masks, strict_masks=strict_masks)
+        for module in model.modules():
+            if isinstance(module, BlockSparseLinear):
+                module.check_block_index()
         return (model, loading_info) if output_loading_info else model
 
     def _check_tensor_parallel(self) -> None:

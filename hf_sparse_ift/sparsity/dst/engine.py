@@ -6,7 +6,7 @@ Two kinds of sparse layer: a masked `SparseLinear` (a dense weight and a mask; u
 slots in ``weight_blocks``: a regrown block takes a dropped block's slot, starts at zero with zeroed optimizer state,
 and the slots are re-sorted into the order of the new block index, parameter and optimizer state alike.
 
-Invariants (tests/test_dst.py checks each): the active count of every layer is its budget (SRigL: every
+Invariants (tests/test_dst.py and tests/test_dst_blocks.py check each): the active count of every layer is its budget (SRigL: every
 active neuron has the same fan-in); inactive weights and their optimizer state are exactly zero after
 every step; regrown weights start at zero; the same seed gives the same masks on any number of ranks
 (randomness comes from generators seeded by (seed, step, layer), dense gradients are summed over ranks
@@ -179,6 +179,7 @@ class DSTEngine:
             weight = _full(layer.weight_blocks.detach())
             magnitude = layer.active_block_norms(weight)
             mask = layer.block_mask
+            constant_fan_in = layer.block_fan_in == "constant"
 
             def dense_grad():
                 return layer.block_norms(self._dense_grad(name))
@@ -186,6 +187,7 @@ class DSTEngine:
             weight = _full(layer.weight.detach())
             magnitude = weight.abs()
             mask = layer.weight_mask.clone()
+            constant_fan_in = False  # SRigL's constant fan-in is its own method (srigl.py)
 
             def dense_grad():
                 return self._dense_grad(name)
@@ -198,7 +200,7 @@ class DSTEngine:
             mask=mask,
             magnitude=magnitude,
             budget=self.layer_budget[name],
-            constant_fan_in=getattr(layer, "block_fan_in", "any") == "constant",
+            constant_fan_in=constant_fan_in,
             step=self.step_count,
             seed=self.config.seed,
             dense_grad=dense_grad,

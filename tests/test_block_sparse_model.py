@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config
 
 from hf_sparse_ift import BlockSparseLinear, SparseLinear, SparseWideGPTConfig, SparseWideGPTForCausalLM
-from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import count_flops
+from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import count_flops, layer_inactive_weights, num_inactive_blocks
 from hf_sparse_ift.sparsity import parameter_counts, sparse_layers
 from hf_sparse_ift.sparsity.blocks import to_block_model, to_masked_model
 
@@ -44,6 +44,21 @@ def test_block_config_widths_and_whole_block_budget():
     assert abs(wide.sparse_matmul - dense.sparse_matmul) <= 2 * 64 * 12
     active = sum(int(m.weight_mask.sum()) for m in layers.values())
     assert wide.sparse_matmul == 2 * active
+
+
+def test_block_budget_arithmetic():
+    assert num_inactive_blocks(4, 10, 0.75) == 30  # round(0.75 * 40) blocks anywhere
+    assert num_inactive_blocks(4, 10, 0.75, constant_fan_in=True) == 32  # round(7.5) = 8 in each of 4 block-rows
+    assert layer_inactive_weights(64, 160, 0.75, (16, 16)) == 30 * 256
+    assert layer_inactive_weights(64, 160, 0.75, (16, 16), "constant") == 32 * 256
+    assert layer_inactive_weights(64, 160, 0.75) == round(0.75 * 64 * 160)  # unstructured: as before
+
+
+@pytest.mark.parametrize("fan_in", ["any", "constant"])
+def test_gpt3_small_sw75_block64_keeps_the_dense_sparse_layer_flops_exactly(fan_in):
+    config = SparseWideGPTConfig(sparsity=0.75, sparsity_block=64, block_fan_in=fan_in)
+    assert (config.hidden_size, config.intermediate_size) == (1536, 6144)
+    assert count_flops(config.shape()).sparse_matmul == count_flops(config.dense_shape()).sparse_matmul
 
 
 def test_rectangular_blocks_and_constant_fan_in():

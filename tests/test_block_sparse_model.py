@@ -87,9 +87,11 @@ def test_bad_block_config_is_refused(overrides, words):
         assert word in str(err.value)
 
 
-def test_layer_width_not_a_multiple_of_the_block():
+def test_bad_layer_arguments_are_refused():
     with pytest.raises(ValueError, match=r"in_features=60 a multiple of 16"):
         BlockSparseLinear(60, 32, sparsity_block=(16, 16), sparsity=0.5)
+    with pytest.raises(ValueError, match=r"block_fan_in='fixed' is invalid"):
+        BlockSparseLinear(64, 32, sparsity_block=(16, 16), sparsity=0.5, block_fan_in="fixed")
 
 
 def test_sparsity_block_1_is_todays_model():

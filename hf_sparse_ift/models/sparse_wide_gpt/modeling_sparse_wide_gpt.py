@@ -36,7 +36,7 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .block_sparse import block_rows_of, block_sparse_linear, dense_from_blocks
-from .configuration_sparse_wide_gpt import SparseWideGPTConfig
+from .configuration_sparse_wide_gpt import BLOCK_FAN_INS, SparseWideGPTConfig
 from .iso_flop import BLOCK_LINEARS, num_inactive, num_inactive_blocks
 from .sparse_safetensors import SparseCheckpointMixin
 
@@ -195,6 +195,18 @@ class _ObserveDenseGradient(torch.autograd.Function):
         return grad, None, None
 
 
+def _block_grid(out_features: int, in_features: int, sparsity_block: tuple[int, int]) -> tuple[int, int]:
+    """(block-rows, block-columns) of a weight cut into blocks; refuses sizes that are not whole blocks."""
+    rows, cols = sparsity_block
+    if out_features % rows or in_features % cols:
+        raise ValueError(
+            f"a {out_features}x{in_features} weight (out_features x in_features) cannot be cut into blocks of "
+            f"{rows}x{cols}: out_features={out_features} must be a multiple of {rows} and in_features="
+            f"{in_features} a multiple of {cols}"
+        )
+    return out_features // rows, in_features // cols
+
+
 class BlockSparseLinear(nn.Module):
     """A linear layer whose weight is made of (rows, cols) blocks, of which only the active ones exist.
 
@@ -224,13 +236,10 @@ class BlockSparseLinear(nn.Module):
         dtype=None,
     ):
         super().__init__()
+        if block_fan_in not in BLOCK_FAN_INS:
+            raise ValueError(f"block_fan_in={block_fan_in!r} is invalid: expected one of {list(BLOCK_FAN_INS)}")
         rows, cols = sparsity_block
-        if out_features % rows or in_features % cols:
-            raise ValueError(
-                f"a {out_features}x{in_features} weight (out_features x in_features) cannot be cut into blocks of "
-                f"{rows}x{cols}: out_features={out_features} must be a multiple of {rows} and in_features="
-                f"{in_features} a multiple of {cols}"
-            )
+        self.block_grid = _block_grid(out_features, in_features, sparsity_block)
         self.in_features = in_features
         self.out_features = out_features
         self.sparsity_block = (rows, cols)
@@ -240,7 +249,6 @@ class BlockSparseLinear(nn.Module):
         self.residual_projection = residual_projection
         # Called with the dense weight gradient in backward when set (see `_ObserveDenseGradient`).
         self.grad_observer = None
-        self.block_grid = (out_features // rows, in_features // cols)
         grid_rows, grid_cols = self.block_grid
         n_active = grid_rows * grid_cols - num_inactive_blocks(
             grid_rows, grid_cols, sparsity, block_fan_in == "constant"
@@ -362,16 +370,7 @@ class BlockSparseLinear(nn.Module):
         """The block layer holding exactly the weights of `linear`, whose mask must be made of whole blocks."""
         rows, cols = sparsity_block
         out_features, in_features = linear.weight.shape
-        block = cls(
-            in_features,
-            out_features,
-            bias=linear.bias is not None,
-            sparsity_block=sparsity_block,
-            block_fan_in="any",
-            device="meta",
-            dtype=linear.weight.dtype,
-        )  # shape checks only: the real layer is sized by the mask below
-        grid_rows, grid_cols = block.block_grid
+        grid_rows, grid_cols = _block_grid(out_features, in_features, sparsity_block)
         per_block = linear.weight_mask.reshape(grid_rows, rows, grid_cols, cols).sum(dim=(1, 3))
         partial = int(((per_block > 0) & (per_block < rows * cols)).sum())
         if partial:

@@ -55,10 +55,14 @@ def test_block_budget_arithmetic():
 
 
 @pytest.mark.parametrize("fan_in", ["any", "constant"])
-def test_gpt3_small_sw75_block64_keeps_the_dense_sparse_layer_flops_exactly(fan_in):
+def test_gpt3_small_sw75_block64_keeps_the_dense_sparse_layer_flops_and_executes_only_them(fan_in):
     config = SparseWideGPTConfig(sparsity=0.75, sparsity_block=64, block_fan_in=fan_in)
     assert (config.hidden_size, config.intermediate_size) == (1536, 6144)
-    assert count_flops(config.shape()).sparse_matmul == count_flops(config.dense_shape()).sparse_matmul
+    flops = count_flops(config.shape())
+    assert flops.sparse_matmul == count_flops(config.dense_shape()).sparse_matmul
+    assert flops.sparse_matmul_executed == flops.sparse_matmul  # only active blocks are computed
+    masked = count_flops(SparseWideGPTConfig(sparsity=0.75).shape())
+    assert masked.sparse_matmul_executed == 4 * masked.sparse_matmul  # masked layers multiply their zeros
 
 
 def test_rectangular_blocks_and_constant_fan_in():

@@ -159,7 +159,8 @@ class FlopCount:
     computes the input and the weight gradient, each as costly as the forward matmul).
 
     * sparse_matmul: block linears that are sparse, active weights only (ideal sparse hardware);
-    * sparse_matmul_executed: the same layers as masked-dense matmuls (what a GPU executes);
+    * sparse_matmul_executed: what those layers execute: masked-dense matmuls (every weight), or with block masks
+      only the active blocks;
     * dense_matmul: LM head plus block linears kept dense (embedding look-ups cost no FLOPs);
     * attention: QK^T and AV, 2·2·seq_len·d_model per layer; they grow with width and context and do
       not shrink with sparsity. Counted over the full context, like PaLM's 6N + 12·L·d·T.
@@ -207,7 +208,8 @@ def count_flops(shape: GPTShape) -> FlopCount:
                 d_out, d_in, shape.layer_sparsity, shape.sparsity_block, shape.block_fan_in
             )
             sparse += 2.0 * (n - inactive)
-            executed += 2.0 * n
+            # Masked layers multiply their zeros too; block-sparse layers compute only their active blocks.
+            executed += 2.0 * (n if shape.sparsity_block == (1, 1) else n - inactive)
         else:
             dense += 2.0 * n
     per_layer_attention = 2.0 * 2.0 * shape.seq_len * shape.d_model

@@ -331,3 +331,21 @@ def test_condense_and_compress_refuse_block_models(tmp_path):
         with pytest.raises(ValueError, match=rf"block-sparse \(sparsity_block=8\).*{layout} applies to masked"):
             convert_checkpoint(tmp_path / "ckpt", tmp_path / layout, layout)
         assert not (tmp_path / layout).exists()
+
+
+def test_block_memory_benchmark_smoke(tmp_path):
+    """benchmarks/block_memory.py: block layers hold about the memory of their active weights, masked ones ~4x."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "block_memory.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [result] = tmp_path.glob("*.json")
+    ratios = {r["variant"]: r["sparse_layer_ratio_to_active"] for r in json.loads(result.read_text())["results"]}
+    assert ratios.keys() == {"block-8", "block-8-constant", "masked"}
+    assert ratios["block-8"] <= 1.1 and ratios["block-8-constant"] <= 1.1
+    assert ratios["masked"] > 4.0

@@ -227,6 +227,8 @@ def test_to_block_model_refuses_masks_that_are_not_whole_blocks():
         to_block_model(masked, sparsity_block=8)
     with pytest.raises(ValueError, match="already masked"):
         to_masked_model(masked)
+    with pytest.raises(ValueError, match=r"derives widths 128/256, not the model's 64/256"):
+        to_block_model(masked, sparsity_block=128)
 
 
 def test_parameters_gradients_and_adam_state_exist_for_active_blocks_only():

@@ -31,9 +31,7 @@ def to_masked_model(model: SparseWideGPTForCausalLM) -> SparseWideGPTForCausalLM
             f"the model's sparse layers are already masked (sparsity_block={model.config.sparsity_block!r}, "
             f"sparsity={model.config.sparsity}): there are no block layers to convert"
         )
-    config = _config_like(
-        model.config, sparsity_block=1, block_fan_in="any", width_multiple=model.config.width_multiple
-    )
+    config = _config_like(model.config, sparsity_block=1, block_fan_in="any")
     return _convert(model, config, BlockSparseLinear.to_masked)
 
 
@@ -56,9 +54,8 @@ def to_block_model(
 
 
 def _config_like(config: SparseWideGPTConfig, **changes) -> SparseWideGPTConfig:
+    # A width_multiple of None (paper widths) becomes the block size for a block config; widths are checked below.
     values = {k: v for k, v in config.to_dict().items() if k not in _DERIVED_KEYS and k != "sparse_format"}
-    if changes.get("width_multiple", values.get("width_multiple")) is None:
-        values.pop("width_multiple", None)  # the block size is then the default width multiple
     new = SparseWideGPTConfig(**{**values, **changes})
     if (new.hidden_size, new.intermediate_size) != (config.hidden_size, config.intermediate_size):
         raise ValueError(

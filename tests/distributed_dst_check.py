@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under `accelerate launch --cpu --num_processes 2`.
 
 Each rank trains on different data (so local gradients differ); after many DST updates the masks
-must be identical on every rank. Writes one JSON line with the verdict from rank 0.
+must be identical on every rank. Writes one JSON line with the verdict from rank 0. A third argument "block" trains
+the block-sparse model (8x8 blocks) instead of the masked one.
 """
 
 import json
@@ -19,11 +20,13 @@ from conftest import tiny_config
 from hf_sparse_ift import SparseWideGPTForCausalLM
 from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine
 
+BLOCKS = dict(dense_hidden_size=32, sparsity_block=8)
 
-def main(method: str, out: str) -> None:
+
+def main(method: str, out: str, layout: str = "masked") -> None:
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    model = SparseWideGPTForCausalLM(tiny_config())
+    model = SparseWideGPTForCausalLM(tiny_config(**BLOCKS if layout == "block" else {}))
     initial = {k: m.weight_mask.clone() for k, m in sparse_layers(model).items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     model, opt = accelerator.prepare(model, opt)
@@ -58,4 +61,4 @@ def main(method: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -2,7 +2,9 @@
 
 Each rank holds a shard of every weight; it trains on its own data. After many SET / RigL updates the masks
 must be identical on all ranks, inactive weights and Adam moments exactly zero in the gathered tensors, and
-each rank's shard must really be a shard. Writes one JSON line with the verdict from rank 0.
+each rank's shard must really be a shard. Writes one JSON line with the verdict from rank 0. A third argument "block"
+trains the block-sparse model (8x8 blocks), whose sharded parameter is ``weight_blocks`` and which stores no inactive
+weights (the zero checks then look at the blocks regrown by the last update).
 """
 
 import json
@@ -19,15 +21,27 @@ from hf_sparse_ift.sparsity import sparse_layers
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_config
 
-from hf_sparse_ift import SparseWideGPTForCausalLM
+from hf_sparse_ift import BlockSparseLinear, SparseWideGPTForCausalLM
 from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine
 
+BLOCKS = dict(dense_hidden_size=32, sparsity_block=8)
 
-def main(method: str, out: str) -> None:
+
+def sparse_parameter(layer):
+    return layer.weight_blocks if isinstance(layer, BlockSparseLinear) else layer.weight
+
+
+def dense(layer, values: DTensor):
+    """A gathered parameter (or optimizer state of it) as the dense (out, in) matrix of the layer."""
+    full = values.full_tensor()
+    return layer.dense_weight(full) if isinstance(layer, BlockSparseLinear) else full
+
+
+def main(method: str, out: str, layout: str = "masked") -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = SparseWideGPTForCausalLM(tiny_config())
+    model = SparseWideGPTForCausalLM(tiny_config(**BLOCKS if layout == "block" else {}))
     initial = {k: m.weight_mask.clone() for k, m in sparse_layers(model).items()}
     for block in model.transformer.h:
         fully_shard(block)
@@ -36,20 +50,25 @@ def main(method: str, out: str) -> None:
     engine = DSTEngine(model, opt, DSTConfig(method=method, update_interval=2), total_steps=40)
     g = torch.Generator().manual_seed(1000 + rank)
     updates = 0
+    layers = sparse_layers(model)
     for _ in range(20):
         x = torch.randint(0, 97, (4, 16), generator=g)
         model(x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad()
+        before = {k: m.weight_mask.clone() for k, m in layers.items()}
         updates += engine.step() is not None
-    layers = sparse_layers(model)
+    # Masked layers: every inactive weight. Block layers store none: the blocks regrown by the last step instead.
+    zeros = {k: ~m.weight_mask if layout == "masked" else m.weight_mask & ~before[k] for k, m in layers.items()}
     sharded = all(
-        isinstance(m.weight, DTensor) and m.weight.to_local().shape[0] < m.weight.shape[0] for m in layers.values()
-    )
-    zero_weights = all(torch.count_nonzero(m.weight.full_tensor()[~m.weight_mask]) == 0 for m in layers.values())
-    zero_state = all(
-        torch.count_nonzero(opt.state[m.weight][key].full_tensor()[~m.weight_mask]) == 0
+        isinstance(sparse_parameter(m), DTensor)
+        and sparse_parameter(m).to_local().shape[0] < sparse_parameter(m).shape[0]
         for m in layers.values()
+    )
+    zero_weights = all(torch.count_nonzero(dense(m, sparse_parameter(m))[zeros[k]]) == 0 for k, m in layers.items())
+    zero_state = all(
+        torch.count_nonzero(dense(m, opt.state[sparse_parameter(m)][key])[zeros[k]]) == 0
+        for k, m in layers.items()
         for key in ("exp_avg", "exp_avg_sq")
     )
     counts = all(int(m.weight_mask.sum()) == int(initial[k].sum()) for k, m in layers.items())
@@ -77,4 +96,4 @@ def main(method: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -40,10 +40,13 @@ def accelerate_launch(script, *args, tmp_path, processes=2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["set", "rigl", "srigl"])
-def test_masks_identical_on_all_ranks_after_many_updates(method, tmp_path):
+@pytest.mark.parametrize(
+    ("method", "layout"), [("set", "masked"), ("rigl", "masked"), ("srigl", "masked"), ("rigl", "block")]
+)
+def test_masks_identical_on_all_ranks_after_many_updates(method, layout, tmp_path):
     out = tmp_path / "verdict.json"
-    proc = accelerate_launch(os.path.join(HERE, "distributed_dst_check.py"), method, str(out), tmp_path=tmp_path)
+    script = os.path.join(HERE, "distributed_dst_check.py")
+    proc = accelerate_launch(script, method, str(out), layout, tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     verdict = json.loads(out.read_text())
     assert verdict == {**verdict, "ranks": 2, "same_masks": True, "same_params": True, "updates": 14}
@@ -51,8 +54,8 @@ def test_masks_identical_on_all_ranks_after_many_updates(method, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["set", "rigl"])
-def test_dst_under_fsdp2_shards_keeps_masks_identical_and_inactive_weights_zero(method, tmp_path):
+@pytest.mark.parametrize(("method", "layout"), [("set", "masked"), ("rigl", "masked"), ("rigl", "block")])
+def test_dst_under_fsdp2_shards_keeps_masks_identical_and_inactive_weights_zero(method, layout, tmp_path):
     out = tmp_path / "verdict.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
@@ -66,6 +69,7 @@ def test_dst_under_fsdp2_shards_keeps_masks_identical_and_inactive_weights_zero(
         os.path.join(HERE, "distributed_fsdp_check.py"),
         method,
         str(out),
+        layout,
     ]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_distributed import accelerate_launch
 from transformers import AutoModelForCausalLM
 
-import hf_sparse_ift  # noqa: F401  (registers the model)
+from hf_sparse_ift import BlockSparseLinear, SparseWideGPTForCausalLM
 from hf_sparse_ift.sparsity import sparse_layers
 from hf_sparse_ift.training.config import load_pretrain_config
 from hf_sparse_ift.training.loop import NonFiniteLossError, pretrain
@@ -66,6 +66,24 @@ def test_short_run_lowers_loss_writes_loadable_checkpoints_and_keeps_last_k(tmp_
     assert list((out / "hf-sparse-ift").rglob("events.out.tfevents*"))  # TensorBoard logs
 
 
+def test_block_sparse_preset_trains_and_exports_a_block_model(tmp_path):
+    out = tmp_path / "block"
+    # FAST's widths 64 / 256 are 4 / 16 blocks of 16; DST (set) updates the blocks at steps 3 and 6.
+    cfg = load_pretrain_config("pretrain-tiny", overrides(out, 6, 6) + ["model.preset=tiny-sw75-block16"])
+    assert cfg.model_config().sparsity_block == 16
+    # Initial block masks come from the config's mask_seed: the same model built here starts where the run starts.
+    initial = {k: m.block_mask for k, m in sparse_layers(SparseWideGPTForCausalLM(cfg.model_config())).items()}
+    summary = pretrain(cfg)
+    assert summary["steps"] == 6
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-6" / "hf")
+    layers = sparse_layers(model)
+    assert len(layers) == 12 and all(isinstance(m, BlockSparseLinear) for m in layers.values())
+    assert all(m.sparsity_block == (16, 16) and m.n_active == int(initial[k].sum()) for k, m in layers.items())
+    assert any(not torch.equal(m.block_mask, initial[k]) for k, m in layers.items())  # DST moved blocks
+    assert all(torch.isfinite(m.weight_blocks).all() for m in layers.values())
+    assert "block-sparse (`sparsity_block` 16)" in (out / "checkpoint-6" / "hf" / "README.md").read_text()
+
+
 def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         pretrain(load_pretrain_config("pretrain-tiny", overrides(tmp_path / "a", 2, 2)), resume=True)
@@ -94,17 +112,28 @@ def final_state(ckpt: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(
+    ("layout", "model", "index_key"),
+    [("masked", [], "weight_mask"), ("block", ["model.preset=tiny-sw75-block16"], "block_col_indices")],
+)
+def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, layout, model, index_key):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     steps, every = 30, 5
     straight = tmp_path / "straight"
     subprocess.run(
-        cli("pretrain", *overrides(straight, steps, every)), env=env, check=True, timeout=600, capture_output=True
+        cli("pretrain", *overrides(straight, steps, every), *model),
+        env=env,
+        check=True,
+        timeout=600,
+        capture_output=True,
     )
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        cli("pretrain", *overrides(killed, steps, every)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cli("pretrain", *overrides(killed, steps, every), *model),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
     while not (killed / "checkpoint-15").exists():
@@ -114,7 +143,7 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     proc.wait()
     assert not (killed / f"checkpoint-{steps}").exists()
     resumed = subprocess.run(
-        cli("pretrain", "--resume", *overrides(killed, steps, every)),
+        cli("pretrain", "--resume", *overrides(killed, steps, every), *model),
         env=env,
         timeout=600,
         capture_output=True,
@@ -124,7 +153,7 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert "resumed from" in resumed.stderr
 
     a, b = final_state(straight / f"checkpoint-{steps}"), final_state(killed / f"checkpoint-{steps}")
-    assert a.keys() == b.keys() and any(k.endswith("weight_mask") for k in a)
+    assert a.keys() == b.keys() and any(k.endswith(index_key) for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     sa = json.loads((straight / "train_summary.json").read_text())

@@ -7,8 +7,10 @@ import sys
 import textwrap
 
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file
 
+from hf_sparse_ift import SparseWideGPTForCausalLM
 from hf_sparse_ift.models.sparse_wide_gpt.sparse_safetensors import decompress_state_dict
 
 BLOCKER = """
@@ -70,3 +72,31 @@ def test_trust_remote_code_without_the_package(tiny_model, tmp_path):
     assert set(out["masks"]) == set(saved) and len(saved) == 12
     for k, v in saved.items():
         assert torch.equal(out["masks"][k], v)
+
+
+BLOCK_LOADER = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+assert "hf_sparse_ift" not in type(model).__module__, type(model).__module__
+x = torch.load(sys.argv[2])
+torch.save({"logits": model(x).logits, "generated": model.generate(x[:1, :4], max_new_tokens=5, do_sample=False),
+            "state": model.state_dict()}, sys.argv[3])
+"""
+
+
+def test_block_model_loads_with_trust_remote_code_without_the_package(tmp_path):
+    torch.manual_seed(0)
+    model = SparseWideGPTForCausalLM(tiny_config(dense_hidden_size=32, sparsity_block=8)).eval()
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    assert (ckpt / "block_sparse.py").exists()  # the kernels' interface travels with the model code
+    x = torch.randint(0, 97, (2, 12))
+    torch.save(x, tmp_path / "x.pt")
+    run_without_the_package(tmp_path, BLOCK_LOADER, ckpt, tmp_path / "x.pt", tmp_path / "out.pt")
+    out = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        assert torch.equal(out["logits"], model(x).logits)
+    assert torch.equal(out["generated"], model.generate(x[:1, :4], max_new_tokens=5, do_sample=False))
+    for key, value in model.state_dict().items():
+        assert torch.equal(out["state"][key], value), key

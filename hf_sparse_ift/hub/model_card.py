@@ -146,7 +146,15 @@ _STORAGE = {
 }
 
 
+_BLOCK_STORAGE = (
+    "Each sparse layer is block-sparse (`sparsity_block` {block}): only its active blocks (`weight_blocks`) and their "
+    "index (`block_crow_indices`, `block_col_indices`, BSR layout) are stored, trained and computed with."
+)
+
+
 def _storage(config) -> str:
+    if config.uses_blocks:
+        return _BLOCK_STORAGE.format(block=config.sparsity_block)
     fmt = config.sparse_format.get("format") if isinstance(config.sparse_format, dict) else None
     if fmt not in _STORAGE:
         raise ValueError(f"sparse_format {fmt!r} has no card text: expected one of {list(_STORAGE)}")

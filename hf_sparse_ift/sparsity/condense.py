@@ -145,6 +145,13 @@ def _check_conversion(src: Path, dst: Path, layout: str, overwrite: bool, repres
         raise ValueError(f"{src} is not compressed (plain layout): nothing to decompress")
     if layout == BITMASK_FORMAT and held == BITMASK_FORMAT:
         raise ValueError(f"{src} is already compressed ({BITMASK_FORMAT})")
+    if config.get("sparsity") and config.get("sparsity_block", 1) not in (1, [1, 1]):
+        # Block-sparse checkpoints store only the active blocks and their index: already compact, and not masked.
+        raise ValueError(
+            f"{src} is block-sparse (sparsity_block={config['sparsity_block']!r}): it already stores only its active "
+            f"blocks, and {layout} applies to masked checkpoints; convert it to the masked layout first "
+            "(hf_sparse_ift.sparsity.blocks.to_masked_model)"
+        )
     if not config.get("sparsity"):
         raise ValueError(
             f"{src} has no sparse layers (sparsity {config.get('sparsity', 0)}): there is nothing to "

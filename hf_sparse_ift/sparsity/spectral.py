@@ -71,7 +71,7 @@ def mask_graph_stats(mask: torch.Tensor, weight: torch.Tensor | None = None) -> 
 def model_spectral_stats(model: nn.Module, weighted: bool = True) -> dict[str, dict[str, float]]:
     """`mask_graph_stats` of every sparse layer of `model`, by layer name."""
     return {
-        name: mask_graph_stats(layer.weight_mask, layer.weight if weighted else None)
+        name: mask_graph_stats(layer.weight_mask, layer.dense_weight() if weighted else None)
         for name, layer in sparse_layers(model).items()
     }
 

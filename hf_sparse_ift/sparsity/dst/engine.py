@@ -1,7 +1,12 @@
 """The DST engine: schedules mask updates, asks the method for each layer's new mask, applies it to the
 weights and the optimizer state, and checks the invariants.
 
-Invariants (tests/test_dst.py checks each): the active count of every layer is its budget (SRigL: every
+Two kinds of sparse layer: a masked `SparseLinear` (a dense weight and a mask; units are weights) and a
+`BlockSparseLinear` (only the active blocks and their index; units are blocks). A block layer has a fixed number of
+slots in ``weight_blocks``: a regrown block takes a dropped block's slot, starts at zero with zeroed optimizer state,
+and the slots are re-sorted into the order of the new block index, parameter and optimizer state alike.
+
+Invariants (tests/test_dst.py and tests/test_dst_blocks.py check each): the active count of every layer is its budget (SRigL: every
 active neuron has the same fan-in); inactive weights and their optimizer state are exactly zero after
 every step; regrown weights start at zero; the same seed gives the same masks on any number of ranks
 (randomness comes from generators seeded by (seed, step, layer), dense gradients are summed over ranks
@@ -10,7 +15,8 @@ before they are ranked); ``state_dict`` / ``load_state_dict`` make a resume exac
 FSDP2: parameters and optimizer state are DTensor shards, masks (buffers) stay whole on every rank. On update
 steps the engine gathers each weight (``full_tensor``), computes the new mask, identical on all ranks, and applies
 it to its own shard of the weight and of Adam's moments; the mask gradient multiply runs in backward, where FSDP2
-has the weight unsharded. Nothing is gathered between updates.
+has the weight unsharded. Block layers move blocks between slots, so their values and moments are gathered, moved
+and re-sliced on update steps. Nothing is gathered between updates.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..masks import SparseLinear, count_differing_bits, pack_bits, sparse_layers
+from ..masks import BlockSparseLinear, SparseLinear, count_differing_bits, pack_bits, sparse_layers
 from ..spectral import mask_graph_stats
 from .config import DSTConfig
 from .methods import METHODS, LayerUpdate
@@ -46,8 +52,26 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _unit_mask(layer: SparseLinear | BlockSparseLinear) -> torch.Tensor:
+    """What a method selects: the weight mask, or the block mask of a block-sparse layer."""
+    return layer.block_mask if isinstance(layer, BlockSparseLinear) else layer.weight_mask
+
+
+def _weights_per_unit(layer: SparseLinear | BlockSparseLinear) -> int:
+    if isinstance(layer, BlockSparseLinear):
+        rows, cols = layer.sparsity_block
+        return rows * cols
+    return 1
+
+
+def _gathered_dense_weight(layer: SparseLinear | BlockSparseLinear) -> torch.Tensor:
+    if isinstance(layer, BlockSparseLinear):
+        return layer.dense_weight(_full(layer.weight_blocks.detach()))
+    return _full(layer.weight.detach())
+
+
 class _DenseGradAccumulator:
-    """A `SparseLinear.grad_observer`: sums the unmasked weight gradients of one step (all micro-batches)."""
+    """A sparse layer's ``grad_observer``: sums the unmasked weight gradients of one step (all micro-batches)."""
 
     def __init__(self):
         self.grad = None
@@ -57,7 +81,7 @@ class _DenseGradAccumulator:
 
 
 class DSTEngine:
-    """Evolves the masks of every `SparseLinear` in `model`; see the package docstring for usage."""
+    """Evolves the masks of every sparse layer in `model`; see the package docstring for usage."""
 
     def __init__(self, model: torch.nn.Module, optimizer, config: DSTConfig, total_steps: int):
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
@@ -67,19 +91,27 @@ class DSTEngine:
         self.optimizer = optimizer
         self.total_steps = total_steps
         self.step_count = 0
-        self.layers: dict[str, SparseLinear] = sparse_layers(model)
+        self.layers: dict[str, SparseLinear | BlockSparseLinear] = sparse_layers(model)
         if self.method.updates_masks and not self.layers:
             raise ValueError("the model has no SparseLinear layers (is its sparsity 0?): nothing for DST to update")
+        blocks = [name for name, m in self.layers.items() if isinstance(m, BlockSparseLinear)]
+        if blocks and not self.method.supports_blocks:
+            usable = sorted(name for name, method in METHODS.items() if method.supports_blocks)
+            raise ValueError(
+                f"dst.method={config.method!r} does not work on block-sparse layers (the model has {len(blocks)}, "
+                f"e.g. {blocks[0]}): use one of {usable}, or a model with sparsity_block=1"
+            )
         for index, layer in enumerate(self.layers.values()):
             mask = self.method.initial_mask(layer, index)
             if mask is not None:
                 with torch.no_grad():
                     self._apply(layer, layer.weight_mask.clone(), mask)
-        # The budget of a layer: the active weights it keeps (SRigL: those its fan-in allows across all neurons).
-        self.layer_budget = {name: int(m.weight_mask.sum()) for name, m in self.layers.items()}
+        # The budget of a layer: the active units (weights or blocks) it keeps (SRigL: those its fan-in allows
+        # across all neurons).
+        self.layer_budget = {name: int(_unit_mask(m).sum()) for name, m in self.layers.items()}
         self.active_counts = dict(self.layer_budget)
         self.initial_masks = (
-            {name: pack_bits(m.weight_mask) for name, m in self.layers.items()} if config.track_churn else {}
+            {name: pack_bits(_unit_mask(m)) for name, m in self.layers.items()} if config.track_churn else {}
         )
         self.dense_grads: dict[str, _DenseGradAccumulator] = {}
         self._arm_dense_grad_capture()
@@ -119,26 +151,19 @@ class DSTEngine:
         telemetry = {"step": self.step_count, "drop_fraction": alpha, "layers": {}}
         churn = {}
         for index, (name, layer) in enumerate(self.layers.items()):
-            update = LayerUpdate(
-                name=name,
-                index=index,
-                layer=layer,
-                weight=_full(layer.weight.detach()),
-                budget=self.layer_budget[name],
-                step=self.step_count,
-                seed=self.config.seed,
-                dense_grad=lambda name=name: self._dense_grad(name),
-            )
-            old = layer.weight_mask.clone()
+            update = self._layer_update(index, name, layer)
             new, stats = self.method.new_mask(update, alpha)
-            self._apply(layer, old, new)
+            if isinstance(layer, BlockSparseLinear):
+                self._apply_blocks(layer, new)
+            else:
+                self._apply(layer, update.mask, new)
             self.active_counts[name] = stats.pop("active", self.active_counts[name])
             if name in self.initial_masks:
                 churn[name] = count_differing_bits(pack_bits(new), self.initial_masks[name]) / new.numel()
             telemetry["layers"][name] = stats
         if self.config.spectral_gap:
             for name, layer in self.layers.items():
-                telemetry["layers"][name].update(mask_graph_stats(layer.weight_mask, _full(layer.weight.detach())))
+                telemetry["layers"][name].update(mask_graph_stats(layer.weight_mask, _gathered_dense_weight(layer)))
         self.dense_grads = {}
         if churn:  # one device-to-host copy for all layers instead of one sync per layer
             for name, value in zip(churn, torch.stack(list(churn.values())).tolist()):
@@ -147,6 +172,39 @@ class DSTEngine:
             torch.cuda.synchronize()
         telemetry["seconds"] = time.perf_counter() - start
         return telemetry
+
+    def _layer_update(self, index: int, name: str, layer: SparseLinear | BlockSparseLinear) -> LayerUpdate:
+        """What the method sees of one layer: its units (weights or blocks), their magnitudes and dense gradients."""
+        if isinstance(layer, BlockSparseLinear):
+            weight = _full(layer.weight_blocks.detach())
+            magnitude = layer.active_block_norms(weight)
+            mask = layer.block_mask
+            constant_fan_in = layer.block_fan_in == "constant"
+
+            def dense_grad():
+                return layer.block_norms(self._dense_grad(name))
+        else:
+            weight = _full(layer.weight.detach())
+            magnitude = weight.abs()
+            mask = layer.weight_mask.clone()
+            constant_fan_in = False  # SRigL's constant fan-in is its own method (srigl.py)
+
+            def dense_grad():
+                return self._dense_grad(name)
+
+        return LayerUpdate(
+            name=name,
+            index=index,
+            layer=layer,
+            weight=weight,
+            mask=mask,
+            magnitude=magnitude,
+            budget=self.layer_budget[name],
+            constant_fan_in=constant_fan_in,
+            step=self.step_count,
+            seed=self.config.seed,
+            dense_grad=dense_grad,
+        )
 
     # --- dense gradients, captured only for the backward passes of update steps ---
     @property
@@ -186,6 +244,27 @@ class DSTEngine:
             if torch.is_tensor(value) and value.shape == layer.weight.shape:
                 value.mul_(_like(keep, value))
 
+    def _apply_blocks(self, layer: BlockSparseLinear, new: torch.Tensor) -> None:
+        """Install the block mask `new` (same number of active blocks): kept blocks keep their values and optimizer
+        state, moved to the slot of their place in the new block index; regrown blocks take the dropped blocks'
+        slots and start at zero, with zero optimizer state."""
+        source = layer.block_slots(new)  # old slot of each new active block, -1 for regrown ones
+        kept = (source >= 0).view(-1, 1, 1)
+        source = source.clamp(min=0)
+
+        def moved(values: torch.Tensor) -> torch.Tensor:
+            full = _full(values)
+            return _like(torch.where(kept, full[source], torch.zeros((), dtype=full.dtype, device=full.device)), values)
+
+        parameter = layer.weight_blocks
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps the torch optimizer
+        state = optimizer.state.get(parameter, {}) if optimizer is not None else {}
+        parameter.copy_(moved(parameter))
+        for value in state.values():
+            if torch.is_tensor(value) and value.shape == parameter.shape:
+                value.copy_(moved(value))
+        layer.set_block_mask(new)
+
     # --- checkpointing ---
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: step, settings, budgets and churn references.
@@ -211,38 +290,35 @@ class DSTEngine:
         self.step_count = state["step_count"]
         self.total_steps = state["total_steps"]
         self.layer_budget = dict(state["layer_budget"])
-        self.initial_masks = {k: v.to(self.layers[k].weight.device) for k, v in state["initial_masks"].items()}
-        self.active_counts = {name: int(m.weight_mask.sum()) for name, m in self.layers.items()}
+        self.initial_masks = {k: v.to(_unit_mask(self.layers[k]).device) for k, v in state["initial_masks"].items()}
+        self.active_counts = {name: int(_unit_mask(m).sum()) for name, m in self.layers.items()}
         self._arm_dense_grad_capture()
 
+    @torch.no_grad()
     def masks_synchronized(self) -> bool:
-        """True when every rank holds the same masks (run after each update: a silent divergence would
-        corrupt every later step)."""
-        return masks_identical_across_ranks(self.layers.values())
+        """True when every rank holds the same masks (run after each update: a silent divergence would corrupt every
+        later step). Compares per-layer checksums of the unit masks over all ranks (one all-gather); True without
+        distribution."""
+        if not _distributed():
+            return True
+        sums = []
+        for layer in self.layers.values():
+            flat = _unit_mask(layer).reshape(-1)
+            positions = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
+            sums.append(
+                torch.stack([flat.sum(dtype=torch.float64), (positions * flat).sum(), (positions.sqrt() * flat).sum()])
+            )
+        local = torch.stack(sums) if sums else torch.zeros(1, 3, dtype=torch.float64)
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
 
     # --- reporting ---
     def sparsity(self) -> float:
         """Current fraction of inactive (zero) weights over all sparse layers (tracked counts: no device sync)."""
-        total = sum(m.weight_mask.numel() for m in self.layers.values())
-        return 1.0 - sum(self.active_counts.values()) / total if total else 0.0
-
-
-@torch.no_grad()
-def masks_identical_across_ranks(layers) -> bool:
-    """Compares per-layer checksums of the masks over all ranks (one all-gather); True without distribution."""
-    if not _distributed():
-        return True
-    sums = []
-    for layer in layers:
-        flat = layer.weight_mask.reshape(-1)
-        positions = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
-        sums.append(
-            torch.stack([flat.sum(dtype=torch.float64), (positions * flat).sum(), (positions.sqrt() * flat).sum()])
-        )
-    local = torch.stack(sums) if sums else torch.zeros(1, 3, dtype=torch.float64)
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
-    return all(torch.equal(g, gathered[0]) for g in gathered)
+        total = sum(m.in_features * m.out_features for m in self.layers.values())
+        active = sum(count * _weights_per_unit(self.layers[name]) for name, count in self.active_counts.items())
+        return 1.0 - active / total if total else 0.0
 
 
 def summarize(telemetry: dict) -> dict[str, float]:

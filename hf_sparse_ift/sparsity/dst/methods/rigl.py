@@ -1,11 +1,12 @@
-"""RigL (Evci et al. 2020): drop the smallest |w|, regrow where the dense gradient |∇w| is largest."""
+"""RigL (Evci et al. 2020): drop the smallest |w|, regrow where the dense gradient |∇w| is largest (on blocks: the
+blocks of smallest norm, regrown where the dense gradient's block norm is largest)."""
 
 import torch
 
-from .base import LayerUpdate, UnstructuredMethod
+from .base import DropGrowMethod, LayerUpdate
 
 
-class RigL(UnstructuredMethod):
+class RigL(DropGrowMethod):
     name = "rigl"
     needs_dense_grad = True
 

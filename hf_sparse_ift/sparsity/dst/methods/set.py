@@ -1,13 +1,13 @@
-"""SET (Mocanu et al. 2018): drop the smallest |w|, regrow as many at uniformly random inactive positions."""
+"""SET (Mocanu et al. 2018): drop the smallest |w|, regrow as many at uniformly random inactive positions (on
+blocks: the blocks of smallest norm, regrown at random inactive blocks)."""
 
 import torch
 
-from .base import LayerUpdate, UnstructuredMethod
+from .base import DropGrowMethod, LayerUpdate
 
 
-class SET(UnstructuredMethod):
+class SET(DropGrowMethod):
     name = "set"
 
     def grow_scores(self, update: LayerUpdate) -> torch.Tensor:
-        mask = update.layer.weight_mask
-        return torch.rand(mask.numel(), generator=update.generator(), device=mask.device)
+        return torch.rand(update.mask.numel(), generator=update.generator(), device=update.mask.device)

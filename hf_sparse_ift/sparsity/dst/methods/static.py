@@ -6,3 +6,4 @@ from .base import DSTMethod
 class Static(DSTMethod):
     name = "static"
     updates_masks = False
+    supports_blocks = True

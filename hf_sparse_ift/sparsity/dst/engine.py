@@ -23,15 +23,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ...models.sparse_wide_gpt.layer_utils import full_tensor
 from ..masks import SparseLinear, count_differing_bits, pack_bits, sparse_layers
 from ..spectral import mask_graph_stats
 from .config import DSTConfig
 from .methods import METHODS, LayerUpdate
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: FSDP2 keeps parameters as DTensor shards outside forward / backward."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -123,7 +119,7 @@ class DSTEngine:
                 name=name,
                 index=index,
                 layer=layer,
-                weight=_full(layer.weight.detach()),
+                weight=full_tensor(layer.weight.detach()),
                 budget=self.layer_budget[name],
                 step=self.step_count,
                 seed=self.config.seed,
@@ -138,7 +134,9 @@ class DSTEngine:
             telemetry["layers"][name] = stats
         if self.config.spectral_gap:
             for name, layer in self.layers.items():
-                telemetry["layers"][name].update(mask_graph_stats(layer.weight_mask, _full(layer.weight.detach())))
+                telemetry["layers"][name].update(
+                    mask_graph_stats(layer.weight_mask, full_tensor(layer.weight.detach()))
+                )
         self.dense_grads = {}
         if churn:  # one device-to-host copy for all layers instead of one sync per layer
             for name, value in zip(churn, torch.stack(list(churn.values())).tolist()):

@@ -74,7 +74,9 @@ __all__ = [
 
 # Integer dtypes of each width: values are moved between torch and numpy as raw bits (numpy has no bfloat16).
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+# Eight bytes b0..b7 (each 0 or 1, read as one little-endian int64) times this constant hold b0 + 2·b1 + ... + 128·b7
+# in their top byte: the partial sums below it stay under 256, so nothing carries into it.
+_GATHER_BITS = 0x0102040810204080
 
 
 def format_config() -> dict:
@@ -92,8 +94,10 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
     The one bit packer: the compressed layout's mask bits and the DST engine's mask snapshots."""
     flat = mask.reshape(-1)
-    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)]).view(-1, 8).to(torch.uint8)
-    return (flat * _BIT_WEIGHTS.to(mask.device)).sum(1, dtype=torch.uint8)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    words = flat.contiguous().view(torch.uint8).view(torch.int64)
+    return ((words * _GATHER_BITS) >> 56).to(torch.uint8)  # the top byte; wrapping products keep it exact
 
 
 def _as_bits(t: torch.Tensor) -> np.ndarray:
@@ -128,16 +132,16 @@ def decompress_weight(
         )
     if values.dim() != 1:
         raise ValueError(f"{name}: stored values must be 1-D, got shape {tuple(values.shape)}")
-    packed, raw = _as_bits(bits), _as_bits(values)
+    packed = _as_bits(bits)
     if numel % 8 and packed[-1] >> (numel % 8):
         raise ValueError(f"{name}: mask bits for shape {shape} have non-zero padding bits in the last byte")
-    mask = np.unpackbits(packed, count=numel, bitorder="little").view(np.bool_)
-    active = np.flatnonzero(mask)
-    if raw.size != active.size:
-        raise ValueError(f"{name}: {raw.size} stored values for a mask with {active.size} active positions")
-    dense = np.zeros(numel, dtype=raw.dtype)
-    dense[active] = raw  # positions, then one scatter: faster than boolean-mask assignment
-    return torch.from_numpy(dense).view(values.dtype).view(shape), torch.from_numpy(mask).view(shape)
+    mask = torch.from_numpy(np.unpackbits(packed, count=numel, bitorder="little").view(np.bool_))
+    active = int(torch.count_nonzero(mask))
+    if values.numel() != active:
+        raise ValueError(f"{name}: {values.numel()} stored values for a mask with {active} active positions")
+    # A copy of the values, not arithmetic on them: every bit (the signs of zeros included) is kept.
+    weight = torch.zeros(numel, dtype=values.dtype).masked_scatter_(mask, values.detach().to("cpu"))
+    return weight.view(shape), mask.view(shape)
 
 
 def _sparse_pairs(state_dict) -> list[str]:

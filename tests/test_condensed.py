@@ -359,3 +359,18 @@ def test_a_condensed_model_refuses_training(tiny_model):
     with pytest.raises(ValueError, match="A condensed model is for inference: its values are frozen"):
         tiny_model.train()
     assert not tiny_model.transformer.h[0].attn.q_proj.training
+
+
+def test_tensor_parallel_loading_of_a_condensed_checkpoint_is_refused(tiny_model, tmp_path):
+    tiny_model.condense().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"is condensed \(condensed-v1\), for CPU inference: tensor parallelism"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, tp_plan="auto")
+
+
+def test_a_condensed_checkpoint_without_layer_sizes_is_refused_with_advice(tiny_model, tmp_path):
+    tiny_model.condense().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["sparse_format"] = {"format": "condensed-v1"}  # as written before the sizes were recorded
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lists no condensed layer sizes .* `hf-sparse-ift condense`"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -372,5 +372,5 @@ def test_a_condensed_checkpoint_without_layer_sizes_is_refused_with_advice(tiny_
     config = json.loads((tmp_path / "config.json").read_text())
     config["sparse_format"] = {"format": "condensed-v1"}  # as written before the sizes were recorded
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="lists no condensed layer sizes .* `hf-sparse-ift condense`"):
+    with pytest.raises(ValueError, match=r"lists no condensed layer sizes .* `hf-sparse-ift condense`"):
         AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -113,7 +113,8 @@ def compress_weight(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
             f"weight {tuple(weight.shape)} needs a bool mask of the same shape, got {mask.dtype} {tuple(mask.shape)}"
         )
     mask = mask.detach().to("cpu")
-    values = torch.from_numpy(np.compress(_as_bits(mask).reshape(-1), _as_bits(weight).reshape(-1)))
+    active = _as_bits(mask).reshape(-1).view(np.bool_)  # a bool condition: np.compress converts any other dtype first
+    values = torch.from_numpy(np.compress(active, _as_bits(weight).reshape(-1)))
     return pack_bits(mask), values.view(weight.dtype), torch.tensor(list(weight.shape), dtype=torch.int64)
 
 

@@ -12,7 +12,9 @@ every tensor). The second matters because safetensors memory-maps the plain layo
 before the weights are read, and the first forward pass pays for it; the compressed layout is decoded into memory
 during ``from_pretrained``. Both are measured warm (files in the page cache) and cold (this checkpoint's files evicted
 from the page cache with ``posix_fadvise(DONTNEED)`` before each load; other files' caches are untouched). Every compressed load is checked bit for bit against the saved model: every weight (inactive
-ones are +0.0), every mask bit, active zeros included. Writes ``<out>/<cpu>-<date>-compressed.json`` and ``.md``.
+ones are +0.0), every mask bit, active zeros included. Decoding runs in numpy inside transformers' loader (the
+checkpoint conversion of `sparse_safetensors.py`); no compiler and no native code are involved. Writes
+``<out>/<cpu>-<date>-compressed.json`` and ``.md``, with the machine, versions, command and commit.
 """
 
 from __future__ import annotations
@@ -195,6 +197,31 @@ def measure(preset: str, dtype_name: str, repeats: int, overrides: dict, workdir
     return row
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def source_commit() -> str:
+    """The commit of the code measured, with "+dirty" when the work tree has uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -214,7 +241,9 @@ def write(report: dict, out: Path) -> Path:
         f"Load average before / after: {report['load_average_before']} / {report['load_average_after']} "
         "(the machine is shared with other processes; load times are medians of alternated loads).",
         "",
-        f"Command: `{report['command']}`",
+        f"CPU: {report['cpu_model']} ({os.cpu_count()} logical CPUs visible), Python {report['python']}.",
+        "",
+        f"Command: `{report['command']}` at commit {report['commit']}",
         "",
         "Sizes:",
         "",
@@ -283,7 +312,9 @@ def main(argv=None) -> int:
         "safetensors": safetensors.__version__,
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "command": "compressed_checkpoints.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": source_commit(),
         "load_average_before": load_average(),
         "smoke": args.smoke,
         "results": [],

@@ -8,7 +8,8 @@ Models (GPT-3 Small shapes, random GPT-2-style weights; speed does not depend on
 * ``sw75-masked`` / ``sw90-masked``: Sparse Wide at 75% / 90% (1536 / 6144, 2429 / 9716) with SRigL masks (constant
   fan-in per output neuron, as SRigL's initial mask; no neuron ablated), computed as masked dense layers;
 * ``sw75-condensed`` / ``sw90-condensed``: the same weights after ``model.condense()`` ([rows, k] values and int16
-  indices, the C kernel of `condensed.py`);
+  indices, the native kernel ``condensed_kernel.c`` when built by ``hf-sparse-ift build-kernels``, else the torch
+  path; the report records which, and where the kernel came from);
 * ``sw75-set-*``: SET/RigL-style masks (uniform random, variable fan-in), condensed as CSR and as rows padded to the
   largest fan-in, to pick the representation for variable fan-in.
 
@@ -46,9 +47,10 @@ import transformers
 from transformers.cache_utils import DynamicCache
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
+from hf_sparse_ift.models.sparse_wide_gpt import condensed_kernel
 from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import BLOCK_LINEARS
 from hf_sparse_ift.resources import model_config
-from hf_sparse_ift.sparsity.condense import condensed_summary, kernel_available
+from hf_sparse_ift.sparsity.checkpoint_layouts import condensed_summary, kernel_available
 from hf_sparse_ift.sparsity.masks import sparse_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -187,12 +189,20 @@ def load_average():
         return None
 
 
-def torch_path_comparison(report: dict, dtypes: list[str], overrides: dict, passes: int) -> None:
-    """Block linears alone, one token, SW-75 (SRigL masks): masked, condensed with the C kernel, condensed with the
-    torch path (what runs without a C compiler or with HF_SPARSE_IFT_KERNEL=0), measured in turns."""
-    from hf_sparse_ift.models.sparse_wide_gpt import condensed
+def _kernel_source(info: dict | None) -> str:
+    if info is None:
+        return "none built: the torch path"
+    return f"{info['path']}, built {info.get('built_at')} by {info.get('compiler')} {' '.join(info.get('flags', []))}"
 
-    library = condensed._kernel()
+
+def torch_path_comparison(report: dict, dtypes: list[str], overrides: dict, passes: int) -> None:
+    """Block linears alone, one token, SW-75 (SRigL masks): masked, condensed with the native kernel, condensed with
+    the torch path (what runs without a built kernel or with HF_SPARSE_IFT_KERNEL=0), measured in turns."""
+    library = condensed_kernel.load_kernel()
+    if library is None:
+        raise SystemExit(
+            "--torch-path compares the native kernel with the torch path: run `hf-sparse-ift build-kernels`"
+        )
     for dtype_name in dtypes:
         masked = build("gpt3-small-sw75", DTYPES[dtype_name], "srigl", overrides)
         shared = {id(t): t for m in sparse_layers(masked).values() for t in (m.weight, m.weight_mask)}
@@ -201,12 +211,12 @@ def torch_path_comparison(report: dict, dtypes: list[str], overrides: dict, pass
         try:
             for _ in range(3):
                 times["masked"] += time_block_linears(masked, passes)
-                condensed._LIB = library
+                condensed_kernel._library = library
                 times["condensed-kernel"] += time_block_linears(condensed_model, passes)
-                condensed._LIB = None  # the torch path, as without a compiler
+                condensed_kernel._library = None  # the torch path, as without a built kernel
                 times["condensed-torch-path"] += time_block_linears(condensed_model, max(2, passes // 2))
         finally:
-            condensed._LIB = library
+            condensed_kernel._library = library
         row = {"dtype": dtype_name, **{f"{k}_ms_per_token": statistics.median(v) * 1e3 for k, v in times.items()}}
         print(row, flush=True)
         report["results"].append(row)
@@ -219,8 +229,10 @@ def write_torch_path(report: dict, out: Path) -> None:
     stem = f"cpu-{platform.machine()}-{report['threads']}threads-{report['date']}-condensed-torch-path"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
-        f"# Condensed layers without the C kernel — cpu-{platform.machine()}, {report['threads']} threads — "
+        f"# Condensed layers without the native kernel — cpu-{platform.machine()}, {report['threads']} threads — "
         f"{report['date']}",
+        "",
+        f"Kernel: {_kernel_source(report['kernel_source'])}.",
         "",
         f"torch {report['torch']}, transformers {report['transformers']}; "
         f"{'tiny shapes (--smoke)' if report['smoke'] else 'GPT-3 Small SW-75'} (SRigL masks), one "
@@ -271,6 +283,7 @@ def main(argv=None) -> int:
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
         "kernel": kernel_available(),
+        "kernel_source": condensed_kernel.kernel_info(),  # the built library: path, compiler, flags, source hash
         "command": "condensed_inference.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "commit": source_commit(),
         "prefill_tokens": args.prefill,
@@ -379,7 +392,8 @@ def write(report: dict, out: Path) -> None:
         "",
         f"torch {report['torch']}, transformers {report['transformers']}, Python {report['python']}; batch 1, "
         f"prefill {report['prefill_tokens']} tokens, greedy decode {report['decode_tokens']} tokens, "
-        f"{report['repeats']} repeats; condensed kernel compiled: {report['kernel']}; OMP_WAIT_POLICY="
+        f"{report['repeats']} repeats; condensed layers on the native kernel: {report['kernel']} "
+        f"({_kernel_source(report['kernel_source'])}); OMP_WAIT_POLICY="
         f"{report['omp_wait_policy']}. GPU: {report['gpu']}.",
         "",
         f"Load average before / after: {report['load_average_before']} / {report['load_average_after']} — the "

@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -16,24 +15,46 @@ from transformers import AutoModelForCausalLM, pipeline
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
 from hf_sparse_ift.cli import main as cli_main
-from hf_sparse_ift.models.sparse_wide_gpt import condensed as condensed_module
-from hf_sparse_ift.sparsity.condense import CondensedLinear, condensed_layers, condensed_summary, kernel_available
+from hf_sparse_ift.models.sparse_wide_gpt import condensed_kernel
+from hf_sparse_ift.sparsity.checkpoint_layouts import (
+    CondensedLinear,
+    condensed_layers,
+    condensed_summary,
+    kernel_available,
+)
 from hf_sparse_ift.sparsity.masks import sparse_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def use_kernel_cache(monkeypatch, folder) -> None:
+    """Look for (and build) the kernel in `folder`, deciding afresh which path condensed layers take."""
+    monkeypatch.setenv("HF_SPARSE_IFT_CACHE", str(folder))
+    monkeypatch.delenv("HF_SPARSE_IFT_KERNEL", raising=False)
+    monkeypatch.setattr(condensed_kernel, "_library", condensed_kernel._UNSET)
+
+
+@pytest.fixture(scope="session")
+def built_kernel_cache(tmp_path_factory):
+    """A kernel cache holding a library built by the explicit build step (as `hf-sparse-ift build-kernels` does)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler:
+        pytest.skip("no C compiler on this machine: the kernel path cannot be tested here")
+    folder = tmp_path_factory.mktemp("kernels")
+    with pytest.MonkeyPatch.context() as patch:
+        use_kernel_cache(patch, folder)
+        condensed_kernel.build_kernel()  # a machine with a compiler must build the kernel
+    return folder
+
+
 @pytest.fixture(params=["kernel", "torch"])
 def compute_path(request, monkeypatch):
-    """Run a test with the compiled kernel and with the torch path (CSR matmul; embedding_bag under autograd)."""
+    """Run a test with the built kernel and with the torch path (CSR matmul; embedding_bag under autograd)."""
     if request.param == "kernel":
-        if not kernel_available():
-            compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-            if compiler:  # a machine with a compiler must build the kernel
-                pytest.fail(f"{compiler} is installed but the condensed kernel did not build")
-            pytest.skip("no C compiler on this machine: the kernel path cannot be tested here")
+        use_kernel_cache(monkeypatch, request.getfixturevalue("built_kernel_cache"))
+        assert kernel_available()
     else:
-        monkeypatch.setattr(condensed_module, "_LIB", None)
+        monkeypatch.setattr(condensed_kernel, "_library", None)
     return request.param
 
 
@@ -122,7 +143,8 @@ def test_condensed_model_logits_generate_pipeline_save_load(tmp_path, builtin_to
     condensed.load_state_dict(model.state_dict())
     assert condensed.condense() is condensed
     assert not sparse_layers(condensed) and len(condensed_layers(condensed)) == 12
-    assert condensed.config.sparse_format == {"format": "condensed-v1"}
+    assert condensed.config.sparse_format["format"] == "condensed-v1"
+    assert condensed.config.sparse_format["layers"]["h.1.mlp.fc_out"] == condensed.transformer.h[1].mlp.fc_out.spec()
     x = torch.randint(0, config.vocab_size, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(condensed(x).logits, model(x).logits, rtol=0, atol=1e-5)
@@ -204,15 +226,18 @@ def test_invalid_representation_is_named(tiny_model):
 
 
 @pytest.mark.slow
-def test_condensed_inference_benchmark_smoke(tmp_path):
+def test_condensed_inference_benchmark_smoke(tmp_path, built_kernel_cache):
+    env = {**os.environ, "HF_SPARSE_IFT_CACHE": str(built_kernel_cache)}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "condensed_inference.py"), "--smoke", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(next(tmp_path.glob("*-condensed.json")).read_text())
+    assert report["kernel"] and report["kernel_source"]["path"].startswith(str(built_kernel_cache))
     variants = {(r["dtype"], r["variant"]) for r in report["results"]}
     for dtype in ("float32", "bfloat16"):
         for v in (
@@ -247,6 +272,7 @@ def test_condensed_inference_benchmark_smoke(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(next((tmp_path / "torch-path").glob("*-condensed-torch-path.json")).read_text())["results"]
@@ -269,19 +295,82 @@ def test_compressed_checkpoints_benchmark_smoke(tmp_path):
         assert r["bit_exact"] and r["sparse_ratio"] > 2 and r["checkpoint_ratio"] > 1
 
 
-def test_a_kernel_that_cannot_build_is_a_warning_and_the_torch_path_gives_the_same_outputs(tmp_path, monkeypatch):
+def test_without_a_built_kernel_the_torch_path_runs_with_one_message(tmp_path, monkeypatch, caplog):
     lin = masked_linear(40, 24, fan_in=7)
+    layer = CondensedLinear.from_sparse(lin)
     x = torch.randn(3, 40)
-    expected = lin(x)
+    use_kernel_cache(monkeypatch, tmp_path / "empty-cache")
+    with torch.no_grad(), caplog.at_level("INFO", logger=condensed_kernel.__name__):
+        torch.testing.assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-6)
+        layer(x)
+    messages = [r.getMessage() for r in caplog.records if r.name == condensed_kernel.__name__]
+    assert len(messages) == 1 and messages[0].startswith("Condensed layers compute with torch: no built native kernel")
+    assert "hf-sparse-ift build-kernels" in messages[0] and caplog.records[-1].levelname == "WARNING"
+    use_kernel_cache(monkeypatch, tmp_path / "empty-cache")
+    monkeypatch.setenv("HF_SPARSE_IFT_KERNEL", "0")  # chosen: said at info level, no warning
+    caplog.clear()
+    with caplog.at_level("INFO", logger=condensed_kernel.__name__):
+        assert not kernel_available()
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+
+
+def test_kernel_and_torch_paths_give_the_same_outputs(built_kernel_cache, monkeypatch):
+    layers = [
+        CondensedLinear.from_sparse(masked_linear(40, 24, fan_in=7, ablate=(2,))),
+        CondensedLinear.from_sparse(masked_linear(50, 33, density=0.2), "csr"),
+        CondensedLinear.from_sparse(masked_linear(64, 48, fan_in=16, dtype=torch.bfloat16)),
+    ]
+    outputs = {}
+    for path in ("kernel", "torch"):
+        if path == "kernel":
+            use_kernel_cache(monkeypatch, built_kernel_cache)
+            assert kernel_available()
+        else:
+            monkeypatch.setattr(condensed_kernel, "_library", None)
+        with torch.no_grad():
+            outputs[path] = [
+                layer(
+                    torch.randn(tokens, layer.in_features, generator=torch.Generator().manual_seed(tokens)).to(
+                        layer.values.dtype
+                    )
+                )
+                for layer in layers
+                for tokens in (1, 5, 70)
+            ]
+    for kernel, reference in zip(outputs["kernel"], outputs["torch"]):
+        tolerance = 1e-5 if kernel.dtype == torch.float32 else 1e-2  # bf16: the two round the same sum differently
+        torch.testing.assert_close(kernel, reference, rtol=tolerance, atol=tolerance)
+
+
+def test_build_kernels_command_records_where_the_kernel_came_from(built_kernel_cache, monkeypatch, tmp_path, capsys):
+    use_kernel_cache(monkeypatch, built_kernel_cache)
+    info = condensed_kernel.kernel_info()
+    assert info["path"] == str(condensed_kernel.library_path()) and info["abi"] == condensed_kernel.KERNEL_ABI
+    assert info["source_sha256"] == __import__("hashlib").sha256(condensed_kernel.SOURCE.read_bytes()).hexdigest()
+    use_kernel_cache(monkeypatch, tmp_path / "cache")
     monkeypatch.setenv("CC", "/bin/false")  # a "compiler" that always fails
-    monkeypatch.setenv("HF_SPARSE_IFT_CACHE", str(tmp_path))
-    monkeypatch.setattr(condensed_module, "_LIB", condensed_module._UNSET)
-    with pytest.warns(RuntimeWarning, match=r"the CPU kernel of condensed.py is unavailable \(could not compile"):
-        assert not kernel_available()
-    with torch.no_grad():
-        torch.testing.assert_close(CondensedLinear.from_sparse(lin)(x), expected, rtol=1e-5, atol=1e-6)
-    monkeypatch.setenv("HF_SPARSE_IFT_KERNEL", "0")  # chosen: no warning
-    monkeypatch.setattr(condensed_module, "_LIB", condensed_module._UNSET)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert not kernel_available()
+    assert cli_main(["build-kernels"]) == 2
+    assert "hf-sparse-ift build-kernels: error: could not compile the condensed kernel" in capsys.readouterr().err
+    assert not condensed_kernel.library_path().exists() and not kernel_available()
+
+
+def test_a_condensed_model_refuses_training(tiny_model):
+    tiny_model.condense()
+    with pytest.raises(ValueError, match="A condensed model is for inference: its values are frozen"):
+        tiny_model.train()
+    assert not tiny_model.transformer.h[0].attn.q_proj.training
+
+
+def test_tensor_parallel_loading_of_a_condensed_checkpoint_is_refused(tiny_model, tmp_path):
+    tiny_model.condense().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"is condensed \(condensed-v1\), for CPU inference: tensor parallelism"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, tp_plan="auto")
+
+
+def test_a_condensed_checkpoint_without_layer_sizes_is_refused_with_advice(tiny_model, tmp_path):
+    tiny_model.condense().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["sparse_format"] = {"format": "condensed-v1"}  # as written before the sizes were recorded
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"lists no condensed layer sizes .* `hf-sparse-ift condense`"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -1,15 +1,17 @@
-"""``hf-sparse-ift compress | decompress | condense``: convert saved Sparse Wide checkpoints.
+"""``hf-sparse-ift compress | decompress | condense | build-kernels``: convert saved Sparse Wide checkpoints, and build
+the condensed layers' native kernel.
 
 hf-sparse-ift compress   IN OUT [--overwrite] [--max-shard-size 5GB]   # plain -> bitmask-values-v1
 hf-sparse-ift decompress IN OUT [--overwrite]                          # bitmask-values-v1 -> plain
 hf-sparse-ift condense   IN OUT [--representation auto|csr|padded]     # masked (either layout) -> condensed-v1
+hf-sparse-ift build-kernels                                            # compile condensed_kernel.c for this CPU
 """
 
 from __future__ import annotations
 
 import json
 
-from .condense import REPRESENTATIONS, checkpoint_format, convert_checkpoint
+from .checkpoint_layouts import REPRESENTATIONS, checkpoint_format, convert_checkpoint
 
 
 def _folder_bytes(path) -> int:
@@ -55,6 +57,13 @@ def add_parsers(sub) -> None:
         choices=REPRESENTATIONS,
         help="auto: [rows, k] for constant fan-in, else CSR (default); csr; padded (to the largest fan-in)",
     )
+    sub.add_parser(
+        "build-kernels",
+        help="compile the condensed layers' CPU kernel for this machine (needs a C compiler; loading never compiles)",
+        description="Compile condensed_kernel.c with the system C compiler (CC, else cc, gcc or clang) for this CPU into "
+        "the kernel cache (HF_SPARSE_IFT_CACHE, else ~/.cache/hf_sparse_ift/kernels), where condensed layers find it. "
+        "Without it they compute with torch (slower on CPU). Prints where the library went and how it was built.",
+    )
 
 
 def _convert(args, layout: str) -> int:
@@ -96,4 +105,20 @@ def cmd_condense(args) -> int:
     return _convert(args, "condensed-v1")
 
 
-HANDLERS = {"compress": cmd_compress, "decompress": cmd_decompress, "condense": cmd_condense}
+def cmd_build_kernels(args) -> int:
+    from ..models.sparse_wide_gpt.condensed_kernel import build_kernel
+
+    try:
+        record = build_kernel()
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+    print(json.dumps(record))
+    return 0
+
+
+HANDLERS = {
+    "compress": cmd_compress,
+    "decompress": cmd_decompress,
+    "condense": cmd_condense,
+    "build-kernels": cmd_build_kernels,
+}

@@ -6,14 +6,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models.sparse_wide_gpt.layer_utils import is_sparse_layer
 from ..models.sparse_wide_gpt.modeling_sparse_wide_gpt import BlockSparseLinear, SparseLinear, derive_seed
+from ..models.sparse_wide_gpt.sparse_safetensors import pack_bits
 
 __all__ = [
     "BlockSparseLinear",
     "SparseLinear",
     "count_differing_bits",
     "derive_seed",
-    "masked_nonzeros",
     "pack_bits",
     "parameter_counts",
     "select_top_k",
@@ -23,9 +24,10 @@ __all__ = [
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLinear | BlockSparseLinear]:
-    """Name -> sparse layer (masked or block-sparse) of `model` (unwrapping DDP's ``.module``), in model order."""
+    """Name -> sparse layer (masked or block-sparse; `is_sparse_layer`) of `model` (unwrapping DDP's ``.module``),
+    in model order."""
     model = getattr(model, "module", model)
-    return {name: m for name, m in model.named_modules() if isinstance(m, (SparseLinear, BlockSparseLinear))}
+    return {name: m for name, m in model.named_modules() if is_sparse_layer(m)}
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -39,17 +41,6 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     inactive = sum(int((~m.weight_mask).sum()) for m in layers)
     total = stored + sum(int((~m.weight_mask).sum()) for m in layers if isinstance(m, BlockSparseLinear))
     return {"total": total, "active": total - inactive, "sparse_weights": sparse, "inactive": inactive}
-
-
-@torch.no_grad()
-def masked_nonzeros(model: nn.Module) -> dict[str, int]:
-    """Per masked layer, how many weights are non-zero where the mask says inactive (the invariant wants 0
-    everywhere; block-sparse layers store no inactive weights)."""
-    return {
-        name: int((m.weight.ne(0) & ~m.weight_mask).sum())
-        for name, m in sparse_layers(model).items()
-        if isinstance(m, SparseLinear)
-    }
 
 
 def select_top_k(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
@@ -79,24 +70,7 @@ def select_top_k_per_row(scores: torch.Tensor, k: int, largest: bool) -> torch.T
     return chosen.scatter_(1, columns, True)
 
 
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as uint8, 8 positions per byte in row-major order, least significant bit first."""
-    flat = mask.reshape(-1)
-    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)]).view(-1, 8).to(torch.uint8)
-    return (flat * _BIT_WEIGHTS.to(mask.device)).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of `pack_bits`."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
-    return bits.reshape(-1)[:numel].reshape(shape)
 
 
 def count_differing_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -200,7 +200,9 @@ class FlopCount:
 
 def count_flops(shape: GPTShape) -> FlopCount:
     """Per-token FLOPs of a GPT of the given shape (see `FlopCount`)."""
-    sparse = executed = dense = 0.0
+    sparse = 0.0
+    executed = 0.0
+    dense = 0.0
     for name, (d_out, d_in) in linear_shapes(shape.d_model, shape.d_ff).items():
         n = d_out * d_in
         if name in shape.sparse_layers:
@@ -225,7 +227,8 @@ def count_parameters(shape: GPTShape, n_positions: int, tied_embeddings: bool = 
     """Parameters of a GPT of `shape`: total, active (inactive sparse weights excluded), sparse weights and
     inactive ones. Per block: 6 linears, their biases (5·d + d_ff) and two LayerNorms (4·d)."""
     d = shape.d_model
-    sparse = inactive = 0
+    sparse = 0
+    inactive = 0
     block = 9 * d + shape.d_ff
     for name, (d_out, d_in) in linear_shapes(d, shape.d_ff).items():
         block += d_out * d_in

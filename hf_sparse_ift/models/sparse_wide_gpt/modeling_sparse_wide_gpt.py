@@ -36,8 +36,10 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .block_sparse import block_rows_of, block_sparse_linear, dense_from_blocks
+from .condensed_linear import install_condensed_layers
 from .configuration_sparse_wide_gpt import BLOCK_FAN_INS, SparseWideGPTConfig
 from .iso_flop import BLOCK_LINEARS, num_inactive, num_inactive_blocks
+from .layer_utils import full_tensor, is_dtensor
 from .sparse_safetensors import SparseCheckpointMixin
 
 try:  # the output-recording decorator of the in-tree models
@@ -56,9 +58,9 @@ except ImportError:  # earlier transformers 5.x
 
 
 try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
 except ImportError:  # torch built without distributed
-    DTensor = distribute_tensor = None
+    distribute_tensor = None
 
 logger = logging.get_logger(__name__)
 
@@ -115,6 +117,8 @@ class SparseLinear(nn.Linear):
     built on the meta device gets it from the checkpoint, or from `_init_weights` once materialised.
     """
 
+    sparse_layout = "masked"  # see layer_utils.is_sparse_layer
+
     def __init__(
         self,
         in_features: int,
@@ -170,6 +174,30 @@ class SparseLinear(nn.Linear):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, sparsity={self.sparsity:.4f}"
 
+    def shard_mask_like_weight(self) -> None:
+        """Under tensor parallelism the weight is a DTensor shard: the mask becomes the matching shard, so the gradient
+        mask (`_MaskGradient`) and the checks line up element for element."""
+        weight, mask = self.weight, self.weight_mask
+        if is_dtensor(weight) and not is_dtensor(mask):
+            self._buffers["weight_mask"] = distribute_tensor(
+                mask.to(weight.device), weight.device_mesh, weight.placements, src_data_rank=None
+            )
+
+    def weight_and_mask(self):
+        """The weight and mask, also when accelerate offloaded them (to CPU or disk): then they are read from the
+        offload hook's weights map. Returns (weight, mask, on_device); (None, None, True) if they cannot be read."""
+        weight, mask = self.weight, self.weight_mask
+        if not weight.is_meta and not mask.is_meta:
+            return weight, mask, True
+        weights_map = getattr(getattr(self, "_hf_hook", None), "weights_map", None)
+        if weights_map is None:
+            return None, None, True
+        if weight.is_meta:
+            weight = weights_map["weight"]
+        if mask.is_meta:
+            mask = weights_map["weight_mask"]
+        return weight, mask.bool(), False
+
 
 class _ObserveDenseGradient(torch.autograd.Function):
     """Identity on a layer's output in forward; in backward hands ``observer`` the dense weight gradient
@@ -220,6 +248,8 @@ class BlockSparseLinear(nn.Module):
     full boolean mask (read-only, derived from the block index), and `dense_weight()`, the full weight with zeros
     at inactive positions.
     """
+
+    sparse_layout = "block"  # see layer_utils.is_sparse_layer
 
     def __init__(
         self,
@@ -460,10 +490,6 @@ def _effective_weight(linear: nn.Linear) -> torch.Tensor:
     return linear.effective_weight() if isinstance(linear, SparseLinear) else linear.weight
 
 
-def _is_dtensor(tensor) -> bool:
-    return DTensor is not None and isinstance(tensor, DTensor)
-
-
 def _fusable(linear: nn.Module) -> bool:
     """Whether a projection may join the fused q/k/v matmul, i.e. calling it would compute just ``x W^T + b``.
 
@@ -477,7 +503,7 @@ def _fusable(linear: nn.Module) -> bool:
             linear._forward_hooks or linear._forward_pre_hooks or linear._backward_hooks or linear._backward_pre_hooks
         )
         and "forward" not in linear.__dict__
-        and not _is_dtensor(linear.weight)
+        and not is_dtensor(linear.weight)
     )
 
 
@@ -616,10 +642,6 @@ def _loaded(tensor) -> bool:
     return bool(getattr(tensor, "_is_hf_initialized", False))
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
-
-
 class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
     config_class = SparseWideGPTConfig
     config: SparseWideGPTConfig
@@ -678,7 +700,7 @@ class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
             module._mask_source = "checkpoint"
         elif weight_loaded:
             # Trained weights without their mask: a random mask would zero trained weights.
-            module.weight_mask.copy_(_full(module.weight).ne(0))
+            module.weight_mask.copy_(full_tensor(module.weight).ne(0))
             module._mask_source = "weights"
         elif module._mask_source != "seed":
             module.weight_mask.copy_(module.random_mask())
@@ -749,7 +771,7 @@ class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
     def _check_tensor_parallel(self) -> None:
         """Heads are split between ranks whole: refuse a TP size that does not divide n_head (else wrong shapes)."""
         for module in self.modules():
-            if isinstance(module, SparseWideGPTAttention) and _is_dtensor(getattr(module.q_proj, "weight", None)):
+            if isinstance(module, SparseWideGPTAttention) and is_dtensor(getattr(module.q_proj, "weight", None)):
                 tp_size = module.q_proj.weight.device_mesh.size()
                 if self.config.n_head % tp_size:
                     raise ValueError(
@@ -763,89 +785,74 @@ class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
         """After loading: refuse (or rebuild) missing masks, shard masks like their weights, and repair (or refuse)
         weights that are non-zero at inactive positions."""
         layers = {name: m for name, m in self.named_modules() if isinstance(m, SparseLinear)}
-        rebuilt = [name for name, m in layers.items() if m._mask_source == "weights"]
-        if rebuilt and rebuild_masks != "from_weights":
-            raise ValueError(
-                f"The checkpoint has the weights of {len(rebuilt)} sparse layer(s) but not their masks "
-                f"({', '.join(n + '.weight_mask' for n in rebuilt[:3])}{', ...' if len(rebuilt) > 3 else ''}). "
-                f"Refusing to draw new random masks over trained weights. Load a checkpoint saved with its masks, or "
-                f"pass rebuild_masks='from_weights' to rebuild each mask from the non-zero pattern of its weights."
-            )
-        if rebuilt:
-            active = sum(int(layers[n].weight_mask.sum()) for n in rebuilt)
-            expected = sum(
-                layers[n].weight_mask.numel() - num_inactive(layers[n].weight_mask.numel(), layers[n].sparsity)
-                for n in rebuilt
-            )
-            logger.warning(
-                f"Rebuilt the masks of {len(rebuilt)} sparse layer(s) from the non-zero pattern of their weights "
-                f"(rebuild_masks='from_weights'): {active} active weights, where the configured sparsity gives "
-                f"{expected}. Active weights that were exactly zero in the checkpoint (e.g. regrown at zero) are now "
-                f"inactive; that cannot be recovered from the weights."
-            )
-        for m in layers.values():
-            if m._mask_source is None:
-                m._mask_source = "checkpoint"
-            _shard_mask_like_weight(m)
+        _check_rebuilt_masks(layers, rebuild_masks)
+        for layer in layers.values():
+            if layer._mask_source is None:
+                layer._mask_source = "checkpoint"
+            layer.shard_mask_like_weight()
+        _zero_inactive_weights(layers, strict_masks)
 
-        counts, offloaded = {}, []
-        for name, m in layers.items():
-            weight, mask, on_device = _weight_and_mask(m)
-            if weight is None:
-                continue
-            bad = int(_full((weight.ne(0) & ~mask.to(weight.device)).sum()))
-            if bad:
-                counts[name] = bad
-                if not on_device:
-                    offloaded.append(name)
-        if not counts:
-            return
-        total = sum(counts.values())
-        detail = ", ".join(f"{name}: {n}" for name, n in counts.items())
-        if strict_masks:
-            raise ValueError(
-                f"strict_masks=True: {total} weights are non-zero at inactive (masked) positions ({detail}); "
-                f"a Sparse Wide GPT keeps them exactly zero. Load without strict_masks to zero them."
-            )
-        if offloaded:
-            raise ValueError(
-                f"{total} weights are non-zero at inactive (masked) positions ({detail}), and the layers "
-                f"{offloaded} are offloaded, where they cannot be repaired. Load without offloading (no device_map, "
-                f"or one that fits in memory) to zero them, then save the repaired model."
-            )
-        for name in counts:
-            m = layers[name]
-            m.weight.masked_fill_(~m.weight_mask, 0.0)
-        logger.warning(
-            f"Zeroed {total} weights that were non-zero at inactive (masked) positions ({detail}): a Sparse Wide GPT "
-            f"keeps inactive weights exactly zero. Pass strict_masks=True to refuse such checkpoints instead."
+
+def _check_rebuilt_masks(layers: dict[str, SparseLinear], rebuild_masks: str | None) -> None:
+    """Layers whose weights loaded without their masks got masks read off their weights (`_init_mask`): an error
+    unless ``rebuild_masks="from_weights"`` asked for it, then a warning that counts what that cost."""
+    rebuilt = [name for name, m in layers.items() if m._mask_source == "weights"]
+    if not rebuilt:
+        return
+    if rebuild_masks != "from_weights":
+        raise ValueError(
+            f"The checkpoint has the weights of {len(rebuilt)} sparse layer(s) but not their masks "
+            f"({', '.join(n + '.weight_mask' for n in rebuilt[:3])}{', ...' if len(rebuilt) > 3 else ''}). "
+            f"Refusing to draw new random masks over trained weights. Load a checkpoint saved with its masks, or "
+            f"pass rebuild_masks='from_weights' to rebuild each mask from the non-zero pattern of its weights."
         )
+    active = sum(int(layers[n].weight_mask.sum()) for n in rebuilt)
+    expected = sum(
+        layers[n].weight_mask.numel() - num_inactive(layers[n].weight_mask.numel(), layers[n].sparsity) for n in rebuilt
+    )
+    logger.warning(
+        f"Rebuilt the masks of {len(rebuilt)} sparse layer(s) from the non-zero pattern of their weights "
+        f"(rebuild_masks='from_weights'): {active} active weights, where the configured sparsity gives "
+        f"{expected}. Active weights that were exactly zero in the checkpoint (e.g. regrown at zero) are now "
+        f"inactive; that cannot be recovered from the weights."
+    )
 
 
-def _shard_mask_like_weight(module: SparseLinear) -> None:
-    """Under tensor parallelism a weight is a DTensor shard: its mask becomes the matching shard, so the gradient
-    mask (`_MaskGradient`) and the checks line up element for element."""
-    weight, mask = module.weight, module.weight_mask
-    if _is_dtensor(weight) and not _is_dtensor(mask):
-        module._buffers["weight_mask"] = distribute_tensor(
-            mask.to(weight.device), weight.device_mesh, weight.placements, src_data_rank=None
+def _zero_inactive_weights(layers: dict[str, SparseLinear], strict_masks: bool) -> None:
+    """Weights that are non-zero where their mask is inactive break the invariant: zero them with a warning that counts
+    them, or refuse (``strict_masks``, or offloaded layers, which cannot be written)."""
+    counts = {}
+    offloaded = []
+    for name, layer in layers.items():
+        weight, mask, on_device = layer.weight_and_mask()
+        if weight is None:
+            continue
+        bad = int(full_tensor((weight.ne(0) & ~mask.to(weight.device)).sum()))
+        if bad:
+            counts[name] = bad
+            if not on_device:
+                offloaded.append(name)
+    if not counts:
+        return
+    total = sum(counts.values())
+    detail = ", ".join(f"{name}: {n}" for name, n in counts.items())
+    if strict_masks:
+        raise ValueError(
+            f"strict_masks=True: {total} weights are non-zero at inactive (masked) positions ({detail}); "
+            f"a Sparse Wide GPT keeps them exactly zero. Load without strict_masks to zero them."
         )
-
-
-def _weight_and_mask(module: SparseLinear):
-    """The module's weight and mask, also when accelerate offloaded them (to CPU or disk): then they are read from the
-    offload hook's weights map. Returns (weight, mask, on_device); (None, None, True) if they cannot be read."""
-    weight, mask = module.weight, module.weight_mask
-    if not weight.is_meta and not mask.is_meta:
-        return weight, mask, True
-    weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-    if weights_map is None:
-        return None, None, True
-    if weight.is_meta:
-        weight = weights_map["weight"]
-    if mask.is_meta:
-        mask = weights_map["weight_mask"]
-    return weight, mask.bool(), False
+    if offloaded:
+        raise ValueError(
+            f"{total} weights are non-zero at inactive (masked) positions ({detail}), and the layers "
+            f"{offloaded} are offloaded, where they cannot be repaired. Load without offloading (no device_map, "
+            f"or one that fits in memory) to zero them, then save the repaired model."
+        )
+    for name in counts:
+        layers[name].weight.masked_fill_(~layers[name].weight_mask, 0.0)
+    logger.warning(
+        f"Zeroed {total} weights that were non-zero at inactive (masked) positions ({detail}): a Sparse Wide GPT "
+        f"keeps inactive weights exactly zero. Pass strict_masks=True to refuse such checkpoints instead."
+    )
 
 
 def _causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, past_seen):
@@ -875,6 +882,8 @@ class SparseWideGPTModel(SparseWideGPTPreTrainedModel):
         self.h = nn.ModuleList([SparseWideGPTBlock(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
+        # A condensed model's config lists its condensed layers: they are built here, so that loading fills them.
+        install_condensed_layers(self, config.sparse_format)
         self.post_init()
 
     def get_input_embeddings(self):

@@ -4,67 +4,100 @@ Layout ``bitmask-values-v1``. Every sparse linear ``P`` (a module with ``P.weigh
 the same shape) is stored as three tensors instead of two:
 
 * ``P.weight_bitmask``: uint8 ``[ceil(out·in / 8)]``, the mask flattened row-major, 8 positions per byte, least
-  significant bit first (``numpy.packbits(..., bitorder="little")``); padding bits are 0.
+  significant bit first (`pack_bits`); padding bits are 0.
 * ``P.weight_active_values``: ``[number of set bits]`` in the weight's dtype, the weights at the active positions in
   row-major order, copied bit for bit (an active weight that is exactly 0, as DST regrows them, stays an active 0).
 * ``P.weight_shape``: int64 ``[2]``, ``(out, in)``.
 
 Everything else (biases, embeddings, norms) is stored as usual. The mask is *stored*, never inferred from zeros.
-Every shard's safetensors metadata carries ``sparse_format: bitmask-values-v1`` and ``config.json`` carries
-``"sparse_format": {"format": "bitmask-values-v1", ...}``. Loading rebuilds ``weight`` (inactive positions +0.0) and
-``weight_mask`` exactly; plain checkpoints (``P.weight`` + ``P.weight_mask``) load as before.
+``config.json`` carries ``"sparse_format": {"format": "bitmask-values-v1", ...}``. Loading rebuilds ``weight``
+(inactive positions +0.0) and ``weight_mask`` exactly, with numpy (no compiler, no native code); plain checkpoints
+(``P.weight`` + ``P.weight_mask``) load as before.
 
-`SparseCheckpointMixin` puts this into `save_pretrained` / `push_to_hub` (``sparse_format="plain"`` keeps the plain
-layout) and into `from_pretrained`, for the installed package and for ``trust_remote_code`` checkpoints alike (this file
-is copied next to the model code). It also loads checkpoints of condensed models (see `condensed.py`). No pickle: only
-safetensors files and JSON.
+How it plugs into transformers, through public extension points only:
+
+* Loading: `register_sparse_layouts` registers a checkpoint conversion (``transformers.conversion_mapping``) whose
+  `WeightConverter` turns each layer's three tensors into ``weight`` and ``weight_mask`` (`DecodeSparseLayer`), so
+  sharded checkpoints, ``device_map`` / disk offload and ``trust_remote_code`` (this file is copied next to the model
+  code) load through transformers' own loader. Tensor-parallel loading slices every checkpoint tensor like its target
+  weight, which packed bits cannot be: `SparseCheckpointMixin.from_pretrained` decodes a local compressed checkpoint
+  first and passes it as ``state_dict``.
+* Saving: `SparseCheckpointMixin.save_pretrained` hands transformers the compressed tensors as ``state_dict``.
+* The guard (`check_sparse_load`): compressed or condensed tensors left unexpected, or sparse layers left without
+  their tensors, make ``from_pretrained`` fail, so a change in transformers that skips the conversion can never
+  return a randomly initialised model.
+
+Condensed models (see `condensed_linear.py`) are saved and loaded by name: their config lists the condensed layers' sizes.
+No pickle: only safetensors files and JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import ConversionOps, WeightConverter
 
-from .condensed import CONDENSED_FORMAT, CondensedLinear, condense_model, condensed_layer_shapes, expand_active
+from .condensed_linear import CONDENSED_FORMAT, CondensedLinear, condense_model, sparse_format_of_condensed
+from .layer_utils import full_tensor, is_masked_layer
 
 BITMASK_FORMAT = "bitmask-values-v1"
 PLAIN = "plain"
 MASK_SUFFIX = ".weight_bitmask"
 VALUES_SUFFIX = ".weight_active_values"
 SHAPE_SUFFIX = ".weight_shape"
-METADATA_KEY = "sparse_format"
 KNOWN_FORMATS = (BITMASK_FORMAT, CONDENSED_FORMAT)
+# Names of tensors that only a decoded (compressed) or condensed layer explains: left over after loading, they mean
+# the layout was not understood.
+_LAYOUT_TENSORS = (MASK_SUFFIX, VALUES_SUFFIX, SHAPE_SUFFIX, ".values", ".col_indices", ".row_ptr", ".row_ids")
 
 __all__ = [
     "BITMASK_FORMAT",
     "PLAIN",
+    "DecodeSparseLayer",
     "SparseCheckpointMixin",
+    "check_sparse_load",
     "compress_state_dict",
     "compress_weight",
     "decompress_state_dict",
     "decompress_weight",
     "format_config",
     "is_compressed_state_dict",
+    "pack_bits",
+    "register_sparse_layouts",
 ]
 
 # Integer dtypes of each width: values are moved between torch and numpy as raw bits (numpy has no bfloat16).
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Eight bytes b0..b7 (each 0 or 1, read as one little-endian int64) times this constant hold b0 + 2·b1 + ... + 128·b7
+# in their top byte: the partial sums below it stay under 256, so nothing carries into it.
+_GATHER_BITS = 0x0102040810204080
 
 
-def format_config(fmt: str = BITMASK_FORMAT) -> dict:
-    """What ``config.json`` records about the layout (``config.sparse_format``)."""
-    if fmt == BITMASK_FORMAT:
-        return {
-            "format": BITMASK_FORMAT,
-            "mask": "uint8 <layer>.weight_bitmask: row-major, least significant bit first",
-            "values": "<layer>.weight_active_values: active weights in row-major order, weight dtype",
-            "shape": "int64 <layer>.weight_shape: (out_features, in_features)",
-        }
-    return {"format": fmt}
+def format_config() -> dict:
+    """What ``config.json`` records about the compressed layout (``config.sparse_format``)."""
+    return {
+        "format": BITMASK_FORMAT,
+        "mask": "uint8 <layer>.weight_bitmask: row-major, least significant bit first",
+        "values": "<layer>.weight_active_values: active weights in row-major order, weight dtype",
+        "shape": "int64 <layer>.weight_shape: (out_features, in_features)",
+    }
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8, 8 positions per byte in row-major order, least significant bit first (on its device).
+
+    The one bit packer: the compressed layout's mask bits and the DST engine's mask snapshots."""
+    flat = mask.reshape(-1)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    words = flat.contiguous().view(torch.uint8).view(torch.int64)
+    return ((words * _GATHER_BITS) >> 56).to(torch.uint8)  # the top byte; wrapping products keep it exact
 
 
 def _as_bits(t: torch.Tensor) -> np.ndarray:
@@ -79,11 +112,10 @@ def compress_weight(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
         raise ValueError(
             f"weight {tuple(weight.shape)} needs a bool mask of the same shape, got {mask.dtype} {tuple(mask.shape)}"
         )
-    flat_mask = _as_bits(mask).reshape(-1).view(np.bool_)
-    values = np.compress(flat_mask, _as_bits(weight).reshape(-1))
-    values = torch.from_numpy(values).view(weight.dtype)
-    bits = torch.from_numpy(np.packbits(flat_mask, bitorder="little"))
-    return bits, values, torch.tensor(list(weight.shape), dtype=torch.int64)
+    mask = mask.detach().to("cpu")
+    active = _as_bits(mask).reshape(-1).view(np.bool_)  # a bool condition: np.compress converts any other dtype first
+    values = torch.from_numpy(np.compress(active, _as_bits(weight).reshape(-1)))
+    return pack_bits(mask), values.view(weight.dtype), torch.tensor(list(weight.shape), dtype=torch.int64)
 
 
 def decompress_weight(
@@ -104,20 +136,15 @@ def decompress_weight(
     packed, raw = _as_bits(bits), _as_bits(values)
     if numel % 8 and packed[-1] >> (numel % 8):
         raise ValueError(f"{name}: mask bits for shape {shape} have non-zero padding bits in the last byte")
-    try:
-        decoded = expand_active(packed, raw, numel)  # one pass in C when the kernel is available
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
-    if decoded is None:
-        flat = np.unpackbits(packed, count=numel, bitorder="little").view(np.bool_)
-        count = int(np.count_nonzero(flat))
-        if raw.size != count:
-            raise ValueError(f"{name}: {raw.size} stored values for a mask with {count} active positions")
-        dense = np.zeros(numel, dtype=raw.dtype)
-        dense[np.flatnonzero(flat)] = raw  # positions, then one scatter: faster than boolean-mask assignment
-        decoded = dense, flat
-    dense, flat = decoded
-    return torch.from_numpy(dense).view(values.dtype).view(shape), torch.from_numpy(flat).view(shape)
+    mask = np.unpackbits(packed, count=numel, bitorder="little").view(np.bool_)
+    active = np.flatnonzero(mask)
+    if raw.size != active.size:
+        raise ValueError(f"{name}: {raw.size} stored values for a mask with {active.size} active positions")
+    # Raw bits are copied, never computed with, so every value (the signs of zeros included) is kept. Positions, then
+    # one scatter: measured 2.5x faster than boolean-mask assignment and 4x faster than torch's masked_scatter_.
+    dense = np.zeros(numel, dtype=raw.dtype)
+    dense[active] = raw
+    return torch.from_numpy(dense).view(values.dtype).view(shape), torch.from_numpy(mask).view(shape)
 
 
 def _sparse_pairs(state_dict) -> list[str]:
@@ -137,32 +164,33 @@ def compress_state_dict(state_dict: dict) -> dict:
     prefixes = set(_sparse_pairs(state_dict))
     out = {}
     for key, tensor in state_dict.items():
-        if key.endswith(".weight_mask") and key[: -len(".weight_mask")] in prefixes:
-            continue
-        if key.endswith(".weight") and key[: -len(".weight")] in prefixes:
-            prefix = key[: -len(".weight")]
-            weight, mask = tensor, state_dict[prefix + ".weight_mask"]
-            if hasattr(weight, "full_tensor"):  # a DTensor from a sharded model
-                weight = weight.full_tensor()
-            bits, values, shape = compress_weight(weight, mask)
-            out[prefix + MASK_SUFFIX], out[prefix + VALUES_SUFFIX], out[prefix + SHAPE_SUFFIX] = bits, values, shape
-            continue
-        out[key] = tensor
+        prefix = key.rpartition(".")[0]
+        if prefix not in prefixes or not key.endswith((".weight", ".weight_mask")):
+            out[key] = tensor
+        elif key.endswith(".weight"):
+            mask = full_tensor(state_dict[prefix + ".weight_mask"])
+            bits, values, shape = compress_weight(full_tensor(tensor), mask)
+            out[prefix + MASK_SUFFIX] = bits
+            out[prefix + VALUES_SUFFIX] = values
+            out[prefix + SHAPE_SUFFIX] = shape
     return out
 
 
 def _compressed_prefixes(keys) -> list[str]:
     keys = set(keys)
-    # `.weight_shape` alone also belongs to condensed layers (condensed.py): a bitmask or values key makes a layer ours.
+    # `.weight_shape` alone also belongs to condensed layers (condensed_linear.py): a bitmask or values key makes a layer ours.
     prefixes = {k[: -len(s)] for k in keys for s in (MASK_SUFFIX, VALUES_SUFFIX) if k.endswith(s)}
-    for p in prefixes:
-        missing = [p + s for s in (MASK_SUFFIX, VALUES_SUFFIX, SHAPE_SUFFIX) if p + s not in keys]
-        if missing:
-            raise ValueError(
-                f"compressed layer {p!r} is incomplete: missing {missing} ({BITMASK_FORMAT} stores "
-                f"{MASK_SUFFIX}, {VALUES_SUFFIX} and {SHAPE_SUFFIX} for each sparse layer)"
-            )
+    for prefix in prefixes:
+        _check_complete(prefix, [s for s in (MASK_SUFFIX, VALUES_SUFFIX, SHAPE_SUFFIX) if prefix + s not in keys])
     return sorted(prefixes)
+
+
+def _check_complete(prefix: str, missing_suffixes: list[str]) -> None:
+    if missing_suffixes:
+        raise ValueError(
+            f"compressed layer {prefix!r} is incomplete: missing {[prefix + s for s in missing_suffixes]} "
+            f"({BITMASK_FORMAT} stores {MASK_SUFFIX}, {VALUES_SUFFIX} and {SHAPE_SUFFIX} for each sparse layer)"
+        )
 
 
 def is_compressed_state_dict(keys) -> bool:
@@ -171,101 +199,137 @@ def is_compressed_state_dict(keys) -> bool:
 
 def decompress_state_dict(state_dict: dict) -> dict:
     """``bitmask-values-v1`` state dict (tensors or safetensors slices) -> plain state dict (``P.weight`` +
-    ``P.weight_mask``); other entries are passed through."""
-    return {key: entry[...] for key, entry in _lazy_state_dict(state_dict).items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Lazy decoding for from_pretrained: transformers materialises each state-dict entry with ``entry[...]`` in its
-# loader threads, so a layer is decoded only when its tensors are loaded (numpy releases the GIL while it works).
-# ----------------------------------------------------------------------------------------------
-class _LayerDecoder:
-    def __init__(self, prefix: str, bits, values, shape):
-        self.prefix, self._parts, self._lock, self._result, self._served = (
-            prefix,
-            (bits, values, shape),
-            threading.Lock(),
-            None,
-            set(),
-        )
-
-    def get(self, part: str) -> torch.Tensor:
-        with self._lock:
-            if self._result is None:
-                bits, values, shape = (p[...] for p in self._parts)
-                weight, mask = decompress_weight(bits, values, shape, self.prefix)
-                self._result = {"weight": weight, "weight_mask": mask}
-            tensor = self._result[part]
-            self._served.add(part)
-            if len(self._served) == 2:  # both handed out: drop our references
-                self._result, self._parts = {}, None
-            return tensor
-
-
-class _Lazy:
-    """Stands in for a safetensors slice: ``obj[...]`` (or a slice of it, as tensor-parallel loading takes) decodes
-    once per layer and returns the tensor; ``get_shape`` / ``get_dtype`` answer without decoding."""
-
-    def __init__(self, decoder: _LayerDecoder, part: str, shape: list[int], dtype: str):
-        self.decoder, self.part, self._shape, self._dtype = decoder, part, shape, dtype
-
-    def __getitem__(self, item):
-        return self.decoder.get(self.part)[item]
-
-    def get_shape(self) -> list[int]:
-        return list(self._shape)
-
-    def get_dtype(self) -> str:
-        return self._dtype
-
-
-def _lazy_state_dict(sources: dict) -> dict:
-    """Key -> safetensors slice (or tensor); compressed layers replaced by lazy ``weight`` / ``weight_mask`` entries."""
-    prefixes = set(_compressed_prefixes(sources))
+    ``P.weight_mask``, in place of each compressed layer's tensors); other entries are passed through."""
+    prefixes = set(_compressed_prefixes(state_dict))
     out = {}
-    for key, value in sources.items():
+    for key, entry in state_dict.items():
         prefix = next((key[: -len(s)] for s in (MASK_SUFFIX, VALUES_SUFFIX, SHAPE_SUFFIX) if key.endswith(s)), None)
         if prefix not in prefixes:
-            out[key] = value
+            out[key] = entry[...]
         elif key.endswith(MASK_SUFFIX):
-            values, shape = sources[prefix + VALUES_SUFFIX], sources[prefix + SHAPE_SUFFIX]
-            decoder = _LayerDecoder(prefix, value, values, shape)
-            dims = [int(d) for d in (shape[...] if not isinstance(shape, torch.Tensor) else shape).tolist()]
-            dtype = values.get_dtype() if hasattr(values, "get_dtype") else str(values.dtype)
-            out[prefix + ".weight"] = _Lazy(decoder, "weight", dims, dtype)
-            out[prefix + ".weight_mask"] = _Lazy(decoder, "weight_mask", dims, "BOOL")
+            values, shape = state_dict[prefix + VALUES_SUFFIX][...], state_dict[prefix + SHAPE_SUFFIX][...]
+            out[prefix + ".weight"], out[prefix + ".weight_mask"] = decompress_weight(entry[...], values, shape, prefix)
     return out
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing the format name into each shard's safetensors metadata. transformers writes shards with
-# `modeling_utils.safe_save_file(tensors, filename, metadata={"format": "pt"})`; while one of our saves runs, that
-# function is wrapped (for the saving thread only) to add our key.
+# Loading: a checkpoint conversion registered with transformers
 # ----------------------------------------------------------------------------------------------
-_PATCH_LOCK = threading.Lock()
+_SOURCES = [MASK_SUFFIX[1:], VALUES_SUFFIX[1:], SHAPE_SUFFIX[1:]]
+_TARGETS = ["weight", "weight_mask"]
+# Errors of the conversion in this thread's current `from_pretrained`: transformers reports a failed conversion in its
+# loading report and raises a generic error; ours names the layer and the problem.
+_conversion_errors = threading.local()
+
+
+class DecodeSparseLayer(ConversionOps):
+    """``weight_bitmask`` + ``weight_active_values`` + ``weight_shape`` of one layer -> ``weight`` + ``weight_mask``.
+
+    transformers has already cast every source tensor to the target weight's dtype (it does so for all tensors of a
+    conversion): mask bytes 0..255 survive that exactly in every floating dtype and are turned back into uint8, the
+    values are what a plain checkpoint's weights would have become, and the stored shape is checked against the
+    model's (it need not be exact in bf16 and is not used to decode)."""
+
+    supports_many_to_many = True
+
+    def convert(self, input_dict, source_patterns, target_patterns, full_layer_name=None, model=None, **kwargs):
+        prefix = full_layer_name[: -len(".weight")]
+        try:
+            return dict(zip(_TARGETS, self._decode(prefix, input_dict, model)))
+        except ValueError as err:
+            recorded = getattr(_conversion_errors, "messages", None)
+            if recorded is not None:
+                recorded.append(str(err))
+            raise
+
+    @staticmethod
+    def _decode(prefix: str, input_dict: dict, model) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_complete(prefix, ["." + s for s in _SOURCES if not input_dict.get(s)])
+        layer = model.get_submodule(prefix) if model is not None else None
+        if layer is not None and not is_masked_layer(layer):
+            raise ValueError(
+                f"the checkpoint stores {prefix!r} as a compressed sparse layer, but this model's {prefix!r} is a "
+                f"dense {type(layer).__name__}: its config (sparsity, sparse_layers) does not match the checkpoint"
+            )
+        bits, values, stored_shape = (input_dict[s][0] for s in _SOURCES)
+        shape = tuple(layer.weight.shape) if layer is not None else tuple(int(s) for s in stored_shape.tolist())
+        if not torch.equal(stored_shape, torch.tensor(shape).to(stored_shape.dtype)):
+            raise ValueError(f"{prefix}: stored shape {stored_shape.tolist()} differs from the model's {list(shape)}")
+        return decompress_weight(bits.to(torch.uint8), values, shape, prefix)
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        raise NotImplementedError(
+            "the compressed layout is written by save_pretrained(state_dict=compress_state_dict(...)), not by reversing "
+            "the loading conversion: save with save_original_format=False (the default of this model's save_pretrained)"
+        )
+
+
+def register_sparse_layouts(model_type: str) -> None:
+    """Register the compressed layout's conversion for `model_type` (idempotent: it replaces an earlier one)."""
+    converter = WeightConverter(
+        source_patterns=list(_SOURCES),
+        target_patterns=list(_TARGETS),
+        operations=[DecodeSparseLayer()],
+        force_cpu=True,  # decoded with numpy; transformers moves the results to their devices
+    )
+    register_checkpoint_conversion_mapping(model_type, [converter], overwrite=True)
 
 
 @contextlib.contextmanager
-def _shard_metadata(extra: dict):
-    import transformers.modeling_utils as modeling_utils
+def _recording_conversion_errors():
+    _conversion_errors.messages = []
+    try:
+        yield _conversion_errors.messages
+    finally:
+        _conversion_errors.messages = None
 
-    original = getattr(modeling_utils, "safe_save_file", None)
-    if original is None:  # a transformers without this hook: config.json still records the format
-        yield
-        return
-    owner = threading.get_ident()
 
-    def save_file(tensors, filename, metadata=None):
-        if threading.get_ident() == owner:
-            metadata = {**(metadata or {}), **extra}
-        return original(tensors, filename, metadata=metadata)
+def check_sparse_load(model, loading_info: dict) -> None:
+    """The guard: refuse a load that left a checkpoint's sparse layout undecoded or a sparse layer without its tensors.
 
-    with _PATCH_LOCK:
-        modeling_utils.safe_save_file = save_file
-        try:
-            yield
-        finally:
-            modeling_utils.safe_save_file = original
+    Such a model would compute with freshly initialised sparse layers; transformers only warns about keys."""
+    fmt = getattr(model.config, "sparse_format", None)
+    name = fmt.get("format") if isinstance(fmt, dict) else None
+    if name is not None and name not in KNOWN_FORMATS:
+        raise ValueError(
+            f"checkpoint sparse_format {name!r} is not supported by this code; supported: {list(KNOWN_FORMATS)} "
+            f"(and the plain layout)"
+        )
+    unexpected = sorted(k for k in loading_info["unexpected_keys"] if k.endswith(_LAYOUT_TENSORS))
+    if unexpected:
+        raise ValueError(
+            f"the checkpoint's sparse tensors {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''} were not decoded "
+            f"into the model: the checkpoint conversion registered for model type {model.config.model_type!r} "
+            f"(transformers.conversion_mapping) did not apply, or this model's config does not match the checkpoint. "
+            f"Refusing to return a model whose sparse layers would be randomly initialised."
+        )
+    missing = set(loading_info["missing_keys"])
+    for layer_name, layer in model.named_modules():
+        if isinstance(layer, CondensedLinear):
+            absent = [f"{layer_name}.{key}" for key in layer.state_dict() if f"{layer_name}.{key}" in missing]
+        elif is_masked_layer(layer):  # a weight without its mask is `rebuild_masks`' case, not this one
+            required = [f"{layer_name}.weight", f"{layer_name}.weight_mask"]
+            absent = required if all(key in missing for key in required) else []
+        else:
+            continue
+        if absent:
+            raise ValueError(
+                f"the checkpoint has no tensors for the sparse layer {layer_name!r} (missing {absent[:3]}): it would be "
+                f"left randomly initialised. Is the checkpoint of another model, or in a layout this code cannot read?"
+            )
+
+
+def _local_checkpoint_state_dict(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder} has no .safetensors files to load")
+    state_dict = {}
+    for file in files:
+        state_dict.update(load_file(file))
+    return decompress_state_dict(state_dict)
 
 
 @contextlib.contextmanager
@@ -283,30 +347,58 @@ def _model_format(model) -> str | None:
     kinds = {
         CONDENSED_FORMAT if isinstance(m, CondensedLinear) else BITMASK_FORMAT
         for m in model.modules()
-        if isinstance(m, CondensedLinear)
-        or (isinstance(getattr(m, "weight_mask", None), torch.Tensor) and isinstance(m, torch.nn.Linear))
+        if isinstance(m, CondensedLinear) or is_masked_layer(m)
     }
     if len(kinds) > 1:
         raise ValueError("the model mixes condensed and masked sparse layers; condense all of them or none")
     return kinds.pop() if kinds else None
 
 
-def _checkpoint_format(metadatas: list[dict | None], config) -> None:
-    """Refuse a checkpoint whose metadata or config names a layout this code does not know (e.g. a newer version)."""
-    named = {m.get(METADATA_KEY) for m in metadatas if m and m.get(METADATA_KEY)}
-    configured = getattr(config, "sparse_format", None)
-    if isinstance(configured, dict) and configured.get("format"):
-        named.add(configured["format"])
-    unknown = sorted(named - set(KNOWN_FORMATS))
-    if unknown:
-        raise ValueError(
-            f"checkpoint sparse_format {unknown[0]!r} is not supported by this code; supported: "
-            f"{list(KNOWN_FORMATS)} (and the plain layout)"
-        )
-
-
 class SparseCheckpointMixin:
     """`save_pretrained` / `push_to_hub` / `from_pretrained` with the compressed and condensed layouts."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, reading the compressed and condensed layouts, with the guard."""
+        register_sparse_layouts(cls.config_class.model_type)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        if kwargs.get("tp_plan") is not None or kwargs.get("device_mesh") is not None:
+            pretrained_model_name_or_path = cls._decode_for_tensor_parallel(pretrained_model_name_or_path, kwargs)
+        with _recording_conversion_errors() as errors:
+            try:
+                model, loading_info = super().from_pretrained(
+                    pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+                )
+            except RuntimeError as err:
+                if errors:  # our conversion failed: say how, not only that it did
+                    raise ValueError(errors[0]) from err
+                raise
+        check_sparse_load(model, loading_info)
+        return (model, loading_info) if output_loading_info else model
+
+    @classmethod
+    def _decode_for_tensor_parallel(cls, path, kwargs: dict):
+        """Tensor-parallel loading slices each checkpoint tensor like its target weight, which packed mask bits cannot
+        be: a compressed checkpoint is decoded here and handed over as ``state_dict`` (plain ones load as usual)."""
+        config = kwargs.get("config")
+        if config is None or isinstance(config, (str, os.PathLike)):
+            config = cls.config_class.from_pretrained(config or path)
+        fmt = config.sparse_format.get("format") if isinstance(config.sparse_format, dict) else None
+        if fmt == CONDENSED_FORMAT:
+            raise ValueError(
+                f"{path} is condensed ({CONDENSED_FORMAT}), for CPU inference: tensor parallelism cannot split it. "
+                "Load the masked checkpoint it was made from with tp_plan instead."
+            )
+        if fmt != BITMASK_FORMAT:
+            return path
+        if not Path(path).is_dir():
+            raise ValueError(
+                f"tensor-parallel loading of the compressed layout ({BITMASK_FORMAT}) reads a local folder: download "
+                f"{path} first (huggingface_hub.snapshot_download) or decompress it (hf-sparse-ift decompress)"
+            )
+        kwargs["config"] = config
+        kwargs["state_dict"] = _local_checkpoint_state_dict(Path(path))
+        return None
 
     def save_pretrained(
         self,
@@ -329,27 +421,21 @@ class SparseCheckpointMixin:
         valid = ("auto", BITMASK_FORMAT, PLAIN)
         if wanted not in valid:
             raise ValueError(f"sparse_format={sparse_format!r} is invalid: expected one of {list(valid)} or None")
+        if held == CONDENSED_FORMAT and wanted != "auto":
+            raise ValueError(
+                f"sparse_format={sparse_format!r} is invalid for a condensed model: it holds no masks "
+                f"or dense weights; save it with sparse_format='auto' ({CONDENSED_FORMAT})"
+            )
+        # The loading conversion has no reverse: transformers must save the state dict it is given as it is.
+        kwargs.setdefault("save_original_format", False)
         if held == CONDENSED_FORMAT:
-            if wanted not in ("auto",):
-                raise ValueError(
-                    f"sparse_format={sparse_format!r} is invalid for a condensed model: it holds no masks "
-                    f"or dense weights; save it with sparse_format='auto' ({CONDENSED_FORMAT})"
-                )
-            with (
-                _config_format(self.config, format_config(CONDENSED_FORMAT)),
-                _shard_metadata({METADATA_KEY: CONDENSED_FORMAT}),
-            ):
-                return super().save_pretrained(save_directory, is_main_process, state_dict, *args, **kwargs)
-        if held is None or wanted == PLAIN or kwargs.get("distributed_checkpoint"):
-            with _config_format(self.config, None):
-                return super().save_pretrained(save_directory, is_main_process, state_dict, *args, **kwargs)
-        if state_dict is None:
-            state_dict = self.state_dict()
-        state_dict = compress_state_dict(state_dict)
-        with (
-            _config_format(self.config, format_config(BITMASK_FORMAT)),
-            _shard_metadata({METADATA_KEY: BITMASK_FORMAT}),
-        ):
+            layout = sparse_format_of_condensed(self)
+        elif held is None or wanted == PLAIN or kwargs.get("distributed_checkpoint"):
+            layout = None
+        else:
+            layout = format_config()
+            state_dict = compress_state_dict(self.state_dict() if state_dict is None else state_dict)
+        with _config_format(self.config, layout):
             return super().save_pretrained(save_directory, is_main_process, state_dict, *args, **kwargs)
 
     def push_to_hub(self, *args, sparse_format: str | None = "auto", **kwargs):
@@ -367,64 +453,5 @@ class SparseCheckpointMixin:
             del self.save_pretrained
 
     def condense(self, representation: str = "auto"):
-        """Replace every masked sparse linear by a `CondensedLinear` (in place; see `condensed.py`). Returns the model."""
+        """Replace every masked sparse linear by a `CondensedLinear` (in place; see `condensed_linear.py`). Returns the model."""
         return condense_model(self, representation)
-
-    @staticmethod
-    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
-        """Decode compressed layers lazily and give condensed layers their stored shapes, then load as usual."""
-        handles = []
-        try:
-            if (
-                state_dict is None
-                and checkpoint_files
-                and all(str(f).endswith(".safetensors") for f in checkpoint_files)
-            ):
-                from safetensors import safe_open
-
-                sources, metadatas = {}, []
-                for file in checkpoint_files:
-                    handle = safe_open(file, framework="pt", device="cpu")
-                    handles.append(handle)
-                    metadatas.append(handle.metadata())
-                    for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-                        sources[key] = handle.get_slice(key)
-                _checkpoint_format(metadatas, model.config)
-                _install_condensed_layers(model, sources)
-                if is_compressed_state_dict(sources):
-                    state_dict = _lazy_state_dict(sources)
-            elif state_dict is not None:
-                _install_condensed_layers(model, state_dict)
-                if is_compressed_state_dict(state_dict):
-                    state_dict = decompress_state_dict(state_dict)
-            return PreTrainedModel._load_pretrained_model(
-                model, state_dict, checkpoint_files, load_config, *args, **kwargs
-            )
-        finally:
-            for handle in handles:
-                handle.__exit__(None, None, None)
-
-
-def _install_condensed_layers(model, sources: dict) -> None:
-    """Replace the masked layers that the checkpoint stores condensed by `CondensedLinear`s of the stored sizes."""
-    layers = condensed_layer_shapes(sources)
-    if not layers:
-        return
-    prefix = getattr(model, "base_model_prefix", "") + "."
-    names = {name for name, _ in model.named_modules()}
-    for key, spec in layers.items():
-        name = key
-        if name not in names and name.startswith(prefix) and name[len(prefix) :] in names:
-            name = name[len(prefix) :]
-        elif name not in names and prefix + name in names:
-            name = prefix + name
-        if name not in names:
-            raise ValueError(f"checkpoint has a condensed layer {key!r} that this model does not have")
-        old = model.get_submodule(name)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        weight = getattr(old, "weight", None)
-        dtype = weight.dtype if weight is not None else torch.get_default_dtype()
-        device = weight.device if weight is not None else None
-        setattr(parent, child, CondensedLinear.empty(spec, dtype=dtype, device=device))
-    model.config.sparse_format = format_config(CONDENSED_FORMAT)

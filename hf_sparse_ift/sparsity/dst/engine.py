@@ -29,15 +29,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ...models.sparse_wide_gpt.layer_utils import full_tensor
 from ..masks import BlockSparseLinear, SparseLinear, count_differing_bits, pack_bits, sparse_layers
 from ..spectral import mask_graph_stats
 from .config import DSTConfig
 from .methods import METHODS, LayerUpdate
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: FSDP2 keeps parameters as DTensor shards outside forward / backward."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -66,8 +62,8 @@ def _weights_per_unit(layer: SparseLinear | BlockSparseLinear) -> int:
 
 def _gathered_dense_weight(layer: SparseLinear | BlockSparseLinear) -> torch.Tensor:
     if isinstance(layer, BlockSparseLinear):
-        return layer.dense_weight(_full(layer.weight_blocks.detach()))
-    return _full(layer.weight.detach())
+        return layer.dense_weight(full_tensor(layer.weight_blocks.detach()))
+    return full_tensor(layer.weight.detach())
 
 
 class _DenseGradAccumulator:
@@ -176,7 +172,7 @@ class DSTEngine:
     def _layer_update(self, index: int, name: str, layer: SparseLinear | BlockSparseLinear) -> LayerUpdate:
         """What the method sees of one layer: its units (weights or blocks), their magnitudes and dense gradients."""
         if isinstance(layer, BlockSparseLinear):
-            weight = _full(layer.weight_blocks.detach())
+            weight = full_tensor(layer.weight_blocks.detach())
             magnitude = layer.active_block_norms(weight)
             mask = layer.block_mask
             constant_fan_in = layer.block_fan_in == "constant"
@@ -184,7 +180,7 @@ class DSTEngine:
             def dense_grad():
                 return layer.block_norms(self._dense_grad(name))
         else:
-            weight = _full(layer.weight.detach())
+            weight = full_tensor(layer.weight.detach())
             magnitude = weight.abs()
             mask = layer.weight_mask.clone()
             constant_fan_in = False  # SRigL's constant fan-in is its own method (srigl.py)
@@ -253,7 +249,7 @@ class DSTEngine:
         source = source.clamp(min=0)
 
         def moved(values: torch.Tensor) -> torch.Tensor:
-            full = _full(values)
+            full = full_tensor(values)
             return _like(torch.where(kept, full[source], torch.zeros((), dtype=full.dtype, device=full.device)), values)
 
         parameter = layer.weight_blocks

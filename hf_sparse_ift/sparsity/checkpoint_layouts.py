@@ -1,15 +1,14 @@
-"""Condensed inference: sparse linears that store and compute only their active weights.
+"""Saved checkpoints between layouts: plain, compressed (``bitmask-values-v1``) and condensed (``condensed-v1``).
 
-    model.condense()                                   # in place; or model.condense(representation="csr")
-    hf-sparse-ift condense outputs/run/checkpoint-600/hf outputs/run/condensed
+    hf-sparse-ift compress   outputs/run/checkpoint-600/hf outputs/run/compressed
+    hf-sparse-ift condense   outputs/run/checkpoint-600/hf outputs/run/condensed   # model.condense() in memory
 
-The layer itself (`CondensedLinear`, its C kernel and the torch fallback) lives in the model folder
-(`models/sparse_wide_gpt/condensed.py`) so that a condensed checkpoint loads with ``trust_remote_code`` where this
-package is not installed. A condensed checkpoint is an ordinary ``save_pretrained`` folder whose ``config.json`` says
-``"sparse_format": {"format": "condensed-v1"}``: `from_pretrained` reads the stored tensor shapes and builds each
-condensed layer with them before loading (no per-layer sizes in the config). A model built from such a config without
-weights (``SparseWideGPTForCausalLM(config)``) is the masked model with fresh masks: condensing is a transformation of
-trained weights, not an architecture.
+`convert_checkpoint` re-saves a folder in another layout, `checkpoint_format` reads a folder's layout, and
+`condensed_summary` describes a condensed model for reports. The layers and layouts themselves live in the model folder
+(`models/sparse_wide_gpt/condensed_linear.py`, `sparse_safetensors.py`) so that checkpoints load with
+``trust_remote_code`` where this package is not installed. A condensed checkpoint is an ordinary ``save_pretrained``
+folder whose ``config.json`` says ``"sparse_format": {"format": "condensed-v1", "layers": {...}}``, the sizes of each
+condensed layer, from which the model builds its condensed layers before loading.
 """
 
 from __future__ import annotations
@@ -19,10 +18,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from ..models.sparse_wide_gpt.condensed import CONDENSED_FORMAT, REPRESENTATIONS, CondensedLinear, kernel_available
+from ..models.sparse_wide_gpt.condensed_linear import (
+    CONDENSED_FORMAT,
+    REPRESENTATIONS,
+    CondensedLinear,
+    check_representation,
+    kernel_available,
+)
 from ..models.sparse_wide_gpt.sparse_safetensors import BITMASK_FORMAT, PLAIN
 
 __all__ = [
@@ -49,7 +53,7 @@ def condensed_summary(model: nn.Module) -> dict:
     nbytes = sum(t.numel() * t.element_size() for m in layers.values() for t in (m.values, m.col_indices))
     return {
         "layers": len(layers),
-        "constant_fan_in_layers": sum(m.fan_in is not None for m in layers.values()),
+        "constant_fan_in_layers": len([m for m in layers.values() if m.fan_in is not None]),
         "rows": sum(m.row_ids.numel() for m in layers.values()),
         "out_features": sum(m.out_features for m in layers.values()),
         "stored_weights": stored,
@@ -105,8 +109,7 @@ def convert_checkpoint(
     try:
         model = SparseWideGPTForCausalLM.from_pretrained(src, dtype="auto").eval()
         if layout == CONDENSED_FORMAT:
-            with torch.no_grad():
-                model.condense(representation)
+            model.condense(representation)
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
         else:
             model.save_pretrained(tmp, sparse_format=layout, max_shard_size=max_shard_size)
@@ -132,8 +135,7 @@ def _check_conversion(src: Path, dst: Path, layout: str, overwrite: bool, repres
     layouts = (PLAIN, BITMASK_FORMAT, CONDENSED_FORMAT)
     if layout not in layouts:
         raise ValueError(f"layout={layout!r} is invalid: expected one of {list(layouts)}")
-    if representation not in REPRESENTATIONS:
-        raise ValueError(f"representation={representation!r} is invalid: expected one of {list(REPRESENTATIONS)}")
+    check_representation(representation)
     config = _checkpoint_config(src)
     held = _layout(config)
     if held == CONDENSED_FORMAT:

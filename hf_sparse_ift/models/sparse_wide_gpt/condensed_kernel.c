@@ -1,0 +1,229 @@
+/* The CPU kernel of condensed sparse linears (condensed_linear.py): y[t, row] = bias + sum_p value[p] * x[t, col[p]] over the
+   stored rows, accumulating in fp32 (bf16 values are widened exactly). Built ahead of time by
+   `hf-sparse-ift build-kernels` (condensed_kernel.py), never while a model loads; without a built library the layer
+   computes the same sums with torch.
+
+   Batch 1 uses one dot product per row; more tokens use tiles of 16 or 64 tokens so that each stored weight is read
+   once per tile. Work is shared through a small pthread pool whose caller never waits for a helper that has not
+   started (an OpenMP join would, and on a machine shared with other processes that wait costs more than the work). */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float from_f32(float v) { return v; }
+static inline float from_bf16(uint16_t v) { uint32_t u = ((uint32_t)v) << 16; float f; memcpy(&f, &u, 4); return f; }
+
+/* ---- Work sharing. The calling thread works through chunks of a job and helper threads (woken for it) take
+   chunks too; the caller waits only for chunks a helper has started. On a machine shared with other processes a
+   helper the OS has not scheduled yet simply takes no chunk, where an OpenMP region would wait for it at its join. */
+typedef void (*chunk_fn)(const void* ctx, int64_t begin, int64_t end);
+typedef struct {
+    chunk_fn fn;
+    const void* ctx;
+    int64_t total, chunk;
+    atomic_llong next, done;
+    atomic_int refs;
+} job_t;
+
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
+static job_t* pool_job = NULL;
+static uint64_t pool_gen = 0;
+static int pool_helpers = 0;
+
+static void job_release(job_t* j) { if (atomic_fetch_sub(&j->refs, 1) == 1) free(j); }
+
+static void job_work(job_t* j) {
+    for (;;) {
+        const int64_t b = atomic_fetch_add(&j->next, j->chunk);
+        if (b >= j->total) return;
+        const int64_t e = b + j->chunk < j->total ? b + j->chunk : j->total;
+        j->fn(j->ctx, b, e);
+        atomic_fetch_add(&j->done, e - b);
+    }
+}
+
+static void* helper_main(void* unused) {
+    (void)unused;
+    uint64_t seen = 0;
+    for (;;) {
+        pthread_mutex_lock(&pool_mu);
+        while (pool_gen == seen) pthread_cond_wait(&pool_cv, &pool_mu);
+        seen = pool_gen;
+        job_t* j = pool_job;
+        if (j) atomic_fetch_add(&j->refs, 1);
+        pthread_mutex_unlock(&pool_mu);
+        if (j) {
+            job_work(j);
+            job_release(j);
+        }
+    }
+    return NULL;
+}
+
+static void after_fork_in_child(void) {  /* helpers do not survive fork */
+    pthread_mutex_init(&pool_mu, NULL);
+    pthread_cond_init(&pool_cv, NULL);
+    pool_job = NULL;
+    pool_helpers = 0;
+}
+
+void pool_init(void) { pthread_atfork(NULL, NULL, after_fork_in_child); }  /* called once, from Python */
+
+static void parallel_run(chunk_fn fn, const void* ctx, int64_t total, int64_t chunk, int threads) {
+    if (threads <= 1 || total <= chunk) {
+        fn(ctx, 0, total);
+        return;
+    }
+    job_t* j = (job_t*)malloc(sizeof(job_t));
+    if (!j) {
+        fn(ctx, 0, total);
+        return;
+    }
+    j->fn = fn;
+    j->ctx = ctx;
+    j->total = total;
+    j->chunk = chunk;
+    atomic_init(&j->next, 0);
+    atomic_init(&j->done, 0);
+    atomic_init(&j->refs, 1);
+    pthread_mutex_lock(&pool_mu);
+    while (pool_helpers < threads - 1 && pool_helpers < 255) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int failed = pthread_create(&t, &attr, helper_main, NULL);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        pool_helpers++;
+    }
+    pool_job = j;
+    pool_gen++;
+    pthread_cond_broadcast(&pool_cv);
+    pthread_mutex_unlock(&pool_mu);
+    job_work(j);
+    while (atomic_load(&j->done) < total) sched_yield();
+    pthread_mutex_lock(&pool_mu);
+    if (pool_job == j) pool_job = NULL;
+    pthread_mutex_unlock(&pool_mu);
+    job_release(j);
+}
+
+typedef struct {
+    const float* x;
+    const void* val;
+    const void* col;
+    const int64_t* row_ptr;
+    const int64_t* row_ids;
+    const float* bias;
+    float* y;
+    int64_t rows, in, out, tokens;
+} args_t;
+
+/* One token: y[row_ids[r]] = bias[row_ids[r]] + sum_{p in row r} val[p] * x[col[p]]. With AVX2: eight inputs are
+   loaded one by one (scalar loads beat the gather instruction on the CPUs measured) into a vector for one FMA with
+   eight values. */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+static inline __m256 val8_f32(const float* v) { return _mm256_loadu_ps(v); }
+static inline __m256 val8_bf16(const uint16_t* v) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)v)), 16));
+}
+static inline float hsum8(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#define X8(c) _mm256_set_ps(x[(c)[7]], x[(c)[6]], x[(c)[5]], x[(c)[4]], x[(c)[3]], x[(c)[2]], x[(c)[1]], x[(c)[0]])
+#define ROW_SUM(VT, LOAD, VAL8)                                                                               \
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                                            \
+        for (; p + 16 <= e; p += 16) {                                                                        \
+            a0 = _mm256_fmadd_ps(VAL8(val + p), X8(col + p), a0);                                             \
+            a1 = _mm256_fmadd_ps(VAL8(val + p + 8), X8(col + p + 8), a1);                                     \
+        }                                                                                                     \
+        float s = hsum8(_mm256_add_ps(a0, a1));                                                               \
+        for (; p < e; p++) s += LOAD(val[p]) * x[col[p]];
+#else
+#define ROW_SUM(VT, LOAD, VAL8)                                                                               \
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                                         \
+        for (; p + 4 <= e; p += 4) {                                                                          \
+            s0 += LOAD(val[p]) * x[col[p]];         s1 += LOAD(val[p + 1]) * x[col[p + 1]];                   \
+            s2 += LOAD(val[p + 2]) * x[col[p + 2]]; s3 += LOAD(val[p + 3]) * x[col[p + 3]];                   \
+        }                                                                                                     \
+        for (; p < e; p++) s0 += LOAD(val[p]) * x[col[p]];                                                    \
+        float s = (s0 + s1) + (s2 + s3);
+#endif
+
+#define GEMV(NAME, VT, IT, LOAD, VAL8)                                                                        \
+static void NAME##_rows(const void* ctx, int64_t r0, int64_t r1) {                                           \
+    const args_t* a = (const args_t*)ctx;                                                                     \
+    const float* x = a->x;                                                                                    \
+    const VT* val = (const VT*)a->val;                                                                        \
+    const IT* col = (const IT*)a->col;                                                                        \
+    for (int64_t r = r0; r < r1; r++) {                                                                       \
+        int64_t p = a->row_ptr[r];                                                                            \
+        const int64_t e = a->row_ptr[r + 1];                                                                  \
+        ROW_SUM(VT, LOAD, VAL8)                                                                               \
+        const int64_t o = a->row_ids[r];                                                                      \
+        a->y[o] = s + (a->bias ? a->bias[o] : 0.f);                                                           \
+    }                                                                                                         \
+}                                                                                                             \
+void NAME(const float* x, const VT* val, const IT* col, const int64_t* row_ptr, const int64_t* row_ids,      \
+          const float* bias, float* y, int64_t rows, int threads) {                                          \
+    const args_t a = {x, val, col, row_ptr, row_ids, bias, y, rows, 0, 0, 1};                                 \
+    parallel_run(NAME##_rows, &a, rows, 32, threads);                                                         \
+}
+
+/* Many tokens. xb: [blocks, in, TB] (token blocks of TB, zero-padded), y: [tokens, out]. Each stored weight is read
+   once per block and multiplies TB contiguous inputs; TB / 8 accumulators of 8 lanes stay in registers. Work items
+   are (block, row) pairs. */
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+#define SPMM(NAME, VT, IT, LOAD, TB)                                                                          \
+static void NAME##_items(const void* ctx, int64_t i0, int64_t i1) {                                          \
+    const args_t* a = (const args_t*)ctx;                                                                     \
+    const VT* val = (const VT*)a->val;                                                                        \
+    const IT* col = (const IT*)a->col;                                                                        \
+    for (int64_t i = i0; i < i1; i++) {                                                                       \
+        const int64_t b = i / a->rows, r = i % a->rows;                                                       \
+        const float* xt = a->x + b * a->in * TB;                                                              \
+        v8 acc[TB / 8];                                                                                       \
+        for (int j = 0; j < TB / 8; j++) acc[j] = (v8){0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};               \
+        for (int64_t p = a->row_ptr[r]; p < a->row_ptr[r + 1]; p++) {                                         \
+            const float v = LOAD(val[p]);                                                                     \
+            const v8u* xr = (const v8u*)(xt + (int64_t)col[p] * TB);                                          \
+            for (int j = 0; j < TB / 8; j++) acc[j] += v * xr[j];                                             \
+        }                                                                                                     \
+        const int64_t o = a->row_ids[r];                                                                      \
+        const float bo = a->bias ? a->bias[o] : 0.f;                                                          \
+        const int64_t n = a->tokens - b * TB < TB ? a->tokens - b * TB : TB;                                  \
+        for (int64_t j = 0; j < n; j++) a->y[(b * TB + j) * a->out + o] = acc[j / 8][j % 8] + bo;             \
+    }                                                                                                         \
+}                                                                                                             \
+void NAME(const float* xb, const VT* val, const IT* col, const int64_t* row_ptr, const int64_t* row_ids,     \
+          const float* bias, float* y, int64_t rows, int64_t in, int64_t out, int64_t tokens, int threads) { \
+    const args_t a = {xb, val, col, row_ptr, row_ids, bias, y, rows, in, out, tokens};                        \
+    parallel_run(NAME##_items, &a, rows * ((tokens + TB - 1) / TB), 16, threads);                             \
+}
+
+
+GEMV(gemv_f32_i16, float, int16_t, from_f32, val8_f32)
+GEMV(gemv_f32_i32, float, int32_t, from_f32, val8_f32)
+GEMV(gemv_bf16_i16, uint16_t, int16_t, from_bf16, val8_bf16)
+GEMV(gemv_bf16_i32, uint16_t, int32_t, from_bf16, val8_bf16)
+SPMM(spmm16_f32_i16, float, int16_t, from_f32, 16)
+SPMM(spmm16_f32_i32, float, int32_t, from_f32, 16)
+SPMM(spmm16_bf16_i16, uint16_t, int16_t, from_bf16, 16)
+SPMM(spmm16_bf16_i32, uint16_t, int32_t, from_bf16, 16)
+SPMM(spmm64_f32_i16, float, int16_t, from_f32, 64)
+SPMM(spmm64_f32_i32, float, int32_t, from_f32, 64)
+SPMM(spmm64_bf16_i16, uint16_t, int16_t, from_bf16, 64)
+SPMM(spmm64_bf16_i32, uint16_t, int32_t, from_bf16, 64)
+
+/* The interface version the Python side checks before using a library (condensed_kernel.py: KERNEL_ABI). */
+int condensed_kernel_abi(void) { return 1; }

@@ -323,7 +323,7 @@ def test_spectral_analysis_of_a_block_model_is_that_of_its_masked_twin():
 
 
 def test_condense_and_compress_refuse_block_models(tmp_path):
-    from hf_sparse_ift.sparsity.condense import convert_checkpoint
+    from hf_sparse_ift.sparsity.checkpoint_layouts import convert_checkpoint
 
     model = block_model()
     with pytest.raises(ValueError, match=r"block-sparse \(sparsity_block=8\).*to_masked_model"):

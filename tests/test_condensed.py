@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config
-from torch import nn
 from transformers import AutoModelForCausalLM, pipeline
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
@@ -22,7 +21,7 @@ from hf_sparse_ift.sparsity.checkpoint_layouts import (
     condensed_summary,
     kernel_available,
 )
-from hf_sparse_ift.sparsity.masks import sparse_layers
+from hf_sparse_ift.sparsity.masks import SparseLinear, sparse_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,18 +58,18 @@ def compute_path(request, monkeypatch):
 
 
 def masked_linear(d_in, d_out, fan_in=None, density=0.3, ablate=(), seed=0, dtype=torch.float32):
-    """nn.Linear with a bool weight_mask: constant fan-in (SRigL) if fan_in, else uniform (SET); rows in `ablate`
+    """A SparseLinear with a given mask: constant fan-in (SRigL) if fan_in, else uniform (SET); rows in `ablate`
     have no active weight. Some active weights are exactly zero (regrown)."""
     g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(d_in, d_out)
+    lin = SparseLinear(d_in, d_out)
     if fan_in:
         cols = torch.rand(d_out, d_in, generator=g).argsort(1)[:, :fan_in]
         mask = torch.zeros(d_out, d_in, dtype=torch.bool).scatter_(1, cols, True)
     else:
         mask = torch.rand(d_out, d_in, generator=g) < density
     mask[list(ablate)] = False
-    lin.register_buffer("weight_mask", mask)
     with torch.no_grad():
+        lin.weight_mask.copy_(mask)
         lin.weight.masked_fill_(~mask, 0.0)
         lin.weight.view(-1)[mask.view(-1).nonzero().squeeze(1)[::11]] = 0.0
     return lin.to(dtype)

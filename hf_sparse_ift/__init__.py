@@ -11,6 +11,7 @@ Rooms (imports point down only): ``models`` (the model, self-contained for remot
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .models.sparse_wide_gpt import (
+    BlockSparseLinear,
     SparseLinear,
     SparseWideGPTConfig,
     SparseWideGPTForCausalLM,
@@ -28,6 +29,7 @@ SparseWideGPTModel.register_for_auto_class("AutoModel")
 SparseWideGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "BlockSparseLinear",
     "SparseLinear",
     "SparseWideGPTConfig",
     "SparseWideGPTForCausalLM",

@@ -1,14 +1,15 @@
-"""Masks of `SparseLinear` layers: finding them, counting them, checking their invariant, selecting
-positions deterministically and storing masks compactly."""
+"""Masks of sparse layers (`SparseLinear`, `BlockSparseLinear`): finding them, counting them, checking their
+invariant, selecting positions deterministically and storing masks compactly."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..models.sparse_wide_gpt.modeling_sparse_wide_gpt import SparseLinear, derive_seed
+from ..models.sparse_wide_gpt.modeling_sparse_wide_gpt import BlockSparseLinear, SparseLinear, derive_seed
 
 __all__ = [
+    "BlockSparseLinear",
     "SparseLinear",
     "count_differing_bits",
     "derive_seed",
@@ -20,25 +21,34 @@ __all__ = [
 ]
 
 
-def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
-    """Name -> `SparseLinear` for every sparse layer of `model` (unwrapping DDP's ``.module``), in model order."""
+def sparse_layers(model: nn.Module) -> dict[str, SparseLinear | BlockSparseLinear]:
+    """Name -> sparse layer (masked or block-sparse) of `model` (unwrapping DDP's ``.module``), in model order."""
     model = getattr(model, "module", model)
-    return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, (SparseLinear, BlockSparseLinear))}
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Total parameters, active parameters (inactive sparse weights excluded), sparse weights and inactive ones."""
+    """Total parameters, active parameters (inactive sparse weights excluded), sparse weights and inactive ones.
+
+    Totals count every weight of a sparse layer, active or not, whichever layout stores it: a block-sparse layer
+    holds only its active blocks, and its inactive ones are added back so both layouts report the same numbers."""
     layers = sparse_layers(model).values()
-    total = sum(p.numel() for p in model.parameters())
-    sparse = sum(m.weight.numel() for m in layers)
+    stored = sum(p.numel() for p in model.parameters())
+    sparse = sum(m.in_features * m.out_features for m in layers)
     inactive = sum(int((~m.weight_mask).sum()) for m in layers)
+    total = stored + sum(int((~m.weight_mask).sum()) for m in layers if isinstance(m, BlockSparseLinear))
     return {"total": total, "active": total - inactive, "sparse_weights": sparse, "inactive": inactive}
 
 
 @torch.no_grad()
 def masked_nonzeros(model: nn.Module) -> dict[str, int]:
-    """Per layer, how many weights are non-zero where the mask says inactive (the invariant wants 0 everywhere)."""
-    return {name: int((m.weight.ne(0) & ~m.weight_mask).sum()) for name, m in sparse_layers(model).items()}
+    """Per masked layer, how many weights are non-zero where the mask says inactive (the invariant wants 0
+    everywhere; block-sparse layers store no inactive weights)."""
+    return {
+        name: int((m.weight.ne(0) & ~m.weight_mask).sum())
+        for name, m in sparse_layers(model).items()
+        if isinstance(m, SparseLinear)
+    }
 
 
 def select_top_k(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:

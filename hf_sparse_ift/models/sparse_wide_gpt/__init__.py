@@ -2,6 +2,7 @@
 
 from .configuration_sparse_wide_gpt import SparseWideGPTConfig
 from .modeling_sparse_wide_gpt import (
+    BlockSparseLinear,
     SparseLinear,
     SparseWideGPTForCausalLM,
     SparseWideGPTModel,
@@ -9,6 +10,7 @@ from .modeling_sparse_wide_gpt import (
 )
 
 __all__ = [
+    "BlockSparseLinear",
     "SparseLinear",
     "SparseWideGPTConfig",
     "SparseWideGPTForCausalLM",

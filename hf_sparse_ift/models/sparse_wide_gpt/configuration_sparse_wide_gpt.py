@@ -8,6 +8,7 @@ widened sizes (``hidden_size``, ``intermediate_size``) and the sparsity each spa
 from __future__ import annotations
 
 import difflib
+import math
 
 from transformers import PretrainedConfig
 
@@ -22,6 +23,21 @@ def _int_at_least(field: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         _fail(field, value, f"expected an integer >= {low}")
     return value
+
+
+def _block(value) -> tuple[int, int]:
+    """``sparsity_block`` as (rows, cols): an integer B is a square B×B block."""
+    pair = [value, value] if isinstance(value, int) else value
+    if (
+        not isinstance(pair, (list, tuple))
+        or len(pair) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair)
+    ):
+        _fail("sparsity_block", value, "expected an integer >= 1 or a pair [rows, cols] of them")
+    return pair[0], pair[1]
+
+
+BLOCK_FAN_INS = ("any", "constant")
 
 
 def _storage_format(value) -> dict | None:
@@ -120,6 +136,12 @@ class SparseWideGPTConfig(PretrainedConfig):
         sparse_layers: which block linears are sparse (subset of q_proj, k_proj, v_proj, o_proj, fc_in,
             fc_out). Embeddings, positions, LM head, norms and biases are always dense.
         mask_seed: seed of the initial random masks (each layer draws from its own generator).
+        sparsity_block: 1 (default) for unstructured masks; an integer B or a pair [rows, cols] for masks made of
+            whole blocks: each sparse layer is then a `BlockSparseLinear`, which stores and computes only its active
+            blocks. Widths become multiples of the block (``width_multiple`` defaults to it and must be a multiple of
+            it), and the layer sparsity is calibrated in whole blocks.
+        block_fan_in: ``"any"`` (default): the active blocks fall anywhere in a layer; ``"constant"``: every
+            block-row (group of ``rows`` output features) keeps the same number of active blocks (block masks only).
         sparse_format: how `save_pretrained` stored the sparse layers: None (weights plus bool masks),
             ``{"format": "bitmask-values-v1", ...}`` or ``{"format": "condensed-v1"}`` (`sparse_safetensors.py`).
         activation_function, resid_pdrop, embd_pdrop, attn_pdrop, layer_norm_epsilon,
@@ -158,6 +180,8 @@ class SparseWideGPTConfig(PretrainedConfig):
         width_multiple: int | None = None,
         sparse_layers: list[str] | tuple[str, ...] = BLOCK_LINEARS,
         mask_seed: int = 0,
+        sparsity_block: int | list[int] | tuple[int, int] = 1,
+        block_fan_in: str = "any",
         activation_function: str = "gelu_new",
         resid_pdrop: float = 0.0,
         embd_pdrop: float = 0.0,
@@ -190,6 +214,7 @@ class SparseWideGPTConfig(PretrainedConfig):
             initializer_range,
         )
         self._set_sparsity(sparsity, width_multiple, sparse_layers, mask_seed)
+        self._set_blocks(sparsity_block, block_fan_in)
         self.sparse_format = _storage_format(sparse_format)
         self.resid_pdrop = _prob("resid_pdrop", resid_pdrop)
         self.embd_pdrop = _prob("embd_pdrop", embd_pdrop)
@@ -248,6 +273,43 @@ class SparseWideGPTConfig(PretrainedConfig):
         self.sparse_layers = [name for name in BLOCK_LINEARS if name in sparse_layers]
         self.mask_seed = _int_at_least("mask_seed", mask_seed, 0)
 
+    def _set_blocks(self, sparsity_block, block_fan_in) -> None:
+        rows, cols = _block(sparsity_block)
+        self.sparsity_block = rows if rows == cols else [rows, cols]
+        if block_fan_in not in BLOCK_FAN_INS:
+            _fail("block_fan_in", block_fan_in, f"expected one of {list(BLOCK_FAN_INS)}")
+        if block_fan_in == "constant" and (rows, cols) == (1, 1):
+            _fail(
+                "block_fan_in",
+                block_fan_in,
+                "a constant block fan-in needs sparsity_block > 1 (for unstructured masks with a constant fan-in, "
+                "train with the DST method srigl)",
+            )
+        self.block_fan_in = block_fan_in
+        if self.sparsity == 0 or (rows, cols) == (1, 1):
+            return
+        # Every width is both the input of one sparse layer and the output of another: whole blocks both ways.
+        multiple = math.lcm(rows, cols)
+        if self.width_multiple is None:
+            self.width_multiple = multiple
+        elif self.width_multiple % multiple:
+            _fail(
+                "width_multiple",
+                self.width_multiple,
+                f"must be a multiple of the sparsity block {self.sparsity_block} (here {multiple}), so that the "
+                f"widths are whole blocks",
+            )
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """``sparsity_block`` as (rows, cols); (1, 1) for unstructured masks."""
+        return _block(self.sparsity_block)
+
+    @property
+    def uses_blocks(self) -> bool:
+        """Whether the sparse layers are `BlockSparseLinear` (block masks) rather than `SparseLinear`."""
+        return self.sparsity > 0 and self.block_shape != (1, 1)
+
     def _derive_widths(self) -> None:
         """Widths k = sqrt(1/(1-s)) times the dense ones; with a width multiple, the layer sparsity that keeps
         the sparse layers' FLOPs those of the dense model."""
@@ -273,6 +335,8 @@ class SparseWideGPTConfig(PretrainedConfig):
             seq_len=seq_len or self.n_positions,
             layer_sparsity=self.layer_sparsity if layer_sparsity is None else layer_sparsity,
             sparse_layers=tuple(self.sparse_layers) if self.sparsity > 0 else (),
+            sparsity_block=self.block_shape,
+            block_fan_in=self.block_fan_in,
         )
 
     def dense_shape(self, seq_len: int | None = None) -> GPTShape:

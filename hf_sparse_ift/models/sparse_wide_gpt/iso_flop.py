@@ -14,6 +14,7 @@ Three pieces:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -107,6 +108,9 @@ class GPTShape:
     seq_len: int
     layer_sparsity: float = 0.0
     sparse_layers: tuple[str, ...] = BLOCK_LINEARS
+    # Masks made of (rows, cols) blocks; (1, 1) is unstructured. "constant": every block-row keeps as many blocks.
+    sparsity_block: tuple[int, int] = (1, 1)
+    block_fan_in: str = "any"
 
 
 def linear_shapes(d_model: int, d_ff: int) -> dict[str, tuple[int, int]]:
@@ -124,6 +128,29 @@ def linear_shapes(d_model: int, d_ff: int) -> dict[str, tuple[int, int]]:
 def num_inactive(numel: int, sparsity: float) -> int:
     """Inactive weights of a layer with `numel` weights: exactly round(s·n) (the masks use this too)."""
     return round(sparsity * numel)
+
+
+def num_inactive_blocks(block_rows: int, block_cols: int, sparsity: float, constant_fan_in: bool = False) -> int:
+    """Inactive blocks of a layer cut into block_rows × block_cols blocks: round(s·n) of them, or with a constant
+    block fan-in round(s·block_cols) in every block-row (the block masks use this too)."""
+    if constant_fan_in:
+        return block_rows * num_inactive(block_cols, sparsity)
+    return num_inactive(block_rows * block_cols, sparsity)
+
+
+def layer_inactive_weights(
+    d_out: int, d_in: int, sparsity: float, sparsity_block: tuple[int, int] = (1, 1), block_fan_in: str = "any"
+) -> int:
+    """Inactive weights of one sparse (d_out, d_in) layer: a whole number of blocks (of one weight when unstructured)."""
+    rows, cols = sparsity_block
+    blocks = num_inactive_blocks(d_out // rows, d_in // cols, sparsity, block_fan_in == "constant")
+    return rows * cols * blocks
+
+
+def _budget_step(d_out: int, d_in: int, sparsity_block: tuple[int, int], block_fan_in: str) -> int:
+    """The fewest weights by which a layer's inactive count can change: one block, or one per block-row."""
+    rows, cols = sparsity_block
+    return rows * cols * (d_out // rows if block_fan_in == "constant" else 1)
 
 
 @dataclass(frozen=True)
@@ -176,7 +203,10 @@ def count_flops(shape: GPTShape) -> FlopCount:
     for name, (d_out, d_in) in linear_shapes(shape.d_model, shape.d_ff).items():
         n = d_out * d_in
         if name in shape.sparse_layers:
-            sparse += 2.0 * (n - num_inactive(n, shape.layer_sparsity))
+            inactive = layer_inactive_weights(
+                d_out, d_in, shape.layer_sparsity, shape.sparsity_block, shape.block_fan_in
+            )
+            sparse += 2.0 * (n - inactive)
             executed += 2.0 * n
         else:
             dense += 2.0 * n
@@ -199,7 +229,9 @@ def count_parameters(shape: GPTShape, n_positions: int, tied_embeddings: bool = 
         block += d_out * d_in
         if name in shape.sparse_layers:
             sparse += d_out * d_in
-            inactive += num_inactive(d_out * d_in, shape.layer_sparsity)
+            inactive += layer_inactive_weights(
+                d_out, d_in, shape.layer_sparsity, shape.sparsity_block, shape.block_fan_in
+            )
     total = (shape.vocab_size + n_positions) * d + shape.n_layer * block + 2 * d
     if not tied_embeddings:
         total += shape.vocab_size * d
@@ -229,8 +261,9 @@ def calibrate_sparsity(dense: GPTShape, wide: GPTShape, scope: str = "total", rt
     included); ``scope="sparse_layers"`` matches the FLOPs of the transformed layers only (the
     transformation's own iso-FLOP definition, which Table 14 follows). Bisection, since FLOPs fall
     monotonically with sparsity; raises ValueError when no sparsity in [0, 1) reaches the target.
-    Masks hold whole weights, so a tiny model can only get within one weight per layer of the target:
-    the tolerance is then that granularity instead of `rtol` (GPT-3 scale models reach 1e-6).
+    Masks hold whole weights (or whole blocks of ``wide.sparsity_block``), so a model can only get within one
+    weight (block; with a constant block fan-in, one block per block-row) per layer of the target: the tolerance is
+    then that granularity instead of `rtol` (GPT-3 scale unstructured models reach 1e-6).
     """
     if scope not in CALIBRATION_SCOPES:
         raise ValueError(f"scope must be one of {CALIBRATION_SCOPES}, got {scope!r}")
@@ -242,9 +275,9 @@ def calibrate_sparsity(dense: GPTShape, wide: GPTShape, scope: str = "total", rt
         return c.forward if scope == "total" else c.sparse_matmul
 
     def with_s(s: float) -> GPTShape:
-        return GPTShape(**{**asdict(wide), "layer_sparsity": s, "sparse_layers": tuple(wide.sparse_layers)})
+        return dataclasses.replace(wide, layer_sparsity=s)
 
-    dense_for_target = GPTShape(**{**asdict(dense), "sparse_layers": tuple(wide.sparse_layers)})
+    dense_for_target = dataclasses.replace(dense, sparse_layers=tuple(wide.sparse_layers))
     target = flops(dense_for_target)
     lo, hi = 0.0, 1.0
     if flops(with_s(lo)) < target * (1 - rtol):
@@ -268,7 +301,12 @@ def calibrate_sparsity(dense: GPTShape, wide: GPTShape, scope: str = "total", rt
     # Masks round inactive counts to whole weights; pick the end of the bracket that is closer.
     best = min((lo, hi), key=lambda s: abs(flops(with_s(s)) - target))
     err = abs(flops(with_s(best)) / target - 1.0)
-    granularity = 2.0 * wide.n_layer * len(wide.sparse_layers) / target
+    steps = [
+        _budget_step(d_out, d_in, wide.sparsity_block, wide.block_fan_in)
+        for name, (d_out, d_in) in linear_shapes(wide.d_model, wide.d_ff).items()
+        if name in wide.sparse_layers
+    ]
+    granularity = 2.0 * wide.n_layer * sum(steps) / target
     if err > max(rtol, granularity):
         raise ValueError(f"calibration reached only {err:.3g} relative error (> rtol={rtol})")
     return best

@@ -35,8 +35,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .block_sparse import block_rows_of, block_sparse_linear, dense_from_blocks
 from .configuration_sparse_wide_gpt import SparseWideGPTConfig
-from .iso_flop import BLOCK_LINEARS, num_inactive
+from .iso_flop import BLOCK_LINEARS, num_inactive, num_inactive_blocks
 from .sparse_safetensors import SparseCheckpointMixin
 
 try:  # the output-recording decorator of the in-tree models
@@ -165,6 +166,255 @@ class SparseLinear(nn.Linear):
         return f"{super().extra_repr()}, sparsity={self.sparsity:.4f}"
 
 
+class _ObserveDenseGradient(torch.autograd.Function):
+    """Identity on a layer's output in forward; in backward hands ``observer`` the dense weight gradient
+    ``grad_out^T @ x`` (every position, active or not), then passes the output gradient on unchanged.
+
+    A block-sparse layer computes its weight gradient at active blocks only; methods that rank inactive blocks by
+    their gradient (RigL) need it everywhere, and only on the steps that update masks, when the observer is set.
+    """
+
+    @staticmethod
+    def forward(output: torch.Tensor, x: torch.Tensor, observer) -> torch.Tensor:
+        return output.view_as(output)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.observer = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        ctx.observer(grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]))
+        return grad, None, None
+
+
+class BlockSparseLinear(nn.Module):
+    """A linear layer whose weight is made of (rows, cols) blocks, of which only the active ones exist.
+
+    ``weight_blocks`` (n_active, rows, cols) holds the active blocks in the BSR order of `block_sparse.py`
+    (by block-row, then block-column), described by the persistent buffers ``block_crow_indices`` and
+    ``block_col_indices``: a checkpoint stores the active blocks and their index, nothing else. Parameters,
+    gradients and optimizer state exist only for active blocks, and the forward and both backward products run on
+    them (`block_sparse_linear`). The number of active blocks is fixed; DST changes which blocks they are.
+
+    For analysis, conversion and tests the layer gives the same views as a `SparseLinear`: ``weight_mask``, the
+    full boolean mask (read-only, derived from the block index), and `dense_weight()`, the full weight with zeros
+    at inactive positions.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        sparsity_block: tuple[int, int],
+        sparsity: float = 0.0,
+        block_fan_in: str = "any",
+        mask_seed: int = 0,
+        residual_projection: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        rows, cols = sparsity_block
+        if out_features % rows or in_features % cols:
+            raise ValueError(
+                f"a {out_features}x{in_features} weight (out_features x in_features) cannot be cut into blocks of "
+                f"{rows}x{cols}: out_features={out_features} must be a multiple of {rows} and in_features="
+                f"{in_features} a multiple of {cols}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.sparsity_block = (rows, cols)
+        self.sparsity = sparsity
+        self.block_fan_in = block_fan_in
+        self.mask_seed = mask_seed
+        self.residual_projection = residual_projection
+        # Called with the dense weight gradient in backward when set (see `_ObserveDenseGradient`).
+        self.grad_observer = None
+        self.block_grid = (out_features // rows, in_features // cols)
+        grid_rows, grid_cols = self.block_grid
+        n_active = grid_rows * grid_cols - num_inactive_blocks(
+            grid_rows, grid_cols, sparsity, block_fan_in == "constant"
+        )
+        self.weight_blocks = nn.Parameter(torch.empty(n_active, rows, cols, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.register_buffer("block_crow_indices", torch.zeros(grid_rows + 1, dtype=torch.int64, device=device))
+        self.register_buffer("block_col_indices", torch.zeros(n_active, dtype=torch.int64, device=device))
+        # Where the block index came from: "seed", "checkpoint", or None (not set yet: built on the meta device).
+        self._mask_source = None
+        if not self.weight_blocks.is_meta:
+            self.set_block_mask(self.random_block_mask())
+            self._mask_source = "seed"
+            self.reset_parameters()
+
+    @property
+    def n_active(self) -> int:
+        return self.weight_blocks.shape[0]
+
+    def reset_parameters(self) -> None:
+        """`nn.Linear`'s initialisation for a dense layer of this size, kept at the active blocks."""
+        bound = 1 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            nn.init.uniform_(self.weight_blocks, -bound, bound)
+            if self.bias is not None:
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    def random_block_mask(self) -> torch.Tensor:
+        """Uniform random active blocks, reproducible from the seed: (block-rows, block-columns) bool. With a
+        constant block fan-in, every block-row draws its own equally many."""
+        grid_rows, grid_cols = self.block_grid
+        generator = torch.Generator().manual_seed(self.mask_seed)
+        if self.block_fan_in == "constant":
+            per_row = self.n_active // grid_rows
+            columns = torch.rand(grid_rows, grid_cols, generator=generator).argsort(dim=1)[:, :per_row]
+            return torch.zeros(grid_rows, grid_cols, dtype=torch.bool).scatter_(1, columns, True)
+        n = grid_rows * grid_cols
+        inactive = torch.randperm(n, generator=generator)[: n - self.n_active]
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[inactive] = False
+        return mask.view(grid_rows, grid_cols)
+
+    # --- the block index ---
+    @property
+    def block_mask(self) -> torch.Tensor:
+        """Which blocks are active: (block-rows, block-columns) bool, read off the block index."""
+        crow = self.block_crow_indices
+        mask = torch.zeros(self.block_grid, dtype=torch.bool, device=crow.device)
+        mask[block_rows_of(crow), self.block_col_indices] = True
+        return mask
+
+    @torch.no_grad()
+    def set_block_mask(self, block_mask: torch.Tensor) -> None:
+        """Write the block index of `block_mask` (same number of active blocks). The values in ``weight_blocks`` are
+        not moved: that is the caller's job (see `BlockSparseLinear.move_blocks`)."""
+        if tuple(block_mask.shape) != self.block_grid or int(block_mask.sum()) != self.n_active:
+            raise ValueError(
+                f"block mask of shape {tuple(block_mask.shape)} with {int(block_mask.sum())} active blocks does not "
+                f"fit this layer: expected shape {self.block_grid} with {self.n_active} active blocks"
+            )
+        block_mask = block_mask.to(self.block_crow_indices.device)
+        self.block_crow_indices[0] = 0
+        torch.cumsum(block_mask.sum(dim=1), dim=0, out=self.block_crow_indices[1:])
+        # nonzero() lists positions in row-major order: by block-row, then block-column (the BSR order).
+        self.block_col_indices.copy_(block_mask.nonzero()[:, 1])
+
+    def block_slots(self, block_mask: torch.Tensor) -> torch.Tensor:
+        """For every active block of `block_mask` (BSR order), its slot in ``weight_blocks`` now; -1 where the block
+        is not active now."""
+        slot = torch.full(self.block_grid, -1, dtype=torch.int64, device=self.block_crow_indices.device)
+        slot[block_rows_of(self.block_crow_indices), self.block_col_indices] = torch.arange(
+            self.n_active, device=slot.device
+        )
+        return slot[block_mask.to(slot.device)]
+
+    # --- conversion to and from the masked layout ---
+    @classmethod
+    @torch.no_grad()
+    def from_masked(
+        cls, linear: SparseLinear, sparsity_block: tuple[int, int], block_fan_in: str = "any"
+    ) -> BlockSparseLinear:
+        """The block layer holding exactly the weights of `linear`, whose mask must be made of whole blocks."""
+        rows, cols = sparsity_block
+        out_features, in_features = linear.weight.shape
+        block = cls(
+            in_features,
+            out_features,
+            bias=linear.bias is not None,
+            sparsity_block=sparsity_block,
+            block_fan_in="any",
+            device="meta",
+            dtype=linear.weight.dtype,
+        )  # shape checks only: the real layer is sized by the mask below
+        grid_rows, grid_cols = block.block_grid
+        per_block = linear.weight_mask.reshape(grid_rows, rows, grid_cols, cols).sum(dim=(1, 3))
+        partial = int(((per_block > 0) & (per_block < rows * cols)).sum())
+        if partial:
+            raise ValueError(
+                f"{partial} of the {grid_rows * grid_cols} blocks of {rows}x{cols} in this layer's mask are only "
+                f"partly active: a mask made of whole blocks is needed to store the layer block by block"
+            )
+        block_mask = per_block > 0
+        counts = block_mask.sum(dim=1)
+        if block_fan_in == "constant" and not bool((counts == counts[0]).all()):
+            raise ValueError(
+                f"block_fan_in='constant' needs the same number of active blocks in every block-row; this mask has "
+                f"between {int(counts.min())} and {int(counts.max())}"
+            )
+        n_active = int(block_mask.sum())
+        block = cls(
+            in_features,
+            out_features,
+            bias=linear.bias is not None,
+            sparsity_block=sparsity_block,
+            sparsity=1.0 - n_active / block_mask.numel(),
+            block_fan_in=block_fan_in,
+            mask_seed=linear.mask_seed,
+            residual_projection=linear.residual_projection,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        block.set_block_mask(block_mask)
+        block._mask_source = "checkpoint"
+        grid = linear.weight.reshape(grid_rows, rows, grid_cols, cols).permute(0, 2, 1, 3)
+        block.weight_blocks.copy_(grid[block_mask])
+        if linear.bias is not None:
+            block.bias.copy_(linear.bias)
+        return block
+
+    @torch.no_grad()
+    def to_masked(self) -> SparseLinear:
+        """The `SparseLinear` with this layer's weights and mask (inactive weights +0.0)."""
+        weight = self.weight_blocks
+        linear = SparseLinear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            sparsity=self.sparsity,
+            mask_seed=self.mask_seed,
+            residual_projection=self.residual_projection,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        linear.weight_mask.copy_(self.weight_mask)
+        linear._mask_source = "checkpoint"
+        linear.weight.copy_(self.dense_weight())
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    # --- the views a masked layer gives ---
+    @property
+    def weight_mask(self) -> torch.Tensor:
+        """The full (out_features, in_features) boolean mask, as `SparseLinear.weight_mask` (read-only)."""
+        rows, cols = self.sparsity_block
+        return self.block_mask.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)
+
+    def dense_weight(self, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """The full (out_features, in_features) weight, zero at inactive blocks, of `blocks` (default: this layer's
+        ``weight_blocks``; pass the gathered values when they are sharded)."""
+        blocks = self.weight_blocks if blocks is None else blocks
+        return dense_from_blocks(blocks, self.block_crow_indices, self.block_col_indices, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = block_sparse_linear(
+            x, self.weight_blocks, self.block_crow_indices, self.block_col_indices, self.in_features, self.bias
+        )
+        if self.grad_observer is not None and torch.is_grad_enabled():
+            output = _ObserveDenseGradient.apply(output, x, self.grad_observer)
+        return output
+
+    def extra_repr(self) -> str:
+        rows, cols = self.sparsity_block
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"sparsity_block={rows}x{cols}, active_blocks={self.n_active}, block_fan_in={self.block_fan_in}"
+        )
+
+
 def _effective_weight(linear: nn.Linear) -> torch.Tensor:
     return linear.effective_weight() if isinstance(linear, SparseLinear) else linear.weight
 
@@ -194,6 +444,16 @@ def _block_linear(config: SparseWideGPTConfig, name: str, layer_idx: int, d_in: 
     residual = name in ("o_proj", "fc_out")
     if config.sparsity > 0 and name in config.sparse_layers:
         seed = derive_seed(config.mask_seed, layer_idx * len(BLOCK_LINEARS) + BLOCK_LINEARS.index(name))
+        if config.uses_blocks:
+            return BlockSparseLinear(
+                d_in,
+                d_out,
+                sparsity_block=config.block_shape,
+                sparsity=config.layer_sparsity,
+                block_fan_in=config.block_fan_in,
+                mask_seed=seed,
+                residual_projection=residual,
+            )
         return SparseLinear(d_in, d_out, sparsity=config.layer_sparsity, mask_seed=seed, residual_projection=residual)
     linear = nn.Linear(d_in, d_out)
     linear.residual_projection = residual
@@ -356,6 +616,14 @@ class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
                 init.zeros_(module.bias)
             if isinstance(module, SparseLinear):
                 self._init_mask(module)
+        elif isinstance(module, BlockSparseLinear):
+            # The active blocks of a dense layer initialised as above (the entries are independent draws).
+            if module.residual_projection:
+                std = std / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.weight_blocks, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            self._init_block_index(module)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.LayerNorm):
@@ -376,6 +644,19 @@ class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
             module._mask_source = "seed"
         if not weight_loaded:  # +0.0 at inactive positions (a product would leave -0.0 where the draw was negative)
             module.weight.masked_fill_(~module.weight_mask, 0.0)
+
+    @staticmethod
+    def _init_block_index(module: BlockSparseLinear) -> None:
+        if _loaded(module.block_col_indices) and _loaded(module.block_crow_indices):
+            module._mask_source = "checkpoint"
+        elif _loaded(module.weight_blocks):
+            raise ValueError(
+                "the checkpoint has the active blocks (weight_blocks) of a block-sparse layer but not its block index "
+                "(block_crow_indices, block_col_indices): which blocks they are cannot be recovered"
+            )
+        elif module._mask_source != "seed":
+            module.set_block_mask(module.random_block_mask())
+            module._mask_source = "seed"
 
     @classmethod
     def from_pretrained(
@@ -676,6 +957,7 @@ class SparseWideGPTForCausalLM(SparseWideGPTPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "BlockSparseLinear",
     "SparseLinear",
     "SparseWideGPTForCausalLM",
     "SparseWideGPTModel",

@@ -47,11 +47,13 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    """Run on one torch thread (inline) and on two (the worker pool), restoring the caller's setting."""
+@pytest.fixture(params=["1thread", "2threads", "few-tokens"])
+def threads(request, monkeypatch):
+    """The CPU paths: one GEMM per block on one torch thread (inline) or on two (the worker pool), and the
+    batched forward for few tokens; restores the caller's thread setting."""
     before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
+    monkeypatch.setattr(block_sparse, "FEW_TOKENS", 10**9 if request.param == "few-tokens" else 0)
+    torch.set_num_threads(2 if request.param == "2threads" else 1)
     yield request.param
     torch.set_num_threads(before)
 

@@ -190,6 +190,23 @@ def _block_major(matrix: torch.Tensor, block_size: int) -> tuple[torch.Tensor, .
     return matrix.view(tokens, -1, block_size).transpose(0, 1).contiguous().unbind(0)
 
 
+# Up to this many tokens (decoding), the forward is a few batched ops over all blocks instead of one GEMM per block:
+# with a token or a few, a GEMM per block costs mostly its Python call (~20k blocks per SW-75 token).
+FEW_TOKENS = 16
+
+
+def _few_tokens_forward(x2, blocks, crow_indices, col_indices, bias) -> torch.Tensor:
+    """``x2 W^T + b`` as one batched GEMM over the active blocks, then a sum of each block-row's partial outputs."""
+    n_rows = crow_indices.numel() - 1
+    tokens = x2.shape[0]
+    _, block_rows, block_cols = blocks.shape
+    x_blocks = x2.view(tokens, -1, block_cols).index_select(1, col_indices).transpose(0, 1)  # (n_active, tokens, cols)
+    partial = torch.bmm(x_blocks, blocks.transpose(1, 2))  # (n_active, tokens, block_rows)
+    y = partial.new_zeros(n_rows, tokens, block_rows).index_add_(0, block_rows_of(crow_indices), partial)
+    y = y.transpose(0, 1).reshape(tokens, n_rows * block_rows)
+    return y if bias is None else y.add_(bias)
+
+
 def _cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
@@ -202,6 +219,11 @@ class _BlockSparseLinearCPU(torch.autograd.Function):
         compute = _cpu_compute_dtype(x.dtype)
         x2 = x.reshape(-1, in_features).to(compute).contiguous()
         tokens = x2.shape[0]
+        ctx.save_for_backward(x, blocks, crow_indices, col_indices)
+        ctx.in_features = in_features
+        if tokens <= FEW_TOKENS:
+            y = _few_tokens_forward(x2, blocks.to(compute), crow_indices, col_indices, bias)
+            return y.to(x.dtype).view(*x.shape[:-1], n_rows * block_rows)
         starts, cols = crow_indices.tolist(), col_indices.tolist()
         x_cols = _block_major(x2, block_cols)
         weights_t = [w.t() for w in blocks.to(compute).unbind(0)]
@@ -224,8 +246,6 @@ class _BlockSparseLinearCPU(torch.autograd.Function):
                 y_rows[r].copy_(accumulator)
 
         _run_balanced(rows, starts, n_rows)
-        ctx.save_for_backward(x, blocks, crow_indices, col_indices)
-        ctx.in_features, ctx.has_bias = in_features, bias is not None
         return y.to(x.dtype).view(*x.shape[:-1], n_rows * block_rows)
 
     @staticmethod

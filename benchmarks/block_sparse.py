@@ -141,7 +141,7 @@ def measure_linears(args, report: dict) -> None:
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         blocks = args.blocks if dtype == torch.float32 else args.bf16_blocks
-        for sparsity in args.sparsities:
+        for sparsity in args.sparsities if dtype == torch.float32 else args.bf16_sparsities:
             for linear, (out_features, in_features) in linear_shapes(dense, sparsity, multiple).items():
                 density = 1 - sparsity
                 layers = {"masked": masked_layer(out_features, in_features, density, generator)}
@@ -491,6 +491,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sparsities", type=comma_list(float), default=[0.5, 0.75, 0.9])
     parser.add_argument("--blocks", type=comma_list(int), default=[16, 32, 64, 128], help="block sizes (fp32)")
     parser.add_argument("--bf16-blocks", type=comma_list(int), default=[16, 32, 64, 128], help="block sizes (bf16)")
+    parser.add_argument(
+        "--bf16-sparsities", type=comma_list(float), default=[0.5, 0.75, 0.9], help="sparsities measured in bf16"
+    )
     parser.add_argument("--fan-ins", type=comma_list(str), default=["constant", "any"])
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per linear call (T)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -516,7 +519,7 @@ def main(argv=None) -> int:
             parser.error(f"--parts: {part!r} is not one of linears, train, decode")
     if args.smoke:
         args.blocks = args.bf16_blocks = [16]
-        args.sparsities = [0.75]
+        args.sparsities = args.bf16_sparsities = [0.75]
         args.tokens, args.repeats, args.prefill, args.decode = 64, 1, 8, 3
         args.train_d_model, args.train_layers, args.train_heads, args.train_vocab = 32, 2, 2, 97
         args.train_seq, args.train_batch, args.train_block = 32, 2, 16

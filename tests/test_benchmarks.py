@@ -49,3 +49,21 @@ def test_data_loading_smoke(tmp_path):
         assert r["pipeline_tokens_per_s"] > 0 and 0 < r["fraction_of_accelerator_rate"] <= 1.0
         assert r["accelerator_busy_s"] <= r["wall_s"]
     assert "| 4 KB documents, 1 in 100 a 400 KB book | prefetch 32 batches" in table
+
+
+def test_block_sparse_smoke(tmp_path):
+    report, table = run("block_sparse.py", tmp_path)
+    parts = [(r["part"], r["variant"]) for r in report["results"]]
+    linear_variants = ["masked", "block-16-constant", "block-16-any", "iso-dense"]
+    assert parts == (
+        [("linears", v) for v in linear_variants] * 4  # (attention, MLP in) x (float32, bfloat16)
+        + [("train", v) for v in ["dense", "sw75-block16", "sw75-block16-constant", "sw75-masked"]]
+        + [("decode", v) for v in ["dense", "sw75-masked", "sw75-condensed", "sw75-block16"]]
+    )
+    for r in report["results"]:
+        times = r.get("forward_backward_s") or r.get("step_s") or [r["decode_ms_per_token_median"]]
+        assert min(times) > 0
+    blocks = [r for r in report["results"] if r["part"] == "train" and "block" in r["variant"]]
+    assert all(r["bytes_per_active_weight"] == 16.0 for r in blocks)  # fp32 weight, gradient, two Adam states
+    assert len(report["targets"]) == 5 and report["load_average_before"] is not None
+    assert "| float32 | 0.75 | mlp_in | 256x64 | block-16-any |" in table and "## Batch-1 decode" in table

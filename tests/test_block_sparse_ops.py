@@ -1,0 +1,218 @@
+"""`block_sparse_linear`: outputs and gradients equal the masked dense layer's, on every path and input shape."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_sparse_ift.models.sparse_wide_gpt import block_sparse
+from hf_sparse_ift.models.sparse_wide_gpt.block_sparse import (
+    block_sparse_linear,
+    block_sparse_linear_reference,
+    dense_from_blocks,
+)
+
+
+def random_blocks(out_features, in_features, block, density, fan_in, dtype=torch.float32, seed=0):
+    """(blocks, crow_indices, col_indices): constant fan-in (the same number of blocks in every block-row) or any,
+    where the first block-row is always empty."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, cols = block
+    n_rows, n_cols = out_features // rows, in_features // cols
+    if fan_in == "constant":
+        k = max(1, round(density * n_cols))
+        active = torch.zeros(n_rows, n_cols, dtype=torch.bool)
+        active.scatter_(1, torch.rand(n_rows, n_cols, generator=generator).argsort(1)[:, :k], True)
+    else:
+        active = torch.rand(n_rows, n_cols, generator=generator) < density
+        active[0] = False
+    crow_indices = torch.cat([torch.zeros(1, dtype=torch.long), active.sum(1).cumsum(0)])
+    col_indices = active.nonzero()[:, 1]
+    blocks = torch.randn(col_indices.numel(), rows, cols, generator=generator, dtype=dtype)
+    return blocks, crow_indices, col_indices
+
+
+def gradients(fn, x, blocks, bias, grad_output):
+    inputs = [t for t in (x, blocks, bias) if t is not None and t.requires_grad]
+    out = fn(x, blocks, bias)
+    return (out, *torch.autograd.grad(out, inputs, grad_output))
+
+
+CASES = [
+    # (out_features, in_features, (block rows, block cols), density, fan-in, leading dims of x)
+    (64, 96, (16, 16), 0.5, "constant", (2, 7)),
+    (64, 96, (16, 16), 0.25, "any", (13,)),
+    (48, 64, (8, 16), 0.4, "any", (3, 2, 5)),
+    (48, 64, (16, 8), 0.6, "constant", (11,)),
+    (128, 64, (32, 32), 0.1, "constant", (2, 9)),
+]
+
+
+@pytest.fixture(params=["1thread", "2threads", "few-tokens"])
+def threads(request, monkeypatch):
+    """The CPU paths: one GEMM per block on one torch thread (inline) or on two (the worker pool), and the
+    batched forward for few tokens; restores the caller's thread setting."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(block_sparse, "FEW_TOKENS", 10**9 if request.param == "few-tokens" else 0)
+    torch.set_num_threads(2 if request.param == "2threads" else 1)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-b{c[2][0]}x{c[2][1]}-{c[3]}-{c[4]}-{len(c[5]) + 1}d"
+)
+def test_equals_masked_dense_fp32(case, with_bias, threads):
+    out_features, in_features, block, density, fan_in, lead = case
+    blocks, crow, col = random_blocks(out_features, in_features, block, density, fan_in)
+    blocks.requires_grad_()
+    x = torch.randn(*lead, in_features, requires_grad=True)
+    bias = torch.randn(out_features, requires_grad=True) if with_bias else None
+    grad_output = torch.randn(*lead, out_features)
+    fast = gradients(lambda x, b, c: block_sparse_linear(x, b, crow, col, in_features, c), x, blocks, bias, grad_output)
+    reference = gradients(
+        lambda x, b, c: block_sparse_linear_reference(x, b, crow, col, in_features, c), x, blocks, bias, grad_output
+    )
+    # the masked dense layer: F.linear with the full weight, its gradient read at the active blocks
+    weight = dense_from_blocks(blocks.detach(), crow, col, in_features).requires_grad_()
+    masked = gradients(F.linear, x, weight, bias, grad_output)
+    rows, cols = block
+    rows_of_blocks = block_sparse.block_rows_of(crow)
+    masked_block_grad = masked[2].view(out_features // rows, rows, in_features // cols, cols)[rows_of_blocks, :, col]
+    masked = (masked[0], masked[1], masked_block_grad, *masked[3:])
+    assert fast[0].shape == (*lead, out_features)
+    for got, want_reference, want_masked in zip(fast, reference, masked, strict=True):
+        torch.testing.assert_close(got, want_reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want_masked, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_block_rows_give_bias_and_zero_gradients(threads):
+    blocks, crow, col = random_blocks(64, 32, (16, 16), 0.5, "any")
+    crow = torch.tensor([0, 0, 0, 0, 0])  # no active block at all
+    blocks, col = blocks[:0].requires_grad_(), col[:0]
+    x = torch.randn(5, 32, requires_grad=True)
+    bias = torch.randn(64, requires_grad=True)
+    out = block_sparse_linear(x, blocks, crow, col, 32, bias)
+    assert torch.equal(out, bias.detach().expand(5, 64))
+    grad_x, grad_blocks, grad_bias = torch.autograd.grad(out.sum(), (x, blocks, bias))
+    assert torch.equal(grad_x, torch.zeros(5, 32)) and grad_blocks.shape == (0, 16, 16)
+    assert torch.equal(grad_bias, torch.full((64,), 5.0))
+
+
+@pytest.mark.parametrize("wanted", ["x", "blocks", "bias"])
+def test_gradients_only_for_inputs_that_require_them(wanted):
+    blocks, crow, col = random_blocks(32, 48, (16, 16), 0.5, "constant")
+    x, bias = torch.randn(4, 48), torch.randn(32)
+    inputs = {"x": x, "blocks": blocks, "bias": bias}
+    inputs[wanted].requires_grad_()
+    out = block_sparse_linear(inputs["x"], inputs["blocks"], crow, col, 48, inputs["bias"])
+    out.sum().backward()
+    assert [name for name, t in inputs.items() if t.grad is not None] == [wanted]
+    want = block_sparse_linear_reference(inputs["x"], inputs["blocks"], crow, col, 48, inputs["bias"])
+    expected = torch.autograd.grad(want.sum(), inputs[wanted])[0]
+    torch.testing.assert_close(inputs[wanted].grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_without_grad():
+    blocks, crow, col = random_blocks(32, 48, (8, 8), 0.5, "any")
+    x = torch.randn(2, 3, 48)
+    with torch.inference_mode():
+        out = block_sparse_linear(x, blocks, crow, col, 48)
+    torch.testing.assert_close(out, block_sparse_linear_reference(x, blocks, crow, col, 48), rtol=1e-5, atol=1e-5)
+
+
+def bf16_close(got, want):
+    """Equal within bf16 rounding: a few units of bf16's last place (2^-8 relative) of the largest value."""
+    scale = want.float().abs().max().item()
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=4 * 2**-8 * scale)
+
+
+def test_bf16_autocast_with_fp32_master_blocks_matches_f_linear(threads):
+    blocks, crow, col = random_blocks(64, 96, (16, 16), 0.5, "any")
+    blocks.requires_grad_()
+    bias = torch.randn(64, requires_grad=True)
+    x = torch.randn(3, 10, 96, requires_grad=True)
+    grad_output = torch.randn(3, 10, 64, dtype=torch.bfloat16)
+    weight = dense_from_blocks(blocks.detach(), crow, col, 96).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block_sparse_linear(x, blocks, crow, col, 96, bias)
+        want = F.linear(x, weight, bias)
+    assert out.dtype == want.dtype == torch.bfloat16
+    got_grads = torch.autograd.grad(out, (x, blocks, bias), grad_output)
+    want_grads = torch.autograd.grad(want, (x, weight, bias), grad_output)
+    assert [g.dtype for g in got_grads] == [torch.float32] * 3  # through the autocast casts to the fp32 inputs
+    bf16_close(out, want)
+    bf16_close(got_grads[0], want_grads[0])
+    bf16_close(got_grads[1], want_grads[1].view(4, 16, 6, 16).transpose(1, 2)[block_sparse.block_rows_of(crow), col])
+    bf16_close(got_grads[2], want_grads[2])
+
+
+def test_bf16_inputs_match_reference():
+    blocks, crow, col = random_blocks(48, 64, (16, 8), 0.5, "constant", dtype=torch.bfloat16)
+    blocks.requires_grad_()
+    x = torch.randn(7, 64, dtype=torch.bfloat16, requires_grad=True)
+    grad_output = torch.randn(7, 48, dtype=torch.bfloat16)
+    got = gradients(lambda x, b, _: block_sparse_linear(x, b, crow, col, 64), x, blocks, None, grad_output)
+    want = gradients(lambda x, b, _: block_sparse_linear_reference(x, b, crow, col, 64), x, blocks, None, grad_output)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.bfloat16
+        bf16_close(g, w)
+
+
+def test_gradcheck_float64():
+    blocks, crow, col = random_blocks(8, 12, (2, 3), 0.5, "any", dtype=torch.float64)
+    x = torch.randn(2, 1, 12, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    blocks.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, b, c: block_sparse_linear(x, b, crow, col, 12, c), (x, blocks, bias))
+
+
+def test_worker_pool_leaves_the_thread_setting_alone():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        blocks, crow, col = random_blocks(64, 64, (16, 16), 0.5, "constant")
+        block_sparse_linear(torch.randn(4, 64), blocks, crow, col, 64)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("fan_in", ["constant", "any"])
+def test_bsr_kernel_path_on_cpu_tensors(fan_in):
+    """The CUDA path's Function (torch's BSR kernels) run on CPU tensors; it needs square blocks there (MKL)."""
+    blocks, crow, col = random_blocks(64, 96, (16, 16), 0.4, fan_in)
+    blocks.requires_grad_()
+    x = torch.randn(2, 5, 96, requires_grad=True)
+    bias = torch.randn(64, requires_grad=True)
+    grad_output = torch.randn(2, 5, 64)
+    got = gradients(
+        lambda x, b, c: block_sparse._BlockSparseLinearBSR.apply(x, b, c, crow, col, 96), x, blocks, bias, grad_output
+    )
+    want = gradients(
+        lambda x, b, c: block_sparse_linear_reference(x, b, crow, col, 96, c), x, blocks, bias, grad_output
+    )
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_bsr_kernels_take_only_what_they_support():
+    take = block_sparse._bsr_kernels_take
+    assert take(torch.Size([64, 64]), torch.bfloat16, 2048)
+    assert not take(torch.Size([32, 64]), torch.float32, 2048)  # not square
+    assert not take(torch.Size([8, 8]), torch.float32, 2048)  # below 16
+    assert not take(torch.Size([48, 48]), torch.float32, 2048)  # not a power of two
+    assert not take(torch.Size([64, 64]), torch.float64, 2048)
+    assert not take(torch.Size([64, 64]), torch.float32, 2047)  # tokens not a multiple of 16
+
+
+def test_meta_tensors_take_the_reference_path():
+    blocks, crow, col = random_blocks(32, 48, (16, 16), 0.5, "constant")
+    out = block_sparse_linear(torch.randn(4, 48, device="meta"), blocks.to("meta"), crow, col, 48)
+    assert out.shape == (4, 32) and out.is_meta
+
+
+def test_mismatched_dtypes_are_refused():
+    blocks, crow, col = random_blocks(32, 48, (16, 16), 0.5, "constant")
+    with pytest.raises(RuntimeError, match=r"x torch.bfloat16, blocks torch.float32"):
+        block_sparse_linear(torch.randn(4, 48, dtype=torch.bfloat16), blocks, crow, col, 48)

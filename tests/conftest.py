@@ -1,5 +1,9 @@
 import os
 
+# Test modules and the scripts they start (torchrun, accelerate launch, the CLI) import `helpers` from this folder.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    path for path in (os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH")) if path
+)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -7,23 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from helpers import tiny_config
 
-from hf_sparse_ift import SparseWideGPTConfig, SparseWideGPTForCausalLM
-
-
-def tiny_config(**overrides) -> SparseWideGPTConfig:
-    values = dict(
-        vocab_size=97,
-        n_positions=32,
-        n_layer=2,
-        n_head=2,
-        dense_hidden_size=16,
-        sparsity=0.75,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    values.update(overrides)
-    return SparseWideGPTConfig(**values)
+from hf_sparse_ift import SparseWideGPTForCausalLM
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ Two kinds of sparse layer: a masked `SparseLinear` (a dense weight and a mask; u
 slots in ``weight_blocks``: a regrown block takes a dropped block's slot, starts at zero with zeroed optimizer state,
 and the slots are re-sorted into the order of the new block index, parameter and optimizer state alike.
 
-Invariants (tests/test_dst.py and tests/test_dst_blocks.py check each): the active count of every layer is its budget (SRigL: every
+Invariants (tests/sparsity/test_dst.py and test_dst_blocks.py check each): the active count of every layer is its budget (SRigL: every
 active neuron has the same fan-in); inactive weights and their optimizer state are exactly zero after
 every step; regrown weights start at zero; the same seed gives the same masks on any number of ranks
 (randomness comes from generators seeded by (seed, step, layer), dense gradients are summed over ranks

@@ -1,6 +1,6 @@
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from helpers import tiny_config
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, pipeline
 
 from hf_sparse_ift import SparseLinear, SparseWideGPTForCausalLM

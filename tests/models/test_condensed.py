@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 from transformers import AutoModelForCausalLM, pipeline
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
@@ -23,7 +23,7 @@ from hf_sparse_ift.sparsity.checkpoint_layouts import (
 )
 from hf_sparse_ift.sparsity.masks import SparseLinear, sparse_layers
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def use_kernel_cache(monkeypatch, folder) -> None:

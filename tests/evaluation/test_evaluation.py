@@ -8,9 +8,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import BLOCKER, overrides
 from huggingface_hub import ModelCard
-from test_pretrain import overrides
-from test_remote_code import BLOCKER
 
 from hf_sparse_ift.cli import main
 from hf_sparse_ift.evaluation.compare import compare

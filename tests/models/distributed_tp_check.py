@@ -1,4 +1,4 @@
-"""Run by tests/test_modeling_parallel.py with 2 CPU processes (torchrun, gloo): tensor-parallel loading.
+"""Run by tests/models/test_modeling_parallel.py with 2 CPU processes (torchrun, gloo): tensor-parallel loading.
 
 Loads the checkpoint plainly and with ``tp_plan="auto"``; the logits must agree (with and without autograd), every
 mask must be sharded exactly like its weight and gather to the saved mask, and a training step must keep inactive

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import accelerate_launch, overrides
 from safetensors.torch import load_file
-from test_distributed import accelerate_launch
 from transformers import AutoModelForCausalLM
 
 from hf_sparse_ift import BlockSparseLinear, SparseWideGPTForCausalLM
@@ -19,33 +19,9 @@ from hf_sparse_ift.sparsity import sparse_layers
 from hf_sparse_ift.training.config import load_pretrain_config
 from hf_sparse_ift.training.loop import NonFiniteLossError, pretrain
 
-FAST = [
-    "model.n_layer=2",
-    "model.dense_hidden_size=32",
-    "model.dense_intermediate_size=128",
-    "model.n_head=2",
-    "data.seq_len=32",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=4",
-    "train.eval_batches=2",
-    "train.log_interval=2",
-    "train.trackers=[]",
-    "train.progress_bar=false",
-    "dst.update_interval=3",
-]
-
 
 def cli(*args):
     return [sys.executable, "-m", "hf_sparse_ift.cli", *args]
-
-
-def overrides(out, steps, every):
-    return FAST + [
-        f"train.output_dir={out}",
-        f"train.max_steps={steps}",
-        f"train.checkpoint_interval={every}",
-        f"train.eval_interval={every}",
-    ]
 
 
 def test_short_run_lowers_loss_writes_loadable_checkpoints_and_keeps_last_k(tmp_path):
@@ -164,7 +140,7 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, 
 @pytest.mark.slow
 def test_two_process_training_keeps_masks_identical(tmp_path):
     out = tmp_path / "ddp"
-    script = str(Path(__file__).resolve().parent.parent / "scripts" / "pretrain.py")
+    script = str(Path(__file__).resolve().parents[2] / "scripts" / "pretrain.py")
     proc = accelerate_launch(script, "--config", "pretrain-tiny", *overrides(out, 12, 6), tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "train_summary.json").read_text())

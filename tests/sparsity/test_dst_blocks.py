@@ -1,10 +1,10 @@
-"""DST on block-sparse layers: the invariants of tests/test_dst.py, with blocks as the units."""
+"""DST on block-sparse layers: the invariants of tests/sparsity/test_dst.py, with blocks as the units."""
 
 import copy
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
 from hf_sparse_ift import BlockSparseLinear, SparseWideGPTForCausalLM
 from hf_sparse_ift.sparsity import sparse_layers

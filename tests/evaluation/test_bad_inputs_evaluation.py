@@ -1,19 +1,14 @@
 """Bad input to the evaluation commands: one sentence naming the bad value and the valid choices, a non-zero exit,
 no traceback, no model loaded and earlier outputs left byte for byte as they were."""
 
-import contextlib
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import transformers
+from helpers import run_refused, save_tiny
 from lm_eval.models import huggingface as lm_eval_hf
-from test_evaluation_v2 import save_tiny
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
-from hf_sparse_ift.cli import main
 from hf_sparse_ift.hub.identity import tensors_sha256
 
 OFFLINE_HUB_NAME = "nobody-xyz/not-a-model"
@@ -170,25 +165,6 @@ CASES = [
 ]
 
 
-def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@contextlib.contextmanager
-def read_only(folder: Path):
-    """A folder nobody can write to, root included (chattr +i; permission bits do not stop root)."""
-    folder.chmod(0o555)
-    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
-    try:
-        with pytest.raises(OSError):
-            (folder / ".probe").write_text("")
-        yield
-    finally:
-        if immutable:
-            subprocess.run(["chattr", "-i", str(folder)], check=True)
-        folder.chmod(0o755)
-
-
 @pytest.mark.parametrize("argv, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_sentence_and_changes_nothing(ctx, argv, expected, monkeypatch, capsys):
     loaders = [(lm_eval_hf.HFLM, "__init__"), (transformers.AutoModelForCausalLM, "from_pretrained")]
@@ -197,33 +173,3 @@ def test_bad_input_is_one_sentence_and_changes_nothing(ctx, argv, expected, monk
     absent = ["already holds results of this model"] if "different model" in expected[0] else []
     absent += ["'builtin'", "data.", "holdout"] if argv[0] == "perplexity" and "--data-files" in argv else []
     assert run_refused(ctx, argv, expected, loaders, monkeypatch, capsys, absent) != 0
-
-
-def run_refused(
-    ctx: dict, argv: list[str], expected: list[str], loaders, monkeypatch, capsys, absent: list[str] = ()
-) -> int:
-    """Run the command (``{name}`` in `argv` / `expected` filled from `ctx`) with every loader in `loaders` failing
-    and `ctx["root"]/read-only` unwritable; assert one error sentence holding every `expected` text and none of the
-    `absent` ones, no traceback and every file under the root unchanged. Returns the exit code."""
-    fill = {k: str(v) for k, v in ctx.items()}
-    argv = [a.format(**fill) for a in argv]
-    expected = [e.format(**fill) for e in expected]
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    for owner, name in loaders:
-        monkeypatch.setattr(owner, name, no_loading)
-    root = ctx["root"]
-    before = snapshot(root)
-    with read_only(root / "read-only"):
-        code = main(argv)
-    err = capsys.readouterr().err
-    assert err.startswith(f"hf-sparse-ift {argv[0]}: error: ") and err.count("\n") == 1, err
-    for text in expected:
-        assert text in err, f"{text!r} not in {err!r}"
-    for text in absent:
-        assert text not in err, f"{text!r} in {err!r}"
-    assert "Traceback" not in err
-    assert snapshot(root) == before
-    return code

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
 from hf_sparse_ift.sparsity import sparse_layers

@@ -6,33 +6,17 @@ import dataclasses
 import io
 import json
 import shutil
-from pathlib import Path
 
 import lm_eval
 import pytest
-import torch
-from conftest import tiny_config
+from helpers import save_tiny, snapshot
 from huggingface_hub import ModelCard
 
-from hf_sparse_ift import SparseWideGPTForCausalLM
 from hf_sparse_ift.cli import main
 from hf_sparse_ift.evaluation import suites
 from hf_sparse_ift.hub.identity import tensors_sha256
 
 MUSR_CHOICES = {"murder_mysteries": 2, "object_placements": 5, "team_allocation": 3}  # leaderboard docs, "About"
-
-
-def save_tiny(folder: Path, seed: int) -> Path:
-    from transformers import AutoTokenizer
-
-    from hf_sparse_ift.resources import builtin_dir
-
-    tok = AutoTokenizer.from_pretrained(builtin_dir() / "tokenizer")
-    torch.manual_seed(seed)
-    SparseWideGPTForCausalLM(tiny_config(vocab_size=len(tok), n_positions=256)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    (folder / "training_config.yaml").write_text("train:\n  output_dir: outputs/tiny-sw75-set\n")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +112,6 @@ def test_v2_suite_runs_offline_and_normalises_lm_evals_raw_scores(v2_run, tiny):
     assert "| model | MMLU-Pro | BBH | GPQA | MATH Lvl 5 | IFEval | MuSR | Average |" in printed
     assert f"| tiny-sw75-set (step 6) [partial: --limit 2] | {expected['MMLU-Pro']:.1f} |" in printed
     assert "Raw lm-eval scores:" in printed and (folder / "results.md").read_text().startswith("| model | MMLU-Pro")
-
-
-def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_earlier_results_are_not_overwritten_without_overwrite(v2_run, tiny, capsys):

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under `accelerate launch --cpu --num_processes 2`.
+"""Run by tests/training/test_distributed.py under `accelerate launch --cpu --num_processes 2`.
 
 Each rank trains on different data (so local gradients differ); after many DST updates the masks
 must be identical on every rank. Writes one JSON line with the verdict from rank 0. A third argument "block" trains
@@ -14,8 +14,8 @@ from accelerate.utils import gather_object
 
 from hf_sparse_ift.sparsity import sparse_layers
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from conftest import tiny_config
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # tests/, for helpers
+from helpers import tiny_config
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
 from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine

@@ -7,8 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_config
-from test_distributed import free_port
+from helpers import free_port, tiny_config
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
 

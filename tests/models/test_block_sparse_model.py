@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
 from hf_sparse_ift import BlockSparseLinear, SparseLinear, SparseWideGPTConfig, SparseWideGPTForCausalLM
 from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import count_flops, layer_inactive_weights, num_inactive_blocks
@@ -341,7 +341,7 @@ def test_block_memory_benchmark_smoke(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "block_memory.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "block_memory.py"
     proc = subprocess.run(
         [sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
     )

@@ -336,7 +336,7 @@ def test_skipped_bad_text_is_counted_in_the_records(tmp_path):
 
 # 15. results of different models never mix ---------------------------------------------------------------------
 def test_identity_follows_the_tensors_not_the_files(tmp_path):
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     from hf_sparse_ift import SparseWideGPTForCausalLM
     from hf_sparse_ift.hub.identity import tensors_sha256
@@ -358,7 +358,7 @@ def test_identity_follows_the_tensors_not_the_files(tmp_path):
 
 
 def test_card_accepts_results_of_a_lossless_decompress(tmp_path, capsys):
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     from hf_sparse_ift import SparseWideGPTForCausalLM
     from hf_sparse_ift.cli import main
@@ -471,7 +471,7 @@ def test_ctrl_c_in_a_study_names_the_runs_kept_and_the_resume_command(tmp_path, 
 
 
 def test_a_model_folder_without_tokenizer_is_scored_with_tokenizer(tmp_path, monkeypatch, capsys):
-    from conftest import tiny_config
+    from helpers import tiny_config
     from lm_eval.models import huggingface as lm_eval_hf
 
     from hf_sparse_ift import SparseWideGPTForCausalLM

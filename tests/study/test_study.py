@@ -488,7 +488,7 @@ def test_the_shipped_cpu_small_results_are_regenerated_without_losing_a_run(tmp_
     import shutil
     from pathlib import Path
 
-    docs = Path(__file__).parent.parent / "docs" / "study-cpu-small"
+    docs = Path(__file__).resolve().parents[2] / "docs" / "study-cpu-small"
     copy_of_docs = tmp_path / "study-cpu-small"
     shutil.copytree(docs, copy_of_docs)
     results = runner.report_only(load_study_config("study-cpu-small", str(copy_of_docs)))

@@ -1,26 +1,13 @@
 """A saved checkpoint loads with trust_remote_code where hf_sparse_ift cannot be imported."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import torch
-from conftest import tiny_config
+from helpers import run_without_the_package, tiny_config
 from safetensors.torch import load_file
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
 from hf_sparse_ift.models.sparse_wide_gpt.sparse_safetensors import decompress_state_dict
-
-BLOCKER = """
-import importlib.abc, sys
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "hf_sparse_ift" or name.startswith("hf_sparse_ift."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-sys.meta_path.insert(0, _Block())
-"""
 
 LOADER = """
 import sys, torch
@@ -40,15 +27,6 @@ x = torch.load(sys.argv[2])
 torch.save({"logits": model(x).logits,
             "masks": {k: v for k, v in model.state_dict().items() if k.endswith("weight_mask")}}, sys.argv[3])
 """
-
-
-def run_without_the_package(tmp_path, script: str, *args) -> None:
-    """Run `script` in a fresh Python where importing hf_sparse_ift fails, as on a machine without the package."""
-    site = tmp_path / "site"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(textwrap.dedent(BLOCKER))
-    env = {**os.environ, "PYTHONPATH": str(site), "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=tmp_path, env=env, check=True, timeout=300)
 
 
 def test_trust_remote_code_without_the_package(tiny_model, tmp_path):

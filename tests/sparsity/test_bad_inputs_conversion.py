@@ -4,8 +4,7 @@ a non-zero exit, no traceback, no model loaded, and every file that was there be
 
 import pytest
 import transformers
-from conftest import tiny_config
-from test_bad_inputs_evaluation import run_refused
+from helpers import run_refused, tiny_config
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
 from hf_sparse_ift.cli import main

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_english_corpus.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_english_corpus.py"
 spec = importlib.util.spec_from_file_location("make_english_corpus", SCRIPT)
 corpus = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = corpus  # dataclasses look their module up there

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py with 2 CPU processes (torchrun, gloo): DST under FSDP2 (fully_shard).
+"""Run by tests/training/test_distributed.py with 2 CPU processes (torchrun, gloo): DST under FSDP2 (fully_shard).
 
 Each rank holds a shard of every weight; it trains on its own data. After many SET / RigL updates the masks
 must be identical on all ranks, inactive weights and Adam moments exactly zero in the gathered tensors, and
@@ -18,8 +18,8 @@ from torch.distributed.tensor import DTensor
 
 from hf_sparse_ift.sparsity import sparse_layers
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+from helpers import tiny_config
 
 from hf_sparse_ift import BlockSparseLinear, SparseWideGPTForCausalLM
 from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import run_without_the_package, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_remote_code import run_without_the_package
 from transformers import AutoModelForCausalLM
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
@@ -296,7 +295,7 @@ def test_compressed_checkpoint_loads_with_cpu_and_disk_offload(tmp_path):
 def test_a_model_trained_with_dst_round_trips_bit_exact(tmp_path):
     """After SET updates (dropped weights zeroed, regrown ones active at zero) every bit survives the compressed layout,
     inactive positions included."""
-    from test_dst import make, train_step
+    from helpers import make, train_step
 
     model, opt, engine = make("set", interval=2)
     generator = torch.Generator().manual_seed(0)

@@ -1,42 +1,12 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from helpers import accelerate_launch, free_port
 
 HERE = os.path.dirname(__file__)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def accelerate_launch(script, *args, tmp_path, processes=2):
-    """`accelerate launch` with N CPU processes (gloo); `--multi_gpu` without GPUs selects MULTI_CPU."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        script,
-        *args,
-    ]
-    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow

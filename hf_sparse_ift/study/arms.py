@@ -9,7 +9,11 @@
 * ``dense-iso-flop-tokens-s<S>``: the dense base trained on more tokens, until its total ideal training FLOPs
   equal Sparse Wide S's: the same total compute spent on data instead of width;
 * ``dense-iso-time-s<S>``: the dense base trained for as many steps as take the masked-dense Sparse Wide S
-  arm's wall-clock on this hardware (steps from a timing calibration of the real training step, see `runner`).
+  arm's wall-clock on this hardware (steps from a timing calibration of the real training step, see `runner`);
+* with ``study.block_sizes``, for each block size B: ``sw-s<S>-block<B>-<method>``, Sparse Wide whose masks are
+  B x B blocks stored and computed as active blocks only (model key ``sparsity_block``; methods that train blocks:
+  static, set, rigl), and ``dense-iso-time-s<S>-block<B>``, the dense base for as long as the block-sparse arm
+  takes.
 
 FLOPs per token (`iso_flop.count_flops`, forward; training = 3 x forward):
   block_layers  = the paper's iso-FLOP quantity: the block linears (sparse ones at their active weights);
@@ -32,14 +36,20 @@ from .config import ArmKind, StudyConfig
 
 def arm_name(kind: ArmKind, sparsity: float = 0.0, method: str = "static", block: int = 1) -> str:
     """The one place arm names are made: ``dense``, ``sw-s75-set``, ``dense-iso-flop-s75``, ... A Sparse Wide arm
-    whose masks hold blocks of `block` x `block` weights (model key ``sparsity_block``) is ``sw-s75-block16-set``."""
+    whose masks hold blocks of `block` x `block` weights (model key ``sparsity_block``) is ``sw-s75-block16-set``,
+    and the dense arm given its wall-clock ``dense-iso-time-s75-block16``."""
     if kind is ArmKind.DENSE:
         return kind.value
     percent = round(sparsity * 100)
     if kind is ArmKind.SPARSE_WIDE:
         layout = "" if block == 1 else f"block{block:d}-"
         return f"sw-s{percent:d}-{layout}{method}"
-    return f"{kind.value}-s{percent:d}"
+    layout = "" if block == 1 else f"-block{block:d}"
+    return f"{kind.value}-s{percent:d}{layout}"
+
+
+# DST methods that train block-sparse layers (SRigL's constant fan-in is per weight, not per block)
+BLOCK_METHODS = ("static", "set", "rigl")
 
 
 @dataclass
@@ -50,11 +60,9 @@ class Arm:
     tree: dict  # pretraining tree without output_dir / seed
     steps: int | None  # None for dense-iso-time until calibrated
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def block(self) -> int:
-        """Side of the square weight blocks the masks hold (1: single weights), as the model config says."""
-        return self.tree["model"].get("sparsity_block", 1)
+    # Side of the square weight blocks: of this arm's masks (Sparse Wide, model key ``sparsity_block``), or of the
+    # Sparse Wide arm whose wall-clock it matches (dense-iso-time); 1 = single weights.
+    block: int = 1
 
     @property
     def name(self) -> str:
@@ -248,14 +256,25 @@ def build_arms(study: StudyConfig) -> list[Arm]:
             for method in settings.methods:
                 tree = tree_for(sw_values, method, settings.spectral_gap)
                 arms.append(Arm(ArmKind.SPARSE_WIDE, sparsity, method, tree, steps))
+            for block in settings.block_sizes:
+                for method in (m for m in settings.methods if m in BLOCK_METHODS):
+                    tree = tree_for({**sw_values, "sparsity_block": block}, method, settings.spectral_gap)
+                    arms.append(Arm(ArmKind.SPARSE_WIDE, sparsity, method, tree, steps, block=block))
         if ArmKind.DENSE_ISO_TIME in kinds:
-            arms.append(Arm(ArmKind.DENSE_ISO_TIME, sparsity, "static", copy.deepcopy(dense_tree), None))
+            for block in (1, *settings.block_sizes):
+                arms.append(
+                    Arm(ArmKind.DENSE_ISO_TIME, sparsity, "static", copy.deepcopy(dense_tree), None, block=block)
+                )
     return arms
 
 
 def iso_time_reference(study: StudyConfig, arm: Arm) -> Arm:
-    """The masked-dense Sparse Wide arm whose wall-clock a dense-iso-time arm matches."""
+    """The Sparse Wide arm whose wall-clock a dense-iso-time arm matches: masked-dense, or block-sparse with the
+    arm's block size."""
     tree = copy.deepcopy(arm.tree)
     tree["model"] = {**_model_values(study.base), "sparsity": arm.sparsity}
+    if arm.block > 1:
+        tree["model"]["sparsity_block"] = arm.block
     tree["dst"] = {**tree.get("dst", {}), "method": study.study.iso_time_method}
-    return Arm(ArmKind.SPARSE_WIDE, arm.sparsity, study.study.iso_time_method, tree, study.base.steps())
+    method = study.study.iso_time_method
+    return Arm(ArmKind.SPARSE_WIDE, arm.sparsity, method, tree, study.base.steps(), block=arm.block)

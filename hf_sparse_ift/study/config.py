@@ -71,6 +71,9 @@ class StudySettings:
     arms: list[str] = field(default_factory=lambda: list(ARM_KINDS))
     sparsities: list[float] = field(default_factory=lambda: [0.5, 0.75])
     methods: list[str] = field(default_factory=lambda: ["static", "set", "rigl", "srigl"])
+    # Block-sparse Sparse Wide arms: one per block size and method of `methods` that trains blocks, and an
+    # iso-time dense arm per block size (see arms.py). The widths must be multiples of each block size.
+    block_sizes: list[int] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     iso_time_method: str = "set"
     calibration: Calibration = field(default_factory=Calibration)
@@ -104,6 +107,24 @@ class StudySettings:
             checks.choice("study.methods[]", m, sorted(METHODS))
         if len(set(self.methods)) != len(self.methods):
             checks.invalid("study.methods", self.methods, "each method may appear once")
+        if not isinstance(self.block_sizes, list):
+            checks.invalid("study.block_sizes", self.block_sizes, "expected a list of block sizes, e.g. [16]")
+        for block in self.block_sizes:
+            checks.integer("study.block_sizes[]", block, low=2)
+        if len(set(self.block_sizes)) != len(self.block_sizes):
+            checks.invalid("study.block_sizes", self.block_sizes, "each block size may appear once")
+        if self.block_sizes and not {"static", "set", "rigl"} & set(self.methods):
+            checks.invalid(
+                "study.block_sizes",
+                self.block_sizes,
+                f"block arms train with static, set or rigl, and study.methods={self.methods} holds none of them",
+            )
+        if self.block_sizes and self.iso_time_method not in ("static", "set", "rigl"):
+            checks.invalid(
+                "study.iso_time_method",
+                self.iso_time_method,
+                "with study.block_sizes the iso-time reference is also a block arm: choose static, set or rigl",
+            )
         if not isinstance(self.seeds, list) or not self.seeds:
             checks.invalid("study.seeds", self.seeds, "expected a non-empty list of integers >= 0, e.g. [0, 1, 2]")
         for s in self.seeds:

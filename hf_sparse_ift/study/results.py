@@ -98,6 +98,7 @@ class ArmResult:
     accounting: FlopAccounting
     runs: list[RunResult]
     iso_time_reference: str | None = None  # dense-iso-time: the Sparse Wide arm whose wall-clock it matches
+    block: int = 1  # weight-block side of the arm's masks, or of the Sparse Wide arm a dense-iso-time arm matches
     final_val_loss: Spread = field(init=False)
     wall_seconds: Spread = field(init=False)
 
@@ -255,7 +256,9 @@ def collect(
                     run.source = "an earlier results.json (run folder gone)"
             if run is not None:
                 runs.append(run)
-        result = ArmResult(arm.name, arm.kind, arm.sparsity, arm.method, list(arm.notes), accounting, runs)
+        result = ArmResult(
+            arm.name, arm.kind, arm.sparsity, arm.method, list(arm.notes), accounting, runs, block=arm.block
+        )
         if arm.kind is ArmKind.DENSE_ISO_TIME and calibration:
             calibrated = calibration["arms"][arm.name]
             result.iso_time_reference = calibrated["reference_arm"]
@@ -296,7 +299,7 @@ CONTROLS = {
     ),
     ComparisonKind.ISO_TIME: (
         ArmKind.DENSE_ISO_TIME,
-        "Equal wall-clock on this hardware (Sparse Wide's masks on dense weights)",
+        "Equal wall-clock on this hardware",
     ),
 }
 
@@ -372,12 +375,22 @@ def verdict(arms: list[ArmResult], iso_time_method: str) -> Verdict:
         sparse_wide = [a for a in arms if a.kind is ArmKind.SPARSE_WIDE and a.sparsity == sparsity]
         for kind, (control_kind, what) in CONTROLS.items():
             control_sparsity = 0.0 if control_kind is ArmKind.DENSE else sparsity
-            control = by_name.get(arm_name(control_kind, control_sparsity))
-            group = sparse_wide
-            if kind is ComparisonKind.ISO_TIME:  # only the arm whose wall-clock the control matches
-                group = [a for a in sparse_wide if a.method == iso_time_method]
-            add(kind, group, control, f"sparsity {sparsity:g}, {what}")
-        static = by_name.get(arm_name(ArmKind.SPARSE_WIDE, sparsity, "static"))
-        dynamic = [a for a in sparse_wide if a.method != "static"]
-        add(ComparisonKind.DYNAMIC_VS_STATIC, dynamic, static, f"sparsity {sparsity:g}")
+            if kind is not ComparisonKind.ISO_TIME:
+                add(
+                    kind,
+                    sparse_wide,
+                    by_name.get(arm_name(control_kind, control_sparsity)),
+                    f"sparsity {sparsity:g}, {what}",
+                )
+                continue
+            for block in sorted({a.block for a in sparse_wide}):  # each against the control given its wall-clock
+                group = [a for a in sparse_wide if a.method == iso_time_method and a.block == block]
+                layout = "masks on dense weights" if block == 1 else f"{block}x{block} blocks, active blocks only"
+                control = by_name.get(arm_name(control_kind, control_sparsity, block=block))
+                add(kind, group, control, f"sparsity {sparsity:g}, equal wall-clock on this hardware ({layout})")
+        for block in sorted({a.block for a in sparse_wide}):
+            static = by_name.get(arm_name(ArmKind.SPARSE_WIDE, sparsity, "static", block))
+            dynamic = [a for a in sparse_wide if a.method != "static" and a.block == block]
+            layout = "" if block == 1 else f", {block}x{block} blocks"
+            add(ComparisonKind.DYNAMIC_VS_STATIC, dynamic, static, f"sparsity {sparsity:g}{layout}")
     return Verdict(lines, comparisons)

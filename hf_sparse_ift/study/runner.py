@@ -33,7 +33,7 @@ from ..training.config import PretrainConfig
 from ..training.loop import pretrain, setup, train_step
 from ..training.run import resolve_run
 from .arms import Arm, build_arms, iso_time_reference
-from .config import ArmKind, StudyConfig
+from .config import ArmKind, StudyConfig, build_study_config
 
 logger = logging.getLogger("hf_sparse_ift.study")
 
@@ -242,7 +242,8 @@ def differing_keys(saved: dict, current: dict) -> list[str]:
 def check_same_study(study: StudyConfig, out: Path) -> None:
     """Refuse when `out` holds a study whose config differs from `study` (naming the keys that differ)."""
     saved = out / STUDY_CONFIG
-    keys = differing_keys(yaml.safe_load(saved.read_text()), study.to_dict())
+    # through the config builder, so that a setting added since the study was saved counts at its default
+    keys = differing_keys(build_study_config(yaml.safe_load(saved.read_text())).to_dict(), study.to_dict())
     if keys:
         raise ValueError(
             f"{saved} differs from the study config given now in {keys}: the runs in {out} were made with "

@@ -263,6 +263,71 @@ def test_verdict_reports_every_control_the_margins_and_the_seed_spread(tmp_path)
     assert "**dense** beats sw-s75-set" in one_seed.lines[0] and "only one seed" in one_seed.lines[0]
 
 
+def test_block_arms_have_their_own_iso_time_control_and_comparisons():
+    from hf_sparse_ift.study.arms import iso_time_reference
+
+    all_kinds = [kind.value for kind in ArmKind]
+    study = build_study_config(
+        tiny_study("unused", arms=all_kinds, methods=["static", "set", "srigl"], block_sizes=[8])
+    )
+    arms = {arm.name: arm for arm in build_arms(study)}
+    assert list(arms) == [
+        "dense",
+        "dense-iso-flop-s75",
+        "dense-iso-flop-tokens-s75",
+        "sw-s75-static",
+        "sw-s75-set",
+        "sw-s75-srigl",
+        "sw-s75-block8-static",  # SRigL trains single weights only: no block arm for it
+        "sw-s75-block8-set",
+        "dense-iso-time-s75",
+        "dense-iso-time-s75-block8",
+    ]
+    block_config = arms["sw-s75-block8-set"].model_config()
+    assert block_config.sparsity_block == 8 and block_config.width_multiple == 8 and block_config.hidden_size % 8 == 0
+    masked_reference = iso_time_reference(study, arms["dense-iso-time-s75"])
+    block_reference = iso_time_reference(study, arms["dense-iso-time-s75-block8"])
+    assert masked_reference.name == "sw-s75-set" and "sparsity_block" not in masked_reference.tree["model"]
+    assert block_reference.name == "sw-s75-block8-set" and block_reference.tree["model"]["sparsity_block"] == 8
+
+    def arm(name, losses):
+        result = _arm(study, name, losses)
+        result.block = arms[name].block
+        return result
+
+    rows = [
+        arm("dense", [4.0, 4.01]),
+        arm("sw-s75-static", [3.9, 3.91]),
+        arm("sw-s75-set", [3.8, 3.81]),
+        arm("sw-s75-block8-static", [3.95, 3.96]),
+        arm("sw-s75-block8-set", [3.85, 3.86]),
+        arm("dense-iso-time-s75", [3.6, 3.61]),
+        arm("dense-iso-time-s75-block8", [3.9, 3.91]),
+    ]
+    v = verdict(rows, iso_time_method="set")
+    iso_time = [(c.arm, c.control) for c in v.comparisons if c.kind is ComparisonKind.ISO_TIME]
+    assert iso_time == [("sw-s75-set", "dense-iso-time-s75"), ("sw-s75-block8-set", "dense-iso-time-s75-block8")]
+    text = "\n".join(v.lines)
+    assert "**sw-s75-block8-set** beats dense-iso-time-s75-block8 by 0.0500" in text and "8x8 blocks" in text
+    assert "**sw-s75-block8-set** beats sw-s75-block8-static by 0.1000" in text
+    block_vs_dense = [c for c in v.comparisons if c.kind is ComparisonKind.ISO_BLOCK_FLOP and "block8" in c.arm]
+    assert [c.arm for c in block_vs_dense] == ["sw-s75-block8-set", "sw-s75-block8-static"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"block_sizes": [1]}, "study.block_sizes[]=1 is invalid"),
+        ({"block_sizes": [8, 8]}, "each block size may appear once"),
+        ({"block_sizes": [8], "methods": ["srigl"], "iso_time_method": "srigl"}, "holds none of them"),
+    ],
+)
+def test_bad_block_sizes_are_refused(change, message):
+    with pytest.raises(ValueError) as err:
+        build_study_config(tiny_study("unused", **change))
+    assert message in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_smoke_study_files_invariants_skip_and_resume(tmp_path, monkeypatch):

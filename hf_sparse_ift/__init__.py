@@ -17,6 +17,10 @@ from .models.sparse_wide_gpt import (
     SparseWideGPTModel,
     SparseWideGPTPreTrainedModel,
 )
+from .models.sparse_wide_gpt.compat import MINIMUM_VERSIONS, check_versions
+
+# The model checked its own dependencies on import; training and evaluation need the others too.
+check_versions(MINIMUM_VERSIONS)
 
 __version__ = "0.3.0"
 

@@ -18,7 +18,7 @@ MINIMUM_VERSIONS = {
     "safetensors": "0.8.0",
     "accelerate": "1.1.0",
     "datasets": "3.0.0",
-    "lm-eval": "0.4.10",
+    "lm-eval": "0.4.12",
 }
 # What the model code itself (this folder, also run as remote code) imports.
 MODEL_REQUIREMENTS = ("torch", "transformers", "safetensors")

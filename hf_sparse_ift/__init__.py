@@ -2,7 +2,8 @@
 
 Importing the package registers the model with AutoConfig / AutoModel / AutoModelForCausalLM, and
 marks the classes so that `save_pretrained` writes their code next to the weights: checkpoints then
-load with ``trust_remote_code=True`` where this package is not installed.
+load with ``trust_remote_code=True`` where this package is not installed. An older release of a dependency than
+the tested floors (``models/sparse_wide_gpt/compat.py``) stops the import with one message naming both versions.
 
 Rooms (imports point down only): ``models`` (the model, self-contained for remote code) <- ``sparsity``
 (masks, dynamic sparse training) <- ``training`` / ``evaluation`` <- ``cli``.

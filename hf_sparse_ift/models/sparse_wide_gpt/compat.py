@@ -16,7 +16,7 @@ MINIMUM_VERSIONS = {
     "torch": "2.13.0",
     "transformers": "5.24.0",
     "safetensors": "0.8.0",
-    "accelerate": "1.1.0",
+    "accelerate": "1.15.0",
     "datasets": "3.0.0",
     "lm-eval": "0.4.12",
 }

@@ -6,17 +6,24 @@ dense-width one (sparsity 0: plain `nn.Linear` block layers). Checks that need t
 `test_modeling_parallel.py`.
 """
 
+import copy
 import logging
 import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from torch.nn.attention import SDPBackend
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, set_seed
 from transformers.initialization import no_init_weights
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-from transformers.testing_utils import CaptureLogger, LoggingLevel
+from transformers.testing_utils import (
+    CaptureLogger,
+    LoggingLevel,
+    set_config_for_less_flaky_test,
+    set_model_for_less_flaky_test,
+)
 from transformers.utils import logging as hf_logging
 
 from hf_sparse_ift import SparseWideGPTConfig, SparseWideGPTForCausalLM, SparseWideGPTModel
@@ -579,3 +586,114 @@ def test_torch_export_matches_eager():
     torch.testing.assert_close(
         exported.module()(x, use_cache=False).logits, outputs_of(model, {"input_ids": x}, use_cache=False).logits
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager vs SDPA: transformers' own checks, run the way its model tests run them. The wheel ships no tests folder, so
+# these follow huggingface/transformers tests/test_modeling_common.py (`TEST_EAGER_MATCHES_SDPA_INFERENCE_
+# PARAMETERIZATION`, `_test_eager_matches_sdpa_inference`: the same cases, inputs, masking and CPU tolerances) and
+# tests/generation/test_utils.py (`_test_attention_implementation("sdpa")`, `_check_similar_generate_outputs`).
+# ----------------------------------------------------------------------------------------------
+EAGER_MATCHES_SDPA_INFERENCE_CASES = [
+    (dtype, padding_side, use_attention_mask, False, enable_kernels)
+    for dtype in ("fp16", "fp32", "bf16")
+    for padding_side in ("left", "right")
+    for use_attention_mask in (True, False)
+    for enable_kernels in (True, False)
+] + [("fp32", "left", True, True, False)]  # output_attentions: SDPA layers fall back to eager's weights or give none
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+# transformers' CPU entries, keyed by (kernels enabled, dtype); they are the same with and without kernels.
+SDPA_ATOL = {torch.float32: 1e-6, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+SDPA_RTOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+def sdpa_kernel(enable_kernels):
+    """transformers' `sdpa_kernel` helper: the math backend always, flash and memory-efficient ones when enabled."""
+    backends = [SDPBackend.MATH]
+    if enable_kernels:
+        backends += [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    return torch.nn.attention.sdpa_kernel(backends)
+
+
+@pytest.mark.parametrize(
+    "dtype, padding_side, use_attention_mask, output_attentions, enable_kernels", EAGER_MATCHES_SDPA_INFERENCE_CASES
+)
+def test_eager_matches_sdpa_inference(
+    tmp_path, dtype, padding_side, use_attention_mask, output_attentions, enable_kernels
+):
+    dtype = DTYPES[dtype]
+    batch_size = 7
+    for model_class in SparseWideGPTModelTester(0.75).all_model_classes:
+        set_seed(42)
+        tester = SparseWideGPTModelTester(0.75)
+        config, inputs = tester.prepare_config_and_inputs_for_common()
+        set_config_for_less_flaky_test(config)
+        model = model_class(config)
+        model.save_pretrained(tmp_path / model_class.__name__)
+        model_sdpa = model_class.from_pretrained(
+            tmp_path / model_class.__name__, dtype=dtype, attn_implementation="sdpa"
+        ).eval()
+        model_eager = copy.deepcopy(model_sdpa)
+        model_eager.set_attn_implementation("eager")
+        set_model_for_less_flaky_test(model_eager)
+        set_model_for_less_flaky_test(model_sdpa)
+
+        input_ids = inputs["input_ids"]
+        extension = torch.randint(
+            high=5, size=(batch_size - input_ids.shape[0], input_ids.shape[1]), dtype=input_ids.dtype
+        )
+        prepared = {
+            "input_ids": torch.cat((input_ids, extension)),
+            "output_hidden_states": True,
+            "output_attentions": output_attentions,
+        }
+        if use_attention_mask:  # all ones but the last row, padded on `padding_side` by two tokens
+            attention_mask = torch.ones(batch_size, input_ids.shape[1], dtype=torch.int64)
+            if padding_side == "left":
+                attention_mask[-1, :2] = 0
+            else:
+                attention_mask[-1, -2:] = 0
+            prepared["attention_mask"] = attention_mask
+        with torch.no_grad(), sdpa_kernel(enable_kernels):
+            hidden_eager = model_eager(**prepared).hidden_states[-1]
+            hidden_sdpa = model_sdpa(**prepared).hidden_states[-1]
+
+        if use_attention_mask:  # outputs at padded positions may differ: compare the real tokens only
+            real = prepared["attention_mask"].bool()[..., None]
+            hidden_eager = torch.where(real, hidden_eager, 0)
+            hidden_sdpa = torch.where(real, hidden_sdpa, 0)
+        atol, rtol = SDPA_ATOL[dtype], SDPA_RTOL[dtype]
+        if dtype == torch.bfloat16:  # bf16's precision scales with the magnitude, as transformers allows
+            atol = max(atol, float(max(hidden_sdpa.abs().amax(), hidden_eager.abs().amax())) * 3e-2)
+        matching_rows = [torch.allclose(s, e, atol=atol, rtol=rtol) for s, e in zip(hidden_sdpa, hidden_eager)]
+        assert sum(matching_rows) >= 0.8 * batch_size, (model_class.__name__, matching_rows)  # transformers' 80%
+
+
+def assert_similar_generate_outputs(output_1, output_2, atol, rtol):
+    """transformers' `_check_similar_generate_outputs`: equal sequences, or at the first token where a row differs,
+    scores that are close (a near tie decided differently by rounding)."""
+    prompt_length = output_1.sequences.shape[1] - len(output_1.scores)
+    matches = output_1.sequences == output_2.sequences
+    for row in range(matches.shape[0]):
+        if not matches[row].all():
+            step = int(matches[row].int().argmin()) - prompt_length
+            torch.testing.assert_close(output_1.scores[step][row], output_2.scores[step][row], atol=atol, rtol=rtol)
+
+
+def test_eager_matches_sdpa_generate(tmp_path):
+    max_new_tokens = 30
+    tester = SparseWideGPTModelTester(0.75)
+    config, inputs = tester.prepare_config_and_inputs_for_common()
+    config = tester.get_config(n_positions=max_new_tokens + inputs["input_ids"].shape[1] + 1)
+    SparseWideGPTForCausalLM(config).save_pretrained(tmp_path)
+    kwargs = dict(
+        max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, output_scores=True, use_cache=True
+    )
+    results = {}
+    for implementation in ("eager", "sdpa"):
+        model = SparseWideGPTForCausalLM.from_pretrained(
+            tmp_path, dtype=torch.float16, attn_implementation=implementation
+        )
+        results[implementation] = model.generate(**inputs, **kwargs)
+    assert results["eager"].sequences.shape == (tester.batch_size, inputs["input_ids"].shape[1] + max_new_tokens)
+    assert_similar_generate_outputs(results["eager"], results["sdpa"], atol=1e-3, rtol=1e-3)

@@ -7,6 +7,7 @@ from helpers import run_without_the_package, tiny_config
 from safetensors.torch import load_file
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
+from hf_sparse_ift.models.sparse_wide_gpt.compat import MINIMUM_VERSIONS
 from hf_sparse_ift.models.sparse_wide_gpt.sparse_safetensors import decompress_state_dict
 
 LOADER = """
@@ -42,6 +43,7 @@ def test_trust_remote_code_without_the_package(tiny_model, tmp_path):
         "condensed_linear.py",
         "condensed_kernel.py",
         "layer_utils.py",
+        "compat.py",
     ):
         assert (ckpt / code).exists(), code
 
@@ -84,3 +86,28 @@ def test_block_model_loads_with_trust_remote_code_without_the_package(tmp_path):
     assert torch.equal(out["generated"], model.generate(x[:1, :4], max_new_tokens=5, do_sample=False))
     for key, value in model.state_dict().items():
         assert torch.equal(out["state"][key], value), key
+
+
+REFUSED = """
+import sys
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+except ImportError as err:
+    open(sys.argv[2], "w").write(str(err))
+"""
+
+
+def test_remote_code_on_an_older_transformers_stops_with_one_sentence(tiny_model, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    tiny_model.save_pretrained(ckpt)
+    # A dist-info ahead of the real one on sys.path: importlib.metadata reports transformers 5.23.0.
+    fake = tmp_path / "site" / "transformers-5.23.0.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: transformers\nVersion: 5.23.0\n")
+    run_without_the_package(tmp_path, REFUSED, ckpt, tmp_path / "error.txt")
+    floor = MINIMUM_VERSIONS["transformers"]
+    assert (tmp_path / "error.txt").read_text() == (
+        f"Sparse Wide GPT (hf-sparse-ift) needs 'transformers>={floor}' but found transformers 5.23.0: "
+        f"run pip install --upgrade 'transformers>={floor}'"
+    )

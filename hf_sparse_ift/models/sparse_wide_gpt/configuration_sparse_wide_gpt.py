@@ -11,8 +11,16 @@ import difflib
 import math
 
 from transformers import PretrainedConfig
+from transformers.utils import logging
 
+from .compat import check_versions
 from .iso_flop import BLOCK_LINEARS, GPTShape, calibrate_sparsity, sparse_wide_widths
+
+# The first module of the model that loads, in this package and as remote code: refuse unsupported releases here,
+# with one message, instead of failing later inside a forward pass.
+check_versions()
+
+logger = logging.get_logger(__name__)
 
 
 def _fail(field: str, value, allowed: str):
@@ -59,8 +67,8 @@ def _prob(field: str, value) -> float:
 
 
 # Keys that PretrainedConfig itself reads or writes (serialised configs carry them). Any other key is
-# kept as an extra attribute and round-trips through to_dict / from_dict, as in every Hugging Face config,
-# unless it is one typo away from one of our own arguments (then it is surely a mistake: refused).
+# kept as an extra attribute and round-trips through to_dict / from_dict, as in every Hugging Face config; one
+# that is a near-miss of one of our own arguments gets a warning naming that argument.
 _PRETRAINED_KEYS = frozenset(PretrainedConfig().to_dict()) | {
     "torch_dtype",
     "dtype",
@@ -200,7 +208,7 @@ class SparseWideGPTConfig(PretrainedConfig):
         # GPT-2 style aliases (n_embd, num_hidden_layers, ...) may appear in configs written by other tools:
         # they must agree with the value they stand for, like the derived sizes.
         aliases = {k: kwargs.pop(k) for k in self.attribute_map if k in kwargs}
-        _check_typos(kwargs)
+        _warn_near_misses(kwargs)
 
         self._set_architecture(
             vocab_size,
@@ -372,18 +380,22 @@ def _own_arguments() -> tuple[str, ...]:
     return tuple(n for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
 
 
-def _check_typos(extra: dict) -> None:
-    """Refuse extra keys that are near-misses of our own argument names (``sparsty`` for ``sparsity``)."""
+def _warn_near_misses(extra: dict) -> None:
+    """Warn about extra keys that look like typos of our own arguments (``sparsty`` for ``sparsity``).
+
+    They are kept as extra attributes like any other unknown key, never refused: tools set generic attributes on
+    every config (transformers' `set_config_for_less_flaky_test` sets ``layer_norm_eps``), and a config that went
+    through one must still save and load.
+    """
     own = _own_arguments() + _DERIVED_KEYS
     for key in sorted(extra):
         if key in _PRETRAINED_KEYS or not isinstance(key, str):
             continue
         close = difflib.get_close_matches(key, own, n=1, cutoff=_TYPO_CUTOFF)
         if close:
-            raise ValueError(
-                f"SparseWideGPTConfig got unknown option {key!r}: did you mean {close[0]!r}? Other unknown "
-                f"keys are kept as extra attributes, but this one is too close to an argument of "
-                f"SparseWideGPTConfig to be anything but a typo"
+            logger.warning(
+                f"SparseWideGPTConfig got unknown option {key!r}, kept as an extra attribute that the model does "
+                f"not read: did you mean {close[0]!r}?"
             )
 
 

@@ -6,10 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed
-    DTensor = None
+from .compat import DTensor
 
 
 def is_sparse_layer(module: nn.Module) -> bool:

@@ -18,7 +18,6 @@ packed sequences), hidden states and attentions are recorded by the output-captu
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -31,41 +30,20 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .block_sparse import block_rows_of, block_sparse_linear, dense_from_blocks
+from .compat import distribute_tensor
 from .condensed_linear import install_condensed_layers
 from .configuration_sparse_wide_gpt import BLOCK_FAN_INS, SparseWideGPTConfig
 from .iso_flop import BLOCK_LINEARS, num_inactive, num_inactive_blocks
 from .layer_utils import full_tensor, is_dtensor
 from .sparse_safetensors import SparseCheckpointMixin
 
-try:  # the output-recording decorator of the in-tree models
-    from transformers.utils.output_capturing import OutputRecorder, capture_outputs
-except ImportError:  # earlier transformers 5.x: one decorator recorded outputs and read the config defaults
-    from transformers.utils.generic import OutputRecorder
-    from transformers.utils.generic import check_model_inputs as capture_outputs
-try:
-    from transformers.modeling_utils import slice_logits_to_keep
-except ImportError:  # earlier transformers 5.x
-
-    def slice_logits_to_keep(hidden_states, logits_to_keep):
-        if isinstance(logits_to_keep, int):
-            return hidden_states[:, -logits_to_keep:, :] if logits_to_keep > 0 else hidden_states
-        return hidden_states[:, logits_to_keep, :]
-
-
-try:
-    from torch.distributed.tensor import distribute_tensor
-except ImportError:  # torch built without distributed
-    distribute_tensor = None
-
 logger = logging.get_logger(__name__)
-
-# Outputs name the KV cache `cache` since transformers renamed `past_key_values`; older 5.x releases did not.
-_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -855,20 +833,6 @@ def _zero_inactive_weights(layers: dict[str, SparseLinear], strict_masks: bool) 
     )
 
 
-def _causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, past_seen):
-    """`create_causal_mask` across transformers 5.x: the cache was `past_key_values`, some took `cache_position`."""
-    kwargs = dict(config=config, attention_mask=attention_mask, position_ids=position_ids)
-    params = _CAUSAL_MASK_PARAMS
-    kwargs["cache" if "cache" in params else "past_key_values"] = cache
-    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = inputs_embeds
-    if "cache_position" in params:
-        kwargs["cache_position"] = torch.arange(
-            past_seen, past_seen + inputs_embeds.shape[1], device=inputs_embeds.device
-        )
-    return create_causal_mask(**kwargs)
-
-
-_CAUSAL_MASK_PARAMS = frozenset(inspect.signature(create_causal_mask).parameters)
 # Attention implementations that are causal by themselves when given no mask.
 _CAUSAL_KERNELS = ("sdpa", "flash_attention_2", "flash_attention_3")
 
@@ -944,9 +908,21 @@ class SparseWideGPTModel(SparseWideGPTPreTrainedModel):
                     "position_ids restart inside a row (packed sequences) but the KV cache is a static one, whose "
                     "masks cannot separate the documents: pass use_cache=False (or a DynamicCache) for packed inputs"
                 )
-            causal_mask = _causal_mask(self.config, inputs_embeds, None, None, position_ids, 0)
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=None,
+                cache=None,
+                position_ids=position_ids,
+            )
         else:
-            causal_mask = _causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids, past_seen)
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=position_ids,
+            )
 
         position_embeds = self.wpe(position_ids).to(inputs_embeds.device)
         hidden_states = self.drop(inputs_embeds + position_embeds)
@@ -960,7 +936,7 @@ class SparseWideGPTModel(SparseWideGPTPreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.ln_f(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache if use_cache else None})
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
 class SparseWideGPTForCausalLM(SparseWideGPTPreTrainedModel, GenerationMixin):
@@ -1016,7 +992,7 @@ class SparseWideGPTForCausalLM(SparseWideGPTPreTrainedModel, GenerationMixin):
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
+            cache=outputs.cache,
         )
 
 

@@ -14,6 +14,7 @@ import torch
 
 from hf_sparse_ift import SparseWideGPTConfig, SparseWideGPTForCausalLM
 from hf_sparse_ift.cli import main
+from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine
 
 
 def tiny_config(**overrides) -> SparseWideGPTConfig:
@@ -165,3 +166,20 @@ def run_refused(
     assert "Traceback" not in err
     assert snapshot(root) == before
     return code
+
+
+def make(method, seed=0, interval=2, total=40, mask_seed=0, **dst):
+    """A tiny model, AdamW and a DST engine with `method` (the DST tests' set-up)."""
+    torch.manual_seed(seed)
+    model = SparseWideGPTForCausalLM(tiny_config(mask_seed=mask_seed))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    engine = DSTEngine(model, opt, DSTConfig(method=method, update_interval=interval, **dst), total_steps=total)
+    return model, opt, engine
+
+
+def train_step(model, opt, engine, generator):
+    x = torch.randint(0, 97, (4, 16), generator=generator)
+    model(x, labels=x).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return engine.step()

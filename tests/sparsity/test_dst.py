@@ -3,28 +3,12 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import make, tiny_config, train_step
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
 from hf_sparse_ift.sparsity import sparse_layers
 from hf_sparse_ift.sparsity.dst import DSTConfig, DSTEngine, summarize
 from hf_sparse_ift.sparsity.masks import select_top_k
-
-
-def make(method, seed=0, interval=2, total=40, mask_seed=0, **dst):
-    torch.manual_seed(seed)
-    model = SparseWideGPTForCausalLM(tiny_config(mask_seed=mask_seed))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    engine = DSTEngine(model, opt, DSTConfig(method=method, update_interval=interval, **dst), total_steps=total)
-    return model, opt, engine
-
-
-def train_step(model, opt, engine, generator):
-    x = torch.randint(0, 97, (4, 16), generator=generator)
-    model(x, labels=x).loss.backward()
-    opt.step()
-    opt.zero_grad()
-    return engine.step()
 
 
 def masks(model):

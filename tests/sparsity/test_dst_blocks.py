@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, train_step
 
 from hf_sparse_ift import BlockSparseLinear, SparseWideGPTForCausalLM
 from hf_sparse_ift.sparsity import sparse_layers
@@ -18,14 +18,6 @@ def make(method, seed=0, interval=2, total=16, fan_in="any", **dst):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     engine = DSTEngine(model, opt, DSTConfig(method=method, update_interval=interval, **dst), total_steps=total)
     return model, opt, engine
-
-
-def train_step(model, opt, engine, generator):
-    x = torch.randint(0, 97, (4, 16), generator=generator)
-    model(x, labels=x).loss.backward()
-    opt.step()
-    opt.zero_grad()
-    return engine.step()
 
 
 def block_masks(model):

@@ -41,7 +41,9 @@ Writes ``train.jsonl`` and ``validation.jsonl`` ({"text", "title", "source"} per
 (per source: package and version, licence and its evidence, documents and tokens per split; the sha256,
 documents and tokens of each file; the total). Tokens are counted with the package's built-in 4096-token BPE
 tokenizer as the data pipeline packs them: a document's ids without special tokens, plus the one EOS that
-packing appends. The split is by whole document and deterministic: a document goes to validation when the
+packing appends. Both files hold their documents in a fixed pseudo-random order (sha256 of the id) that
+interleaves the sources, since a run reads the training file front to back and evaluates on the first batches of
+the validation file. The split is by whole document and deterministic: a document goes to validation when the
 sha256 of its stable id (``source/path-or-chapter``) is 0 modulo --validation-every (default 20, ~5%), so the
 two files never share a document and the split does not depend on which other sources were built. Use it in a
 study or pretraining config as:
@@ -531,6 +533,14 @@ def is_validation(doc_id: str, every: int) -> bool:
     return int(hashlib.sha256(doc_id.encode()).hexdigest(), 16) % every == 0
 
 
+def mixed_order(documents: Iterable[Document]) -> list[Document]:
+    """The documents in the order the files hold them: by sha256 of "order:" + their id, a fixed pseudo-random
+    permutation that interleaves the sources. Pretraining reads a file front to back (with data.shuffle_buffer 0)
+    and evaluates on its first batches, so in source order a run of a million tokens would see only the Bible
+    and be scored on the Bible alone; in this order every prefix of either file is a sample of all sources."""
+    return sorted(documents, key=lambda doc: hashlib.sha256(f"order:{doc.doc_id}".encode()).digest())
+
+
 def select_documents(documents: Iterable[Document], min_chars: int) -> tuple[list[Document], dict[str, dict]]:
     """Documents of at least `min_chars` characters whose text was not seen before, with what was dropped."""
     documents = list(documents)
@@ -607,6 +617,8 @@ def build_manifest(
         "split": f"by document: validation when int(sha256(document id)) % {validation_every} == 0, else train",
         "min_chars": min_chars,
         "deduplication": "exact duplicate texts kept once (the first in source order, then document id)",
+        "order": "documents in both files sorted by sha256('order:' + document id): the sources interleaved, so "
+        "that a run reading a prefix of train and evaluating on a prefix of validation sees every source",
         "sources": per_source,
         "files": {f"{split}.jsonl": {"sha256": file_sha256[split], **files[split]} for split in SPLITS},
         "total_tokens": sum(tokens),
@@ -668,7 +680,11 @@ def main(argv=None) -> int:
     file_sha256 = {
         split: write_jsonl(
             out / f"{split}.jsonl",
-            (doc for doc in documents if is_validation(doc.doc_id, args.validation_every) == (split == "validation")),
+            (
+                doc
+                for doc in mixed_order(documents)
+                if is_validation(doc.doc_id, args.validation_every) == (split == "validation")
+            ),
         )
         for split in SPLITS
     }

@@ -158,6 +158,16 @@ def test_split_is_a_fixed_function_of_the_document_id():
     ]
 
 
+def test_files_interleave_the_sources_in_a_fixed_order():
+    docs = [corpus.Document(source, f"{source}/{i}", str(i), "text") for source in ("a", "b") for i in range(50)]
+    mixed = corpus.mixed_order(docs)
+    assert sorted(doc.doc_id for doc in mixed) == sorted(doc.doc_id for doc in docs)
+    # a prefix (what a short run reads) holds both sources, in an order that does not depend on the input order
+    assert {doc.source for doc in mixed[:10]} == {"a", "b"}
+    assert [doc.doc_id for doc in corpus.mixed_order(reversed(docs))] == [doc.doc_id for doc in mixed]
+    assert [doc.doc_id for doc in mixed[:3]] == ["a/14", "b/39", "a/46"]
+
+
 def test_select_documents_drops_short_texts_and_exact_duplicates():
     docs = [
         corpus.Document("a", "a/1", "one", "x" * 20),
@@ -203,6 +213,9 @@ def test_main_writes_disjoint_splits_and_a_manifest_that_matches_them(tmp_path, 
         for split in ("train", "validation")
     }
     titles = {split: {row["title"] for row in split_rows} for split, split_rows in rows.items()}
+    for split, split_rows in rows.items():  # the files hold their documents in the mixed order
+        expected = [doc.title for doc in corpus.mixed_order(documents) if doc.title in titles[split]]
+        assert [row["title"] for row in split_rows] == expected
     expected_validation = {f"page{i:03d}" for i in range(60) if corpus.is_validation(f"toy/page{i:03d}", 20)}
     assert titles["validation"] == expected_validation
     assert len(expected_validation) == 6

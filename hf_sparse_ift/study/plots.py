@@ -112,17 +112,22 @@ def _plot_final_loss(plt, out: Path, arms: list[ArmResult]) -> str:
         if std:
             ax.axhspan(mean - std, mean + std, color="k", alpha=0.08)
     sparse_wide = [arm for arm in arms if arm.kind is ArmKind.SPARSE_WIDE]
-    for method in sorted({arm.method for arm in sparse_wide}):
-        points = sorted(_loss_point(arm) for arm in sparse_wide if arm.method == method)
+    # one series per method and layout: a block arm sits at the same sparsity as its masked twin
+    for block, method in sorted({(arm.block, arm.method) for arm in sparse_wide}):
+        points = sorted(_loss_point(arm) for arm in sparse_wide if (arm.block, arm.method) == (block, method))
         if dense:
             points = [(0.0, *_loss_point(dense)[1:])] + points
         x, y, error = zip(*points)
-        ax.errorbar(x, y, yerr=error, marker="o", capsize=4, label=f"Sparse Wide + {method}")
+        layout = "" if block == 1 else f", {block}x{block} blocks"
+        style = {"marker": "o"} if block == 1 else {"marker": "P", "linestyle": "--"}
+        ax.errorbar(x, y, yerr=error, capsize=4, label=f"Sparse Wide + {method}{layout}", **style)
     for kind, (marker, label) in CONTROL_MARKERS.items():
-        points = sorted(_loss_point(arm) for arm in arms if arm.kind is kind)
-        if points:
+        for block in sorted({arm.block for arm in arms if arm.kind is kind}):
+            points = sorted(_loss_point(arm) for arm in arms if arm.kind is kind and arm.block == block)
             x, y, error = zip(*points)
-            ax.errorbar(x, y, yerr=error, marker=marker, linestyle="none", capsize=4, color="gray", label=label)
+            layout = "" if block == 1 else f" ({block}x{block} blocks)"
+            color = "gray" if block == 1 else "darkgoldenrod"
+            ax.errorbar(x, y, yerr=error, marker=marker, linestyle="none", capsize=4, color=color, label=label + layout)
     ax.set_xlabel("sparsity s (Sparse Wide widens by sqrt(1/(1-s)); 0 = dense base)")
     ax.set_ylabel("final validation loss (mean ± std over seeds)")
     ax.legend(fontsize=8)

@@ -570,6 +570,42 @@ def test_the_shipped_cpu_small_results_are_regenerated_without_losing_a_run(tmp_
     assert "1.2 tokens per non-embedding parameter (200,064) and 0.52 per parameter" in results["verdict"]["lines"][0]
 
 
+def test_the_shipped_20tpp_results_regenerate_with_every_arm_and_a_plot_series_per_layout(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from hf_sparse_ift.study import plots
+
+    legends = {}
+    save = plots._save
+
+    def save_and_read_legends(plt, fig, out, name):
+        legends[name] = [text.get_text() for ax in fig.axes if ax.get_legend() for text in ax.get_legend().get_texts()]
+        return save(plt, fig, out, name)
+
+    monkeypatch.setattr(plots, "_save", save_and_read_legends)
+    docs = Path(__file__).resolve().parents[2] / "docs" / "study-cpu-20tpp"
+    copy_of_docs = tmp_path / "study-cpu-20tpp"
+    shutil.copytree(docs, copy_of_docs)
+    results = runner.report_only(load_study_config("study-cpu-20tpp", str(copy_of_docs)))
+    old = json.loads((docs / "results.json").read_text())
+    assert {a["name"]: len(a["runs"]) for a in results["arms"]} == {a["name"]: 2 for a in old["arms"]}
+    assert len(old["arms"]) == 9
+    assert {a["name"]: a["final_val_loss"]["mean"] for a in results["arms"]} == {
+        a["name"]: a["final_val_loss"]["mean"] for a in old["arms"]
+    }
+    assert "20.1 tokens per non-embedding parameter (50,880) and 5.50 per parameter" in results["verdict"]["lines"][0]
+    # every arm on the curves; the block arms and their iso-time control as series of their own on the final loss
+    assert len(legends["loss_vs_flops.png"]) == 9
+    assert {
+        "Sparse Wide + set",
+        "Sparse Wide + set, 16x16 blocks",
+        "Sparse Wide + static, 16x16 blocks",
+        "dense, SW's wall-clock",
+        "dense, SW's wall-clock (16x16 blocks)",
+    } <= set(legends["final_loss_vs_sparsity.png"])
+
+
 def test_one_process_per_study_folder(tmp_path, no_plots, caplog):
     import os
     import socket

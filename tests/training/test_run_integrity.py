@@ -442,7 +442,11 @@ def test_ctrl_c_stops_a_real_pretrain_with_one_line_and_no_traceback(tmp_path):
         while not (out / "checkpoint-1").exists() and time.time() < deadline and process.poll() is None:
             time.sleep(0.2)
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=120)
+        try:
+            _, err = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # say where it was, not only that it timed out
+            process.kill()
+            pytest.fail(f"pretrain still ran 120 s after Ctrl-C; its log ends:\n{process.communicate()[1][-4000:]}")
     finally:
         process.kill()
     assert process.returncode == 130 and "Traceback" not in err, err

@@ -8,10 +8,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -387,6 +390,33 @@ class StepLog:
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def stop_at_step_boundary():
+    """While training, the first Ctrl-C (SIGINT) asks the loop to stop once the current step (and its evaluation
+    or checkpoint) is done, then KeyboardInterrupt is raised there; a second Ctrl-C stops at once. Python's own
+    handler raises wherever the main thread is, and a KeyboardInterrupt raised while a finalizer runs (`__del__`,
+    a weakref callback; common when a checkpoint is written every step) is printed as "Exception ignored" and
+    dropped, so the run went on. Only the main thread can set handlers, and a handler someone else installed is
+    left alone: the loop then never asks to stop."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield lambda: False
+        return
+    requested = threading.Event()
+
+    def on_sigint(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()  # nothing printed here: a write to stderr may be what the signal interrupted
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def fit(s: Session) -> dict:
     run, progress, accelerator = s.run, s.progress, s.accelerator
     start = time.time()
@@ -395,33 +425,36 @@ def fit(s: Session) -> dict:
         log.validation(0, 0.0)
     pending = DeferredScalars(accelerator.device)
     s.model.train()
-    while progress.step < run.total_steps:
-        values = train_step(s)
-        # Read one step late, so the host prepares the next batch while the GPU still computes this one.
-        finished = pending.push(values, step=progress.step + 1, lr=s.scheduler.get_last_lr()[0])
-        s.scheduler.step()
-        telemetry = s.engine.step()
-        progress.step += 1
-        progress.tokens += run.tokens_per_step
-        log.window_tokens += run.tokens_per_step
-        if log.bar is not None:
-            log.bar.update(1)
-        if finished is not None:
-            log.record(**finished)
-        if telemetry is not None:
-            _check_masks(s)
-            accelerator.log(summarize(telemetry), step=progress.step)
-        evaluate_now = progress.step % run.config.train.eval_interval == 0 or progress.step == run.total_steps
-        save_now = progress.step % run.config.train.checkpoint_interval == 0 or progress.step == run.total_steps
-        # never evaluate or checkpoint a step whose loss was not checked
-        if (evaluate_now or save_now) and (finished := pending.flush()) is not None:
-            log.record(**finished)
-        if evaluate_now:
-            log.validation(progress.step, progress.wall_seconds + time.time() - start)
-        if save_now:
-            progress.wall_seconds += time.time() - start
-            start = time.time()
-            save_checkpoint(accelerator, s.model, s.tokenizer, run, s.out_dir, progress.step)
+    with stop_at_step_boundary() as stop_requested:
+        while progress.step < run.total_steps:
+            values = train_step(s)
+            # Read one step late, so the host prepares the next batch while the GPU still computes this one.
+            finished = pending.push(values, step=progress.step + 1, lr=s.scheduler.get_last_lr()[0])
+            s.scheduler.step()
+            telemetry = s.engine.step()
+            progress.step += 1
+            progress.tokens += run.tokens_per_step
+            log.window_tokens += run.tokens_per_step
+            if log.bar is not None:
+                log.bar.update(1)
+            if finished is not None:
+                log.record(**finished)
+            if telemetry is not None:
+                _check_masks(s)
+                accelerator.log(summarize(telemetry), step=progress.step)
+            evaluate_now = progress.step % run.config.train.eval_interval == 0 or progress.step == run.total_steps
+            save_now = progress.step % run.config.train.checkpoint_interval == 0 or progress.step == run.total_steps
+            # never evaluate or checkpoint a step whose loss was not checked
+            if (evaluate_now or save_now) and (finished := pending.flush()) is not None:
+                log.record(**finished)
+            if evaluate_now:
+                log.validation(progress.step, progress.wall_seconds + time.time() - start)
+            if save_now:
+                progress.wall_seconds += time.time() - start
+                start = time.time()
+                save_checkpoint(accelerator, s.model, s.tokenizer, run, s.out_dir, progress.step)
+            if stop_requested():
+                raise KeyboardInterrupt
     log.close()
     summary = _write_summary(s)  # a collective (the skipped-document counts): before end_training ends the group
     accelerator.end_training()

@@ -455,6 +455,31 @@ def test_ctrl_c_stops_a_real_pretrain_with_one_line_and_no_traceback(tmp_path):
     assert last.endswith("train.checkpoint_interval=1 --resume"), last
 
 
+def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_training_and_a_second_stops_at_once():
+    import signal
+    import time
+
+    from hf_sparse_ift.training.loop import stop_at_step_boundary
+
+    class Finalized:
+        def __del__(self):  # Python drops a KeyboardInterrupt raised here ("Exception ignored in ...")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # what a terminal-started process has
+    try:
+        with stop_at_step_boundary() as stop_requested:
+            assert not stop_requested()
+            Finalized()
+            assert stop_requested()  # remembered: the loop raises KeyboardInterrupt after the step
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(2)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_in_a_study_names_the_runs_kept_and_the_resume_command(tmp_path, monkeypatch, capsys):
     import hf_sparse_ift.study.runner as runner
     from hf_sparse_ift.cli import main

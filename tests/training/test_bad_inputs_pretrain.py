@@ -4,24 +4,13 @@ folder (which must stay absent) and as --resume of a finished run (whose files m
 
 import json
 
+import helpers
 import pytest
 
 from hf_sparse_ift.cli import main
 
-FAST = [
-    "model.n_layer=2",
-    "model.dense_hidden_size=32",
-    "model.dense_intermediate_size=128",
-    "model.n_head=2",
-    "data.seq_len=32",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=4",
-    "train.eval_batches=2",
-    "train.trackers=[]",
-    "train.progress_bar=false",
-    "data.prefetch_batches=0",
-    "train.max_steps=1",
-]  # should a case not be refused, it trains one step, not the preset's 600
+FAST = [*helpers.FAST, "data.prefetch_batches=0", "train.max_steps=1"]
+# should a case not be refused, it trains one step, not the preset's 600
 
 
 @pytest.fixture(scope="module")

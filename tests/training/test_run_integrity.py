@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import yaml
@@ -20,21 +21,7 @@ from hf_sparse_ift.training.config import DataConfig, load_pretrain_config
 from hf_sparse_ift.training.data import load_documents, resolve_data_source
 from hf_sparse_ift.training.loop import pretrain
 
-FAST = [
-    "model.n_layer=2",
-    "model.dense_hidden_size=32",
-    "model.dense_intermediate_size=128",
-    "model.n_head=2",
-    "data.seq_len=32",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=4",
-    "train.eval_batches=2",
-    "train.log_interval=1",
-    "train.trackers=[]",
-    "train.progress_bar=false",
-    "dst.update_interval=3",
-    "data.prefetch_batches=0",
-]
+FAST = [*helpers.FAST, "train.log_interval=1", "data.prefetch_batches=0"]  # every step logged, no reader thread
 
 
 def config(out, steps=2, *extra):

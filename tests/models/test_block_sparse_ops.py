@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_sparse_ift.models.sparse_wide_gpt import block_sparse
+from hf_sparse_ift.models.sparse_wide_gpt import block_sparse, block_sparse_bsr, block_sparse_cpu
 from hf_sparse_ift.models.sparse_wide_gpt.block_sparse import (
     block_sparse_linear,
     block_sparse_linear_reference,
@@ -52,7 +52,7 @@ def threads(request, monkeypatch):
     """The CPU paths: one GEMM per block on one torch thread (inline) or on two (the worker pool), and the
     batched forward for few tokens; restores the caller's thread setting."""
     before = torch.get_num_threads()
-    monkeypatch.setattr(block_sparse, "FEW_TOKENS", 10**9 if request.param == "few-tokens" else 0)
+    monkeypatch.setattr(block_sparse_cpu, "FEW_TOKENS", 10**9 if request.param == "few-tokens" else 0)
     torch.set_num_threads(2 if request.param == "2threads" else 1)
     yield request.param
     torch.set_num_threads(before)
@@ -187,7 +187,11 @@ def test_bsr_kernel_path_on_cpu_tensors(fan_in):
     bias = torch.randn(64, requires_grad=True)
     grad_output = torch.randn(2, 5, 64)
     got = gradients(
-        lambda x, b, c: block_sparse._BlockSparseLinearBSR.apply(x, b, c, crow, col, 96), x, blocks, bias, grad_output
+        lambda x, b, c: block_sparse._BlockSparseLinear.apply(x, b, c, crow, col, 96, block_sparse_bsr.KERNEL),
+        x,
+        blocks,
+        bias,
+        grad_output,
     )
     want = gradients(
         lambda x, b, c: block_sparse_linear_reference(x, b, crow, col, 96, c), x, blocks, bias, grad_output
@@ -197,7 +201,7 @@ def test_bsr_kernel_path_on_cpu_tensors(fan_in):
 
 
 def test_triton_bsr_kernels_take_only_what_they_support():
-    take = block_sparse._bsr_kernels_take
+    take = block_sparse_bsr.takes
     assert take(torch.Size([64, 64]), torch.bfloat16, 2048)
     assert not take(torch.Size([32, 64]), torch.float32, 2048)  # not square
     assert not take(torch.Size([8, 8]), torch.float32, 2048)  # below 16

@@ -76,7 +76,8 @@ def test_block_model_loads_with_trust_remote_code_without_the_package(tmp_path):
     model = SparseWideGPTForCausalLM(tiny_config(dense_hidden_size=32, sparsity_block=8)).eval()
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
-    assert (ckpt / "block_sparse.py").exists()  # the kernels' interface travels with the model code
+    for code in ("block_sparse.py", "block_sparse_layout.py", "block_sparse_cpu.py", "block_sparse_bsr.py"):
+        assert (ckpt / code).exists(), code  # the kernels travel with the model code
     x = torch.randint(0, 97, (2, 12))
     torch.save(x, tmp_path / "x.pt")
     run_without_the_package(tmp_path, BLOCK_LOADER, ckpt, tmp_path / "x.pt", tmp_path / "out.pt")

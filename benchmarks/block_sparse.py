@@ -50,7 +50,7 @@ import transformers
 from hf_sparse_ift import SparseWideGPTConfig, SparseWideGPTForCausalLM
 from hf_sparse_ift.models.sparse_wide_gpt.block_sparse import block_sparse_linear
 from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import model_summary, round_up, sparse_wide_factor
-from hf_sparse_ift.models.sparse_wide_gpt.modeling_sparse_wide_gpt import SparseLinear
+from hf_sparse_ift.models.sparse_wide_gpt.sparse_layers import SparseLinear
 from hf_sparse_ift.resources import model_config
 from hf_sparse_ift.sparsity.masks import sparse_layers
 from hf_sparse_ift.training.config import OptimConfig

@@ -18,10 +18,10 @@ from torch import nn
 
 from ..models.sparse_wide_gpt import SparseWideGPTConfig, SparseWideGPTForCausalLM
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import _DERIVED_KEYS
-from ..models.sparse_wide_gpt.modeling_sparse_wide_gpt import BlockSparseLinear
+from ..models.sparse_wide_gpt.sparse_layers import BlockSparseLinear, SparseLinear, block_grid_of
 from .masks import sparse_layers
 
-__all__ = ["to_block_model", "to_masked_model"]
+__all__ = ["block_layer_from_masked", "masked_layer_from_block", "to_block_model", "to_masked_model"]
 
 
 def to_masked_model(model: SparseWideGPTForCausalLM) -> SparseWideGPTForCausalLM:
@@ -32,7 +32,7 @@ def to_masked_model(model: SparseWideGPTForCausalLM) -> SparseWideGPTForCausalLM
             f"sparsity={model.config.sparsity}): there are no block layers to convert"
         )
     config = _config_like(model.config, sparsity_block=1, block_fan_in="any")
-    return _convert(model, config, BlockSparseLinear.to_masked)
+    return _convert(model, config, masked_layer_from_block)
 
 
 def to_block_model(
@@ -49,7 +49,7 @@ def to_block_model(
         raise ValueError(f"the model has no sparse layers (sparsity={model.config.sparsity}): nothing to convert")
     config = _config_like(model.config, sparsity_block=sparsity_block, block_fan_in=block_fan_in)
     return _convert(
-        model, config, lambda layer: BlockSparseLinear.from_masked(layer, config.block_shape, config.block_fan_in)
+        model, config, lambda layer: block_layer_from_masked(layer, config.block_shape, config.block_fan_in)
     )
 
 
@@ -93,3 +93,70 @@ def _convert(
     if left or unexpected:
         raise RuntimeError(f"conversion left parameters unset {left} or unused {unexpected}")
     return target.train(model.training)
+
+
+@torch.no_grad()
+@torch.no_grad()
+def block_layer_from_masked(
+    linear: SparseLinear, sparsity_block: tuple[int, int], block_fan_in: str = "any"
+) -> BlockSparseLinear:
+    """The block layer holding exactly the weights of `linear`, whose mask must be made of whole blocks."""
+    rows, cols = sparsity_block
+    out_features, in_features = linear.weight.shape
+    grid_rows, grid_cols = block_grid_of(out_features, in_features, sparsity_block)
+    per_block = linear.weight_mask.reshape(grid_rows, rows, grid_cols, cols).sum(dim=(1, 3))
+    partial = int(((per_block > 0) & (per_block < rows * cols)).sum())
+    if partial:
+        raise ValueError(
+            f"{partial} of the {grid_rows * grid_cols} blocks of {rows}x{cols} in this layer's mask are only "
+            f"partly active: a mask made of whole blocks is needed to store the layer block by block"
+        )
+    block_mask = per_block > 0
+    counts = block_mask.sum(dim=1)
+    if block_fan_in == "constant" and not bool((counts == counts[0]).all()):
+        raise ValueError(
+            f"block_fan_in='constant' needs the same number of active blocks in every block-row; this mask has "
+            f"between {int(counts.min())} and {int(counts.max())}"
+        )
+    n_active = int(block_mask.sum())
+    block = BlockSparseLinear(
+        in_features,
+        out_features,
+        bias=linear.bias is not None,
+        sparsity_block=sparsity_block,
+        sparsity=1.0 - n_active / block_mask.numel(),
+        block_fan_in=block_fan_in,
+        mask_seed=linear.mask_seed,
+        residual_projection=linear.residual_projection,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )
+    block.set_block_mask(block_mask)
+    block._mask_source = "checkpoint"
+    grid = linear.weight.reshape(grid_rows, rows, grid_cols, cols).permute(0, 2, 1, 3)
+    block.weight_blocks.copy_(grid[block_mask])
+    if linear.bias is not None:
+        block.bias.copy_(linear.bias)
+    return block
+
+
+@torch.no_grad()
+def masked_layer_from_block(layer: BlockSparseLinear) -> SparseLinear:
+    """The `SparseLinear` with the weights and mask of the block layer `layer` (inactive weights +0.0)."""
+    weight = layer.weight_blocks
+    linear = SparseLinear(
+        layer.in_features,
+        layer.out_features,
+        bias=layer.bias is not None,
+        sparsity=layer.sparsity,
+        mask_seed=layer.mask_seed,
+        residual_projection=layer.residual_projection,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    linear.weight_mask.copy_(layer.weight_mask)
+    linear._mask_source = "checkpoint"
+    linear.weight.copy_(layer.dense_weight())
+    if layer.bias is not None:
+        linear.bias.copy_(layer.bias)
+    return linear

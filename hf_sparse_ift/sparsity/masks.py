@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..models.sparse_wide_gpt.layer_utils import is_sparse_layer
-from ..models.sparse_wide_gpt.modeling_sparse_wide_gpt import BlockSparseLinear, SparseLinear, derive_seed
+from ..models.sparse_wide_gpt.sparse_layers import BlockSparseLinear, SparseLinear, derive_seed
 from ..models.sparse_wide_gpt.sparse_safetensors import pack_bits
 
 __all__ = [

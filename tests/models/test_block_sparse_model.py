@@ -11,7 +11,7 @@ from helpers import tiny_config
 from hf_sparse_ift import BlockSparseLinear, SparseLinear, SparseWideGPTConfig, SparseWideGPTForCausalLM
 from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import count_flops, layer_inactive_weights, num_inactive_blocks
 from hf_sparse_ift.sparsity import parameter_counts, sparse_layers
-from hf_sparse_ift.sparsity.blocks import to_block_model, to_masked_model
+from hf_sparse_ift.sparsity.blocks import masked_layer_from_block, to_block_model, to_masked_model
 
 
 def block_config(**overrides) -> SparseWideGPTConfig:
@@ -122,7 +122,7 @@ def test_sparsity_block_1_is_todays_model():
 
 # --- the layer ----------------------------------------------------------------------------------------------
 def masked_twin(layer: BlockSparseLinear) -> SparseLinear:
-    return layer.to_masked()
+    return masked_layer_from_block(layer)
 
 
 @pytest.mark.parametrize("fan_in", ["any", "constant"])

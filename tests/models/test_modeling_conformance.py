@@ -28,6 +28,7 @@ from transformers.utils import logging as hf_logging
 
 from hf_sparse_ift import SparseWideGPTConfig, SparseWideGPTForCausalLM, SparseWideGPTModel
 from hf_sparse_ift.models.sparse_wide_gpt import modeling_sparse_wide_gpt as modeling
+from hf_sparse_ift.models.sparse_wide_gpt import sparse_checkpoint
 from hf_sparse_ift.models.sparse_wide_gpt.convert_gpt2 import gpt2_to_sparse_wide
 from hf_sparse_ift.sparsity import sparse_layers
 
@@ -431,7 +432,7 @@ def test_a_checkpoint_without_masks_is_an_error_unless_rebuilt_from_weights(chec
         AutoModelForCausalLM.from_pretrained(path)
     with pytest.raises(ValueError, match="rebuild_masks='from_wieghts' is invalid"):
         AutoModelForCausalLM.from_pretrained(path, rebuild_masks="from_wieghts")
-    logger = hf_logging.get_logger(modeling.__name__)
+    logger = hf_logging.get_logger(sparse_checkpoint.__name__)
     with LoggingLevel(logging.WARNING), CaptureLogger(logger) as captured:
         rebuilt = AutoModelForCausalLM.from_pretrained(path, rebuild_masks="from_weights")
     assert "Rebuilt the masks of 12 sparse layer(s)" in captured.out and "cannot be recovered" in captured.out
@@ -451,7 +452,7 @@ def test_nonzero_weights_at_masked_positions_are_zeroed_and_counted(checkpoint):
         weight[inactive[:, 0], inactive[:, 1]] = 0.5
         tampered[name + ".weight"] = weight
     rewrite(path, tampered)
-    logger = hf_logging.get_logger(modeling.__name__)
+    logger = hf_logging.get_logger(sparse_checkpoint.__name__)
     with LoggingLevel(logging.WARNING), CaptureLogger(logger) as captured:
         loaded = AutoModelForCausalLM.from_pretrained(path)
     assert (

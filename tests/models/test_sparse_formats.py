@@ -313,12 +313,12 @@ def test_without_the_loading_conversion_a_compressed_checkpoint_is_refused(tmp_p
     unexpected keys and the sparse layers without tensors; loading must fail, never return random layers."""
     from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 
-    from hf_sparse_ift.models.sparse_wide_gpt import sparse_safetensors
+    from hf_sparse_ift.models.sparse_wide_gpt import sparse_checkpoint
 
     tiny_model.save_pretrained(tmp_path / "c")
     tiny_model.save_pretrained(tmp_path / "p", sparse_format="plain")
     monkeypatch.setattr(
-        sparse_safetensors,
+        sparse_checkpoint,
         "register_sparse_layouts",
         lambda model_type: register_checkpoint_conversion_mapping(model_type, [], overwrite=True),
     )

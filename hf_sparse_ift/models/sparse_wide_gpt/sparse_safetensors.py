@@ -34,16 +34,14 @@ No pickle: only safetensors files and JSON.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import ConversionOps, WeightConverter
 
-from .condensed_linear import CONDENSED_FORMAT, CondensedLinear, condense_model, sparse_format_of_condensed
+from .condensed_linear import CONDENSED_FORMAT
 from .layer_utils import full_tensor, is_masked_layer
 
 BITMASK_FORMAT = "bitmask-values-v1"
@@ -60,8 +58,6 @@ __all__ = [
     "BITMASK_FORMAT",
     "PLAIN",
     "DecodeSparseLayer",
-    "SparseCheckpointMixin",
-    "check_sparse_load",
     "compress_state_dict",
     "compress_weight",
     "decompress_state_dict",
@@ -283,175 +279,3 @@ def _recording_conversion_errors():
         yield _conversion_errors.messages
     finally:
         _conversion_errors.messages = None
-
-
-def check_sparse_load(model, loading_info: dict) -> None:
-    """The guard: refuse a load that left a checkpoint's sparse layout undecoded or a sparse layer without its tensors.
-
-    Such a model would compute with freshly initialised sparse layers; transformers only warns about keys."""
-    fmt = getattr(model.config, "sparse_format", None)
-    name = fmt.get("format") if isinstance(fmt, dict) else None
-    if name is not None and name not in KNOWN_FORMATS:
-        raise ValueError(
-            f"checkpoint sparse_format {name!r} is not supported by this code; supported: {list(KNOWN_FORMATS)} "
-            f"(and the plain layout)"
-        )
-    unexpected = sorted(k for k in loading_info["unexpected_keys"] if k.endswith(_LAYOUT_TENSORS))
-    if unexpected:
-        raise ValueError(
-            f"the checkpoint's sparse tensors {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''} were not decoded "
-            f"into the model: the checkpoint conversion registered for model type {model.config.model_type!r} "
-            f"(transformers.conversion_mapping) did not apply, or this model's config does not match the checkpoint. "
-            f"Refusing to return a model whose sparse layers would be randomly initialised."
-        )
-    missing = set(loading_info["missing_keys"])
-    for layer_name, layer in model.named_modules():
-        if isinstance(layer, CondensedLinear):
-            absent = [f"{layer_name}.{key}" for key in layer.state_dict() if f"{layer_name}.{key}" in missing]
-        elif is_masked_layer(layer):  # a weight without its mask is `rebuild_masks`' case, not this one
-            required = [f"{layer_name}.weight", f"{layer_name}.weight_mask"]
-            absent = required if all(key in missing for key in required) else []
-        else:
-            continue
-        if absent:
-            raise ValueError(
-                f"the checkpoint has no tensors for the sparse layer {layer_name!r} (missing {absent[:3]}): it would be "
-                f"left randomly initialised. Is the checkpoint of another model, or in a layout this code cannot read?"
-            )
-
-
-def _local_checkpoint_state_dict(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{folder} has no .safetensors files to load")
-    state_dict = {}
-    for file in files:
-        state_dict.update(load_file(file))
-    return decompress_state_dict(state_dict)
-
-
-@contextlib.contextmanager
-def _config_format(config, value):
-    previous = getattr(config, "sparse_format", None)
-    config.sparse_format = value
-    try:
-        yield
-    finally:
-        config.sparse_format = previous
-
-
-def _model_format(model) -> str | None:
-    """What the model holds: condensed layers, masked sparse layers, or neither."""
-    kinds = {
-        CONDENSED_FORMAT if isinstance(m, CondensedLinear) else BITMASK_FORMAT
-        for m in model.modules()
-        if isinstance(m, CondensedLinear) or is_masked_layer(m)
-    }
-    if len(kinds) > 1:
-        raise ValueError("the model mixes condensed and masked sparse layers; condense all of them or none")
-    return kinds.pop() if kinds else None
-
-
-class SparseCheckpointMixin:
-    """`save_pretrained` / `push_to_hub` / `from_pretrained` with the compressed and condensed layouts."""
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """As `PreTrainedModel.from_pretrained`, reading the compressed and condensed layouts, with the guard."""
-        register_sparse_layouts(cls.config_class.model_type)
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        if kwargs.get("tp_plan") is not None or kwargs.get("device_mesh") is not None:
-            pretrained_model_name_or_path = cls._decode_for_tensor_parallel(pretrained_model_name_or_path, kwargs)
-        with _recording_conversion_errors() as errors:
-            try:
-                model, loading_info = super().from_pretrained(
-                    pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-                )
-            except RuntimeError as err:
-                if errors:  # our conversion failed: say how, not only that it did
-                    raise ValueError(errors[0]) from err
-                raise
-        check_sparse_load(model, loading_info)
-        return (model, loading_info) if output_loading_info else model
-
-    @classmethod
-    def _decode_for_tensor_parallel(cls, path, kwargs: dict):
-        """Tensor-parallel loading slices each checkpoint tensor like its target weight, which packed mask bits cannot
-        be: a compressed checkpoint is decoded here and handed over as ``state_dict`` (plain ones load as usual)."""
-        config = kwargs.get("config")
-        if config is None or isinstance(config, (str, os.PathLike)):
-            config = cls.config_class.from_pretrained(config or path)
-        fmt = config.sparse_format.get("format") if isinstance(config.sparse_format, dict) else None
-        if fmt == CONDENSED_FORMAT:
-            raise ValueError(
-                f"{path} is condensed ({CONDENSED_FORMAT}), for CPU inference: tensor parallelism cannot split it. "
-                "Load the masked checkpoint it was made from with tp_plan instead."
-            )
-        if fmt != BITMASK_FORMAT:
-            return path
-        if not Path(path).is_dir():
-            raise ValueError(
-                f"tensor-parallel loading of the compressed layout ({BITMASK_FORMAT}) reads a local folder: download "
-                f"{path} first (huggingface_hub.snapshot_download) or decompress it (hf-sparse-ift decompress)"
-            )
-        kwargs["config"] = config
-        kwargs["state_dict"] = _local_checkpoint_state_dict(Path(path))
-        return None
-
-    def save_pretrained(
-        self,
-        save_directory,
-        is_main_process: bool = True,
-        state_dict: dict | None = None,
-        *args,
-        sparse_format: str | None = "auto",
-        **kwargs,
-    ):
-        """As `PreTrainedModel.save_pretrained`, plus ``sparse_format``:
-
-        * ``"auto"`` (default): ``bitmask-values-v1`` for a model with masked sparse layers, the condensed layout for a
-          condensed model, the plain layout for a dense one;
-        * ``"bitmask-values-v1"``: the compressed layout (a model without sparse layers is saved plain);
-        * ``"plain"`` or ``None``: dense weights plus bool masks, as written before the compressed layout existed.
-        """
-        held = _model_format(self)
-        wanted = PLAIN if sparse_format is None else sparse_format
-        valid = ("auto", BITMASK_FORMAT, PLAIN)
-        if wanted not in valid:
-            raise ValueError(f"sparse_format={sparse_format!r} is invalid: expected one of {list(valid)} or None")
-        if held == CONDENSED_FORMAT and wanted != "auto":
-            raise ValueError(
-                f"sparse_format={sparse_format!r} is invalid for a condensed model: it holds no masks "
-                f"or dense weights; save it with sparse_format='auto' ({CONDENSED_FORMAT})"
-            )
-        # The loading conversion has no reverse: transformers must save the state dict it is given as it is.
-        kwargs.setdefault("save_original_format", False)
-        if held == CONDENSED_FORMAT:
-            layout = sparse_format_of_condensed(self)
-        elif held is None or wanted == PLAIN or kwargs.get("distributed_checkpoint"):
-            layout = None
-        else:
-            layout = format_config()
-            state_dict = compress_state_dict(self.state_dict() if state_dict is None else state_dict)
-        with _config_format(self.config, layout):
-            return super().save_pretrained(save_directory, is_main_process, state_dict, *args, **kwargs)
-
-    def push_to_hub(self, *args, sparse_format: str | None = "auto", **kwargs):
-        """As `PreTrainedModel.push_to_hub`; ``sparse_format`` as in `save_pretrained` (``"plain"`` keeps the plain layout)."""
-        save = self.save_pretrained
-
-        def save_with_format(*a, **k):
-            k.setdefault("sparse_format", sparse_format)
-            return save(*a, **k)
-
-        self.save_pretrained = save_with_format
-        try:
-            return super().push_to_hub(*args, **kwargs)
-        finally:
-            del self.save_pretrained
-
-    def condense(self, representation: str = "auto"):
-        """Replace every masked sparse linear by a `CondensedLinear` (in place; see `condensed_linear.py`). Returns the model."""
-        return condense_model(self, representation)

@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from ...models.sparse_wide_gpt.layer_utils import full_tensor
 from ..masks import BlockSparseLinear, SparseLinear, count_differing_bits, pack_bits, sparse_layers
 from ..spectral import mask_graph_stats
+from .block_grid import active_block_norms, block_norms, block_slots
 from .config import DSTConfig
 from .methods import METHODS, LayerUpdate
 
@@ -173,12 +174,12 @@ class DSTEngine:
         """What the method sees of one layer: its units (weights or blocks), their magnitudes and dense gradients."""
         if isinstance(layer, BlockSparseLinear):
             weight = full_tensor(layer.weight_blocks.detach())
-            magnitude = layer.active_block_norms(weight)
+            magnitude = active_block_norms(layer, weight)
             mask = layer.block_mask
             constant_fan_in = layer.block_fan_in == "constant"
 
             def dense_grad():
-                return layer.block_norms(self._dense_grad(name))
+                return block_norms(layer, self._dense_grad(name))
         else:
             weight = full_tensor(layer.weight.detach())
             magnitude = weight.abs()
@@ -244,7 +245,7 @@ class DSTEngine:
         """Install the block mask `new` (same number of active blocks): kept blocks keep their values and optimizer
         state, moved to the slot of their place in the new block index; regrown blocks take the dropped blocks'
         slots and start at zero, with zero optimizer state."""
-        source = layer.block_slots(new)  # old slot of each new active block, -1 for regrown ones
+        source = block_slots(layer, new)  # old slot of each new active block, -1 for regrown ones
         kept = (source >= 0).view(-1, 1, 1)
         source = source.clamp(min=0)
 

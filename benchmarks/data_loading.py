@@ -35,9 +35,9 @@ import datasets
 import tokenizers
 import torch
 
+from hf_sparse_ift.data.config import DataConfig
+from hf_sparse_ift.data.pipeline import Batches, PackedStream, load_tokenizer, resolve_data_source
 from hf_sparse_ift.resources import builtin_dir
-from hf_sparse_ift.training.config import DataConfig
-from hf_sparse_ift.training.data import Batches, PackedStream, load_tokenizer, resolve_data_source
 
 # (name, documents per tokenizer call, batches made ahead); the first is the pipeline before prefetching.
 SETTINGS = [

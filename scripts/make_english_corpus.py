@@ -672,7 +672,7 @@ def main(argv=None) -> int:
         documents += read
     documents, dropped = select_documents(documents, args.min_chars)
 
-    from hf_sparse_ift.training.data import load_tokenizer
+    from hf_sparse_ift.data.pipeline import load_tokenizer
 
     tokens = count_tokens([doc.text for doc in documents], load_tokenizer("builtin").backend_tokenizer)
     out = Path(args.out)

@@ -58,7 +58,7 @@ def model_tokenizer(identity: dict, tokenizer: str | None, vocab_size: int | Non
     """The tokenizer to score `identity` with, checked before the model is loaded: ``--tokenizer`` (loaded here and
     returned), else None for the model's own, which a local folder must hold: a folder from `save_pretrained` of a
     model alone has none, and transformers would then fail with an unrelated message."""
-    from ..training.data import load_tokenizer
+    from ..data.pipeline import load_tokenizer
 
     if tokenizer is None:
         folder = identity.get("path")

@@ -77,8 +77,8 @@ def perplexity(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..training.config import BUILTIN, DataConfig
-    from ..training.data import load_tokenizer, resolve_data_source, validation_batches
+    from ..data.config import BUILTIN, DataConfig
+    from ..data.pipeline import load_tokenizer, resolve_data_source, validation_batches
     from .harness import model_tokenizer
 
     source = identity.get("path") or identity["hub_id"]

@@ -46,7 +46,7 @@ class RepeatedDataError(ValueError):
 # Data: how many tokens one epoch holds, and which sequences come first
 # ----------------------------------------------------------------------------------------------
 def _stream(cfg: PretrainConfig, seed: int, endless: bool):
-    from ..training.data import PackedStream, load_tokenizer, resolve_data_source
+    from ..data.pipeline import PackedStream, load_tokenizer, resolve_data_source
 
     source = resolve_data_source(cfg.data)  # what the runs read, held-out slice excluded
     tokenizer = load_tokenizer(source.tokenizer)

@@ -24,6 +24,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
+from ..data.pipeline import Batches, PackedStream, validation_batches
 from ..models.sparse_wide_gpt.modeling_sparse_wide_gpt import SparseWideGPTForCausalLM
 from ..sparsity import parameter_counts
 from ..sparsity.dst import DSTEngine, summarize
@@ -40,7 +41,6 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import PretrainConfig
-from .data import Batches, PackedStream, validation_batches
 from .hardware import peak_flops, set_sdpa_backend
 from .optimizer import build_optimizer, build_scheduler
 from .run import RunConfig, resolve_run

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from ..data.pipeline import DataSource, load_tokenizer, resolve_data_source
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
 from ..models.sparse_wide_gpt.iso_flop import model_summary
 from .config import PretrainConfig, build_pretrain_config
-from .data import DataSource, load_tokenizer, resolve_data_source
 from .hardware import available_memory_bytes, resolve_mixed_precision
 
 # Keys that may differ on --resume: they change how the run is watched or how fast it goes, or extend it.

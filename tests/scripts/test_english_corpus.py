@@ -193,7 +193,7 @@ def test_count_tokens_adds_one_eos_per_document_across_batches():
 
 
 def test_main_writes_disjoint_splits_and_a_manifest_that_matches_them(tmp_path, monkeypatch):
-    from hf_sparse_ift.training.data import load_tokenizer
+    from hf_sparse_ift.data.pipeline import load_tokenizer
 
     texts = {
         f"toy/page{i:03d}": f"Page {i} says that the quick brown fox jumps over the lazy dog. " * 3 for i in range(60)

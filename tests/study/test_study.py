@@ -332,7 +332,7 @@ def test_bad_block_sizes_are_refused(change, message):
 @pytest.mark.slow
 def test_smoke_study_files_invariants_skip_and_resume(tmp_path, monkeypatch):
     batches, calls = {}, []
-    from hf_sparse_ift.training import data
+    from hf_sparse_ift.data import pipeline as data
 
     original_next, original_pretrain = data.Batches.__next__, runner.pretrain
     current = {"run": "calibration"}  # the calibration times real training steps, on the real data stream

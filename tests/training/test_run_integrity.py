@@ -17,8 +17,9 @@ import pytest
 import torch
 import yaml
 
-from hf_sparse_ift.training.config import DataConfig, load_pretrain_config
-from hf_sparse_ift.training.data import load_documents, resolve_data_source
+from hf_sparse_ift.data.config import DataConfig
+from hf_sparse_ift.data.pipeline import load_documents, resolve_data_source
+from hf_sparse_ift.training.config import load_pretrain_config
 from hf_sparse_ift.training.loop import pretrain
 
 FAST = [*helpers.FAST, "train.log_interval=1", "data.prefetch_batches=0"]  # every step logged, no reader thread
@@ -266,7 +267,7 @@ def test_a_local_copy_of_the_pile_streams_through_the_recipes_path(tmp_path):
     """The GPT-3 Small configs stream a Hub dataset of .jsonl.zst shards (train/NN.jsonl.zst, val.jsonl.zst): a
     local folder laid out like it is read by the same `load_dataset(name, split=..., streaming=True)` call, with the
     recipe's shuffle buffer and context, each rank streaming its own shards."""
-    from hf_sparse_ift.training.data import BadTextError, PackedStream, load_tokenizer
+    from hf_sparse_ift.data.pipeline import BadTextError, PackedStream, load_tokenizer
 
     pile = tmp_path / "pile-uncopyrighted"
     train_docs = pile_documents(300) + pile_documents(300, "more")
@@ -297,7 +298,7 @@ def test_a_local_copy_of_the_pile_streams_through_the_recipes_path(tmp_path):
 
 # 14. bad text: named (file, column, row) or, with data.bad_text=skip, left out and counted -----------------------
 def test_bad_text_past_the_checked_documents_is_named_when_reached(tmp_path):
-    from hf_sparse_ift.training.data import CHECKED_DOCUMENTS, BadTextError, PackedStream, load_tokenizer
+    from hf_sparse_ift.data.pipeline import CHECKED_DOCUMENTS, BadTextError, PackedStream, load_tokenizer
 
     docs = [{"text": d} for d in documents(CHECKED_DOCUMENTS + 200)]
     docs[CHECKED_DOCUMENTS + 99]["text"] = None  # row 1100: after the documents checked before training

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from hf_sparse_ift.training.config import DataConfig
-from hf_sparse_ift.training.data import (
+from hf_sparse_ift.data.config import DataConfig
+from hf_sparse_ift.data.pipeline import (
     DataSource,
     PackedStream,
     load_tokenizer,
@@ -91,7 +91,7 @@ def test_local_text_files(tmp_path, tokenizer):
 
 
 def test_prefetched_batches_equal_on_demand_ones_and_resume_exactly(corpus, tokenizer):
-    from hf_sparse_ift.training.data import Batches
+    from hf_sparse_ift.data.pipeline import Batches
 
     _, path = corpus
     cfg = source(data_files=path, text_column="body", seq_len=16, validation_split=None)
@@ -116,7 +116,7 @@ def test_prefetched_batches_equal_on_demand_ones_and_resume_exactly(corpus, toke
 
 
 def test_prefetch_thread_errors_reach_the_training_loop(corpus, tokenizer):
-    from hf_sparse_ift.training.data import Batches
+    from hf_sparse_ift.data.pipeline import Batches
 
     _, path = corpus
     cfg = DataSource(

@@ -21,17 +21,13 @@ import json
 import logging
 import shutil
 import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import yaml
 
-from ..training.checkpoint import RunLock, list_checkpoints
-from ..training.config import PretrainConfig
-from ..training.loop import pretrain, setup, train_step
-from ..training.run import resolve_run
+from ..training import PretrainConfig, RunLock, list_checkpoints, pretrain, time_training_steps
 from .arms import Arm, build_arms, iso_time_reference
 from .config import ArmKind, StudyConfig, build_study_config
 
@@ -114,29 +110,6 @@ def check_data(study: StudyConfig, arms: list[Arm]) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Iso-time calibration
 # ----------------------------------------------------------------------------------------------
-def _timed_steps(cfg: PretrainConfig, steps: int, warmup: int) -> list[float]:
-    """Seconds of each of `steps` optimizer steps after `warmup` ones, as a run takes them: the training loop's
-    own `train_step` (accelerate, its precision and clipping, the run's data stream), the schedule and the DST
-    update. Nothing is evaluated, logged or saved."""
-    session = setup(resolve_run(cfg, 1), resume=False)
-    device = session.accelerator.device
-    times = []
-    try:
-        for i in range(warmup + steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            values = train_step(session)
-            session.scheduler.step()
-            session.engine.step()
-            values.tolist()  # wait for the step to finish
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    finally:
-        session.train_batches.close()
-    return times
-
-
 def _calibration_warnings(arm: Arm, ratio: float, dense_seconds: float, sw_seconds: float) -> list[str]:
     """A masked Sparse Wide step runs the dense base's matmuls at k² = 1/(1-s) times the block-layer size: it
     cannot be faster than the dense step. A measured ratio below 1 means the timing is noise (too few steps,
@@ -183,8 +156,8 @@ def calibrate_iso_time(study: StudyConfig, arms: list[Arm], out: Path) -> dict:
             cfg.train.trackers = []
         dense_times, sw_times = [], []
         for _ in range(settings.rounds):
-            dense_times += _timed_steps(dense_cfg, settings.steps, settings.warmup_steps)
-            sw_times += _timed_steps(sw_cfg, settings.steps, settings.warmup_steps)
+            dense_times += time_training_steps(dense_cfg, settings.steps, settings.warmup_steps)
+            sw_times += time_training_steps(sw_cfg, settings.steps, settings.warmup_steps)
         dense_seconds, sw_seconds = statistics.median(dense_times), statistics.median(sw_times)
         ratio = sw_seconds / dense_seconds
         arm.steps = max(1, round(reference.steps * ratio))

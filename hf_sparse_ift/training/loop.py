@@ -255,6 +255,29 @@ def train_step(s: Session) -> torch.Tensor:
     return torch.stack([s.accelerator.reduce(step_loss, reduction="mean"), grad_norm.detach().float()])
 
 
+def time_training_steps(cfg: PretrainConfig, steps: int, warmup: int) -> list[float]:
+    """Seconds of each of `steps` optimizer steps after `warmup` ones, as a run of `cfg` takes them: `train_step`
+    (accelerate, its precision and clipping, the run's data stream), the schedule and the DST update. Nothing is
+    evaluated, logged or saved. The study's iso-time calibration times its arms with it."""
+    session = setup(resolve_run(cfg, 1), resume=False)
+    device = session.accelerator.device
+    times = []
+    try:
+        for i in range(warmup + steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            values = train_step(session)
+            session.scheduler.step()
+            session.engine.step()
+            values.tolist()  # wait for the step to finish
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    finally:
+        session.train_batches.close()
+    return times
+
+
 @torch.no_grad()
 def evaluate(s: Session) -> float | None:
     """Mean loss over the fixed held-out batches (all ranks)."""

@@ -689,7 +689,7 @@ def test_an_implausible_calibration_is_warned_with_its_numbers(tmp_path, monkeyp
     def timed(cfg, steps, warmup):
         return [seconds[cfg.model_config().sparsity > 0]] * steps
 
-    monkeypatch.setattr(runner, "_timed_steps", timed)
+    monkeypatch.setattr(runner, "time_training_steps", timed)
     tmp_path.mkdir(exist_ok=True)
     calibration = runner.calibrate_iso_time(study, arms, tmp_path)
     expected = (
@@ -706,16 +706,18 @@ def test_an_implausible_calibration_is_warned_with_its_numbers(tmp_path, monkeyp
 def test_calibration_times_the_training_loops_own_step(tmp_path, monkeypatch):
     study = build_study_config(tiny_study(tmp_path))
     calls = []
-    real_step = runner.train_step
+    from hf_sparse_ift.training import loop
+
+    real_step = loop.train_step
 
     def counted(session):
         calls.append(session.run.config.train.output_dir)
         return real_step(session)
 
-    monkeypatch.setattr(runner, "train_step", counted)
+    monkeypatch.setattr(loop, "train_step", counted)
     cfg = build_arms(study)[0].pretrain_config(str(tmp_path / "calibration-runs" / "dense"), 0)
     cfg.train.trackers = []
-    times = runner._timed_steps(cfg, steps=2, warmup=1)
+    times = runner.time_training_steps(cfg, steps=2, warmup=1)
     assert len(times) == 2 and all(t > 0 for t in times)
     assert calls == [str(tmp_path / "calibration-runs" / "dense")] * 3
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 
+from .errors import UsageError
+
 
 def invalid(key: str, value, allowed: str):
-    raise ValueError(f"{key}={value!r} is invalid: {allowed}")
+    raise UsageError(f"{key}={value!r} is invalid: {allowed}")
 
 
 def integer(key: str, value, low: int = 1, allow_none: bool = False) -> None:

@@ -6,10 +6,14 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from .models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
 
 
 def _shipped(folder: str) -> Path:
@@ -43,7 +47,7 @@ def resolve_config_path(name_or_path: str | Path, folder: str = "") -> Path:
     if candidate.exists():
         return candidate
     names = sorted(p.stem for p in (configs_dir() / folder).glob("*.yaml"))
-    raise ValueError(f"no config file or preset named {str(name_or_path)!r}; presets in configs/{folder}: {names}")
+    raise UsageError(f"no config file or preset named {str(name_or_path)!r}; presets in configs/{folder}: {names}")
 
 
 class _YAMLLoader(yaml.SafeLoader):
@@ -73,12 +77,14 @@ def load_yaml(path: str | Path) -> dict:
     with open(path) as f:
         data = parse_yaml(f.read()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise UsageError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
 
 def model_config(name_or_path: str | Path, **overrides) -> SparseWideGPTConfig:
     """`SparseWideGPTConfig` from a model preset (``configs/models/<name>.yaml``) or a YAML path."""
+    from .models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
+
     values = load_yaml(resolve_config_path(name_or_path, "models"))
     values.update(overrides)
     return SparseWideGPTConfig(**values)

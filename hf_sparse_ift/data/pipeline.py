@@ -32,6 +32,7 @@ import torch
 from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 
+from ..errors import InputNotFoundError, UsageError
 from ..resources import builtin_dir
 from .config import BUILTIN, LOCAL_LOADERS, DataConfig
 
@@ -83,12 +84,12 @@ def load_tokenizer(name: str, key: str = "data.tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         if _is_offline_error(err):
-            raise ValueError(
+            raise UsageError(
                 f"{key}={name!r}: cannot reach the Hub to load it (offline); pass a local tokenizer folder or builtin"
             ) from None
-        raise ValueError(f"{key}={name!r} cannot be loaded: {err}") from None
+        raise UsageError(f"{key}={name!r} cannot be loaded: {err}") from None
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {name!r} has no EOS token, which packing needs between documents")
+        raise UsageError(f"tokenizer {name!r} has no EOS token, which packing needs between documents")
     return tokenizer
 
 
@@ -121,7 +122,7 @@ def _local_files(cfg: DataConfig) -> dict[str, list[str]]:
         for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
             found = sorted(glob.glob(os.path.expanduser(str(pattern))))
             if not found:
-                raise FileNotFoundError(f"data.data_files: {pattern!r} (split {split!r}) matches no file")
+                raise InputNotFoundError(f"data.data_files: {pattern!r} (split {split!r}) matches no file")
             paths += found
         resolved[split] = paths
     return resolved
@@ -135,14 +136,14 @@ def _infer_loader(files: dict[str, list[str]]) -> str:
             suffixes.pop()
         loader = _LOADER_BY_SUFFIX.get(suffixes[-1] if suffixes else "")
         if loader is None:
-            raise ValueError(
+            raise UsageError(
                 f"data.data_files: cannot tell the format of {path!r} from its name; expected "
                 f"{sorted(_LOADER_BY_SUFFIX)} (optionally compressed {list(_COMPRESSION)}), or set "
                 f"data.dataset to one of {list(LOCAL_LOADERS)}"
             )
         loaders.add(loader)
     if len(loaders) > 1:
-        raise ValueError(f"data.data_files mixes formats {sorted(loaders)}; use files of one format")
+        raise UsageError(f"data.data_files mixes formats {sorted(loaders)}; use files of one format")
     return loaders.pop()
 
 
@@ -167,7 +168,7 @@ def resolve_data_source(cfg: DataConfig) -> DataSource:
     """What the run will read, checked by reading the first document of every stream (before any work)."""
     if cfg.data_files is not None:
         if cfg.dataset not in (BUILTIN, *LOCAL_LOADERS):
-            raise ValueError(
+            raise UsageError(
                 f"data.dataset={cfg.dataset!r} with data.data_files: data_files are local files; set "
                 f"data.dataset to one of {list(LOCAL_LOADERS)} or leave it at its default to infer "
                 "the format from the file names"
@@ -175,7 +176,7 @@ def resolve_data_source(cfg: DataConfig) -> DataSource:
         files = _local_files(cfg)
         loader = cfg.dataset if cfg.dataset in LOCAL_LOADERS else _infer_loader(files)
         if cfg.train_split not in files:
-            raise ValueError(
+            raise UsageError(
                 f"data.train_split={cfg.train_split!r} is not among the splits of data.data_files: {sorted(files)}"
             )
         source = DataSource(
@@ -198,7 +199,7 @@ def resolve_data_source(cfg: DataConfig) -> DataSource:
             ("validation_split", cfg.validation_split, ("validation", None)),
         ):
             if value not in allowed:
-                raise ValueError(
+                raise UsageError(
                     f"data.{key}={value!r}: the built-in corpus has splits ['train', 'validation'] "
                     f"(data.{key} may be {' or '.join(map(repr, allowed))})"
                 )
@@ -221,9 +222,9 @@ def resolve_data_source(cfg: DataConfig) -> DataSource:
             _first_document(source, cfg.train_split)
         except Exception as err:
             if not _is_offline_error(err):
-                raise ValueError(f"data.dataset={cfg.dataset!r} cannot be read: {type(err).__name__}: {err}") from None
+                raise UsageError(f"data.dataset={cfg.dataset!r} cannot be read: {type(err).__name__}: {err}") from None
             if not cfg.offline_fallback:
-                raise ValueError(
+                raise UsageError(
                     f"data.dataset={cfg.dataset!r}: cannot reach the Hub (offline) and "
                     "data.offline_fallback is false; pass local data.data_files or builtin"
                 ) from None
@@ -262,7 +263,7 @@ def _first_document(source: DataSource, split: str, raw: bool = False) -> dict:
     try:
         return next(stream)
     except StopIteration:
-        raise ValueError(
+        raise UsageError(
             f"split {split!r} of {source.dataset!r} has no documents"
             + (f" (files {source.data_files.get(split)})" if source.data_files else "")
         ) from None
@@ -284,15 +285,15 @@ def _check(source: DataSource) -> DataSource:
                 if role == "validation" and source.holdout_every
                 else ""
             )
-            raise ValueError(f"the {role} stream of {source.dataset!r} ({what}) has no documents{hint}") from None
+            raise UsageError(f"the {role} stream of {source.dataset!r} ({what}) has no documents{hint}") from None
         except Exception as err:
-            if isinstance(err, ValueError):
+            if isinstance(err, UsageError):
                 raise
-            raise ValueError(
+            raise UsageError(
                 f"the {role} data of {source.dataset!r} cannot be read: {type(err).__name__}: {err}"
             ) from None
         if source.text_column not in document:
-            raise ValueError(
+            raise UsageError(
                 f"data.text_column={source.text_column!r} is not a column of {source.dataset!r}; "
                 f"columns: {sorted(document)}"
             )
@@ -307,7 +308,7 @@ def _check(source: DataSource) -> DataSource:
 # ----------------------------------------------------------------------------------------------
 # Documents whose text is not a string
 # ----------------------------------------------------------------------------------------------
-class BadTextError(ValueError):
+class BadTextError(UsageError):
     pass
 
 
@@ -361,11 +362,11 @@ def _load_split(source: DataSource, split: str) -> IterableDataset:
     if source.dataset == BUILTIN:
         files = {s: str(builtin_dir() / f"corpus-{s}.jsonl.gz") for s in ("train", "validation")}
         if split not in files:
-            raise ValueError(f"the built-in corpus has splits {sorted(files)}, not {split!r}")
+            raise UsageError(f"the built-in corpus has splits {sorted(files)}, not {split!r}")
         return load_dataset("json", data_files={split: files[split]}, split=split, streaming=True)
     if source.data_files is not None:
         if split not in source.data_files:
-            raise ValueError(f"no split {split!r} in data.data_files (splits: {sorted(source.data_files)})")
+            raise UsageError(f"no split {split!r} in data.data_files (splits: {sorted(source.data_files)})")
         return load_dataset(source.dataset, data_files={split: source.data_files[split]}, split=split, streaming=True)
     return load_dataset(source.dataset, source.dataset_config, split=split, streaming=True)
 
@@ -373,10 +374,10 @@ def _load_split(source: DataSource, split: str) -> IterableDataset:
 def load_documents(source: DataSource, role: str) -> IterableDataset:
     """The streaming documents of the ``train`` or ``validation`` role (held-out slices never overlap)."""
     if role not in ("train", "validation"):
-        raise ValueError(f"role={role!r} is invalid: expected train or validation")
+        raise UsageError(f"role={role!r} is invalid: expected train or validation")
     if role == "validation" and not source.holdout_every:
         if source.validation_split is None:
-            raise ValueError(f"{source.dataset!r} has no validation stream (data.validation_split is null)")
+            raise UsageError(f"{source.dataset!r} has no validation stream (data.validation_split is null)")
         return _load_split(source, source.validation_split)
     docs = _load_split(source, source.train_split)
     if source.holdout_every:
@@ -413,7 +414,7 @@ class PackedStream(torch.utils.data.IterableDataset):
 
         def tokenize(batch):
             if column not in batch:
-                raise ValueError(
+                raise UsageError(
                     f"data.text_column={column!r} is not a column of {source.dataset!r}; columns: {sorted(batch)}"
                 )
             texts = batch[column]
@@ -463,7 +464,7 @@ class PackedStream(torch.utils.data.IterableDataset):
                     yield torch.tensor(sequence, dtype=torch.long)
             if not produced:
                 files = f" (files {self.source.data_files[self.split]})" if self.source.data_files else ""
-                raise ValueError(
+                raise UsageError(
                     f"the {self.role} stream of {self.source.dataset!r}{files} gave this rank fewer than "
                     f"data.seq_len={seq_len} tokens"
                 )

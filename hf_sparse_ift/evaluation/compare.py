@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import InputNotFoundError, UsageError
 from .suites import PAPER_SUITE, PAPER_TABLE15
 
 
@@ -35,13 +36,13 @@ def load_summary(path: str | Path) -> dict:
     path = Path(path)
     file = path / "summary.json" if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"{path}: no summary.json there (expected the file `evaluate` writes, or its folder)")
+        raise InputNotFoundError(f"{path}: no summary.json there (expected the file `evaluate` writes, or its folder)")
     try:
         summary = json.loads(file.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not JSON ({err}); expected a summary.json written by `evaluate`") from None
+        raise UsageError(f"{file} is not JSON ({err}); expected a summary.json written by `evaluate`") from None
     if not isinstance(summary, dict) or "tasks" not in summary or "model" not in summary:
-        raise ValueError(f"{file} is not a summary.json written by `hf-sparse-ift evaluate` (no 'model' and 'tasks')")
+        raise UsageError(f"{file} is not a summary.json written by `hf-sparse-ift evaluate` (no 'model' and 'tasks')")
     return _upgrade(summary)
 
 
@@ -77,10 +78,10 @@ def results_table(summaries: list[dict], paper: bool = False) -> str:
     """One table for summaries of the same suite and tasks (scores in percent; leaderboard-v2: normalised), with
     deltas against the first row."""
     if not summaries:
-        raise ValueError("no summaries to tabulate")
+        raise UsageError("no summaries to tabulate")
     keys = {group_key(s) for s in summaries}
     if len(keys) > 1:
-        raise ValueError(
+        raise UsageError(
             f"these summaries are of different suites or task sets ({sorted(k[0] for k in keys)}); "
             "compare() puts each in its own table"
         )
@@ -147,7 +148,7 @@ def compare(paths: list[str | Path], paper: bool = False, names: list[str] | Non
             s["name"] = names[i]
         summaries.append(s)
     if not summaries:
-        raise ValueError("compare needs at least one summary.json")
+        raise UsageError("compare needs at least one summary.json")
     groups: dict[tuple, list[dict]] = {}
     for s in summaries:
         groups.setdefault(group_key(s), []).append(s)

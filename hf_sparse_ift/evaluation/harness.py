@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..errors import InputNotFoundError, OutputExistsError, UsageError
 from ..hub.identity import describe, resolve_model, same_model, weights_identity
 from . import leaderboard
 from .compare import raw_table, results_table
@@ -41,9 +42,9 @@ def _stderr(message: str) -> None:
 # ----------------------------------------------------------------------------------------------
 def check_options(dtype: str, limit: float | None, batch_size: str | int) -> None:
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        raise UsageError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if limit is not None and not limit > 0:
-        raise ValueError(
+        raise UsageError(
             f"--limit {limit:g} must be positive: a number of examples per task (>= 1) or a fraction (0 < limit < 1)"
         )
     if (
@@ -51,7 +52,7 @@ def check_options(dtype: str, limit: float | None, batch_size: str | int) -> Non
         and not (str(batch_size).isdigit() and int(batch_size) > 0)
         and not str(batch_size).startswith("auto:")
     ):
-        raise ValueError(f"--batch-size {batch_size!r} must be a positive integer, auto or auto:<N>")
+        raise UsageError(f"--batch-size {batch_size!r} must be a positive integer, auto or auto:<N>")
 
 
 def model_tokenizer(identity: dict, tokenizer: str | None, vocab_size: int | None = None):
@@ -63,7 +64,7 @@ def model_tokenizer(identity: dict, tokenizer: str | None, vocab_size: int | Non
     if tokenizer is None:
         folder = identity.get("path")
         if folder and not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
-            raise ValueError(
+            raise UsageError(
                 f"--model {folder}: the folder has no tokenizer (none of {', '.join(TOKENIZER_FILES)}; "
                 "save_pretrained of a model alone writes none); pass --tokenizer with a tokenizer folder or Hub "
                 "name (builtin: the package's own, which the default pretraining uses), or save the tokenizer "
@@ -72,7 +73,7 @@ def model_tokenizer(identity: dict, tokenizer: str | None, vocab_size: int | Non
         return None
     loaded = load_tokenizer(tokenizer, key="--tokenizer")
     if vocab_size is not None and len(loaded) > vocab_size:
-        raise ValueError(
+        raise UsageError(
             f"--tokenizer {tokenizer} has {len(loaded)} tokens but the model has vocab_size {vocab_size}: "
             "pass the tokenizer the model was trained with"
         )
@@ -87,12 +88,12 @@ def check_writable(folder: str | Path) -> None:
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
-        raise ValueError(f"--output-dir {folder}: {probe_dir} is a file, not a folder; choose a folder to write to")
+        raise UsageError(f"--output-dir {folder}: {probe_dir} is a file, not a folder; choose a folder to write to")
     try:
         with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise ValueError(
+        raise UsageError(
             f"--output-dir {folder} is not writable ({err.strerror or err}: {probe_dir}); choose a "
             "folder you can write to"
         ) from None
@@ -111,7 +112,7 @@ def check_results_folder(out: Path, identity: dict, overwrite: bool) -> None:
     if isinstance(theirs, dict) and same_model(theirs, identity):
         if overwrite:
             return
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{out} already holds results of this model ({describe(identity)}) and suite; pass --overwrite to "
             "replace them, or choose another --output-dir"
         )
@@ -120,7 +121,7 @@ def check_results_folder(out: Path, identity: dict, overwrite: bool) -> None:
         if isinstance(theirs, dict) and (theirs.get("tensors_sha256") or theirs.get("hub_id"))
         else "a model whose identity it does not record (no readable summary.json with a tensors sha256)"
     )
-    raise FileExistsError(
+    raise OutputExistsError(
         f"{out} holds results of {whose}, not of --model {describe(identity)}; evaluate never replaces another "
         "model's results (--overwrite included): choose another --output-dir"
     )
@@ -175,9 +176,9 @@ def _lm_eval_yaml_text() -> str:
     return _YAML_TEXT[0]
 
 
-def _unknown_task(suite: Suite, bad: str, known: list[str]) -> ValueError:
+def _unknown_task(suite: Suite, bad: str, known: list[str]) -> UsageError:
     close = difflib.get_close_matches(bad, list(SUITES) + known, n=3)
-    return ValueError(
+    return UsageError(
         f"--suite {suite.name!r}: {bad!r} is neither a suite (choose one of {', '.join(SUITES)}) nor "
         "an lm-eval task or group"
         + (f"; did you mean {', '.join(close)}?" if close else "")
@@ -230,7 +231,7 @@ def load_tasks(suite: Suite, manager, log=_stderr) -> tuple[dict, dict]:
         try:
             built = manager.load([spec.task])
         except ImportError as err:
-            raise ValueError(
+            raise UsageError(
                 f"task {spec.task} needs a package that is not installed ({err}); the leaderboard-v2 "
                 "suite needs lm-eval's extras: pip install 'lm-eval[math,ifeval]'"
             ) from None
@@ -245,7 +246,7 @@ def load_tasks(suite: Suite, manager, log=_stderr) -> tuple[dict, dict]:
                 )
                 log(f"hf-sparse-ift evaluate: warning: {missing[spec.benchmark]}")
                 continue
-            raise ValueError(
+            raise UsageError(
                 f"cannot load the data of task {spec.task} ({reason}); offline runs need the datasets in "
                 "the local Hugging Face cache"
             ) from None
@@ -264,7 +265,7 @@ def _pick_metric(task_results: dict, wanted: str) -> tuple[str, float]:
             return key, float(task_results[key])
     numeric = [(k, v) for k, v in task_results.items() if "stderr" not in k and isinstance(v, (int, float))]
     if not numeric:
-        raise ValueError(f"no numeric metric in lm-eval results {sorted(task_results)}")
+        raise UsageError(f"no numeric metric in lm-eval results {sorted(task_results)}")
     return numeric[0][0], float(numeric[0][1])
 
 
@@ -339,7 +340,7 @@ def evaluate(
     # 1. the request: checked before anything is loaded or written
     check_options(dtype, limit, batch_size)
     if include_path and not Path(include_path).is_dir():
-        raise FileNotFoundError(f"--include-path {include_path}: no such folder of task YAMLs")
+        raise InputNotFoundError(f"--include-path {include_path}: no such folder of task YAMLs")
     the_suite = resolve_suite(suite, num_fewshot)
     identity = resolve_model(model, revision)
     config = Path(identity["path"]) / "config.json" if identity.get("path") else None

@@ -24,6 +24,8 @@ the leaderboard's documentation:
 
 from __future__ import annotations
 
+from ..errors import UsageError
+
 # [A] BBH subtasks and their number of choices.
 BBH_CHOICES = {
     "sports_understanding": 2,
@@ -77,9 +79,9 @@ def rescale(raw: float, num_choices: int) -> float:
 
 def _metric(results: dict, task: str, key: str) -> float:
     if task not in results:
-        raise ValueError(f"lm-eval results have no entry {task!r} (have: {sorted(results)})")
+        raise UsageError(f"lm-eval results have no entry {task!r} (have: {sorted(results)})")
     if key not in results[task]:
-        raise ValueError(f"lm-eval results for {task!r} have no metric {key!r} (have: {sorted(results[task])})")
+        raise UsageError(f"lm-eval results for {task!r} have no metric {key!r} (have: {sorted(results[task])})")
     return float(results[task][key])
 
 
@@ -90,11 +92,11 @@ def _subtasks(results: dict, group: str, table: dict[str, int], metric: str) -> 
             continue
         name = key[len(group) + 1 :]
         if name not in table:
-            raise ValueError(f"{key}: unknown {group} subtask {name!r}; the leaderboard lists {sorted(table)}")
+            raise UsageError(f"{key}: unknown {group} subtask {name!r}; the leaderboard lists {sorted(table)}")
         raw = float(results[key][metric])
         rows.append({"task": key, "num_choices": table[name], "raw": raw, "normalised": rescale(raw, table[name])})
     if not rows:
-        raise ValueError(f"lm-eval results have no {group}_<subtask> entries with {metric!r}")
+        raise UsageError(f"lm-eval results have no {group}_<subtask> entries with {metric!r}")
     return rows
 
 
@@ -149,7 +151,7 @@ def normalise(benchmark: str, task: str, results: dict) -> dict:
             "prompt_level_strict_acc": prompt,
             "rule": "(inst_level_strict_acc + prompt_level_strict_acc) / 2 * 100",
         }
-    raise ValueError(f"unknown leaderboard-v2 benchmark {benchmark!r}; expected one of {list(BENCHMARKS)}")
+    raise UsageError(f"unknown leaderboard-v2 benchmark {benchmark!r}; expected one of {list(BENCHMARKS)}")
 
 
 def average(scores: dict[str, float | None]) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from ..errors import UsageError
 from ..hub.identity import resolve_model
 
 
@@ -17,9 +18,9 @@ def check_perplexity_args(
     import hf_sparse_ift  # noqa: F401  (registers the config class)
 
     if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size} must be at least 1")
+        raise UsageError(f"--batch-size {batch_size} must be at least 1")
     if max_batches < 1:
-        raise ValueError(f"--max-batches {max_batches} must be at least 1")
+        raise UsageError(f"--max-batches {max_batches} must be at least 1")
     identity = resolve_model(model)
     config = AutoConfig.from_pretrained(
         identity.get("path") or identity["hub_id"], revision=identity.get("revision"), trust_remote_code=True
@@ -29,12 +30,12 @@ def check_perplexity_args(
     if seq_len is None:
         return identity, positions, vocab_size
     if positions and not 1 <= seq_len <= positions:
-        raise ValueError(
+        raise UsageError(
             f"--seq-len {seq_len} does not fit the model: it has {positions} positions "
             f"(max_position_embeddings); choose 1 to {positions} (default: {positions})"
         )
     if seq_len < 1:
-        raise ValueError(f"--seq-len {seq_len} must be at least 1")
+        raise UsageError(f"--seq-len {seq_len} must be at least 1")
     return identity, seq_len, vocab_size
 
 
@@ -103,7 +104,7 @@ def perplexity(
         raise _in_flags(err) from None
     if not batches:
         files = f" (files {data.data_files[split]})" if data.data_files else ""
-        raise ValueError(
+        raise UsageError(
             f"the held-out text of {data.dataset!r}{files}, split {split!r}, is shorter than one batch of "
             f"{batch_size}x{seq_len} tokens; lower --batch-size or --seq-len, or give more text"
         )

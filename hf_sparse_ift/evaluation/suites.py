@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..errors import UsageError
 from ..resources import builtin_dir
 
 
@@ -144,7 +145,7 @@ def resolve_suite(suite_or_tasks: str, num_fewshot: int | None = None) -> Suite:
         suite = SUITES[suite_or_tasks]
         if num_fewshot is not None:
             if suite.fixed_fewshot:
-                raise ValueError(
+                raise UsageError(
                     f"--num-fewshot {num_fewshot} cannot be used with --suite {suite.name}: its few-shot "
                     f"counts are part of the leaderboard's definition "
                     f"({', '.join(f'{s.label} {s.num_fewshot}' for s in suite.specs)})"
@@ -153,7 +154,7 @@ def resolve_suite(suite_or_tasks: str, num_fewshot: int | None = None) -> Suite:
         return suite
     names = task_names(suite_or_tasks)
     if not names:
-        raise ValueError(
+        raise UsageError(
             f"--suite {suite_or_tasks!r} is empty: expected one of {sorted(SUITES)} or comma-separated "
             "lm-eval task names"
         )

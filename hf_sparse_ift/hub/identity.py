@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import InputNotFoundError, UsageError
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -152,13 +154,13 @@ def resolve_model(model: str, revision: str | None = None) -> dict:
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"--model {model}: the folder has no config.json; expected a save_pretrained folder "
                 "such as outputs/<run>/checkpoint-<N>/hf"
             )
         return local_identity(path)
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or not HUB_ID.match(model):
-        raise FileNotFoundError(f"--model {model}: no such checkpoint folder (and not a Hub name like org/name)")
+        raise InputNotFoundError(f"--model {model}: no such checkpoint folder (and not a Hub name like org/name)")
     return hub_identity(model, revision)
 
 
@@ -185,14 +187,14 @@ def hub_identity(repo_id: str, revision: str | None = None) -> dict:
         info = HfApi().model_info(repo_id, revision=revision)
         return {**identity, "revision": info.sha}
     except GatedRepoError as err:
-        raise ValueError(
+        raise UsageError(
             f"--model {repo_id}: the Hub model is gated and this account has no access; request it on "
             f"https://huggingface.co/{repo_id} and log in (`hf auth login`)"
         ) from err
     except RevisionNotFoundError as err:
-        raise ValueError(f"--model {repo_id}: no revision {revision!r} on the Hub") from err
+        raise UsageError(f"--model {repo_id}: no revision {revision!r} on the Hub") from err
     except RepositoryNotFoundError as err:
-        raise ValueError(
+        raise UsageError(
             f"--model {repo_id}: no such model on the Hub (or it is private); pass a local path or a correct Hub name"
         ) from err
     except OfflineModeIsEnabled:  # offline: fall back to the local cache
@@ -202,13 +204,13 @@ def hub_identity(repo_id: str, revision: str | None = None) -> dict:
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except Exception:
-        raise ValueError(
+        raise UsageError(
             f"--model {repo_id}: cannot reach the Hub ({reason}) and the model is not in the local "
             "Hugging Face cache; pass a local path (a save_pretrained folder such as "
             "outputs/<run>/checkpoint-<N>/hf)"
         ) from None
     if not (folder / "config.json").is_file():
-        raise ValueError(
+        raise UsageError(
             f"--model {repo_id}: cannot reach the Hub ({reason}) and the cached copy has no config.json; "
             "pass a local path"
         )

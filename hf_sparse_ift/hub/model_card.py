@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..errors import UsageError
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
 from ..models.sparse_wide_gpt.iso_flop import model_summary
 from ..resources import model_card_template
@@ -157,7 +158,7 @@ def _storage(config) -> str:
         return _BLOCK_STORAGE.format(block=config.sparsity_block)
     fmt = config.sparse_format.get("format") if isinstance(config.sparse_format, dict) else None
     if fmt not in _STORAGE:
-        raise ValueError(f"sparse_format {fmt!r} has no card text: expected one of {list(_STORAGE)}")
+        raise UsageError(f"sparse_format {fmt!r} has no card text: expected one of {list(_STORAGE)}")
     return _STORAGE[fmt]
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..models.sparse_wide_gpt import SparseWideGPTConfig, SparseWideGPTForCausalLM
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import _DERIVED_KEYS
 from ..models.sparse_wide_gpt.sparse_layers import BlockSparseLinear, SparseLinear, block_grid_of
@@ -27,7 +28,7 @@ __all__ = ["block_layer_from_masked", "masked_layer_from_block", "to_block_model
 def to_masked_model(model: SparseWideGPTForCausalLM) -> SparseWideGPTForCausalLM:
     """The masked model with the weights and masks of the block model `model`."""
     if not model.config.uses_blocks:
-        raise ValueError(
+        raise UsageError(
             f"the model's sparse layers are already masked (sparsity_block={model.config.sparsity_block!r}, "
             f"sparsity={model.config.sparsity}): there are no block layers to convert"
         )
@@ -41,12 +42,12 @@ def to_block_model(
     """The block model with the weights and masks of the masked model `model`; every mask must be made of whole
     blocks of `sparsity_block` (e.g. one that `to_masked_model` wrote)."""
     if model.config.uses_blocks:
-        raise ValueError(
+        raise UsageError(
             f"the model's sparse layers are already block-sparse (sparsity_block={model.config.sparsity_block!r}): "
             f"convert it with to_masked_model first to change its block size"
         )
     if not sparse_layers(model):
-        raise ValueError(f"the model has no sparse layers (sparsity={model.config.sparsity}): nothing to convert")
+        raise UsageError(f"the model has no sparse layers (sparsity={model.config.sparsity}): nothing to convert")
     config = _config_like(model.config, sparsity_block=sparsity_block, block_fan_in=block_fan_in)
     return _convert(
         model, config, lambda layer: block_layer_from_masked(layer, config.block_shape, config.block_fan_in)
@@ -58,7 +59,7 @@ def _config_like(config: SparseWideGPTConfig, **changes) -> SparseWideGPTConfig:
     values = {k: v for k, v in config.to_dict().items() if k not in _DERIVED_KEYS and k != "sparse_format"}
     new = SparseWideGPTConfig(**{**values, **changes})
     if (new.hidden_size, new.intermediate_size) != (config.hidden_size, config.intermediate_size):
-        raise ValueError(
+        raise UsageError(
             f"with {changes} the config derives widths {new.hidden_size}/{new.intermediate_size}, not the model's "
             f"{config.hidden_size}/{config.intermediate_size}: the model cannot be converted to that layout (its "
             f"widths must be multiples of the block size)"
@@ -81,7 +82,7 @@ def _convert(
         converted = convert_layer(layer)
         expected = _active_weights(target.get_submodule(name))
         if _active_weights(converted) != expected:
-            raise ValueError(
+            raise UsageError(
                 f"{name} has {_active_weights(converted)} active weights; a layer of the converted config "
                 f"(sparsity_block={config.sparsity_block!r}, layer_sparsity={config.layer_sparsity:.6g}) holds "
                 f"{expected}"
@@ -107,14 +108,14 @@ def block_layer_from_masked(
     per_block = linear.weight_mask.reshape(grid_rows, rows, grid_cols, cols).sum(dim=(1, 3))
     partial = int(((per_block > 0) & (per_block < rows * cols)).sum())
     if partial:
-        raise ValueError(
+        raise UsageError(
             f"{partial} of the {grid_rows * grid_cols} blocks of {rows}x{cols} in this layer's mask are only "
             f"partly active: a mask made of whole blocks is needed to store the layer block by block"
         )
     block_mask = per_block > 0
     counts = block_mask.sum(dim=1)
     if block_fan_in == "constant" and not bool((counts == counts[0]).all()):
-        raise ValueError(
+        raise UsageError(
             f"block_fan_in='constant' needs the same number of active blocks in every block-row; this mask has "
             f"between {int(counts.min())} and {int(counts.max())}"
         )

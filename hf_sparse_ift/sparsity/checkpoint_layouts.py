@@ -20,6 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..errors import InputNotFoundError, OutputExistsError, UsageError
 from ..models.sparse_wide_gpt.condensed_linear import (
     CONDENSED_FORMAT,
     REPRESENTATIONS,
@@ -64,7 +65,7 @@ def condensed_summary(model: nn.Module) -> dict:
 def _checkpoint_config(path: Path) -> dict:
     config = path / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{path} is not a save_pretrained folder: it has no config.json")
+        raise InputNotFoundError(f"{path} is not a save_pretrained folder: it has no config.json")
     return json.loads(config.read_text())
 
 
@@ -102,7 +103,7 @@ def convert_checkpoint(
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     except OSError as err:
-        raise ValueError(
+        raise UsageError(
             f"output {str(dst)!r} is not writable ({err.strerror or err}); choose a folder this process "
             "can create and write"
         ) from None
@@ -134,32 +135,32 @@ def convert_checkpoint(
 def _check_conversion(src: Path, dst: Path, layout: str, overwrite: bool, representation: str) -> None:
     layouts = (PLAIN, BITMASK_FORMAT, CONDENSED_FORMAT)
     if layout not in layouts:
-        raise ValueError(f"layout={layout!r} is invalid: expected one of {list(layouts)}")
+        raise UsageError(f"layout={layout!r} is invalid: expected one of {list(layouts)}")
     check_representation(representation)
     config = _checkpoint_config(src)
     held = _layout(config)
     if held == CONDENSED_FORMAT:
-        raise ValueError(
+        raise UsageError(
             f"{src} is condensed ({CONDENSED_FORMAT}); condensed checkpoints cannot be converted "
             "(keep the masked checkpoint they were made from)"
         )
     if layout == PLAIN and held == PLAIN:
-        raise ValueError(f"{src} is not compressed (plain layout): nothing to decompress")
+        raise UsageError(f"{src} is not compressed (plain layout): nothing to decompress")
     if layout == BITMASK_FORMAT and held == BITMASK_FORMAT:
-        raise ValueError(f"{src} is already compressed ({BITMASK_FORMAT})")
+        raise UsageError(f"{src} is already compressed ({BITMASK_FORMAT})")
     if config.get("sparsity") and config.get("sparsity_block", 1) not in (1, [1, 1]):
         # Block-sparse checkpoints store only the active blocks and their index: already compact, and not masked.
-        raise ValueError(
+        raise UsageError(
             f"{src} is block-sparse (sparsity_block={config['sparsity_block']!r}): it already stores only its active "
             f"blocks, and {layout} applies to masked checkpoints; convert it to the masked layout first "
             "(hf_sparse_ift.sparsity.blocks.to_masked_model)"
         )
     if not config.get("sparsity"):
-        raise ValueError(
+        raise UsageError(
             f"{src} has no sparse layers (sparsity {config.get('sparsity', 0)}): there is nothing to "
             f"convert to {layout}"
         )
     if dst.resolve() == src.resolve():
-        raise ValueError(f"output {dst} is the input folder; write to another folder")
+        raise UsageError(f"output {dst} is the input folder; write to another folder")
     if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{dst} already exists; pass --overwrite to replace it")

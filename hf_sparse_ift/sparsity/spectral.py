@@ -25,6 +25,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .masks import sparse_layers
 
 EXACT_LIMIT = 4_000_000
@@ -34,7 +35,7 @@ EXACT_LIMIT = 4_000_000
 def top_singular_values(matrix: torch.Tensor, k: int = 2) -> list[float]:
     """The `k` largest singular values of a 2-D tensor, in float64 for small matrices."""
     if matrix.dim() != 2:
-        raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
+        raise UsageError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
     m = matrix.detach()
     if m.numel() <= EXACT_LIMIT:
         values = torch.linalg.svdvals(m.to(torch.float64 if m.device.type == "cpu" else torch.float32))

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import UsageError
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
 from ..models.sparse_wide_gpt.iso_flop import count_flops, count_parameters
 from ..training.config import PretrainConfig, build_pretrain_config
@@ -202,7 +203,7 @@ def dense_iso_flop_widths(base: SparseWideGPTConfig, target_forward: float, seq_
         if best is None or key < best[0]:
             best = (key, d, d_ff)
     if best is None:
-        raise ValueError(f"no dense width reaches {target_forward:.4g} FLOPs per token")
+        raise UsageError(f"no dense width reaches {target_forward:.4g} FLOPs per token")
     return best[1], best[2]
 
 

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 
 from .. import checks
+from ..errors import UsageError
 from ..resources import load_yaml, resolve_config_path
 from ..sparsity.dst.methods import METHODS
 from ..training.config import PretrainConfig, build_pretrain_config
@@ -155,11 +156,11 @@ def _settings(values) -> StudySettings:
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise ValueError(f"study: expected a mapping of study settings, got {values!r}")
+        raise UsageError(f"study: expected a mapping of study settings, got {values!r}")
     known = {f.name for f in fields(StudySettings)}
     bad = sorted(set(values) - known)
     if bad:
-        raise ValueError(f"unknown study key(s) {[f'study.{k}' for k in bad]}; valid keys: {sorted(known)}")
+        raise UsageError(f"unknown study key(s) {[f'study.{k}' for k in bad]}; valid keys: {sorted(known)}")
     values = dict(values)
     calib = values.pop("calibration", None) or {}
     if not isinstance(calib, dict):
@@ -167,7 +168,7 @@ def _settings(values) -> StudySettings:
     ckeys = {f.name for f in fields(Calibration)}
     cbad = sorted(set(calib) - ckeys)
     if cbad:
-        raise ValueError(f"unknown study key(s) {[f'study.calibration.{k}' for k in cbad]}; valid: {sorted(ckeys)}")
+        raise UsageError(f"unknown study key(s) {[f'study.calibration.{k}' for k in cbad]}; valid: {sorted(ckeys)}")
     settings = StudySettings(**values, calibration=Calibration(**calib))
     settings.validate()
     return settings
@@ -176,10 +177,10 @@ def _settings(values) -> StudySettings:
 def build_study_config(tree: dict, output_dir: str | None = None) -> StudyConfig:
     """Validate a study tree ({study: ..., base: ...}); raises ValueError naming the bad key."""
     if not isinstance(tree, dict):
-        raise ValueError("a study config is a mapping with the sections 'study' and 'base'")
+        raise UsageError("a study config is a mapping with the sections 'study' and 'base'")
     unknown = sorted(set(tree) - {"study", "base"})
     if unknown:
-        raise ValueError(f"unknown study config section(s) {unknown}; valid: ['study', 'base']")
+        raise UsageError(f"unknown study config section(s) {unknown}; valid: ['study', 'base']")
     settings = _settings(tree.get("study"))
     if output_dir is not None:
         settings.output_dir = output_dir
@@ -188,7 +189,7 @@ def build_study_config(tree: dict, output_dir: str | None = None) -> StudyConfig
     if base_name is not None:
         base = load_yaml(resolve_config_path(base_name))
     if not isinstance(base, dict):
-        raise ValueError(
+        raise UsageError(
             "base: expected a pretraining config (mapping with model, data, optim, dst, train) "
             "or the name / path of one"
         )
@@ -196,7 +197,7 @@ def build_study_config(tree: dict, output_dir: str | None = None) -> StudyConfig
     try:
         cfg = build_pretrain_config(copy.deepcopy(base))
     except ValueError as err:
-        raise ValueError(f"base: {err}") from None
+        raise UsageError(f"base: {err}") from None
     model = cfg.model_config()
     if model.sparsity != 0:
         checks.invalid(

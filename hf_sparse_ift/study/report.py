@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..errors import UsageError
 from .arms import Arm, arm_name, flop_accounting
 from .config import ArmKind, StudyConfig
 from .plots import plots
@@ -227,7 +228,7 @@ def write_report(
     results = collect(study, arms, calibration, recorded)
     lost = sorted(set(recorded) - _finished_runs(results))
     if lost:
-        raise ValueError(
+        raise UsageError(
             f"{out / 'results.json'} holds {len(recorded)} finished runs but a report now would hold "
             f"{len(_finished_runs(results))}: {[f'{name} seed {seed}' for name, seed in lost]} would be lost "
             "(their arms are no longer in the study, or calibration.json is gone); nothing was written"

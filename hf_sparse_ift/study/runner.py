@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..errors import InputNotFoundError, OutputExistsError, UsageError
 from ..training import PretrainConfig, RunLock, list_checkpoints, pretrain, time_training_steps
 from .arms import Arm, build_arms, iso_time_reference
 from .config import ArmKind, StudyConfig, build_study_config
@@ -34,7 +35,7 @@ from .config import ArmKind, StudyConfig, build_study_config
 logger = logging.getLogger("hf_sparse_ift.study")
 
 
-class RepeatedDataError(ValueError):
+class RepeatedDataError(UsageError):
     pass
 
 
@@ -218,7 +219,7 @@ def check_same_study(study: StudyConfig, out: Path) -> None:
     # through the config builder, so that a setting added since the study was saved counts at its default
     keys = differing_keys(build_study_config(yaml.safe_load(saved.read_text())).to_dict(), study.to_dict())
     if keys:
-        raise ValueError(
+        raise UsageError(
             f"{saved} differs from the study config given now in {keys}: the runs in {out} were made with "
             "the saved config (arms, seeds and budgets would no longer compare); give that config, or use "
             "another study.output_dir"
@@ -234,7 +235,7 @@ def _check_folder(study: StudyConfig, out: Path, resume: bool) -> None:
     saved = out / STUDY_CONFIG
     if saved.exists():
         if not resume:
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{out} already holds a study: pass --resume to continue it (finished arms are "
                 "skipped, killed ones resumed), or choose another study.output_dir"
             )
@@ -295,7 +296,7 @@ def _run_locked(study: StudyConfig, out: Path, resume: bool, report: bool) -> di
                 logger.info("[%d/%d] %s seed %d: finished, skipped", done, total, arm.name, seed)
                 continue
             if state == "killed" and not resume:
-                raise FileExistsError(f"{folder} holds an unfinished run: pass --resume")
+                raise OutputExistsError(f"{folder} holds an unfinished run: pass --resume")
             if state == "new" and folder.exists():
                 _clear_run_folder(folder)  # a run killed before its first checkpoint starts over
             logger.info(
@@ -321,7 +322,7 @@ def report_only(study: StudyConfig) -> dict:
     than the results already there."""
     out = Path(study.study.output_dir)
     if not (out / STUDY_CONFIG).is_file():
-        raise FileNotFoundError(f"no study in {out}; run it first (hf-sparse-ift study --config ...)")
+        raise InputNotFoundError(f"no study in {out}; run it first (hf-sparse-ift study --config ...)")
     check_same_study(study, out)
     with study_lock(out):
         arms = build_arms(study)

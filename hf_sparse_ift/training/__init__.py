@@ -5,10 +5,22 @@ The public entry points, which the CLI and the study use: `pretrain` (one run, s
 (`RunLock`, `list_checkpoints`, `newest_complete_checkpoint`).
 """
 
-from .checkpoint import RunLock, list_checkpoints, newest_complete_checkpoint
-from .config import PretrainConfig, build_pretrain_config, load_pretrain_config
-from .loop import NonFiniteLossError, pretrain, time_training_steps
+from .._lazy import lazy_exports
 
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "RunLock": ".checkpoint",
+        "list_checkpoints": ".checkpoint",
+        "newest_complete_checkpoint": ".checkpoint",
+        "PretrainConfig": ".config",
+        "build_pretrain_config": ".config",
+        "load_pretrain_config": ".config",
+        "NonFiniteLossError": ".loop",
+        "pretrain": ".loop",
+        "time_training_steps": ".loop",
+    },
+)
 __all__ = [
     "NonFiniteLossError",
     "PretrainConfig",

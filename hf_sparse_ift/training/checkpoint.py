@@ -21,6 +21,8 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from ..errors import InputNotFoundError, OutputExistsError, UsageError
+
 logger = logging.getLogger("hf_sparse_ift.pretrain")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
@@ -35,7 +37,7 @@ def ensure_writable(out_dir: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise ValueError(
+        raise UsageError(
             f"train.output_dir={str(out_dir)!r} is not writable ({err.strerror or err}); choose a "
             "folder this process can create and write"
         ) from None
@@ -128,7 +130,7 @@ def load_newest_checkpoint(accelerator: Accelerator, out_dir: Path) -> Path:
             return path
         skipped.append((path.name, problem))
     detail = "; ".join(f"{name}: {why}" for name, why in skipped) or "none found"
-    raise FileNotFoundError(f"--resume: no complete checkpoint-<step> folder in {out_dir} ({detail})")
+    raise InputNotFoundError(f"--resume: no complete checkpoint-<step> folder in {out_dir} ({detail})")
 
 
 def newest_complete_checkpoint(out_dir: Path) -> Path | None:
@@ -161,7 +163,7 @@ class RunLock:
                     )
                     self.path.unlink(missing_ok=True)
                     continue
-                raise FileExistsError(
+                raise OutputExistsError(
                     f"{self.path.parent} is in use by another run (process {owner.get('pid')} on "
                     f"{owner.get('host')}, lock {self.path}); wait for it to finish or choose "
                     f"another {self.option}"
@@ -170,7 +172,7 @@ class RunLock:
                 json.dump(me, f)
             self.held = True
             return self
-        raise FileExistsError(f"could not take the lock {self.path}")
+        raise OutputExistsError(f"could not take the lock {self.path}")
 
     def _owner(self) -> dict:
         try:
@@ -209,7 +211,7 @@ class DataPosition:
     def load_state_dict(self, state: dict) -> None:
         ranks = state["ranks"]
         if len(ranks) != self.accelerator.num_processes:
-            raise ValueError(
+            raise UsageError(
                 f"checkpoint was written by {len(ranks)} processes, this run has "
                 f"{self.accelerator.num_processes}: data positions cannot be matched"
             )

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import yaml
 
 from .. import checks
 from ..data.config import DataConfig
-from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
+from ..errors import UsageError
 from ..resources import load_yaml, parse_yaml, resolve_config_path
-from ..sparsity.dst import DSTConfig
+from ..sparsity.dst.config import DSTConfig
 from .hardware import ATTENTION_BACKENDS, MIXED_PRECISION
+
+if TYPE_CHECKING:
+    from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
 
 
 @dataclass
@@ -144,10 +148,12 @@ class PretrainConfig:
         return values, decisions
 
     def model_config(self) -> SparseWideGPTConfig:
+        from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
+
         try:
             return SparseWideGPTConfig(**self.model_values()[0])
         except (TypeError, ValueError) as err:
-            raise ValueError(f"model: {err}") from None
+            raise UsageError(f"model: {err}") from None
 
     def validate(self) -> PretrainConfig:
         self.data.validate()
@@ -177,6 +183,14 @@ class PretrainConfig:
             return self.train.max_steps
         return -(-int(self.train.total_tokens) // (self.train.global_batch_size * self.data.seq_len))
 
+    def plan(self, mfu: float, peak_tflops: float) -> dict:
+        """`iso_flop.training_plan` of this run: parameters, FLOPs, tokens and GPU-hours (``hf-sparse-ift plan``)."""
+        from ..models.sparse_wide_gpt.iso_flop import training_plan
+
+        return training_plan(
+            self.model_config(), self.data.seq_len, self.steps(), self.train.global_batch_size, mfu, peak_tflops
+        )
+
     def warmup_steps(self) -> int:
         return min(self.steps(), round(self.optim.warmup_tokens / (self.train.global_batch_size * self.data.seq_len)))
 
@@ -189,23 +203,31 @@ class PretrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def section_keys() -> dict[str, list[str]]:
+    """Every settable key of the data, optim, dst and train sections, read off their dataclasses (the CLI's help lists
+    these without importing torch)."""
+    return {name: [f.name for f in fields(cls)] for name, cls in SECTIONS.items()}
+
+
 def config_keys() -> dict[str, list[str]]:
-    """Every settable key, by section, read off the dataclasses (the CLI's help lists these)."""
+    """Every settable key, by section: ``model`` (a preset and the `SparseWideGPTConfig` arguments) and the others."""
+    from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
+
     model = [p for p in inspect.signature(SparseWideGPTConfig.__init__).parameters if p not in ("self", "kwargs")]
-    return {"model": ["preset", *model], **{name: [f.name for f in fields(cls)] for name, cls in SECTIONS.items()}}
+    return {"model": ["preset", *model], **section_keys()}
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
     """``train.max_steps=100`` -> (["train", "max_steps"], 100); values are parsed as YAML (``1e-4`` is a float)."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} is invalid: expected section.key=value, e.g. train.max_steps=100")
+        raise UsageError(f"override {text!r} is invalid: expected section.key=value, e.g. train.max_steps=100")
     key, raw = text.split("=", 1)
     return key.strip().split("."), parse_yaml(raw)
 
 
 def _set_dotted(tree: dict, path: list[str], value) -> None:
     if len(path) != 2 or path[0] not in ("model", *SECTIONS):
-        raise ValueError(
+        raise UsageError(
             f"unknown config key {'.'.join(path)!r}: expected section.key with a section of "
             f"{['model', *SECTIONS]}, e.g. train.max_steps"
         )
@@ -226,18 +248,18 @@ def load_pretrain_config(name_or_path, overrides: list[str] | None = None) -> Pr
 def build_pretrain_config(tree: dict) -> PretrainConfig:
     unknown = sorted(set(tree) - {"model", *SECTIONS})
     if unknown:
-        raise ValueError(f"unknown config section(s) {unknown}; valid: {['model', *SECTIONS]}")
+        raise UsageError(f"unknown config section(s) {unknown}; valid: {['model', *SECTIONS]}")
     if not isinstance(tree.get("model"), dict):
-        raise ValueError("model: expected a mapping with a preset name and/or SparseWideGPTConfig fields")
+        raise UsageError("model: expected a mapping with a preset name and/or SparseWideGPTConfig fields")
     sections = {}
     for name, cls in SECTIONS.items():
         values = tree.get(name) or {}
         if not isinstance(values, dict):
-            raise ValueError(f"{name}: expected a mapping of keys, got {values!r}")
+            raise UsageError(f"{name}: expected a mapping of keys, got {values!r}")
         known = {f.name for f in fields(cls)}
         bad = sorted(set(values) - known)
         if bad:
-            raise ValueError(
+            raise UsageError(
                 f"unknown config key(s) {[f'{name}.{k}' for k in bad]}; valid keys in {name}: {sorted(known)}"
             )
         sections[name] = cls(**values)

@@ -1,10 +1,12 @@
-"""Facts about the machine a run uses: accelerator peaks for MFU, SDPA kernel families, precision, memory."""
+"""Facts about the machine a run uses: accelerator peaks for MFU, SDPA kernel families, precision, memory.
+
+The constants are read by config validation and the CLI's help, which run without torch: each function imports it."""
 
 from __future__ import annotations
 
 import os
 
-import torch
+from ..errors import UsageError
 
 # Dense bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -14,6 +16,8 @@ MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
 
 def peak_flops(setting="auto") -> float | None:
     """FLOP/s for MFU: an explicit TFLOP/s number, or the peak of a known GPU ("auto"), else None."""
+    import torch
+
     if setting not in ("auto", None):
         return float(setting) * 1e12
     if setting is None or not torch.cuda.is_available():
@@ -27,8 +31,10 @@ def set_sdpa_backend(choice: str = "auto") -> None:
 
     "auto" leaves PyTorch's own priority order (cuDNN first on Hopper in recent releases).
     """
+    import torch
+
     if choice not in ATTENTION_BACKENDS:
-        raise ValueError(f"train.attention_backend={choice!r} is invalid: expected one of {list(ATTENTION_BACKENDS)}")
+        raise UsageError(f"train.attention_backend={choice!r} is invalid: expected one of {list(ATTENTION_BACKENDS)}")
     if not torch.cuda.is_available():
         return
     enable = {name: choice in ("auto", name) for name in ATTENTION_BACKENDS[1:]}
@@ -40,6 +46,8 @@ def set_sdpa_backend(choice: str = "auto") -> None:
 
 def resolve_mixed_precision(setting: str) -> str:
     """``auto`` -> bf16 on a GPU that has it, else fp32 ("no")."""
+    import torch
+
     if setting != "auto":
         return setting
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -47,6 +55,8 @@ def resolve_mixed_precision(setting: str) -> str:
 
 def available_memory_bytes() -> tuple[int, str]:
     """Memory a run may use and where it is: free GPU memory, else the host's available RAM."""
+    import torch
+
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
         return free, f"free memory of {torch.cuda.get_device_name()}"

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from ..data.pipeline import Batches, PackedStream, validation_batches
+from ..errors import InputNotFoundError, OutputExistsError
 from ..models.sparse_wide_gpt.modeling_sparse_wide_gpt import SparseWideGPTForCausalLM
 from ..sparsity import parameter_counts
 from ..sparsity.dst import DSTEngine, summarize
@@ -91,13 +92,13 @@ def _resume_point(out_dir: Path, resume: bool) -> Path | None:
     """The checkpoint a --resume continues from; without --resume, an output folder with checkpoints is refused."""
     if not resume:
         if list_checkpoints(out_dir):
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{out_dir} already holds checkpoints: pass --resume to continue, or choose another train.output_dir"
             )
         return None
     found = newest_complete_checkpoint(out_dir)
     if found is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint-<step> folder in {out_dir}")
+        raise InputNotFoundError(f"--resume: no complete checkpoint-<step> folder in {out_dir}")
     return found
 
 

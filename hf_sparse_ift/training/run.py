@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from ..data.pipeline import DataSource, load_tokenizer, resolve_data_source
+from ..errors import UsageError
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
 from ..models.sparse_wide_gpt.iso_flop import model_summary
 from .config import PretrainConfig, build_pretrain_config
@@ -120,7 +121,7 @@ def resolve_run(cfg: PretrainConfig, processes: int, previous: dict | None = Non
     if cfg.train.check_memory:
         available, where = available_memory_bytes()
         if memory > available:
-            raise ValueError(
+            raise UsageError(
                 f"the model needs about {memory / 1e9:,.1f} GB to train ({model_summary(model)['parameters_total']:,} "
                 f"parameters; weights, gradients and Adam state alone) but the {where} is "
                 f"{available / 1e9:,.1f} GB: choose a smaller model (model.sparsity={model.sparsity} widens it "
@@ -129,7 +130,7 @@ def resolve_run(cfg: PretrainConfig, processes: int, previous: dict | None = Non
     data = resolve_data_source(cfg.data)
     tokenizer = load_tokenizer(data.tokenizer)
     if len(tokenizer) > model.vocab_size:
-        raise ValueError(
+        raise UsageError(
             f"data.tokenizer={data.tokenizer!r} has {len(tokenizer)} tokens but model.vocab_size is "
             f"{model.vocab_size}: set model.vocab_size >= {len(tokenizer)}"
         )
@@ -176,7 +177,7 @@ def resume_changes(previous: dict, cfg: PretrainConfig) -> list[str]:
             dotted = f"{section}.{key}"
             (changed if dotted in RESUME_MAY_CHANGE else refused).append(f"{dotted}: {old!r} -> {new!r}")
     if refused:
-        raise ValueError(
+        raise UsageError(
             f"--resume: {'; '.join(refused)} differ from the checkpoint's run config and cannot change "
             f"mid-run (the checkpointed optimizer, schedule, masks and data position depend on them). "
             f"Keys that may change on resume: {sorted(RESUME_MAY_CHANGE)}. To change the others, start "

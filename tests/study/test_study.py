@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from hf_sparse_ift.cli import main, plan
+from hf_sparse_ift.cli import main
 from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import count_flops
 from hf_sparse_ift.sparsity.spectral import mask_graph_stats, top_singular_values
 from hf_sparse_ift.study import runner
@@ -121,7 +121,7 @@ def test_flop_columns_equal_plan_and_dense_iso_flop_matches_sparse_wide_total():
     for arm in arms.values():
         if arm.steps is None:
             continue
-        acc, p = arm_accounting(study, arm), plan(arm.pretrain_config("unused", 0), 0.4, 989.0)
+        acc, p = arm_accounting(study, arm), arm.pretrain_config("unused", 0).plan(0.4, 989.0)
         assert acc.flops_per_token.forward_ideal == p["forward_flops_per_token"]
         assert acc.flops_per_token.forward_executed == p["forward_flops_per_token_executed"]
         assert acc.training_flops_ideal == p["training_flops"]
@@ -379,7 +379,7 @@ def test_smoke_study_files_invariants_skip_and_resume(tmp_path, monkeypatch):
     # the table's FLOP columns are plan's numbers
     for arm in build_arms(study):
         if arm.name in arms and arm.steps is not None:
-            p = plan(arm.pretrain_config("x", 0), 0.4, 989.0)
+            p = arm.pretrain_config("x", 0).plan(0.4, 989.0)
             flops = arms[arm.name]["accounting"]["flops_per_token"]
             assert flops["training_ideal"] == 3 * p["forward_flops_per_token"]
             assert flops["training_executed"] == 3 * p["forward_flops_per_token_executed"]

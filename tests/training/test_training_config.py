@@ -74,9 +74,8 @@ def test_cli_rejects_bad_config_before_any_work(capsys, tmp_path):
 
 
 def test_plan_reports_flops_params_and_gpu_hours():
-    from hf_sparse_ift.cli import plan
-
-    p = plan(load_pretrain_config("pretrain-gpt3-small-sw75-set", ["model.vocab_size=50257"]), mfu=0.4, peak_tflops=989)
+    cfg = load_pretrain_config("pretrain-gpt3-small-sw75-set", ["model.vocab_size=50257"])
+    p = cfg.plan(mfu=0.4, peak_tflops=989)
     assert p["parameters_total"] == 420_321_792
     assert p["forward_flops_per_token"] == 475_253_760
     assert p["training_tokens"] == 4769 * 256 * 2048

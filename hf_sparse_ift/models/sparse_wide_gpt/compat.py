@@ -43,7 +43,14 @@ def check_versions(names=MODEL_REQUIREMENTS, minimum: dict[str, str] = MINIMUM_V
         )
 
 
-try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # torch built without distributed support (some macOS and mobile builds)
-    DTensor = distribute_tensor = None
+def __getattr__(name: str):
+    """``DTensor`` and ``distribute_tensor``, or None for both where torch was built without distributed support (some
+    macOS and mobile builds). Looked up on first use, so that the version check above runs without importing torch."""
+    if name not in ("DTensor", "distribute_tensor"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:
+        DTensor = distribute_tensor = None
+    globals().update(DTensor=DTensor, distribute_tensor=distribute_tensor)
+    return globals()[name]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .condensed_kernel import load_kernel
+from .errors import UsageError
 from .layer_utils import is_masked_layer, replace_submodule
 
 CONDENSED_FORMAT = "condensed-v1"
@@ -53,7 +54,7 @@ def kernel_available() -> bool:
 
 def check_representation(representation: str) -> None:
     if representation not in REPRESENTATIONS:
-        raise ValueError(f"representation={representation!r} is invalid: expected one of {list(REPRESENTATIONS)}")
+        raise UsageError(f"representation={representation!r} is invalid: expected one of {list(REPRESENTATIONS)}")
 
 
 def _index_dtype(in_features: int) -> torch.dtype:
@@ -76,9 +77,9 @@ class CondensedLinear(nn.Module):
     ):
         super().__init__()
         if (fan_in is None) == (nnz is None):
-            raise ValueError("CondensedLinear needs exactly one of fan_in (constant fan-in) or nnz (CSR)")
+            raise UsageError("CondensedLinear needs exactly one of fan_in (constant fan-in) or nnz (CSR)")
         if not 0 <= rows <= out_features:
-            raise ValueError(f"rows={rows} is invalid: expected 0 <= rows <= out_features={out_features}")
+            raise UsageError(f"rows={rows} is invalid: expected 0 <= rows <= out_features={out_features}")
         self.in_features = in_features
         self.out_features = out_features
         self.fan_in = fan_in
@@ -124,7 +125,7 @@ class CondensedLinear(nn.Module):
         """
         check_representation(representation)
         if not is_masked_layer(layer) or layer.weight_mask.shape != layer.weight.shape:
-            raise ValueError(
+            raise UsageError(
                 f"{type(layer).__name__} has no bool weight_mask of its weight's shape: nothing to condense"
             )
         mask = layer.weight_mask
@@ -181,7 +182,7 @@ class CondensedLinear(nn.Module):
         """Refused: the values are frozen (no optimizer moves them and the native kernel has no backward). Train the
         masked model the condensed one was made from."""
         if mode:
-            raise ValueError(
+            raise UsageError(
                 "A condensed model is for inference: its values are frozen, so training it would silently change "
                 "nothing. Train the masked (uncondensed) checkpoint instead, then condense it again."
             )
@@ -312,7 +313,7 @@ def install_condensed_layers(base_model: nn.Module, sparse_format: dict | None) 
         return
     layers = sparse_format.get("layers")
     if not isinstance(layers, dict) or not layers:
-        raise ValueError(
+        raise UsageError(
             f"config.sparse_format names {CONDENSED_FORMAT} but lists no condensed layer sizes (checkpoints condensed "
             "before the sizes were recorded in config.json). Condense the masked checkpoint again with "
             "`hf-sparse-ift condense`."
@@ -320,5 +321,5 @@ def install_condensed_layers(base_model: nn.Module, sparse_format: dict | None) 
     names = {name for name, _ in base_model.named_modules()}
     for name, spec in layers.items():
         if name not in names:
-            raise ValueError(f"config.sparse_format lists a condensed layer {name!r} that this model does not have")
+            raise UsageError(f"config.sparse_format lists a condensed layer {name!r} that this model does not have")
         replace_submodule(base_model, name, CondensedLinear(**spec))

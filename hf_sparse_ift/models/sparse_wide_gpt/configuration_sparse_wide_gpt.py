@@ -14,6 +14,7 @@ from transformers import PretrainedConfig
 from transformers.utils import logging
 
 from .compat import check_versions
+from .errors import UsageError
 from .iso_flop import BLOCK_LINEARS, GPTShape, calibrate_sparsity, sparse_wide_widths
 
 # The first module of the model that loads, in this package and as remote code: refuse unsupported releases here,
@@ -24,7 +25,7 @@ logger = logging.get_logger(__name__)
 
 
 def _fail(field: str, value, allowed: str):
-    raise ValueError(f"SparseWideGPTConfig.{field}={value!r} is invalid: {allowed}")
+    raise UsageError(f"SparseWideGPTConfig.{field}={value!r} is invalid: {allowed}")
 
 
 def _int_at_least(field: str, value, low: int) -> int:

@@ -16,6 +16,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .configuration_sparse_wide_gpt import SparseWideGPTConfig
+from .errors import UsageError
 from .modeling_sparse_wide_gpt import SparseWideGPTForCausalLM
 
 _SHARED_CONFIG = (
@@ -53,7 +54,7 @@ def _check_gpt2_supported(config: GPT2Config) -> None:
     }
     bad = {k: getattr(config, k) for k, v in unsupported.items() if v}
     if bad:
-        raise ValueError(f"GPT-2 options without a SparseWideGPT equivalent: {bad}")
+        raise UsageError(f"GPT-2 options without a SparseWideGPT equivalent: {bad}")
 
 
 def _linked_tensors(model: SparseWideGPTForCausalLM, gpt2: GPT2LMHeadModel):

@@ -18,6 +18,8 @@ import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
+from .errors import UsageError
+
 # The linear layers inside a transformer block, as named in the model.
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out")
 
@@ -27,7 +29,7 @@ BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out")
 # ----------------------------------------------------------------------------------------------
 def _check_sparsity(s: float) -> float:
     if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0.0 <= s < 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {s!r}")
+        raise UsageError(f"sparsity must be a number in [0, 1), got {s!r}")
     return float(s)
 
 
@@ -70,7 +72,7 @@ def family_layer_flops(member: str, d_in: int, d_out: int, sparsity: float) -> f
     if member == "doped":
         d = sparse_doped_rank(d_in, d_out, s)
         return 2.0 * (d_in * d + d * d_out) + 2.0 * d_in * d_out * (1 - s)
-    raise ValueError(f"member must be one of dense, wide, parallel, factorized, doped; got {member!r}")
+    raise UsageError(f"member must be one of dense, wide, parallel, factorized, doped; got {member!r}")
 
 
 def round_up(x: float, multiple: int) -> int:
@@ -271,9 +273,9 @@ def calibrate_sparsity(dense: GPTShape, wide: GPTShape, scope: str = "total", rt
     then that granularity instead of `rtol` (GPT-3 scale unstructured models reach 1e-6).
     """
     if scope not in CALIBRATION_SCOPES:
-        raise ValueError(f"scope must be one of {CALIBRATION_SCOPES}, got {scope!r}")
+        raise UsageError(f"scope must be one of {CALIBRATION_SCOPES}, got {scope!r}")
     if not wide.sparse_layers:
-        raise ValueError("wide.sparse_layers is empty: there is no sparsity to calibrate")
+        raise UsageError("wide.sparse_layers is empty: there is no sparsity to calibrate")
 
     def flops(shape: GPTShape) -> float:
         c = count_flops(shape)
@@ -286,12 +288,12 @@ def calibrate_sparsity(dense: GPTShape, wide: GPTShape, scope: str = "total", rt
     target = flops(dense_for_target)
     lo, hi = 0.0, 1.0
     if flops(with_s(lo)) < target * (1 - rtol):
-        raise ValueError(
+        raise UsageError(
             f"widths d_model={wide.d_model}, d_ff={wide.d_ff} already cost fewer FLOPs ({flops(with_s(0)):.6g}) "
             f"than the dense model ({target:.6g}) at sparsity 0: widen more"
         )
     if flops(with_s(hi)) > target * (1 + rtol):
-        raise ValueError(
+        raise UsageError(
             f"widths d_model={wide.d_model}, d_ff={wide.d_ff} exceed the dense model's {scope} FLOPs "
             f"({target:.6g}) even with every sparse weight removed: no sparsity is iso-FLOP"
         )
@@ -313,7 +315,7 @@ def calibrate_sparsity(dense: GPTShape, wide: GPTShape, scope: str = "total", rt
     ]
     granularity = 2.0 * wide.n_layer * sum(steps) / target
     if err > max(rtol, granularity):
-        raise ValueError(f"calibration reached only {err:.3g} relative error (> rtol={rtol})")
+        raise UsageError(f"calibration reached only {err:.3g} relative error (> rtol={rtol})")
     return best
 
 
@@ -353,4 +355,32 @@ def model_summary(config, seq_len: int | None = None) -> dict:
         "flop_ratio_to_dense": flops.forward / dense.forward,
         "executed_flop_ratio_to_dense": flops.forward_executed / dense.forward,
         "dense_forward_flops_per_token": dense.forward,
+    }
+
+
+def training_plan(config, seq_len: int, steps: int, global_batch_size: int, mfu: float, peak_tflops: float) -> dict:
+    """What `hf-sparse-ift plan` prints: widths, parameters, FLOPs per token, tokens and FLOPs of a run of `steps`
+    optimizer steps of `global_batch_size` sequences, and the GPU-hours at `mfu` of `peak_tflops`."""
+    model = model_summary(config, seq_len)
+    tokens = steps * global_batch_size * seq_len
+    total = model["training_flops_per_token"] * tokens
+    executed = model["training_flops_per_token_executed"] * tokens
+    return {
+        "widths": f"d_model {model['dense_hidden_size']} -> {model['hidden_size']}, d_ff "
+        f"{model['dense_intermediate_size']} -> {model['intermediate_size']}, layer sparsity "
+        f"{model['layer_sparsity']:.4f}",
+        "parameters_total": model["parameters_total"],
+        "parameters_active": model["parameters_active"],
+        "dense_parameters": model["parameters_dense_reference"],
+        "forward_flops_per_token": model["forward_flops_per_token"],
+        "forward_flops_per_token_executed": model["forward_flops_per_token_executed"],
+        "flop_ratio_to_dense": model["flop_ratio_to_dense"],
+        "chinchilla_tokens_active": chinchilla_tokens(model["parameters_active"]),
+        "chinchilla_tokens_dense": chinchilla_tokens(model["parameters_dense_reference"]),
+        "training_tokens": tokens,
+        "training_steps": steps,
+        "training_flops": total,
+        "training_flops_executed": executed,
+        "gpu_hours_at_mfu": total / (mfu * peak_tflops * 1e12) / 3600,
+        "gpu_hours_masked_dense_at_mfu": executed / (mfu * peak_tflops * 1e12) / 3600,
     }

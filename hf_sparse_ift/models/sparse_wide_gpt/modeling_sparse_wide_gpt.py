@@ -37,6 +37,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .condensed_linear import install_condensed_layers
 from .configuration_sparse_wide_gpt import SparseWideGPTConfig
+from .errors import UsageError
 from .sparse_checkpoint import SparseCheckpointMixin, init_block_index, init_mask
 from .sparse_layers import BlockSparseLinear, SparseLinear, block_linear, effective_weight, fusable
 
@@ -85,7 +86,7 @@ class SparseWideGPTAttention(nn.Module):
             qkv = tuple(p(hidden_states) for p in projections)
         width = qkv[0].shape[-1]
         if width % self.head_dim:
-            raise ValueError(
+            raise UsageError(
                 f"q_proj gives {width} features here, not a whole number of heads of size {self.head_dim}: under "
                 f"tensor parallelism the TP size must divide n_head={self.config.n_head}"
             )
@@ -241,7 +242,7 @@ class SparseWideGPTModel(SparseWideGPTPreTrainedModel):
         the config by the output-capturing decorator. Unlike GPT-2, ``use_cache`` defaults to ``config.use_cache``
         only in eval mode: in training a KV cache would only cost memory and copies."""
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+            raise UsageError("You must specify exactly one of input_ids or inputs_embeds")
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -273,7 +274,7 @@ class SparseWideGPTModel(SparseWideGPTPreTrainedModel):
             # masking_utils only looks for packing without a cache. An empty dynamic cache holds exactly this
             # forward's keys, so the mask built without it is the same mask, with the documents separated.
             if getattr(cache, "is_compileable", False):
-                raise ValueError(
+                raise UsageError(
                     "position_ids restart inside a row (packed sequences) but the KV cache is a static one, whose "
                     "masks cannot separate the documents: pass use_cache=False (or a DynamicCache) for packed inputs"
                 )

@@ -23,6 +23,7 @@ import torch
 from transformers.utils import logging
 
 from .condensed_linear import CONDENSED_FORMAT, CondensedLinear, condense_model, sparse_format_of_condensed
+from .errors import UsageError
 from .iso_flop import num_inactive
 from .layer_utils import full_tensor, is_dtensor, is_masked_layer
 from .sparse_layers import BlockSparseLinear, SparseLinear
@@ -71,7 +72,7 @@ def init_block_index(module: BlockSparseLinear) -> None:
     if _loaded(module.block_col_indices) and _loaded(module.block_crow_indices):
         module._mask_source = "checkpoint"
     elif _loaded(module.weight_blocks):
-        raise ValueError(
+        raise UsageError(
             "the checkpoint has the active blocks (weight_blocks) of a block-sparse layer but not its block index "
             "(block_crow_indices, block_col_indices): which blocks they are cannot be recovered"
         )
@@ -87,13 +88,13 @@ def check_sparse_load(model, loading_info: dict) -> None:
     fmt = getattr(model.config, "sparse_format", None)
     name = fmt.get("format") if isinstance(fmt, dict) else None
     if name is not None and name not in KNOWN_FORMATS:
-        raise ValueError(
+        raise UsageError(
             f"checkpoint sparse_format {name!r} is not supported by this code; supported: {list(KNOWN_FORMATS)} "
             f"(and the plain layout)"
         )
     unexpected = sorted(k for k in loading_info["unexpected_keys"] if k.endswith(_LAYOUT_TENSORS))
     if unexpected:
-        raise ValueError(
+        raise UsageError(
             f"the checkpoint's sparse tensors {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''} were not decoded "
             f"into the model: the checkpoint conversion registered for model type {model.config.model_type!r} "
             f"(transformers.conversion_mapping) did not apply, or this model's config does not match the checkpoint. "
@@ -109,7 +110,7 @@ def check_sparse_load(model, loading_info: dict) -> None:
         else:
             continue
         if absent:
-            raise ValueError(
+            raise UsageError(
                 f"the checkpoint has no tensors for the sparse layer {layer_name!r} (missing {absent[:3]}): it would be "
                 f"left randomly initialised. Is the checkpoint of another model, or in a layout this code cannot read?"
             )
@@ -120,7 +121,7 @@ def _local_checkpoint_state_dict(folder: Path) -> dict:
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{folder} has no .safetensors files to load")
+        raise UsageError(f"{folder} has no .safetensors files to load")
     state_dict = {}
     for file in files:
         state_dict.update(load_file(file))
@@ -145,7 +146,7 @@ def _model_format(model) -> str | None:
         if isinstance(m, CondensedLinear) or is_masked_layer(m)
     }
     if len(kinds) > 1:
-        raise ValueError("the model mixes condensed and masked sparse layers; condense all of them or none")
+        raise UsageError("the model mixes condensed and masked sparse layers; condense all of them or none")
     return kinds.pop() if kinds else None
 
 
@@ -176,9 +177,9 @@ class SparseCheckpointMixin:
                 are set to zero with a warning that counts them; ``strict_masks=True`` raises instead.
         """
         if rebuild_masks not in _REBUILD_CHOICES:
-            raise ValueError(f"rebuild_masks={rebuild_masks!r} is invalid: expected one of {list(_REBUILD_CHOICES)}")
+            raise UsageError(f"rebuild_masks={rebuild_masks!r} is invalid: expected one of {list(_REBUILD_CHOICES)}")
         if not isinstance(strict_masks, bool):
-            raise ValueError(f"strict_masks={strict_masks!r} is invalid: expected True or False")
+            raise UsageError(f"strict_masks={strict_masks!r} is invalid: expected True or False")
         register_sparse_layouts(cls.config_class.model_type)
         output_loading_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("tp_plan") is not None or kwargs.get("device_mesh") is not None:
@@ -190,7 +191,7 @@ class SparseCheckpointMixin:
                 )
             except RuntimeError as err:
                 if errors:  # our conversion failed: say how, not only that it did
-                    raise ValueError(errors[0]) from err
+                    raise UsageError(errors[0]) from err
                 raise
         check_sparse_load(model, loading_info)
         model._check_tensor_parallel()
@@ -209,14 +210,14 @@ class SparseCheckpointMixin:
             config = cls.config_class.from_pretrained(config or path)
         fmt = config.sparse_format.get("format") if isinstance(config.sparse_format, dict) else None
         if fmt == CONDENSED_FORMAT:
-            raise ValueError(
+            raise UsageError(
                 f"{path} is condensed ({CONDENSED_FORMAT}), for CPU inference: tensor parallelism cannot split it. "
                 "Load the masked checkpoint it was made from with tp_plan instead."
             )
         if fmt != BITMASK_FORMAT:
             return path
         if not Path(path).is_dir():
-            raise ValueError(
+            raise UsageError(
                 f"tensor-parallel loading of the compressed layout ({BITMASK_FORMAT}) reads a local folder: download "
                 f"{path} first (huggingface_hub.snapshot_download) or decompress it (hf-sparse-ift decompress)"
             )
@@ -244,9 +245,9 @@ class SparseCheckpointMixin:
         wanted = PLAIN if sparse_format is None else sparse_format
         valid = ("auto", BITMASK_FORMAT, PLAIN)
         if wanted not in valid:
-            raise ValueError(f"sparse_format={sparse_format!r} is invalid: expected one of {list(valid)} or None")
+            raise UsageError(f"sparse_format={sparse_format!r} is invalid: expected one of {list(valid)} or None")
         if held == CONDENSED_FORMAT and wanted != "auto":
-            raise ValueError(
+            raise UsageError(
                 f"sparse_format={sparse_format!r} is invalid for a condensed model: it holds no masks "
                 f"or dense weights; save it with sparse_format='auto' ({CONDENSED_FORMAT})"
             )
@@ -280,7 +281,7 @@ class SparseCheckpointMixin:
         """Replace every masked sparse linear by a `CondensedLinear` (in place; see `condensed_linear.py`). Returns the
         model. A block-sparse model is refused: it already stores and computes only its active blocks."""
         if self.config.uses_blocks:
-            raise ValueError(
+            raise UsageError(
                 f"this model's sparse layers are block-sparse (sparsity_block={self.config.sparsity_block!r}): they "
                 f"already store and compute only their active blocks, and condensing applies to masked layers. "
                 f"Convert to the masked layout first (hf_sparse_ift.sparsity.blocks.to_masked_model) to condense."
@@ -293,7 +294,7 @@ class SparseCheckpointMixin:
             if hasattr(module, "q_proj") and is_dtensor(getattr(module.q_proj, "weight", None)):
                 tp_size = module.q_proj.weight.device_mesh.size()
                 if self.config.n_head % tp_size:
-                    raise ValueError(
+                    raise UsageError(
                         f"Tensor parallelism over {tp_size} ranks cannot split n_head={self.config.n_head} attention "
                         f"heads evenly: use a TP size that divides n_head"
                     )
@@ -319,7 +320,7 @@ def _check_rebuilt_masks(layers: dict[str, SparseLinear], rebuild_masks: str | N
     if not rebuilt:
         return
     if rebuild_masks != "from_weights":
-        raise ValueError(
+        raise UsageError(
             f"The checkpoint has the weights of {len(rebuilt)} sparse layer(s) but not their masks "
             f"({', '.join(n + '.weight_mask' for n in rebuilt[:3])}{', ...' if len(rebuilt) > 3 else ''}). "
             f"Refusing to draw new random masks over trained weights. Load a checkpoint saved with its masks, or "
@@ -356,12 +357,12 @@ def _zero_inactive_weights(layers: dict[str, SparseLinear], strict_masks: bool) 
     total = sum(counts.values())
     detail = ", ".join(f"{name}: {n}" for name, n in counts.items())
     if strict_masks:
-        raise ValueError(
+        raise UsageError(
             f"strict_masks=True: {total} weights are non-zero at inactive (masked) positions ({detail}); "
             f"a Sparse Wide GPT keeps them exactly zero. Load without strict_masks to zero them."
         )
     if offloaded:
-        raise ValueError(
+        raise UsageError(
             f"{total} weights are non-zero at inactive (masked) positions ({detail}), and the layers "
             f"{offloaded} are offloaded, where they cannot be repaired. Load without offloading (no device_map, "
             f"or one that fits in memory) to zero them, then save the repaired model."

@@ -24,6 +24,7 @@ from .block_sparse import block_sparse_linear
 from .block_sparse_layout import block_rows_of, dense_from_blocks
 from .compat import distribute_tensor
 from .configuration_sparse_wide_gpt import BLOCK_FAN_INS, SparseWideGPTConfig
+from .errors import UsageError
 from .iso_flop import BLOCK_LINEARS, num_inactive, num_inactive_blocks
 from .layer_utils import is_dtensor
 
@@ -184,7 +185,7 @@ def block_grid_of(out_features: int, in_features: int, sparsity_block: tuple[int
     """(block-rows, block-columns) of a weight cut into blocks; refuses sizes that are not whole blocks."""
     rows, cols = sparsity_block
     if out_features % rows or in_features % cols:
-        raise ValueError(
+        raise UsageError(
             f"a {out_features}x{in_features} weight (out_features x in_features) cannot be cut into blocks of "
             f"{rows}x{cols}: out_features={out_features} must be a multiple of {rows} and in_features="
             f"{in_features} a multiple of {cols}"
@@ -224,7 +225,7 @@ class BlockSparseLinear(nn.Module):
     ):
         super().__init__()
         if block_fan_in not in BLOCK_FAN_INS:
-            raise ValueError(f"block_fan_in={block_fan_in!r} is invalid: expected one of {list(BLOCK_FAN_INS)}")
+            raise UsageError(f"block_fan_in={block_fan_in!r} is invalid: expected one of {list(BLOCK_FAN_INS)}")
         rows, cols = sparsity_block
         self.block_grid = block_grid_of(out_features, in_features, sparsity_block)
         self.in_features = in_features
@@ -292,7 +293,7 @@ class BlockSparseLinear(nn.Module):
         """Write the block index of `block_mask` (same number of active blocks). The values in ``weight_blocks`` are
         not moved: that is the caller's job (DST moves them, `sparsity.dst.engine.DSTEngine._apply_blocks`)."""
         if tuple(block_mask.shape) != self.block_grid or int(block_mask.sum()) != self.n_active:
-            raise ValueError(
+            raise UsageError(
                 f"block mask of shape {tuple(block_mask.shape)} with {int(block_mask.sum())} active blocks does not "
                 f"fit this layer: expected shape {self.block_grid} with {self.n_active} active blocks"
             )
@@ -317,7 +318,7 @@ class BlockSparseLinear(nn.Module):
         if valid and self.block_fan_in == "constant":
             valid = bool((counts == counts[0]).all())
         if not valid:
-            raise ValueError(
+            raise UsageError(
                 f"block index (block_crow_indices, block_col_indices) is not a valid BSR index of {self.n_active} "
                 f"active blocks on a {grid_rows}x{grid_cols} grid (block_fan_in={self.block_fan_in!r}): the checkpoint "
                 f"is damaged or was written for another layout"

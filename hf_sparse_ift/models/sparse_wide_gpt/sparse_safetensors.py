@@ -42,6 +42,7 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from .condensed_linear import CONDENSED_FORMAT
+from .errors import UsageError
 from .layer_utils import full_tensor, is_masked_layer
 
 BITMASK_FORMAT = "bitmask-values-v1"
@@ -105,7 +106,7 @@ def _as_bits(t: torch.Tensor) -> np.ndarray:
 def compress_weight(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(bits, active values, shape) of one sparse weight. Values are copied bit for bit, active zeros included."""
     if mask.shape != weight.shape or mask.dtype != torch.bool:
-        raise ValueError(
+        raise UsageError(
             f"weight {tuple(weight.shape)} needs a bool mask of the same shape, got {mask.dtype} {tuple(mask.shape)}"
         )
     mask = mask.detach().to("cpu")
@@ -120,22 +121,22 @@ def decompress_weight(
     """(weight, mask) from `compress_weight`'s output. Inactive positions are +0.0."""
     shape = tuple(int(s) for s in (shape.tolist() if isinstance(shape, torch.Tensor) else shape))
     if len(shape) != 2 or min(shape) < 1:
-        raise ValueError(f"{name}: stored shape {shape} is not a 2-D weight shape")
+        raise UsageError(f"{name}: stored shape {shape} is not a 2-D weight shape")
     numel = shape[0] * shape[1]
     if bits.dtype != torch.uint8 or bits.dim() != 1 or bits.numel() != (numel + 7) // 8:
-        raise ValueError(
+        raise UsageError(
             f"{name}: mask bits of shape {tuple(bits.shape)} and dtype {bits.dtype} do not fit a weight "
             f"of shape {shape}: expected uint8 [{(numel + 7) // 8}]"
         )
     if values.dim() != 1:
-        raise ValueError(f"{name}: stored values must be 1-D, got shape {tuple(values.shape)}")
+        raise UsageError(f"{name}: stored values must be 1-D, got shape {tuple(values.shape)}")
     packed, raw = _as_bits(bits), _as_bits(values)
     if numel % 8 and packed[-1] >> (numel % 8):
-        raise ValueError(f"{name}: mask bits for shape {shape} have non-zero padding bits in the last byte")
+        raise UsageError(f"{name}: mask bits for shape {shape} have non-zero padding bits in the last byte")
     mask = np.unpackbits(packed, count=numel, bitorder="little").view(np.bool_)
     active = np.flatnonzero(mask)
     if raw.size != active.size:
-        raise ValueError(f"{name}: {raw.size} stored values for a mask with {active.size} active positions")
+        raise UsageError(f"{name}: {raw.size} stored values for a mask with {active.size} active positions")
     # Raw bits are copied, never computed with, so every value (the signs of zeros included) is kept. Positions, then
     # one scatter: measured 2.5x faster than boolean-mask assignment and 4x faster than torch's masked_scatter_.
     dense = np.zeros(numel, dtype=raw.dtype)
@@ -183,7 +184,7 @@ def _compressed_prefixes(keys) -> list[str]:
 
 def _check_complete(prefix: str, missing_suffixes: list[str]) -> None:
     if missing_suffixes:
-        raise ValueError(
+        raise UsageError(
             f"compressed layer {prefix!r} is incomplete: missing {[prefix + s for s in missing_suffixes]} "
             f"({BITMASK_FORMAT} stores {MASK_SUFFIX}, {VALUES_SUFFIX} and {SHAPE_SUFFIX} for each sparse layer)"
         )
@@ -243,14 +244,14 @@ class DecodeSparseLayer(ConversionOps):
         _check_complete(prefix, ["." + s for s in _SOURCES if not input_dict.get(s)])
         layer = model.get_submodule(prefix) if model is not None else None
         if layer is not None and not is_masked_layer(layer):
-            raise ValueError(
+            raise UsageError(
                 f"the checkpoint stores {prefix!r} as a compressed sparse layer, but this model's {prefix!r} is a "
                 f"dense {type(layer).__name__}: its config (sparsity, sparse_layers) does not match the checkpoint"
             )
         bits, values, stored_shape = (input_dict[s][0] for s in _SOURCES)
         shape = tuple(layer.weight.shape) if layer is not None else tuple(int(s) for s in stored_shape.tolist())
         if not torch.equal(stored_shape, torch.tensor(shape).to(stored_shape.dtype)):
-            raise ValueError(f"{prefix}: stored shape {stored_shape.tolist()} differs from the model's {list(shape)}")
+            raise UsageError(f"{prefix}: stored shape {stored_shape.tolist()} differs from the model's {list(shape)}")
         return decompress_weight(bits.to(torch.uint8), values, shape, prefix)
 
     @property

@@ -10,8 +10,17 @@ The engine is separate from the model and from the training loop; each method (s
         engine.step()            # every ΔT steps: drop / regrow in every sparse layer
 """
 
-from .config import DSTConfig
-from .engine import DSTEngine, summarize
-from .methods import METHODS, DSTMethod, LayerUpdate
+from ..._lazy import lazy_exports
 
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "DSTConfig": ".config",
+        "DSTEngine": ".engine",
+        "summarize": ".engine",
+        "METHODS": ".methods",
+        "DSTMethod": ".methods",
+        "LayerUpdate": ".methods",
+    },
+)
 __all__ = ["METHODS", "DSTConfig", "DSTEngine", "DSTMethod", "LayerUpdate", "summarize"]

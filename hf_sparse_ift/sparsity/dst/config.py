@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from ... import checks
-from .methods import METHODS
+from ...errors import UsageError
 
 
 @dataclass
@@ -36,6 +36,8 @@ class DSTConfig:
     spectral_gap: bool = False
 
     def __post_init__(self):
+        from .methods import METHODS  # the methods import torch; the config and its help need not
+
         checks.choice("dst.method", self.method, sorted(METHODS))
         checks.number("dst.drop_fraction", self.drop_fraction, low=0, high=1, high_open=True)
         checks.integer("dst.update_interval", self.update_interval, low=1)
@@ -52,5 +54,5 @@ class DSTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown dst option(s) {unknown}; valid: {sorted(known)}")
+            raise UsageError(f"unknown dst option(s) {unknown}; valid: {sorted(known)}")
         return cls(**values)

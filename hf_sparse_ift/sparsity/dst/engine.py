@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ...errors import UsageError
 from ...models.sparse_wide_gpt.layer_utils import full_tensor
 from ..masks import BlockSparseLinear, SparseLinear, count_differing_bits, pack_bits, sparse_layers
 from ..spectral import mask_graph_stats
@@ -82,7 +83,7 @@ class DSTEngine:
 
     def __init__(self, model: torch.nn.Module, optimizer, config: DSTConfig, total_steps: int):
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps={total_steps!r} is invalid: expected an integer >= 1")
+            raise UsageError(f"total_steps={total_steps!r} is invalid: expected an integer >= 1")
         self.config = config
         self.method = METHODS[config.method](config)
         self.optimizer = optimizer
@@ -90,11 +91,11 @@ class DSTEngine:
         self.step_count = 0
         self.layers: dict[str, SparseLinear | BlockSparseLinear] = sparse_layers(model)
         if self.method.updates_masks and not self.layers:
-            raise ValueError("the model has no SparseLinear layers (is its sparsity 0?): nothing for DST to update")
+            raise UsageError("the model has no SparseLinear layers (is its sparsity 0?): nothing for DST to update")
         blocks = [name for name, m in self.layers.items() if isinstance(m, BlockSparseLinear)]
         if blocks and not self.method.supports_blocks:
             usable = sorted(name for name, method in METHODS.items() if method.supports_blocks)
-            raise ValueError(
+            raise UsageError(
                 f"dst.method={config.method!r} does not work on block-sparse layers (the model has {len(blocks)}, "
                 f"e.g. {blocks[0]}): use one of {usable}, or a model with sparsity_block=1"
             )
@@ -281,7 +282,7 @@ class DSTEngine:
         # spectral_gap only adds telemetry (and is absent from older checkpoints): it may change on resume.
         saved = {k: v for k, v in state["config"].items() if k != "spectral_gap"}
         if saved != {k: v for k, v in asdict(self.config).items() if k != "spectral_gap"}:
-            raise ValueError(
+            raise UsageError(
                 f"checkpointed DST settings {state['config']} differ from the current {asdict(self.config)}"
             )
         self.step_count = state["step_count"]

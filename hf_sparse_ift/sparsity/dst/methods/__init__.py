@@ -1,13 +1,12 @@
-"""DST methods, one per file. A file defines a `DSTMethod` subclass with a ``name``; it is registered by
-being here (every module of this folder is imported), so a new method is one new file."""
+"""DST methods, one per file: a `DSTMethod` subclass with a ``name``. `METHODS` lists them by that name; a new method is
+one new file and one line here."""
 
-import importlib
-import pkgutil
+from .base import DropGrowMethod, DSTMethod, LayerUpdate
+from .rigl import RigL
+from .set import SET
+from .srigl import SRigL
+from .static import Static
 
-from .base import METHODS, DropGrowMethod, DSTMethod, LayerUpdate
+METHODS: dict[str, type[DSTMethod]] = {method.name: method for method in (Static, SET, RigL, SRigL)}
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
-
-__all__ = ["METHODS", "DSTMethod", "DropGrowMethod", "LayerUpdate"]
+__all__ = ["METHODS", "SET", "DSTMethod", "DropGrowMethod", "LayerUpdate", "RigL", "SRigL", "Static"]

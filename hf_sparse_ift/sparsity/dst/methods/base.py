@@ -17,8 +17,6 @@ from torch import nn
 
 from ...masks import derive_seed, select_top_k, select_top_k_per_row
 
-METHODS: dict[str, type[DSTMethod]] = {}
-
 
 @dataclass
 class LayerUpdate:
@@ -43,17 +41,13 @@ class LayerUpdate:
 
 
 class DSTMethod:
-    """Base class; subclasses set ``name`` and implement `new_mask` (and optionally `initial_mask`)."""
+    """Base class; subclasses set ``name`` and implement `new_mask` (and optionally `initial_mask`). A method is
+    usable once it is listed in `methods.METHODS`."""
 
     name: ClassVar[str]
     updates_masks: ClassVar[bool] = True  # False: the masks never change (static sparsity)
     needs_dense_grad: ClassVar[bool] = False  # True: the engine captures the unmasked gradient on update steps
     supports_blocks: ClassVar[bool] = False  # True: works on block-sparse layers (units are blocks)
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:
-            METHODS[cls.name] = cls
 
     def __init__(self, config):
         self.config = config

@@ -13,7 +13,7 @@ from dataclasses import replace
 PAPER_BASE = "pretrain-gpt3-small-dense"  # GPT-3 Small on the Pile, 2.5B tokens (~20 per dense parameter)
 
 
-def add_parser(sub) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser(
         "study",
         help="train dense / iso-FLOP / Sparse Wide / iso-time arms on identical data and compare them",
@@ -50,8 +50,8 @@ def _logging():
 
 
 def cmd_study(args) -> int:
-    from .config import load_study_config
-    from .runner import RepeatedDataError, report_only, run_study
+    from ..study.config import load_study_config
+    from ..study.runner import RepeatedDataError, report_only, run_study
 
     study = load_study_config(args.config, args.output_dir)
     _logging()
@@ -69,7 +69,7 @@ def cmd_study(args) -> int:
 def paper_scale(study):
     """The same arms and seeds on the paper's base: GPT-3 Small on the Pile for 2.5B tokens."""
     from ..resources import load_yaml, resolve_config_path
-    from .config import build_study_config
+    from ..study.config import build_study_config
 
     tree = study.to_dict()
     tree["base"] = load_yaml(resolve_config_path(PAPER_BASE))
@@ -80,8 +80,8 @@ def plan_study(study, mfu: float, peak_tflops: float) -> list[dict]:
     """Per arm: widths, parameters, tokens, FLOPs and GPU-hours (per seed and for all seeds). dense-iso-time
     steps are the Sparse Wide reference's steps x its executed-FLOP ratio to dense (equal MFU assumed; a real
     study measures it)."""
-    from .arms import arm_accounting, build_arms, iso_time_reference
-    from .config import ArmKind
+    from ..study.arms import arm_accounting, build_arms, iso_time_reference
+    from ..study.config import ArmKind
 
     rate = mfu * peak_tflops * 1e12
     seeds = len(study.study.seeds)
@@ -109,7 +109,7 @@ def plan_study(study, mfu: float, peak_tflops: float) -> list[dict]:
 
 
 def cmd_plan_study(args) -> int:
-    from .config import load_study_config
+    from ..study.config import load_study_config
 
     study = load_study_config(args.study)
     if args.paper_scale:

@@ -1,8 +1,7 @@
-"""The evaluation commands of `hf-sparse-ift`: evaluate, compare, perplexity, card (registered by cli.py).
+"""``hf-sparse-ift evaluate | compare | perplexity | card``.
 
-Bad input raises ValueError / FileNotFoundError / FileExistsError with one sentence naming the bad value and the
-valid choices; cli.main prints it as ``hf-sparse-ift <command>: error: ...`` and exits 2. Every check runs before a
-model is loaded or a file is written.
+Bad input raises `UsageError` with one sentence naming the bad value and the valid choices; `cli.main` prints it as
+``hf-sparse-ift <command>: error: ...`` and exits 2. Every check runs before a model is loaded or a file is written.
 """
 
 from __future__ import annotations
@@ -10,8 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .harness import DTYPES, check_writable, evaluate
-from .suites import SUITES
+from ..errors import InputNotFoundError, UsageError
+from ..evaluation.harness import DTYPES, check_writable
+from ..evaluation.suites import SUITES
 
 
 def add_parsers(sub) -> None:
@@ -92,7 +92,8 @@ def add_parsers(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from .compare import raw_table, results_table
+    from ..evaluation.compare import raw_table, results_table
+    from ..evaluation.harness import evaluate
 
     summary = evaluate(
         args.model,
@@ -116,7 +117,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare
+    from ..evaluation.compare import compare
 
     if args.output:
         check_writable(Path(args.output).parent)
@@ -128,7 +129,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_perplexity(args) -> int:
-    from .perplexity import perplexity
+    from ..evaluation.perplexity import perplexity
 
     print(
         json.dumps(
@@ -152,8 +153,8 @@ def cmd_perplexity(args) -> int:
 def checked_summaries(checkpoint: str | Path, paths: list[str], allow_other: bool = False) -> list[dict]:
     """The summaries of `paths`, each made from `checkpoint`'s weights (the sha256 of its decoded tensors, so a
     lossless `compress` / `decompress` of the same weights counts as the same), unless `allow_other`."""
+    from ..evaluation.compare import load_summary
     from ..hub.identity import describe, local_identity, same_model
-    from .compare import load_summary
 
     mine = local_identity(checkpoint)
     out = []
@@ -167,7 +168,7 @@ def checked_summaries(checkpoint: str | Path, paths: list[str], allow_other: boo
                 else f"{theirs.get('path') or theirs.get('name')} (no tensors sha256 recorded: written by an "
                 "older version; evaluate again to record it)"
             )
-            raise ValueError(
+            raise UsageError(
                 f"--results {path} was made from {made_from}, not from this checkpoint {describe(mine)}; "
                 "pass --allow-other-checkpoint to use it anyway"
             )
@@ -179,7 +180,7 @@ def cmd_card(args) -> int:
     from ..hub.model_card import write_model_card
 
     if not (Path(args.checkpoint) / "config.json").is_file():
-        raise FileNotFoundError(f"{args.checkpoint}: not a save_pretrained folder (no config.json)")
+        raise InputNotFoundError(f"{args.checkpoint}: not a save_pretrained folder (no config.json)")
     summaries = checked_summaries(args.checkpoint, args.results or [], args.allow_other_checkpoint)
     path = write_model_card(args.checkpoint, repo_id=args.repo_id or args.push_to_hub, summaries=summaries)
     print(f"wrote {path}")

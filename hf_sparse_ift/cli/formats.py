@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 
-from .checkpoint_layouts import REPRESENTATIONS, checkpoint_format, convert_checkpoint
-
 
 def _folder_bytes(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -54,7 +52,6 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--representation",
         default="auto",
-        choices=REPRESENTATIONS,
         help="auto: [rows, k] for constant fan-in, else CSR (default); csr; padded (to the largest fan-in)",
     )
     sub.add_parser(
@@ -68,6 +65,8 @@ def add_parsers(sub) -> None:
 
 def _convert(args, layout: str) -> int:
     from pathlib import Path
+
+    from ..sparsity.checkpoint_layouts import checkpoint_format, convert_checkpoint
 
     before = checkpoint_format(args.input)
     out = convert_checkpoint(
@@ -106,12 +105,13 @@ def cmd_condense(args) -> int:
 
 
 def cmd_build_kernels(args) -> int:
+    from ..errors import UsageError
     from ..models.sparse_wide_gpt.condensed_kernel import build_kernel
 
     try:
         record = build_kernel()
     except RuntimeError as err:
-        raise ValueError(str(err)) from None
+        raise UsageError(str(err)) from None
     print(json.dumps(record))
     return 0
 

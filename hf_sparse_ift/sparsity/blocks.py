@@ -18,7 +18,6 @@ from torch import nn
 
 from ..errors import UsageError
 from ..models.sparse_wide_gpt import SparseWideGPTConfig, SparseWideGPTForCausalLM
-from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import _DERIVED_KEYS
 from ..models.sparse_wide_gpt.sparse_layers import BlockSparseLinear, SparseLinear, block_grid_of
 from .masks import sparse_layers
 
@@ -56,8 +55,7 @@ def to_block_model(
 
 def _config_like(config: SparseWideGPTConfig, **changes) -> SparseWideGPTConfig:
     # A width_multiple of None (paper widths) becomes the block size for a block config; widths are checked below.
-    values = {k: v for k, v in config.to_dict().items() if k not in _DERIVED_KEYS and k != "sparse_format"}
-    new = SparseWideGPTConfig(**{**values, **changes})
+    new = config.replace(**changes)
     if (new.hidden_size, new.intermediate_size) != (config.hidden_size, config.intermediate_size):
         raise UsageError(
             f"with {changes} the config derives widths {new.hidden_size}/{new.intermediate_size}, not the model's "

@@ -154,31 +154,8 @@ def arm_accounting(study: StudyConfig, arm: Arm) -> FlopAccounting:
 
 
 def _model_values(cfg: PretrainConfig) -> dict:
-    """The base model as explicit SparseWideGPTConfig fields (preset resolved)."""
-    c = cfg.model_config()
-    keep = (
-        "vocab_size",
-        "n_positions",
-        "n_layer",
-        "n_head",
-        "dense_hidden_size",
-        "dense_intermediate_size",
-        "width_multiple",
-        "sparse_layers",
-        "activation_function",
-        "resid_pdrop",
-        "embd_pdrop",
-        "attn_pdrop",
-        "layer_norm_epsilon",
-        "initializer_range",
-        "tie_word_embeddings",
-        "bos_token_id",
-        "eos_token_id",
-        "pad_token_id",
-    )
-    values = {k: getattr(c, k) for k in keep}
-    values["sparse_layers"] = list(values["sparse_layers"])
-    return values
+    """The base model as explicit SparseWideGPTConfig arguments of the dense model (preset resolved)."""
+    return cfg.model_config().dense_arguments()
 
 
 def dense_iso_flop_widths(base: SparseWideGPTConfig, target_forward: float, seq_len: int) -> tuple[int, int]:

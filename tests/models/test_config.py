@@ -126,3 +126,37 @@ def test_gpt2_style_aliases_must_agree_with_what_they_stand_for(alias, value, ta
 def test_inconsistent_derived_size_in_a_saved_config_is_rejected():
     with pytest.raises(ValueError, match="hidden_size=1000"):
         SparseWideGPTConfig(sparsity=0.75, hidden_size=1000)
+
+
+# --- one declaration of the arguments ---------------------------------------------------------------------------
+def test_the_first_error_names_the_value_the_caller_set():
+    with pytest.raises(ValueError, match=r"num_attention_heads=2 is invalid: it is an alias of n_head=12; set n_head"):
+        SparseWideGPTConfig(num_attention_heads=2, dense_hidden_size=64)
+    with pytest.raises(ValueError, match=r"n_embd=99 is invalid: it is an alias of hidden_size=1536"):
+        SparseWideGPTConfig(sparsity=0.75, n_embd=99)
+
+
+def test_arguments_are_read_off_the_signature_and_each_has_one_role():
+    import inspect
+
+    arguments = SparseWideGPTConfig.arguments()
+    assert arguments == tuple(p for p in inspect.signature(SparseWideGPTConfig.__init__).parameters if p != "self")[:-1]
+    roles = (
+        SparseWideGPTConfig.sparsification_arguments
+        + SparseWideGPTConfig.runtime_arguments
+        + SparseWideGPTConfig.storage_arguments
+    )
+    assert set(roles) <= set(arguments) and len(set(roles)) == len(roles)
+    assert not set(SparseWideGPTConfig.derived_keys) & set(arguments)
+    dense = SparseWideGPTConfig(sparsity=0.75, sparsity_block=16, mask_seed=3).dense_arguments()
+    assert set(dense) == set(arguments) - set(roles)
+    assert SparseWideGPTConfig(**dense).sparsity == 0.0  # a dense model of the same architecture
+
+
+def test_replace_makes_a_changed_copy_with_its_sizes_derived_anew():
+    config = SparseWideGPTConfig(sparsity=0.5, mask_seed=7)
+    wider = config.replace(sparsity=0.75)
+    assert (wider.hidden_size, wider.intermediate_size, wider.mask_seed) == (1536, 6144, 7)
+    assert (config.hidden_size, config.sparsity) == (1092, 0.5)  # the original is unchanged
+    with pytest.raises(ValueError, match=r"sparsty=0.5 is invalid: not an argument of SparseWideGPTConfig"):
+        config.replace(sparsty=0.5)

@@ -8,6 +8,7 @@ widened sizes (``hidden_size``, ``intermediate_size``) and the sparsity each spa
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 
 from transformers import PretrainedConfig
@@ -67,36 +68,6 @@ def _prob(field: str, value) -> float:
     return float(value)
 
 
-# Keys that PretrainedConfig itself reads or writes (serialised configs carry them). Any other key is
-# kept as an extra attribute and round-trips through to_dict / from_dict, as in every Hugging Face config; one
-# that is a near-miss of one of our own arguments gets a warning naming that argument.
-_PRETRAINED_KEYS = frozenset(PretrainedConfig().to_dict()) | {
-    "torch_dtype",
-    "dtype",
-    "attn_implementation",
-    "name_or_path",
-    "_name_or_path",
-    "_commit_hash",
-    "transformers_version",
-    "architectures",
-    "auto_map",
-    "model_type",
-    "num_labels",
-    "id2label",
-    "label2id",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-    "experts_implementation",
-    "_attn_implementation_autoset",
-    "max_length",
-    "min_length",
-    "do_sample",
-    "num_beams",
-}
-# Derived sizes are written to config.json so that tools which read the JSON see the real shapes;
-# on load they must agree with what the dense sizes and sparsity imply.
-_DERIVED_KEYS = ("hidden_size", "intermediate_size", "layer_sparsity", "head_dim")
 # How close (difflib ratio) an unknown key must be to one of our argument names to count as a typo of it.
 _TYPO_CUTOFF = 0.85
 
@@ -169,6 +140,14 @@ class SparseWideGPTConfig(PretrainedConfig):
     base_model_tp_plan = _TP_PLAN
     base_model_pp_plan = _PP_PLAN
     base_model_fsdp_plan = _FSDP_PLAN
+    # What each argument is, for the code that rebuilds or converts configs (the study's arms, GPT-2 conversion, block
+    # layouts): the arguments are `arguments()`, read off __init__; these say which of them make a dense model sparse,
+    # which are run-time settings and which record how a checkpoint was stored. The rest describe the dense model.
+    sparsification_arguments = ("sparsity", "mask_seed", "sparsity_block", "block_fan_in")
+    runtime_arguments = ("use_cache",)
+    storage_arguments = ("sparse_format",)
+    # Derived sizes, written to config.json so that tools which read the JSON see the real shapes.
+    derived_keys = ("hidden_size", "intermediate_size", "layer_sparsity", "head_dim")
     attribute_map = {
         "n_embd": "hidden_size",
         "num_hidden_layers": "n_layer",
@@ -205,10 +184,12 @@ class SparseWideGPTConfig(PretrainedConfig):
         sparse_format: dict | None = None,
         **kwargs,
     ):
-        derived = {k: kwargs.pop(k) for k in _DERIVED_KEYS if k in kwargs}
+        derived = {k: kwargs.pop(k) for k in self.derived_keys if k in kwargs}
         # GPT-2 style aliases (n_embd, num_hidden_layers, ...) may appear in configs written by other tools:
-        # they must agree with the value they stand for, like the derived sizes.
+        # they must agree with the value they stand for, like the derived sizes. Checked first, so that the first
+        # error names the value the caller set (num_attention_heads=2, not the default n_head it disagrees with).
         aliases = {k: kwargs.pop(k) for k in self.attribute_map if k in kwargs}
+        _check_aliases(self, aliases, {"n_layer": n_layer, "n_head": n_head, "n_positions": n_positions})
         _warn_near_misses(kwargs)
 
         self._set_architecture(
@@ -230,7 +211,8 @@ class SparseWideGPTConfig(PretrainedConfig):
         self.attn_pdrop = _prob("attn_pdrop", attn_pdrop)
         self.use_cache = use_cache
         self._derive_widths()
-        _check_given(self, derived, aliases)
+        _check_given(self, derived)
+        _check_aliases(self, aliases, {key: getattr(self, key) for key in self.derived_keys})
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -334,6 +316,29 @@ class SparseWideGPTConfig(PretrainedConfig):
             )
 
     # ------------------------------------------------------------------------------------------
+    @classmethod
+    def arguments(cls) -> tuple[str, ...]:
+        """The arguments of the config, in the order of its signature (derived sizes are not arguments)."""
+        params = inspect.signature(cls.__init__).parameters
+        return tuple(n for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
+
+    def dense_arguments(self) -> dict:
+        """The arguments that describe the dense model (its architecture, width rounding and which layers may be
+        sparse), with this config's values: every argument but the sparsification, run-time and storage ones."""
+        skip = self.sparsification_arguments + self.runtime_arguments + self.storage_arguments
+        values = {key: getattr(self, key) for key in self.arguments() if key not in skip}
+        values["sparse_layers"] = list(values["sparse_layers"])
+        return values
+
+    def replace(self, **changes) -> SparseWideGPTConfig:
+        """A new config with this one's arguments and `changes`; derived sizes are derived anew, and the storage
+        format (how a checkpoint was saved) is not carried over."""
+        values = {key: getattr(self, key) for key in self.arguments() if key not in self.storage_arguments}
+        unknown = sorted(set(changes) - set(values))
+        if unknown:
+            _fail(unknown[0], changes[unknown[0]], f"not an argument of SparseWideGPTConfig: {list(self.arguments())}")
+        return type(self)(**{**values, **changes})
+
     def shape(self, seq_len: int | None = None, layer_sparsity: float | None = None) -> GPTShape:
         """Sizes of this (widened) model for the FLOP counter in `iso_flop`."""
         return GPTShape(
@@ -361,24 +366,21 @@ class SparseWideGPTConfig(PretrainedConfig):
         )
 
 
-def _check_given(config: SparseWideGPTConfig, derived: dict, aliases: dict) -> None:
-    """Derived sizes and GPT-2 style aliases found in a config file must agree with what was derived."""
+def _check_given(config: SparseWideGPTConfig, derived: dict) -> None:
+    """Derived sizes found in a config file must agree with what was derived."""
     for key, value in derived.items():
         mine = getattr(config, key)
         if (abs(mine - value) > 1e-12) if isinstance(mine, float) else mine != value:
             _fail(key, value, f"it is derived from the dense sizes and sparsity, which give {mine!r}")
+
+
+def _check_aliases(config: SparseWideGPTConfig, aliases: dict, targets: dict) -> None:
+    """GPT-2 style aliases whose targets are in `targets` must agree with them."""
     for key, value in aliases.items():
         target = config.attribute_map[key]
-        if getattr(config, target) != value:
-            instead = "dense_hidden_size and sparsity" if target in _DERIVED_KEYS else target
-            _fail(key, value, f"it is an alias of {target}={getattr(config, target)!r}; set {instead} instead")
-
-
-def _own_arguments() -> tuple[str, ...]:
-    import inspect
-
-    params = inspect.signature(SparseWideGPTConfig.__init__).parameters
-    return tuple(n for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
+        if target in targets and targets[target] != value:
+            instead = "dense_hidden_size and sparsity" if target in config.derived_keys else target
+            _fail(key, value, f"it is an alias of {target}={targets[target]!r}; set {instead} instead")
 
 
 def _warn_near_misses(extra: dict) -> None:
@@ -388,9 +390,9 @@ def _warn_near_misses(extra: dict) -> None:
     every config (transformers' `set_config_for_less_flaky_test` sets ``layer_norm_eps``), and a config that went
     through one must still save and load.
     """
-    own = _own_arguments() + _DERIVED_KEYS
+    own = SparseWideGPTConfig.arguments() + SparseWideGPTConfig.derived_keys
     for key in sorted(extra):
-        if key in _PRETRAINED_KEYS or not isinstance(key, str):
+        if not isinstance(key, str):
             continue
         close = difflib.get_close_matches(key, own, n=1, cutoff=_TYPO_CUTOFF)
         if close:

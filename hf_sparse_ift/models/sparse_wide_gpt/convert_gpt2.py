@@ -10,6 +10,7 @@ GPT-2 stores block linears as `Conv1D` (weight is in x out, q/k/v fused in ``c_a
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -19,21 +20,9 @@ from .configuration_sparse_wide_gpt import SparseWideGPTConfig
 from .errors import UsageError
 from .modeling_sparse_wide_gpt import SparseWideGPTForCausalLM
 
-_SHARED_CONFIG = (
-    "vocab_size",
-    "n_positions",
-    "n_layer",
-    "n_head",
-    "activation_function",
-    "resid_pdrop",
-    "embd_pdrop",
-    "attn_pdrop",
-    "layer_norm_epsilon",
-    "initializer_range",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "tie_word_embeddings",
+# The arguments both configs have, with the same meaning (GPT-2's widths are ours after widening: n_embd, n_inner).
+_SHARED_CONFIG = tuple(
+    name for name in SparseWideGPTConfig.arguments() if name in inspect.signature(GPT2Config.__init__).parameters
 )
 
 

@@ -17,10 +17,13 @@ if TYPE_CHECKING:
 
 
 def _shipped(folder: str) -> Path:
-    """A data folder at the repository root (``configs``, ``model_cards``): the checkout's, else the installed copy."""
-    checkout = Path(__file__).resolve().parent.parent / folder
-    if checkout.is_dir():
-        return checkout
+    """A data folder at the repository root (``configs``, ``model_cards``): a source checkout's (one whose root holds
+    this project's pyproject.toml), else the installed copy. Never a folder that merely sits beside the package: in an
+    installed wheel that is site-packages, where another distribution's ``configs`` may be."""
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and 'name = "hf-sparse-ift"' in pyproject.read_text() and (root / folder).is_dir():
+        return root / folder
     return Path(str(resources.files(f"hf_sparse_ift.{folder}")))
 
 

@@ -147,6 +147,22 @@ def _infer_loader(files: dict[str, list[str]]) -> str:
     return loaders.pop()
 
 
+def _source(cfg: DataConfig, **where) -> DataSource:
+    """The source `cfg` describes, read from `where` (dataset, data_files, dataset_config); the validation split is
+    settled by the caller once it knows which splits exist."""
+    return DataSource(
+        **where,
+        text_column=cfg.text_column,
+        train_split=cfg.train_split,
+        validation_split=None,
+        holdout_every=None,
+        tokenizer=cfg.tokenizer,
+        seq_len=cfg.seq_len,
+        shuffle_buffer=cfg.shuffle_buffer,
+        bad_text=cfg.bad_text,
+    )
+
+
 def _builtin_source(cfg: DataConfig, fallback: str | None = None) -> DataSource:
     return DataSource(
         dataset=BUILTIN,
@@ -179,19 +195,7 @@ def resolve_data_source(cfg: DataConfig) -> DataSource:
             raise UsageError(
                 f"data.train_split={cfg.train_split!r} is not among the splits of data.data_files: {sorted(files)}"
             )
-        source = DataSource(
-            dataset=loader,
-            data_files=files,
-            dataset_config=None,
-            text_column=cfg.text_column,
-            train_split=cfg.train_split,
-            validation_split=None,
-            holdout_every=None,
-            tokenizer=cfg.tokenizer,
-            seq_len=cfg.seq_len,
-            shuffle_buffer=cfg.shuffle_buffer,
-            bad_text=cfg.bad_text,
-        )
+        source = _source(cfg, dataset=loader, data_files=files, dataset_config=None)
         has_validation = cfg.validation_split in files
     elif cfg.dataset == BUILTIN:
         for key, value, allowed in (
@@ -205,19 +209,7 @@ def resolve_data_source(cfg: DataConfig) -> DataSource:
                 )
         return _check(_builtin_source(cfg))
     else:
-        source = DataSource(
-            dataset=cfg.dataset,
-            data_files=None,
-            dataset_config=cfg.dataset_config,
-            text_column=cfg.text_column,
-            train_split=cfg.train_split,
-            validation_split=None,
-            holdout_every=None,
-            tokenizer=cfg.tokenizer,
-            seq_len=cfg.seq_len,
-            shuffle_buffer=cfg.shuffle_buffer,
-            bad_text=cfg.bad_text,
-        )
+        source = _source(cfg, dataset=cfg.dataset, data_files=None, dataset_config=cfg.dataset_config)
         try:
             _first_document(source, cfg.train_split)
         except Exception as err:

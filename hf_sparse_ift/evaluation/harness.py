@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ from ..hub.identity import describe, resolve_model, same_model, weights_identity
 from . import leaderboard
 from .compare import raw_table, results_table
 from .suites import SUITES, Suite, TaskSpec, builtin_tasks_dir, resolve_suite, task_names
+
+logger = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -488,8 +491,15 @@ def _complete_identity(identity: dict) -> None:
                     snapshot_download(identity["hub_id"], revision=identity["revision"], local_files_only=True)
                 )
             )
-        except Exception:
-            pass
+        except Exception as err:  # the results stand without it; say why the identity is the Hub name only
+            logger.warning(
+                "could not hash the weights of %s@%s from the local cache (%s: %s); the results record the Hub id "
+                "and revision only",
+                identity["hub_id"],
+                identity["revision"],
+                type(err).__name__,
+                err,
+            )
     identity.pop("cached_path", None)
 
 

@@ -77,7 +77,6 @@ def run_lm_eval_cli(checkpoint, out, env):
     return result["results"]["sparse_ift_docstring_mc"]["acc_norm,none"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("without_package", [False, True])
 def test_real_lm_eval_cli_scores_our_checkpoint(trained, evaluated, tmp_path, without_package):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}

@@ -224,7 +224,6 @@ def test_invalid_representation_is_named(tiny_model):
         tiny_model.condense("ell")
 
 
-@pytest.mark.slow
 def test_condensed_inference_benchmark_smoke(tmp_path, built_kernel_cache):
     env = {**os.environ, "HF_SPARSE_IFT_CACHE": str(built_kernel_cache)}
     proc = subprocess.run(
@@ -279,7 +278,6 @@ def test_condensed_inference_benchmark_smoke(tmp_path, built_kernel_cache):
     assert all(r[f"{k}_ms_per_token"] > 0 for r in rows for k in ("masked", "condensed-kernel", "condensed-torch-path"))
 
 
-@pytest.mark.slow
 def test_compressed_checkpoints_benchmark_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "compressed_checkpoints.py"), "--smoke", "--out", str(tmp_path)],

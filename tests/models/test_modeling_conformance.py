@@ -275,7 +275,6 @@ def test_sdpa_builds_a_mask_only_for_padding_or_packing(monkeypatch):
     assert len(masks) == 1 and masks[0].shape == (2, 1, 8, 8) and not masks[0][0, 0, 3, 2]
 
 
-@pytest.mark.slow
 def test_packed_sequences_with_flex_attention():
     """Flex attention (compiled by torch, even on CPU, hence slow) gets its BlockMask from masking_utils too."""
     tester = SparseWideGPTModelTester(0.75)

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 from helpers import free_port, tiny_config
 
@@ -14,7 +13,6 @@ from hf_sparse_ift import SparseWideGPTForCausalLM
 HERE = os.path.dirname(__file__)
 
 
-@pytest.mark.slow
 def test_tensor_parallel_load_gives_the_logits_of_a_plain_load(tmp_path):
     torch.manual_seed(0)
     model = SparseWideGPTForCausalLM(tiny_config())

@@ -252,7 +252,6 @@ torch.save(out, sys.argv[2])
 """
 
 
-@pytest.mark.slow
 def test_remote_code_loads_compressed_and_condensed_without_the_package(tmp_path):
     torch.manual_seed(0)
     model = with_active_zeros(SparseWideGPTForCausalLM(tiny_config()).eval())

@@ -329,7 +329,6 @@ def test_bad_block_sizes_are_refused(change, message):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-@pytest.mark.slow
 def test_smoke_study_files_invariants_skip_and_resume(tmp_path, monkeypatch):
     batches, calls = {}, []
     from hf_sparse_ift.data import pipeline as data

@@ -9,7 +9,6 @@ from helpers import accelerate_launch, free_port
 HERE = os.path.dirname(__file__)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "layout"), [("set", "masked"), ("rigl", "masked"), ("srigl", "masked"), ("rigl", "block")]
 )
@@ -23,7 +22,6 @@ def test_masks_identical_on_all_ranks_after_many_updates(method, layout, tmp_pat
     assert verdict["changed_positions"] > 0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("method", "layout"), [("set", "masked"), ("rigl", "masked"), ("rigl", "block")])
 def test_dst_under_fsdp2_shards_keeps_masks_identical_and_inactive_weights_zero(method, layout, tmp_path):
     out = tmp_path / "verdict.json"

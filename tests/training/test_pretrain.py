@@ -87,7 +87,6 @@ def final_state(ckpt: Path) -> dict:
     return state
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("layout", "model", "index_key"),
     [("masked", [], "weight_mask"), ("block", ["model.preset=tiny-sw75-block16"], "block_col_indices")],
@@ -137,7 +136,6 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, 
     assert sa["val_loss"][-1] == sb["val_loss"][-1]
 
 
-@pytest.mark.slow
 def test_two_process_training_keeps_masks_identical(tmp_path):
     out = tmp_path / "ddp"
     script = str(Path(__file__).resolve().parents[2] / "scripts" / "pretrain.py")

@@ -243,7 +243,6 @@ def write_zst(path: Path, docs: list[dict]) -> str:
     return str(path)
 
 
-@pytest.mark.slow
 def test_the_piles_jsonl_zst_trains_and_evaluates(tmp_path, capsys):
     from hf_sparse_ift.cli import main
 
@@ -309,7 +308,6 @@ def test_bad_text_past_the_checked_documents_is_named_when_reached(tmp_path):
         list(PackedStream(source, load_tokenizer("builtin"), "train", endless=False))
 
 
-@pytest.mark.slow
 def test_skipped_bad_text_is_counted_in_the_records(tmp_path):
     texts = documents(400)
     bad = {0: None, 1: 7, 2: None, 199: None}  # rows 1-3 are trained on first; row 200 is held out (every 100th)
@@ -381,7 +379,6 @@ def interrupted(*args, **kwargs):
     raise KeyboardInterrupt
 
 
-@pytest.mark.slow
 def test_ctrl_c_in_pretrain_names_the_last_checkpoint_and_the_resume_command(tmp_path, monkeypatch, capsys):
     import shlex
 
@@ -412,7 +409,6 @@ def test_ctrl_c_in_pretrain_names_the_last_checkpoint_and_the_resume_command(tmp
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 4
 
 
-@pytest.mark.slow
 def test_ctrl_c_stops_a_real_pretrain_with_one_line_and_no_traceback(tmp_path):
     import signal
     import time

@@ -27,10 +27,10 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ...errors import UsageError
-from ...models.sparse_wide_gpt.layer_utils import full_tensor
+from ...models.sparse_wide_gpt import compat
+from ...models.sparse_wide_gpt.layer_utils import full_tensor, is_dtensor
 from ..masks import BlockSparseLinear, SparseLinear, count_differing_bits, pack_bits, sparse_layers
 from ..spectral import mask_graph_stats
 from .block_grid import active_block_norms, block_norms, block_slots
@@ -41,8 +41,8 @@ from .methods import METHODS, LayerUpdate
 def _like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """`full` laid out like `target`: sliced to this rank's shard when `target` is a DTensor. Every rank holds
     the same `full`, so the slicing needs no communication."""
-    if isinstance(target, DTensor):
-        return distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+    if is_dtensor(target):
+        return compat.distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
     return full
 
 

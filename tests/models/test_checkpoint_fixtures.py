@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from hf_sparse_ift import SparseWideGPTForCausalLM  # importing the package registers it with the Auto classes
-from hf_sparse_ift.models.sparse_wide_gpt.condensed_linear import CondensedLinear
-from hf_sparse_ift.models.sparse_wide_gpt.modeling_sparse_wide_gpt import BlockSparseLinear, SparseLinear
+from hf_sparse_ift.models.sparse_wide_gpt import BlockSparseLinear, SparseLinear
+from hf_sparse_ift.sparsity.checkpoint_layouts import CondensedLinear
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
 _spec = importlib.util.spec_from_file_location("make_checkpoints", CHECKPOINTS.parent / "make_checkpoints.py")

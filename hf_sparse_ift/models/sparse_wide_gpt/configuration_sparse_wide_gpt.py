@@ -16,7 +16,7 @@ from transformers.utils import logging
 
 from .compat import check_versions
 from .errors import UsageError
-from .iso_flop import BLOCK_LINEARS, GPTShape, calibrate_sparsity, sparse_wide_widths
+from .iso_flop import BLOCK_LINEARS, GPTShape, calibrate_sparsity, sparse_wide_widths, stored_flops_mismatch
 
 # The first module of the model that loads, in this package and as remote code: refuse unsupported releases here,
 # with one message, instead of failing later inside a forward pass.
@@ -127,7 +127,9 @@ class SparseWideGPTConfig(PretrainedConfig):
         activation_function, resid_pdrop, embd_pdrop, attn_pdrop, layer_norm_epsilon,
         initializer_range, tie_word_embeddings, use_cache, bos/eos/pad_token_id: as in GPT2Config.
 
-    Derived (read-only): ``hidden_size``, ``intermediate_size``, ``head_dim``, ``layer_sparsity``.
+    Derived (read-only): ``hidden_size``, ``intermediate_size``, ``head_dim``, ``layer_sparsity``. A saved
+    config.json holds all four and they load as stored (a checkpoint keeps the sizes it was built with, even if a later
+    release rounds or calibrates differently; a warning names the FLOPs when they are more than 1% apart).
     """
 
     model_type = "sparse_wide_gpt"
@@ -146,7 +148,9 @@ class SparseWideGPTConfig(PretrainedConfig):
     sparsification_arguments = ("sparsity", "mask_seed", "sparsity_block", "block_fan_in")
     runtime_arguments = ("use_cache",)
     storage_arguments = ("sparse_format",)
-    # Derived sizes, written to config.json so that tools which read the JSON see the real shapes.
+    # Derived sizes, written to config.json so that tools which read the JSON see the real shapes. A config holding all
+    # of them (a saved config.json) is used as stored (`_use_stored`); any of them given alone must agree with what the
+    # dense sizes and sparsity imply.
     derived_keys = ("hidden_size", "intermediate_size", "layer_sparsity", "head_dim")
     attribute_map = {
         "n_embd": "hidden_size",
@@ -367,11 +371,33 @@ class SparseWideGPTConfig(PretrainedConfig):
 
 
 def _check_given(config: SparseWideGPTConfig, derived: dict) -> None:
-    """Derived sizes found in a config file must agree with what was derived."""
+    """Derived sizes given alone must agree with what was derived; a saved config's derived sizes are used as stored."""
+    if derived.keys() == set(config.derived_keys):
+        _use_stored(config, derived)
+        return
     for key, value in derived.items():
         mine = getattr(config, key)
         if (abs(mine - value) > 1e-12) if isinstance(mine, float) else mine != value:
             _fail(key, value, f"it is derived from the dense sizes and sparsity, which give {mine!r}")
+
+
+def _use_stored(config: SparseWideGPTConfig, stored: dict) -> None:
+    """A saved config.json holds every derived size: they are what the checkpoint's tensors were built with, so they
+    are used as stored, even where this code's rounding or calibration gives other numbers (the weights' shapes are
+    checked when they load). A warning names both FLOP figures when the stored sizes put the sparse layers' FLOPs more
+    than `STORED_FLOPS_RTOL` from the derived ones."""
+    derived = config.shape()
+    config.hidden_size = _int_at_least("hidden_size", stored["hidden_size"], 1)
+    config.intermediate_size = _int_at_least("intermediate_size", stored["intermediate_size"], 1)
+    if config.hidden_size % config.n_head:
+        _fail("hidden_size", config.hidden_size, f"must be a multiple of n_head={config.n_head}")
+    if stored["head_dim"] != config.hidden_size // config.n_head:
+        _fail("head_dim", stored["head_dim"], f"expected hidden_size / n_head = {config.hidden_size // config.n_head}")
+    config.head_dim = stored["head_dim"]
+    config.layer_sparsity = _prob("layer_sparsity", stored["layer_sparsity"])
+    mismatch = stored_flops_mismatch(config.shape(), derived)
+    if mismatch:
+        logger.warning(f"SparseWideGPTConfig: {mismatch}. Using the stored sizes, which the checkpoint was built with.")
 
 
 def _check_aliases(config: SparseWideGPTConfig, aliases: dict, targets: dict) -> None:

@@ -319,6 +319,30 @@ def calibrate_sparsity(dense: GPTShape, wide: GPTShape, scope: str = "total", rt
     return best
 
 
+# How far the sparse-layer FLOPs of a checkpoint's stored derived values (config.json: widths and layer_sparsity) may
+# be from those of the values this code derives from its dense sizes and sparsity before loading warns. It never
+# refuses: the stored values are what the checkpoint's tensors were built with. A change of rounding or calibration
+# moves the FLOPs by a few weights or blocks per layer, far less; a config.json edited by hand (sparsity changed, the
+# derived values left) moves them by far more.
+STORED_FLOPS_RTOL = 0.01
+
+
+def stored_flops_mismatch(stored: GPTShape, derived: GPTShape, rtol: float = STORED_FLOPS_RTOL) -> str | None:
+    """None when the sparse layers of `stored` (a checkpoint's stored sizes) cost within `rtol` of the FLOPs per
+    token of `derived` (what this code derives for the same model); else a sentence naming both figures."""
+    have, want = count_flops(stored).sparse_matmul, count_flops(derived).sparse_matmul
+    if abs(have - want) <= rtol * want:
+        return None
+    difference = f"{have / want - 1:+.2%}" if want else "where none are expected"
+    return (
+        f"the stored sizes (hidden_size={stored.d_model}, intermediate_size={stored.d_ff}, "
+        f"layer_sparsity={stored.layer_sparsity!r}) give the sparse layers {have:.6g} FLOPs per token, {difference} "
+        f"from the {want:.6g} of the sizes this code derives from the dense sizes and sparsity (hidden_size="
+        f"{derived.d_model}, intermediate_size={derived.d_ff}, layer_sparsity={derived.layer_sparsity!r}); more than "
+        f"{rtol:.0%} apart"
+    )
+
+
 def chinchilla_tokens(num_params: float, tokens_per_param: float = 20.0) -> float:
     """Compute-optimal training tokens (Hoffmann et al. 2022: about 20 tokens per parameter)."""
     return tokens_per_param * num_params

@@ -53,13 +53,9 @@ def register_auto_classes() -> None:
     SparseWideGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
-# The Auto classes are registered once transformers and the model modules can all be imported: right after the first
-# of them finishes importing, unless another is still half-imported (the model modules import transformers).
-_WATCHED = (
-    "transformers",
-    __name__ + ".models.sparse_wide_gpt.configuration_sparse_wide_gpt",
-    __name__ + ".models.sparse_wide_gpt.modeling_sparse_wide_gpt",
-)
+# The Auto classes are registered once transformers is imported and no module of this package is half-imported (the
+# model modules import transformers themselves, and registering imports them): right after whichever import of
+# transformers or of a module of this package finishes last.
 _importing: set[str] = set()
 _registered = False
 
@@ -73,14 +69,14 @@ def _register_when_ready() -> None:
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Python's import-hook interface: wraps the loaders of the `_WATCHED` modules so that ``import hf_sparse_ift``
+    """Python's import-hook interface: wraps the loaders of transformers and of this package's modules so that ``import hf_sparse_ift``
     followed by ``AutoModelForCausalLM.from_pretrained`` finds the model, without this import loading torch itself."""
 
     def __init__(self, name: str, loader=None):
         self.name, self.loader = name, loader
 
     def find_spec(self, name, path=None, target=None):
-        if name not in _WATCHED or _registered:
+        if _registered or not (name == "transformers" or name.startswith(__name__ + ".")):
             return None
         for finder in sys.meta_path:  # the finder that would have found it
             if not isinstance(finder, _RegisterAfterImport) and hasattr(finder, "find_spec"):

@@ -13,10 +13,9 @@ def lazy_exports(package: str, exports: dict[str, str]):
     def __getattr__(name: str):
         if name not in exports:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(exports[name], package), name)
-        globals_of_package = importlib.import_module(package).__dict__
-        globals_of_package[name] = value  # later look-ups are plain attribute reads
-        return value
+        # Looked up on every access, not cached in the package: a name patched in its module (a test's monkeypatch)
+        # is what every caller then sees.
+        return getattr(importlib.import_module(exports[name], package), name)
 
     def __dir__() -> list[str]:
         return sorted(set(importlib.import_module(package).__dict__) | set(exports))

@@ -48,6 +48,6 @@ def test_tensor_parallel_load_gives_the_logits_of_a_plain_load(tmp_path):
     }
     assert verdict["no_grad_diff"] < 1e-5 and verdict["grad_diff"] < 1e-5
     assert verdict["odd_heads_error"] == (
-        "ValueError: Tensor parallelism over 2 ranks cannot split n_head=3 attention "
+        "UsageError: Tensor parallelism over 2 ranks cannot split n_head=3 attention "
         "heads evenly: use a TP size that divides n_head"
     )

@@ -1,5 +1,5 @@
-"""``hf-sparse-ift compress | decompress | condense | build-kernels``: convert saved Sparse Wide checkpoints, and build
-the condensed layers' native kernel.
+"""``hf-sparse-ift compress | decompress | condense | export | import-gpt2 | build-kernels``: convert saved Sparse
+Wide checkpoints (between layouts, and to and from plain GPT-2), and build the condensed layers' native kernel.
 
 hf-sparse-ift compress   IN OUT [--overwrite] [--max-shard-size 5GB]   # plain -> bitmask-values-v1
 hf-sparse-ift decompress IN OUT [--overwrite]                          # bitmask-values-v1 -> plain

@@ -21,6 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..errors import InputNotFoundError, NotWritableError, OutputExistsError, UsageError
+
 SPARSE_WIDE_MODEL_TYPE = "sparse_wide_gpt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json")
 
@@ -30,12 +32,12 @@ __all__ = ["checkpoint_layout", "export_gpt2", "import_gpt2", "save_tokenizer"]
 def _read_config(folder: Path, expected: str, what: str) -> dict:
     config_file = folder / "config.json"
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder; expected a save_pretrained folder of {what}")
+        raise InputNotFoundError(f"{folder} is not a folder; expected a save_pretrained folder of {what}")
     if not config_file.is_file():
-        raise ValueError(f"{folder} is not a save_pretrained folder: it has no config.json (expected {what})")
+        raise UsageError(f"{folder} is not a save_pretrained folder: it has no config.json (expected {what})")
     config = json.loads(config_file.read_text())
     if config.get("model_type") != expected:
-        raise ValueError(
+        raise UsageError(
             f"{folder} is not {what}: its config.json says model_type {config.get('model_type')!r}, "
             f"expected {expected!r}"
         )
@@ -58,13 +60,13 @@ def checkpoint_layout(config: dict) -> str:
 def _check_output(src: Path, dst: Path, overwrite: bool) -> None:
     source, target = src.resolve(), dst.resolve()
     if target == source:
-        raise ValueError(f"output {dst} is the input folder; write to another folder")
+        raise UsageError(f"output {dst} is the input folder; write to another folder")
     if source in target.parents:
-        raise ValueError(f"output {dst} is inside the input folder {src}; write to a folder outside it")
+        raise UsageError(f"output {dst} is inside the input folder {src}; write to a folder outside it")
     if target in source.parents:
-        raise ValueError(f"output {dst} contains the input folder {src}; replacing it would delete the input")
+        raise UsageError(f"output {dst} contains the input folder {src}; replacing it would delete the input")
     if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{dst} already exists; pass --overwrite to replace it")
 
 
 def _temporary_folder(dst: Path) -> Path:
@@ -72,7 +74,7 @@ def _temporary_folder(dst: Path) -> Path:
         dst.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     except OSError as err:
-        raise ValueError(
+        raise NotWritableError(
             f"output {str(dst)!r} is not writable ({err.strerror or err}); choose a folder this process can create "
             "and write"
         ) from None

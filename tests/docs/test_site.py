@@ -87,15 +87,31 @@ def test_results_pages_include_their_results_files(site):
 
 def test_api_reference_documents_the_public_names(site):
     ids = _parse(site / "api.html").ids
-    public = [f"hf_sparse_ift.{name}" for name in hf_sparse_ift.__all__]
+    # The names `hf_sparse_ift` exports, under the module that defines each, and the functions the pages name.
+    public = [name for name in hf_sparse_ift.__all__ if name[0].isupper()]
     more = [
-        "hf_sparse_ift.hub.export.export_gpt2",
-        "hf_sparse_ift.hub.export.import_gpt2",
-        "hf_sparse_ift.models.sparse_wide_gpt.convert_gpt2.sparse_wide_to_gpt2",
-        "hf_sparse_ift.sparsity.dst.DSTEngine",
-        "hf_sparse_ift.sparsity.dst.DSTConfig",
-        "hf_sparse_ift.training.loop.pretrain",
+        "export_gpt2",
+        "import_gpt2",
+        "sparse_wide_to_gpt2",
+        "gpt2_to_sparse_wide",
+        "DSTEngine",
+        "DSTConfig",
+        "DSTMethod",
+        "DropGrowMethod",
+        "pretrain",
+        "load_pretrain_config",
+        "to_masked_model",
+        "convert_checkpoint",
+        "calibrate_sparsity",
+        "evaluate",
+        "perplexity",
+        "compare",
     ]
-    assert not [name for name in public + more if name not in ids]
+    missing = [
+        name
+        for name in public + more
+        if not any(i.startswith("hf_sparse_ift.") and i.endswith("." + name) for i in ids)
+    ]
+    assert not missing
     html = (site / "api.html").read_text()
     assert re.search(r"sparsity_block", html)  # the config's docstring (its arguments) is rendered

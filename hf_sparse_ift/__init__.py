@@ -54,12 +54,16 @@ def register_auto_classes() -> None:
 
 
 # The Auto classes are registered once transformers and the model modules can all be imported: right after the first
-# of them finishes importing, unless another is still half-imported (the model modules import transformers).
-_WATCHED = (
-    "transformers",
-    __name__ + ".models.sparse_wide_gpt.configuration_sparse_wide_gpt",
-    __name__ + ".models.sparse_wide_gpt.modeling_sparse_wide_gpt",
-)
+# of them finishes importing, unless another is still half-imported (the model modules import transformers). Every
+# module of the model folder is watched: registering while any of them is half-imported (sparse_safetensors, say,
+# imported first by the identity hash) would import it again through the modeling file and fail on a circular import.
+_MODEL_FOLDER = __name__ + ".models.sparse_wide_gpt."
+
+
+def _watched(name: str) -> bool:
+    return name == "transformers" or name.startswith(_MODEL_FOLDER)
+
+
 _importing: set[str] = set()
 _registered = False
 
@@ -73,14 +77,14 @@ def _register_when_ready() -> None:
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Python's import-hook interface: wraps the loaders of the `_WATCHED` modules so that ``import hf_sparse_ift``
+    """Python's import-hook interface: wraps the loaders of the watched modules so that ``import hf_sparse_ift``
     followed by ``AutoModelForCausalLM.from_pretrained`` finds the model, without this import loading torch itself."""
 
     def __init__(self, name: str, loader=None):
         self.name, self.loader = name, loader
 
     def find_spec(self, name, path=None, target=None):
-        if name not in _WATCHED or _registered:
+        if not _watched(name) or _registered:
             return None
         for finder in sys.meta_path:  # the finder that would have found it
             if not isinstance(finder, _RegisterAfterImport) and hasattr(finder, "find_spec"):

@@ -52,6 +52,25 @@ def test_importing_the_package_is_light_and_still_registers_the_auto_classes():
     assert done.stdout.strip() == "SparseWideGPTForCausalLM", done.stderr[-2000:]
 
 
+@pytest.mark.parametrize(
+    "first",
+    [
+        "hf_sparse_ift.models.sparse_wide_gpt.sparse_safetensors",
+        "hf_sparse_ift.models.sparse_wide_gpt.condensed_linear",
+    ],
+)
+def test_a_model_module_imported_first_still_registers_the_auto_classes(first):
+    # `evaluate` hashes a checkpoint (sparse_safetensors) before anything else loads the model: the registration that
+    # transformers' import triggers must wait until that module is whole (it failed with a circular import).
+    script = (
+        f"import {first}\n"
+        "from transformers import AutoConfig\n"
+        "print(type(AutoConfig.for_model('sparse_wide_gpt', dense_hidden_size=16, n_head=2, n_layer=1)).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "SparseWideGPTConfig", done.stderr[-2000:]
+
+
 def test_options_and_overrides_mix_in_any_order():
     args = COMMANDS["pretrain"].parse_intermixed_args(["train.max_steps=6", "--resume", "train.output_dir=X"])
     assert args.resume and args.overrides == ["train.max_steps=6", "train.output_dir=X"]

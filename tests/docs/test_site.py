@@ -115,3 +115,11 @@ def test_api_reference_documents_the_public_names(site):
     assert not missing
     html = (site / "api.html").read_text()
     assert re.search(r"sparsity_block", html)  # the config's docstring (its arguments) is rendered
+
+
+def test_the_readmes_links_point_to_files_that_exist():
+    # mkdocs checks the pages' links; the README is not a page of the site, so its links are checked here.
+    readme = (ROOT / "README.md").read_text()
+    targets = [t.split("#")[0] for t in re.findall(r"\]\(([^)]+)\)", readme) if "://" not in t]
+    assert targets and not [t for t in targets if not (ROOT / t).is_file()]
+    assert len(readme.encode()) <= 12_000

@@ -6,7 +6,7 @@
     hf-sparse-ift compare results/dense.json results/sw75.json --paper
     hf-sparse-ift card outputs/tiny/checkpoint-300/hf [--results results.json] [--push-to-hub user/name]
     hf-sparse-ift study --config configs/study-cpu-small.yaml
-    hf-sparse-ift compress | decompress | condense IN OUT; hf-sparse-ift build-kernels
+    hf-sparse-ift compress | decompress | condense | export | import-gpt2 IN OUT; hf-sparse-ift build-kernels
 
 Multi-process: ``accelerate launch scripts/pretrain.py --config ...`` (same arguments as ``pretrain``).
 

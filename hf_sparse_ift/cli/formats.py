@@ -1,10 +1,12 @@
-"""``hf-sparse-ift compress | decompress | condense | build-kernels``: convert saved Sparse Wide checkpoints, and build
-the condensed layers' native kernel.
+"""``hf-sparse-ift compress | decompress | condense | export | import-gpt2 | build-kernels``: convert saved Sparse
+Wide checkpoints (between layouts, and to and from plain GPT-2), and build the condensed layers' native kernel.
 
 hf-sparse-ift compress   IN OUT [--overwrite] [--max-shard-size 5GB]   # plain -> bitmask-values-v1
 hf-sparse-ift decompress IN OUT [--overwrite]                          # bitmask-values-v1 -> plain
 hf-sparse-ift condense   IN OUT [--representation auto|csr|padded]     # masked (either layout) -> condensed-v1
 hf-sparse-ift build-kernels                                            # compile condensed_kernel.c for this CPU
+hf-sparse-ift export      IN OUT [--overwrite]                         # any layout -> plain transformers GPT-2
+hf-sparse-ift import-gpt2 IN OUT [--overwrite]                         # transformers GPT-2 -> dense Sparse Wide
 """
 
 from __future__ import annotations
@@ -54,6 +56,26 @@ def add_parsers(sub) -> None:
         default="auto",
         help="auto: [rows, k] for constant fan-in, else CSR (default); csr; padded (to the largest fan-in)",
     )
+    p = sub.add_parser(
+        "export",
+        help="write a Sparse Wide checkpoint (any layout) as a plain transformers GPT-2 folder",
+        description="Write a Sparse Wide checkpoint (masked, compressed, condensed or block-sparse) as a dense "
+        "GPT2LMHeadModel of the widened sizes with the same logits (inactive weights stored as zeros): config.json "
+        "(model_type gpt2), model.safetensors, the tokenizer with model_max_length = the model's context length, "
+        "and a model card naming the source (path, tensors sha256, sparsity, layout). Nothing is padded.",
+    )
+    p.add_argument("input", help="a Sparse Wide save_pretrained folder")
+    p.add_argument("output", help="the GPT-2 folder to write (written to a temporary folder, then renamed)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
+    p = sub.add_parser(
+        "import-gpt2",
+        help="write a transformers GPT-2 folder as a dense Sparse Wide checkpoint",
+        description="Write a transformers GPT-2 folder (model_type gpt2) as a dense (sparsity 0) Sparse Wide "
+        "checkpoint with the same logits, and its tokenizer with model_max_length = the model's context length.",
+    )
+    p.add_argument("input", help="a GPT-2 save_pretrained folder")
+    p.add_argument("output", help="the Sparse Wide folder to write (written to a temporary folder, then renamed)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
     sub.add_parser(
         "build-kernels",
         help="compile the condensed layers' CPU kernel for this machine (needs a C compiler; loading never compiles)",
@@ -116,9 +138,25 @@ def cmd_build_kernels(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from ..hub.export import export_gpt2
+
+    print(json.dumps(export_gpt2(args.input, args.output, overwrite=args.overwrite)))
+    return 0
+
+
+def cmd_import_gpt2(args) -> int:
+    from ..hub.export import import_gpt2
+
+    print(json.dumps(import_gpt2(args.input, args.output, overwrite=args.overwrite)))
+    return 0
+
+
 HANDLERS = {
     "compress": cmd_compress,
     "decompress": cmd_decompress,
     "condense": cmd_condense,
     "build-kernels": cmd_build_kernels,
+    "export": cmd_export,
+    "import-gpt2": cmd_import_gpt2,
 }

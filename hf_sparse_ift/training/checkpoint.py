@@ -86,6 +86,7 @@ def _write_manifest(root: Path) -> None:
 
 def save_checkpoint(accelerator: Accelerator, model, tokenizer, run, out_dir: Path, step: int) -> Path:
     """Write ``checkpoint-<step>`` atomically (``.tmp``, manifest, rename) and keep the newest K."""
+    from ..hub.export import save_tokenizer
     from ..hub.model_card import write_model_card
 
     final, tmp = out_dir / f"checkpoint-{step}", out_dir / f"checkpoint-{step}.tmp"
@@ -100,8 +101,9 @@ def save_checkpoint(accelerator: Accelerator, model, tokenizer, run, out_dir: Pa
     if accelerator.is_main_process:
         (tmp / RUN_CONFIG).write_text(run.to_yaml())
         export = tmp / "hf"
-        accelerator.unwrap_model(model).save_pretrained(export, state_dict=state_dict)
-        tokenizer.save_pretrained(export)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(export, state_dict=state_dict)
+        save_tokenizer(tokenizer, export, unwrapped.config.n_positions)  # the model's context, not the tokenizer's
         (export / "training_config.yaml").write_text(run.to_yaml())
         write_model_card(export, repo_id=out_dir.name, training_config=run.to_dict())
         _write_manifest(tmp)

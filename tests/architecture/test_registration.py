@@ -23,6 +23,7 @@ print(type(AutoConfig.for_model("sparse_wide_gpt")).__name__)
         "from hf_sparse_ift.sparsity.dst import DSTEngine",  # sparse_layers -> config -> transformers, mid-import
         "from hf_sparse_ift.models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig",
         "from hf_sparse_ift.models.sparse_wide_gpt.block_sparse import block_sparse_linear",
+        "import hf_sparse_ift.models.sparse_wide_gpt.sparse_safetensors",  # what `evaluate` loads first, to hash
     ],
 )
 def test_the_auto_classes_register_whatever_is_imported_first(first):

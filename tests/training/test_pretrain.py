@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import accelerate_launch, overrides
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_sparse_ift import BlockSparseLinear, SparseWideGPTForCausalLM
 from hf_sparse_ift.sparsity import sparse_layers
@@ -39,6 +39,8 @@ def test_short_run_lowers_loss_writes_loadable_checkpoints_and_keeps_last_k(tmp_
     for m in sparse_layers(model).values():
         assert torch.count_nonzero(m.weight[~m.weight_mask]) == 0
     assert (export / "tokenizer.json").exists() and (export / "README.md").exists()
+    # The tokenizer truncates to the model's context (the preset's 128 positions), not to its own default of 2048.
+    assert AutoTokenizer.from_pretrained(export).model_max_length == model.config.n_positions == 128
     assert list((out / "hf-sparse-ift").rglob("events.out.tfevents*"))  # TensorBoard logs
 
 

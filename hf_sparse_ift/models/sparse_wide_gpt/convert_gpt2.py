@@ -46,6 +46,18 @@ def _check_gpt2_supported(config: GPT2Config) -> None:
         raise UsageError(f"GPT-2 options without a SparseWideGPT equivalent: {bad}")
 
 
+def _weight(linear: torch.nn.Module) -> torch.Tensor:
+    """The full (out, in) weight of a linear of any layout, zero at inactive positions: a dense or masked layer's
+    ``weight``, a block layer's `dense_weight()` (active blocks placed in a zero matrix), a condensed layer's
+    `to_dense()` weight (active values scattered into a zero matrix). Only a dense or masked weight can be written
+    to."""
+    if hasattr(linear, "dense_weight") and not isinstance(getattr(linear, "weight", None), torch.Tensor):
+        return linear.dense_weight()
+    if hasattr(linear, "to_dense"):
+        return linear.to_dense()[0]
+    return linear.weight
+
+
 def _linked_tensors(model: SparseWideGPTForCausalLM, gpt2: GPT2LMHeadModel):
     """(our tensor, GPT-2's tensor, transposed?) for every parameter; GPT-2's q/k/v are slices of ``c_attn``."""
     ours, theirs = model.transformer, gpt2.transformer
@@ -53,14 +65,14 @@ def _linked_tensors(model: SparseWideGPTForCausalLM, gpt2: GPT2LMHeadModel):
     norms = [(ours.ln_f, theirs.ln_f)]
     for o, t in zip(ours.h, theirs.h):
         norms += [(o.ln_1, t.ln_1), (o.ln_2, t.ln_2)]
-        d = o.attn.q_proj.weight.shape[0]
+        d = o.attn.q_proj.out_features
         for i, linear in enumerate((o.attn.q_proj, o.attn.k_proj, o.attn.v_proj)):
             pairs += [
-                (linear.weight, t.attn.c_attn.weight[:, i * d : (i + 1) * d], True),
+                (_weight(linear), t.attn.c_attn.weight[:, i * d : (i + 1) * d], True),
                 (linear.bias, t.attn.c_attn.bias[i * d : (i + 1) * d], False),
             ]
         for linear, conv in ((o.attn.o_proj, t.attn.c_proj), (o.mlp.fc_in, t.mlp.c_fc), (o.mlp.fc_out, t.mlp.c_proj)):
-            pairs += [(linear.weight, conv.weight, True), (linear.bias, conv.bias, False)]
+            pairs += [(_weight(linear), conv.weight, True), (linear.bias, conv.bias, False)]
     pairs += [(a, b, False) for x, y in norms for a, b in ((x.weight, y.weight), (x.bias, y.bias))]
     if not model.config.tie_word_embeddings:
         pairs.append((model.lm_head.weight, gpt2.lm_head.weight, False))
@@ -87,7 +99,8 @@ def gpt2_to_sparse_wide(model_or_path) -> SparseWideGPTForCausalLM:
 
 @torch.no_grad()
 def sparse_wide_to_gpt2(model: SparseWideGPTForCausalLM) -> GPT2LMHeadModel:
-    """A GPT2LMHeadModel of the widened sizes computing the same logits (inactive weights stay 0)."""
+    """A GPT2LMHeadModel of the widened sizes computing the same logits (inactive weights stay 0). The sparse layers
+    may be masked, block-sparse or condensed; nothing is padded (the head size stays the model's own)."""
     c = model.config
     config = GPT2Config(n_embd=c.hidden_size, n_inner=c.intermediate_size, **{k: getattr(c, k) for k in _SHARED_CONFIG})
     gpt2 = GPT2LMHeadModel(config).to(model.dtype)

@@ -90,6 +90,12 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
+    def __getattr__(self, name):
+        # The rest of the wrapped loader's interface (get_code for ``python -m``, get_resource_reader, ...).
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
     def exec_module(self, module):
         _importing.add(self.name)
         try:

@@ -86,3 +86,10 @@ def test_file_refusals_are_usage_errors_and_their_os_errors():
     assert issubclass(InputNotFoundError, UsageError) and issubclass(InputNotFoundError, FileNotFoundError)
     assert issubclass(OutputExistsError, UsageError) and issubclass(OutputExistsError, FileExistsError)
     assert issubclass(UsageError, ValueError)
+
+
+def test_python_dash_m_runs_the_command():
+    """``python -m hf_sparse_ift.cli`` (what the pretrain tests and accelerate users run) goes through the import hook
+    that registers the Auto classes: it must hand runpy the wrapped loader's get_code."""
+    done = subprocess.run([sys.executable, "-m", "hf_sparse_ift.cli", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("usage: hf-sparse-ift"), done.stderr[-2000:]

@@ -32,11 +32,12 @@ import re
 
 import torch
 
-from . import block_sparse_triton
 from .block_sparse_bsr import KERNEL as TORCH_BSR_KERNEL
 from .block_sparse_bsr import takes as _bsr_takes
 from .block_sparse_cpu import KERNEL as CPU_KERNEL
 from .block_sparse_layout import BlockSparseKernel, block_rows_of, block_sparse_linear_reference, dense_from_blocks
+from .block_sparse_triton import KERNEL as TRITON_KERNEL
+from .block_sparse_triton import unavailable as _triton_unavailable
 
 __all__ = [
     "KERNEL_CHOICES",
@@ -48,7 +49,7 @@ __all__ = [
     "resolve_kernel",
 ]
 
-KERNELS = {kernel.name: kernel for kernel in (CPU_KERNEL, block_sparse_triton.KERNEL, TORCH_BSR_KERNEL)}
+KERNELS = {kernel.name: kernel for kernel in (CPU_KERNEL, TRITON_KERNEL, TORCH_BSR_KERNEL)}
 KERNEL_CHOICES = ("auto", *KERNELS, "reference")
 
 
@@ -57,7 +58,7 @@ def _cannot(kernel: str, device: torch.device, block_shape: tuple[int, int], dty
     if kernel == "cpu":
         return None if device.type == "cpu" else f"it computes on CPU tensors, these are on {device.type}"
     if kernel == "triton":
-        return block_sparse_triton.unavailable(block_shape, dtype, device)
+        return _triton_unavailable(block_shape, dtype, device)
     if kernel == "torch-bsr":
         rows, cols = block_shape
         if device.type == "cpu":

@@ -382,7 +382,7 @@ def main(argv=None) -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--parts", nargs="+", choices=["linears", "train"], default=["linears", "train"])
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9])
+    parser.add_argument("--sparsities", type=float, nargs="+", default=None, help="default 0.5 0.75 0.9 (smoke: 0.75)")
     parser.add_argument("--blocks", type=int, nargs="+", default=None, help="default 64 128 (smoke: 32)")
     parser.add_argument("--kernels", nargs="+", choices=BLOCK_KERNELS, default=list(BLOCK_KERNELS))
     parser.add_argument("--tokens", type=int, default=None, help="tokens per linear (default 8192; smoke 48)")
@@ -392,7 +392,8 @@ def main(argv=None) -> None:
     parser.add_argument("--train-steps", type=int, default=None, help="timed steps (default 10; smoke 1)")
     args = parser.parse_args(argv)
     smoke = args.smoke
-    defaults = dict(blocks=[32] if smoke else [64, 128], tokens=48 if smoke else 8192, batch=2 if smoke else 4)
+    defaults = dict(sparsities=[0.75] if smoke else [0.5, 0.75, 0.9], blocks=[32] if smoke else [64, 128])
+    defaults.update(tokens=48 if smoke else 8192, batch=2 if smoke else 4)
     defaults.update(seq=16 if smoke else 2048, train_block=32 if smoke else 128, train_steps=1 if smoke else 10)
     for key, value in defaults.items():
         if getattr(args, key) is None:

@@ -76,7 +76,7 @@ def test_gpu_block_sparse_smoke(tmp_path):
     assert {(r["variant"], r["product"]) for r in linears} == {
         (v, p) for v in ["triton", "torch-bsr", "masked", "iso-dense"] for p in ["forward", "grad_input", "grad_blocks"]
     }
-    assert len(linears) == 3 * 3 * 4 * 3  # sparsities x linears x variants x products, one block size
+    assert len(linears) == 3 * 4 * 3  # linears x variants x products, at one sparsity and block size
     assert all(r["seconds"] > 0 for r in linears)
     assert all(r["relative_error_vs_masked"] <= 1e-5 for r in linears if r["variant"] in ("triton", "torch-bsr"))
     train = [r for r in report["results"] if r["part"] == "train"]

@@ -6,11 +6,12 @@ import os
 import re
 import subprocess
 import sys
-from contextlib import redirect_stdout
+from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_sparse_ift.models.sparse_wide_gpt import block_sparse, block_sparse_triton
 from hf_sparse_ift.models.sparse_wide_gpt.block_sparse import KERNEL_CHOICES, block_sparse_linear, resolve_kernel
@@ -36,9 +37,10 @@ def test_kernels_in_the_interpreter():
 
 
 # --- compile-only: the kernels as the JIT would build them for an A100 (sm_80) and an H100/H200 (sm_90) ----------
-def launches(dtype, block):
-    """The (kernel, grid, args, meta) of one forward, input-gradient and block-gradient call at a layer shape of
-    GPT-3 Small SW-75 (in 1536, out 1536, 2048 tokens, 75% sparse), as the wrapper functions launch them."""
+def launches(dtype, block, mode=None):
+    """The (kernel, args, meta) of one forward, input-gradient and block-gradient call at a layer shape of
+    GPT-3 Small SW-75 (in 1536, out 1536, 2048 tokens, 75% sparse), as the wrapper functions launch them; the
+    wrappers' own torch ops run under the dispatch `mode` where given."""
     recorded = []
     generator = torch.Generator().manual_seed(0)
     n = 1536 // block
@@ -51,9 +53,10 @@ def launches(dtype, block):
         patch.setattr(block_sparse_triton, "unavailable", lambda *args: None)  # CPU tensors stand in for CUDA ones
         patch.setattr(block_sparse_triton, "_launch", lambda *launch, **meta: recorded.append((*launch, meta)))
         patch.setattr(block_sparse_triton, "token_splits", lambda *args: 2)
-        block_sparse_triton.forward(x, blocks, bias, crow, col)
-        block_sparse_triton.grad_input(gy, blocks, crow, col, 1536)
-        block_sparse_triton.grad_blocks(gy, x, blocks, crow, col)
+        with mode or nullcontext():
+            block_sparse_triton.forward(x, blocks, bias, crow, col)
+            block_sparse_triton.grad_input(gy, blocks, crow, col, 1536)
+            block_sparse_triton.grad_blocks(gy, x, blocks, crow, col)
     return [(kernel, args, meta) for kernel, _grid, *args, meta in recorded]
 
 
@@ -111,6 +114,29 @@ def test_kernels_compile_for_gpus_without_spills(arch, monkeypatch, tmp_path):
     print("\n".join(report))
     spilled = [line for line in report if "spills 0 B stored / 0 B loaded" not in line]
     assert not spilled, "register spills:\n" + "\n".join(spilled)
+
+
+# ops whose output size or value the host must read from the device: a synchronisation, and no CUDA-graph capture
+SYNCHRONISING = {"_local_scalar_dense", "nonzero", "masked_select", "bincount", "unique", "repeat_interleave", "item"}
+
+
+class OpNames(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_gpu_path_never_waits_for_the_device():
+    """Around the launches the wrappers only reshape, convert and sort indices: no op that reads a device value
+    back (.item(), .tolist(), nonzero, bincount, ...), so a step can be captured in a CUDA graph."""
+    ops = OpNames()
+    assert len(launches(torch.bfloat16, 64, ops)) == 3
+    assert "argsort" in ops.names or "sort" in ops.names  # the mode saw the index ops
+    assert not ops.names & SYNCHRONISING, ops.names & SYNCHRONISING
 
 
 # --- the kernel choice ------------------------------------------------------------------------------------------

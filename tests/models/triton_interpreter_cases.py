@@ -10,6 +10,7 @@ much of the largest value for results near zero): the kernels accumulate in fp32
 16-bit tiles are multiplied in fp32 (its bf16 arithmetic is wrong); a GPU multiplies them natively into fp32.
 """
 
+import copy
 import os
 
 import pytest
@@ -18,6 +19,7 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise RuntimeError("run this file with TRITON_INTERPRET=1 (tests/models/test_block_sparse_triton.py does)")
 
+from hf_sparse_ift import BlockSparseLinear
 from hf_sparse_ift.models.sparse_wide_gpt import block_sparse_triton
 from hf_sparse_ift.models.sparse_wide_gpt.block_sparse import block_sparse_linear, block_sparse_linear_reference
 
@@ -191,3 +193,19 @@ def test_topology_change_keeps_every_launch_the_same(monkeypatch):
         results.append(got[0])
     assert not torch.allclose(results[0], results[1])  # the topology did change
     assert len(launches) == 6 and launches[:3] == launches[3:]
+
+
+def test_layer_with_the_triton_kernel_and_rigls_dense_gradient_observer():
+    torch.manual_seed(0)
+    layer = BlockSparseLinear(192, 128, sparsity_block=(32, 32), sparsity=0.5, kernel="triton")
+    twin = copy.deepcopy(layer)
+    twin.kernel = "reference"
+    seen = {}
+    layer.grad_observer = lambda grad: seen.setdefault("triton", grad)
+    twin.grad_observer = lambda grad: seen.setdefault("reference", grad)
+    x = torch.randn(2, 35, 192)
+    layer(x).square().sum().backward()
+    twin(x).square().sum().backward()
+    torch.testing.assert_close(seen["triton"], seen["reference"], rtol=1e-5, atol=1e-5)
+    assert seen["triton"].shape == (128, 192) and bool(seen["triton"][~layer.weight_mask].ne(0).any())
+    torch.testing.assert_close(layer.weight_blocks.grad, twin.weight_blocks.grad, rtol=1e-5, atol=1e-5)

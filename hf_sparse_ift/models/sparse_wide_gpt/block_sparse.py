@@ -38,6 +38,8 @@ from .block_sparse_cpu import KERNEL as CPU_KERNEL
 from .block_sparse_layout import BlockSparseKernel, block_rows_of, block_sparse_linear_reference, dense_from_blocks
 from .block_sparse_triton import KERNEL as TRITON_KERNEL
 from .block_sparse_triton import unavailable as _triton_unavailable
+from .configuration_sparse_wide_gpt import BLOCK_KERNELS as KERNEL_CHOICES
+from .errors import UsageError
 
 __all__ = [
     "KERNEL_CHOICES",
@@ -50,7 +52,7 @@ __all__ = [
 ]
 
 KERNELS = {kernel.name: kernel for kernel in (CPU_KERNEL, TRITON_KERNEL, TORCH_BSR_KERNEL)}
-KERNEL_CHOICES = ("auto", *KERNELS, "reference")
+assert set(KERNEL_CHOICES) == {"auto", *KERNELS, "reference"}, "the config's block_kernel choices are these kernels"
 
 
 def _cannot(kernel: str, device: torch.device, block_shape: tuple[int, int], dtype, tokens: int | None) -> str | None:
@@ -78,9 +80,9 @@ def resolve_kernel(
 ) -> str:
     """The kernel that `kernel` (one of `KERNEL_CHOICES`) computes with on operands on `device` with blocks of
     `block_shape` in `dtype` (and `tokens` rows of input, where known): ``auto`` picks by the rule in this module's
-    docstring; a named kernel is returned as it is when it can compute there, else refused (ValueError)."""
+    docstring; a named kernel is returned as it is when it can compute there, else refused (UsageError)."""
     if kernel not in KERNEL_CHOICES:
-        raise ValueError(f"kernel={kernel!r} is not a block-sparse kernel: expected one of {list(KERNEL_CHOICES)}")
+        raise UsageError(f"kernel={kernel!r} is not a block-sparse kernel: expected one of {list(KERNEL_CHOICES)}")
     device = torch.device(device)
     block_shape = tuple(block_shape)
     if kernel == "auto":
@@ -93,9 +95,9 @@ def resolve_kernel(
         return "reference"
     reason = _cannot(kernel, device, block_shape, dtype, tokens)
     if reason is not None:
-        raise ValueError(
+        raise UsageError(
             f"kernel={kernel!r} cannot compute this block-sparse linear: {reason}. Choose another of "
-            f"{list(KERNEL_CHOICES)} ('auto' picks by device)"
+            f"{list(KERNEL_CHOICES)} ('auto' picks by device; a model's is its config's block_kernel)"
         )
     return kernel
 
@@ -121,7 +123,7 @@ def block_sparse_linear(
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors):  # DTensor, fake or other subclasses
         if kernel not in ("auto", "reference"):
             resolve_kernel(kernel, "meta", blocks.shape[1:], x.dtype)  # a bad name gets its own message
-            raise ValueError(
+            raise UsageError(
                 f"kernel={kernel!r} computes on plain tensors, not {type(x).__name__}: use 'auto' or 'reference'"
             )
         kernel = "reference"

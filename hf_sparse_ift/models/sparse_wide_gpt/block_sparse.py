@@ -35,10 +35,15 @@ import torch
 from .block_sparse_bsr import KERNEL as TORCH_BSR_KERNEL
 from .block_sparse_bsr import takes as _bsr_takes
 from .block_sparse_cpu import KERNEL as CPU_KERNEL
-from .block_sparse_layout import BlockSparseKernel, block_rows_of, block_sparse_linear_reference, dense_from_blocks
+from .block_sparse_layout import (
+    KERNEL_CHOICES,
+    BlockSparseKernel,
+    block_rows_of,
+    block_sparse_linear_reference,
+    dense_from_blocks,
+)
 from .block_sparse_triton import KERNEL as TRITON_KERNEL
 from .block_sparse_triton import unavailable as _triton_unavailable
-from .configuration_sparse_wide_gpt import BLOCK_KERNELS as KERNEL_CHOICES
 from .errors import UsageError
 
 __all__ = [
@@ -52,7 +57,7 @@ __all__ = [
 ]
 
 KERNELS = {kernel.name: kernel for kernel in (CPU_KERNEL, TRITON_KERNEL, TORCH_BSR_KERNEL)}
-assert set(KERNEL_CHOICES) == {"auto", *KERNELS, "reference"}, "the config's block_kernel choices are these kernels"
+assert set(KERNEL_CHOICES) == {"auto", *KERNELS, "reference"}, "every choice is a kernel, auto or reference"
 
 
 def _cannot(kernel: str, device: torch.device, block_shape: tuple[int, int], dtype, tokens: int | None) -> str | None:

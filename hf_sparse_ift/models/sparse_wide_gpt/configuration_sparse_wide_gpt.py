@@ -14,6 +14,7 @@ import math
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
+from .block_sparse_layout import KERNEL_CHOICES as BLOCK_KERNELS
 from .compat import check_versions
 from .errors import UsageError
 from .iso_flop import BLOCK_LINEARS, GPTShape, calibrate_sparsity, sparse_wide_widths, stored_flops_mismatch
@@ -48,8 +49,6 @@ def _block(value) -> tuple[int, int]:
 
 
 BLOCK_FAN_INS = ("any", "constant")
-# The kernels a block-sparse layer computes with (`block_sparse.py`): "auto" picks by device.
-BLOCK_KERNELS = ("auto", "cpu", "triton", "torch-bsr", "reference")
 
 
 def _storage_format(value) -> dict | None:

@@ -1,9 +1,10 @@
 """``torch.compile(model, fullgraph=True)`` of block-sparse and masked Sparse Wide models on CPU: one graph, the same
 logits and gradients as eager (what ``_can_compile_fullgraph = True`` promises).
 
-Gradients are compared through the ``aot_eager`` backend (Dynamo and AOTAutograd trace forward and backward, including
-the block-sparse operator's fake and autograd registrations; no code generation); inductor, whose C++ compile takes
-tens of seconds on 2 cores, compiles one forward of the block model.
+Through the ``aot_eager`` backend: Dynamo and AOTAutograd trace forward and backward as one graph each, with the
+block-sparse operator's fake and autograd registrations, but generate no code. Inductor's C++ compile of even one
+forward takes 20-80 s on the 2-core CI machine (cold cache), too long for CI; the same check with the default backend
+(inductor) passed by hand (docs/kernels.md).
 """
 
 import pytest
@@ -41,12 +42,3 @@ def test_fullgraph_compile_matches_eager(layout):
         torch.testing.assert_close(grad, want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
     if layout == "block":
         assert any("weight_blocks" in name for name in got_grads)
-
-
-def test_inductor_compiles_the_block_model_forward():
-    torch._dynamo.reset()
-    eager = model(sparsity_block=16).eval()
-    with torch.no_grad(), torch._inductor.config.patch(compile_threads=1):
-        want = eager(IDS).logits
-        got = torch.compile(eager, fullgraph=True)(IDS).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

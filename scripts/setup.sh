@@ -14,5 +14,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install -q "torch==2.13.0"
   fi
 fi
+# Without a GPU also the "triton" extra: the triton that the CUDA build of this torch pins (pyproject.toml), for the
+# block-sparse kernels' interpreter and compile-only tests; a CUDA build of torch brings its own.
+extras=dev
+command -v nvidia-smi >/dev/null 2>&1 || extras=dev,triton
 # PYTHONWARNINGS: setuptools warns about every editable install of a package with a mapped data folder.
-PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e ".[dev]"
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e ".[$extras]"

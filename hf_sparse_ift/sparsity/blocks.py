@@ -49,7 +49,9 @@ def to_block_model(
         raise UsageError(f"the model has no sparse layers (sparsity={model.config.sparsity}): nothing to convert")
     config = _config_like(model.config, sparsity_block=sparsity_block, block_fan_in=block_fan_in)
     return _convert(
-        model, config, lambda layer: block_layer_from_masked(layer, config.block_shape, config.block_fan_in)
+        model,
+        config,
+        lambda layer: block_layer_from_masked(layer, config.block_shape, config.block_fan_in, config.block_kernel),
     )
 
 
@@ -97,9 +99,10 @@ def _convert(
 @torch.no_grad()
 @torch.no_grad()
 def block_layer_from_masked(
-    linear: SparseLinear, sparsity_block: tuple[int, int], block_fan_in: str = "any"
+    linear: SparseLinear, sparsity_block: tuple[int, int], block_fan_in: str = "any", kernel: str = "auto"
 ) -> BlockSparseLinear:
-    """The block layer holding exactly the weights of `linear`, whose mask must be made of whole blocks."""
+    """The block layer holding exactly the weights of `linear`, whose mask must be made of whole blocks; it computes
+    with `kernel` (see `BlockSparseLinear`)."""
     rows, cols = sparsity_block
     out_features, in_features = linear.weight.shape
     grid_rows, grid_cols = block_grid_of(out_features, in_features, sparsity_block)
@@ -127,6 +130,7 @@ def block_layer_from_masked(
         block_fan_in=block_fan_in,
         mask_seed=linear.mask_seed,
         residual_projection=linear.residual_projection,
+        kernel=kernel,
         device=linear.weight.device,
         dtype=linear.weight.dtype,
     )

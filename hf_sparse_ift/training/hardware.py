@@ -1,4 +1,5 @@
-"""Facts about the machine a run uses: accelerator peaks for MFU, SDPA kernel families, precision, memory.
+"""Facts about the machine a run uses: accelerator peaks for MFU, SDPA kernel families, precision, block-sparse
+kernels, memory.
 
 The constants are read by config validation and the CLI's help, which run without torch: each function imports it."""
 
@@ -51,6 +52,21 @@ def resolve_mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def resolve_block_kernel(model, precision: str) -> dict[str, str] | None:
+    """The kernel a block-sparse model's layers compute with on the device this run trains on, by device type
+    (``{"cuda": "triton"}``); None for a model without block layers. ``model.block_kernel`` "auto" picks by device
+    (`block_sparse.resolve_kernel`); a named kernel that cannot compute here is refused now, before any work."""
+    if not model.uses_blocks:
+        return None
+    import torch
+
+    from ..models.sparse_wide_gpt.block_sparse import resolve_kernel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return {device: resolve_kernel(model.block_kernel, device, model.block_shape, dtype)}
 
 
 def available_memory_bytes() -> tuple[int, str]:

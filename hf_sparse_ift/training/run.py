@@ -18,7 +18,7 @@ from ..errors import UsageError
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
 from ..models.sparse_wide_gpt.iso_flop import model_summary
 from .config import PretrainConfig, build_pretrain_config
-from .hardware import available_memory_bytes, resolve_mixed_precision
+from .hardware import available_memory_bytes, resolve_block_kernel, resolve_mixed_precision
 
 # Keys that may differ on --resume: they change how the run is watched or how fast it goes, or extend it.
 # Any other difference is refused: the checkpointed optimizer, schedule, masks and data would not match it.
@@ -53,6 +53,7 @@ class RunConfig:
     total_steps: int
     warmup_steps: int
     memory_estimate_bytes: int
+    block_kernel: dict[str, str] | None = None  # the block-sparse layers' kernel by device type; None: no block layers
     tokenizer: object = field(default=None, repr=False)  # loaded once here, so a bad one fails before any work
     decisions: list[str] = field(default_factory=list)
     resume_changes: list[str] = field(default_factory=list)
@@ -75,6 +76,7 @@ class RunConfig:
                 "accumulation": self.accumulation,
                 "micro_batch_size": self.config.train.micro_batch_size,
                 "mixed_precision": self.mixed_precision,
+                "block_kernel": self.block_kernel,
                 "tokens_per_step": self.tokens_per_step,
                 "total_steps": self.total_steps,
                 "total_tokens": self.total_tokens,
@@ -143,6 +145,11 @@ def resolve_run(cfg: PretrainConfig, processes: int, previous: dict | None = Non
     precision = resolve_mixed_precision(cfg.train.mixed_precision)
     if precision != cfg.train.mixed_precision:
         decisions.append(f"train.mixed_precision=auto: {precision}")
+    block_kernel = resolve_block_kernel(model, precision)
+    if block_kernel is not None and model.block_kernel == "auto":
+        decisions.append(
+            "model.block_kernel=auto: " + ", ".join(f"{kernel} on {device}" for device, kernel in block_kernel.items())
+        )
     total_steps = cfg.steps()
     warmup = cfg.warmup_steps()
     run = RunConfig(
@@ -155,6 +162,7 @@ def resolve_run(cfg: PretrainConfig, processes: int, previous: dict | None = Non
         total_steps=total_steps,
         warmup_steps=warmup,
         memory_estimate_bytes=memory,
+        block_kernel=block_kernel,
         tokenizer=tokenizer,
         decisions=decisions,
     )

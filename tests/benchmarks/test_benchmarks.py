@@ -67,3 +67,25 @@ def test_block_sparse_smoke(tmp_path):
     assert all(r["bytes_per_active_weight"] == 16.0 for r in blocks)  # fp32 weight, gradient, two Adam states
     assert len(report["targets"]) == 5 and report["load_average_before"] is not None
     assert "| float32 | 0.75 | mlp_in | 256x64 | block-16-any |" in table and "## Batch-1 decode" in table
+
+
+def test_gpu_block_sparse_smoke(tmp_path):
+    """The GPU benchmark's harness on CPU: the Triton kernels in the interpreter, tiny shapes."""
+    report, table = run("gpu_block_sparse.py", tmp_path)
+    linears = [r for r in report["results"] if r["part"] == "linears"]
+    assert {(r["variant"], r["product"]) for r in linears} == {
+        (v, p) for v in ["triton", "torch-bsr", "masked", "iso-dense"] for p in ["forward", "grad_input", "grad_blocks"]
+    }
+    assert len(linears) == 3 * 4 * 3  # linears x variants x products, at one sparsity and block size
+    assert all(r["seconds"] > 0 for r in linears)
+    assert all(r["relative_error_vs_masked"] <= 1e-5 for r in linears if r["variant"] in ("triton", "torch-bsr"))
+    train = [r for r in report["results"] if r["part"] == "train"]
+    assert [(r["variant"], r["block_kernel"]) for r in train] == [
+        ("dense", None),
+        ("sw75-block32", "cpu"),
+        ("sw75-masked", None),
+    ]
+    agreement = report["targets"][0]
+    assert agreement["target"].startswith("every block kernel's forward, dX and dW agree") and agreement["met"]
+    assert report["triton"] and report["commit"] and report["gpu"].startswith("cpu-")
+    assert "| target | measured | met |" in table and "| sw75-block32 |" in table and "Smoke run" in table

@@ -82,6 +82,7 @@ def test_rectangular_blocks_and_constant_fan_in():
         (dict(sparsity_block=[8, 8, 8]), ["sparsity_block=[8, 8, 8]"]),
         (dict(sparsity_block=8, block_fan_in="fixed"), ["block_fan_in='fixed'", "constant"]),
         (dict(sparsity_block=1, block_fan_in="constant"), ["block_fan_in='constant'", "srigl"]),
+        (dict(sparsity_block=8, block_kernel="cuda"), ["block_kernel='cuda'", "'auto', 'cpu', 'triton'"]),
     ],
 )
 def test_bad_block_config_is_refused(overrides, words):
@@ -189,6 +190,14 @@ def test_dense_grad_observer_sees_every_position():
 
 
 # --- the model ----------------------------------------------------------------------------------------------
+def test_the_config_block_kernel_reaches_every_layer():
+    auto, reference = block_model(), block_model(block_kernel="reference")
+    assert reference.config.block_kernel == "reference" and auto.config.block_kernel == "auto"
+    assert {m.kernel for m in sparse_layers(reference).values()} == {"reference"}
+    assert "kernel=reference" in repr(sparse_layers(reference)["transformer.h.0.attn.q_proj"])
+    torch.testing.assert_close(reference(IDS).logits, auto(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_block_model_equals_its_masked_conversion():
     model = block_model()
     masked = to_masked_model(model)

@@ -180,14 +180,14 @@ def test_worker_pool_leaves_the_thread_setting_alone():
 
 @pytest.mark.parametrize("fan_in", ["constant", "any"])
 def test_bsr_kernel_path_on_cpu_tensors(fan_in):
-    """The CUDA path's Function (torch's BSR kernels) run on CPU tensors; it needs square blocks there (MKL)."""
+    """torch's BSR kernels, the CUDA fallback, run on CPU tensors when named; they need square blocks there (MKL)."""
     blocks, crow, col = random_blocks(64, 96, (16, 16), 0.4, fan_in)
     blocks.requires_grad_()
     x = torch.randn(2, 5, 96, requires_grad=True)
     bias = torch.randn(64, requires_grad=True)
     grad_output = torch.randn(2, 5, 64)
     got = gradients(
-        lambda x, b, c: block_sparse._BlockSparseLinear.apply(x, b, c, crow, col, 96, block_sparse_bsr.KERNEL),
+        lambda x, b, c: block_sparse_linear(x, b, crow, col, 96, c, kernel="torch-bsr"),
         x,
         blocks,
         bias,

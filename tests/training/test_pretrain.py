@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_sparse_ift import BlockSparseLinear, SparseWideGPTForCausalLM
+from hf_sparse_ift.errors import UsageError
 from hf_sparse_ift.sparsity import sparse_layers
 from hf_sparse_ift.training.config import load_pretrain_config
 from hf_sparse_ift.training.loop import NonFiniteLossError, pretrain
@@ -53,6 +54,8 @@ def test_block_sparse_preset_trains_and_exports_a_block_model(tmp_path):
     initial = {k: m.block_mask for k, m in sparse_layers(SparseWideGPTForCausalLM(cfg.model_config())).items()}
     summary = pretrain(cfg)
     assert summary["steps"] == 6
+    resolved = summary["run_config"]["resolved"]  # the kernel auto chose, in every record
+    assert resolved["block_kernel"] == {"cpu": "cpu"} and "model.block_kernel=auto: cpu on cpu" in resolved["decisions"]
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-6" / "hf")
     layers = sparse_layers(model)
     assert len(layers) == 12 and all(isinstance(m, BlockSparseLinear) for m in layers.values())
@@ -60,6 +63,22 @@ def test_block_sparse_preset_trains_and_exports_a_block_model(tmp_path):
     assert any(not torch.equal(m.block_mask, initial[k]) for k, m in layers.items())  # DST moved blocks
     assert all(torch.isfinite(m.weight_blocks).all() for m in layers.values())
     assert "block-sparse (`sparsity_block` 16)" in (out / "checkpoint-6" / "hf" / "README.md").read_text()
+
+
+def test_a_named_block_kernel_is_recorded_or_refused_before_any_work(tmp_path):
+    from hf_sparse_ift.training.run import resolve_run
+
+    def cfg(kernel, out):
+        block = ["model.preset=tiny-sw75-block16", f"model.block_kernel={kernel}"]
+        return load_pretrain_config("pretrain-tiny", overrides(out, 2, 2) + block)
+
+    run = resolve_run(cfg("reference", tmp_path / "reference"), 1)
+    assert run.to_dict()["resolved"]["block_kernel"] == {"cpu": "reference"}
+    assert not any("block_kernel" in d for d in run.decisions)  # named, not decided
+    out = tmp_path / "triton"
+    with pytest.raises(UsageError, match=r"kernel='triton' cannot compute .*TRITON_INTERPRET=1"):
+        pretrain(cfg("triton", out))
+    assert not out.exists()
 
 
 def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(tmp_path):

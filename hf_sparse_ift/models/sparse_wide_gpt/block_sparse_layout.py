@@ -44,6 +44,11 @@ def block_sparse_linear_reference(
     return F.linear(x, dense_from_blocks(blocks, crow_indices, col_indices, in_features), bias)
 
 
+# What ``kernel=`` (and a config's ``block_kernel``) may name: "auto" picks by device (`block_sparse.resolve_kernel`),
+# "reference" is `block_sparse_linear_reference`, the others are `BlockSparseKernel` names.
+KERNEL_CHOICES = ("auto", "cpu", "triton", "torch-bsr", "reference")
+
+
 class BlockSparseKernel(NamedTuple):
     """One way to compute `block_sparse_linear`: three functions on 2-d operands (tokens, features), each returning
     its result in the input's dtype. ``name`` is what run records and ``kernel=`` call it."""

@@ -14,6 +14,7 @@ import math
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
+from .block_sparse_layout import KERNEL_CHOICES as BLOCK_KERNELS
 from .compat import check_versions
 from .errors import UsageError
 from .iso_flop import BLOCK_LINEARS, GPTShape, calibrate_sparsity, sparse_wide_widths, stored_flops_mismatch
@@ -122,6 +123,10 @@ class SparseWideGPTConfig(PretrainedConfig):
             it), and the layer sparsity is calibrated in whole blocks.
         block_fan_in: ``"any"`` (default): the active blocks fall anywhere in a layer; ``"constant"``: every
             block-row (group of ``rows`` output features) keeps the same number of active blocks (block masks only).
+        block_kernel: the kernel the block-sparse layers compute with: ``"auto"`` (default: ``cpu`` on CPU
+            tensors, ``triton`` on CUDA ones where it can, else ``torch-bsr``, else ``reference``), or one of
+            ``cpu``, ``triton``, ``torch-bsr``, ``reference``, which is refused where it cannot compute
+            (``docs/kernels.md``). A run-time setting: it changes speed, not results.
         sparse_format: how `save_pretrained` stored the sparse layers: None (weights plus bool masks),
             ``{"format": "bitmask-values-v1", ...}`` or ``{"format": "condensed-v1"}`` (`sparse_safetensors.py`).
         activation_function, resid_pdrop, embd_pdrop, attn_pdrop, layer_norm_epsilon,
@@ -146,7 +151,7 @@ class SparseWideGPTConfig(PretrainedConfig):
     # layouts): the arguments are `arguments()`, read off __init__; these say which of them make a dense model sparse,
     # which are run-time settings and which record how a checkpoint was stored. The rest describe the dense model.
     sparsification_arguments = ("sparsity", "mask_seed", "sparsity_block", "block_fan_in")
-    runtime_arguments = ("use_cache",)
+    runtime_arguments = ("use_cache", "block_kernel")
     storage_arguments = ("sparse_format",)
     # Derived sizes, written to config.json so that tools which read the JSON see the real shapes. A config holding all
     # of them (a saved config.json) is used as stored (`_use_stored`); any of them given alone must agree with what the
@@ -174,6 +179,7 @@ class SparseWideGPTConfig(PretrainedConfig):
         mask_seed: int = 0,
         sparsity_block: int | list[int] | tuple[int, int] = 1,
         block_fan_in: str = "any",
+        block_kernel: str = "auto",
         activation_function: str = "gelu_new",
         resid_pdrop: float = 0.0,
         embd_pdrop: float = 0.0,
@@ -209,6 +215,9 @@ class SparseWideGPTConfig(PretrainedConfig):
         )
         self._set_sparsity(sparsity, width_multiple, sparse_layers, mask_seed)
         self._set_blocks(sparsity_block, block_fan_in)
+        if block_kernel not in BLOCK_KERNELS:
+            _fail("block_kernel", block_kernel, f"expected one of {list(BLOCK_KERNELS)}")
+        self.block_kernel = block_kernel
         self.sparse_format = _storage_format(sparse_format)
         self.resid_pdrop = _prob("resid_pdrop", resid_pdrop)
         self.embd_pdrop = _prob("embd_pdrop", embd_pdrop)

@@ -162,6 +162,8 @@ class SparseWideGPTPreTrainedModel(SparseCheckpointMixin, PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # One graph for masked and block models (the block product is a torch.library op): tests/models/test_compile.py
+    # shows it on CPU; on CUDA the same op runs the Triton kernel, not yet compiled there by a test.
     _can_compile_fullgraph = True
     _can_record_outputs = {
         "hidden_states": SparseWideGPTBlock,

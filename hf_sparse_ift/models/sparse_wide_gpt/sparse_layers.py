@@ -23,7 +23,7 @@ from torch import nn
 from .block_sparse import block_sparse_linear
 from .block_sparse_layout import block_rows_of, dense_from_blocks
 from .compat import distribute_tensor
-from .configuration_sparse_wide_gpt import BLOCK_FAN_INS, SparseWideGPTConfig
+from .configuration_sparse_wide_gpt import BLOCK_FAN_INS, BLOCK_KERNELS, SparseWideGPTConfig
 from .errors import UsageError
 from .iso_flop import BLOCK_LINEARS, num_inactive, num_inactive_blocks
 from .layer_utils import is_dtensor
@@ -220,12 +220,17 @@ class BlockSparseLinear(nn.Module):
         block_fan_in: str = "any",
         mask_seed: int = 0,
         residual_projection: bool = False,
+        kernel: str = "auto",
         device=None,
         dtype=None,
     ):
         super().__init__()
         if block_fan_in not in BLOCK_FAN_INS:
             raise UsageError(f"block_fan_in={block_fan_in!r} is invalid: expected one of {list(BLOCK_FAN_INS)}")
+        if kernel not in BLOCK_KERNELS:
+            raise UsageError(f"kernel={kernel!r} is invalid: expected one of {list(BLOCK_KERNELS)}")
+        # what `block_sparse_linear` computes with (see block_sparse.py; "auto" picks by device at every call)
+        self.kernel = kernel
         rows, cols = sparsity_block
         self.block_grid = block_grid_of(out_features, in_features, sparsity_block)
         self.in_features = in_features
@@ -339,7 +344,13 @@ class BlockSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output = block_sparse_linear(
-            x, self.weight_blocks, self.block_crow_indices, self.block_col_indices, self.in_features, self.bias
+            x,
+            self.weight_blocks,
+            self.block_crow_indices,
+            self.block_col_indices,
+            self.in_features,
+            self.bias,
+            kernel=self.kernel,
         )
         if self.grad_observer is not None and torch.is_grad_enabled():
             output = _ObserveDenseGradient.apply(output, x, self.grad_observer)
@@ -349,7 +360,8 @@ class BlockSparseLinear(nn.Module):
         rows, cols = self.sparsity_block
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"sparsity_block={rows}x{cols}, active_blocks={self.n_active}, block_fan_in={self.block_fan_in}"
+            f"sparsity_block={rows}x{cols}, active_blocks={self.n_active}, block_fan_in={self.block_fan_in}, "
+            f"kernel={self.kernel}"
         )
 
 
@@ -390,6 +402,7 @@ def block_linear(config: SparseWideGPTConfig, name: str, layer_idx: int, d_in: i
                 block_fan_in=config.block_fan_in,
                 mask_seed=seed,
                 residual_projection=residual,
+                kernel=config.block_kernel,
             )
         return SparseLinear(d_in, d_out, sparsity=config.layer_sparsity, mask_seed=seed, residual_projection=residual)
     linear = nn.Linear(d_in, d_out)

@@ -563,9 +563,10 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--block-kernels",
         type=comma_list(str),
-        default=list(BLOCK_KERNELS),
+        default=None,
         help="block-sparse CPU kernels to measure, in turns: native (the built kernel; `hf-sparse-ift build-kernels`) "
-        "and/or torch (the torch path); the first is the plain variant name, the others get a suffix",
+        "and/or torch (the torch path); the first is the plain variant name, the others get a suffix. Default: "
+        "native,torch where the native kernel is built, else torch (the report says which ran)",
     )
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per linear call (T)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -586,6 +587,8 @@ def main(argv=None) -> int:
     for name in args.dtypes:
         if name not in DTYPES:
             parser.error(f"--dtypes: {name!r} is not one of {sorted(DTYPES)}")
+    if args.block_kernels is None:
+        args.block_kernels = list(BLOCK_KERNELS) if block_sparse_cpu.load_kernel() is not None else ["torch"]
     for kind in args.block_kernels:
         if kind not in BLOCK_KERNELS:
             parser.error(f"--block-kernels: {kind!r} is not one of {', '.join(BLOCK_KERNELS)}")

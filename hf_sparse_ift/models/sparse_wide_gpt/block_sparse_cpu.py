@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from . import native_kernels
 from .block_sparse_layout import BlockSparseKernel, block_rows_of
+from .native_kernels import DISABLE_VARIABLE, build_record, disabled, library_path, open_library, unusable
 
 logger = logging.get_logger(__name__)
 
@@ -84,21 +84,20 @@ def load_kernel():
     with _library_lock:
         if _library is not _UNSET:
             return _library
-        path = native_kernels.library_path(STEM, KERNEL_ABI)
+        path = library_path(STEM, KERNEL_ABI)
         lib = None
-        if native_kernels.disabled():
+        if disabled():
             logger.info(
-                f"Block-sparse layers compute with torch on CPU ({native_kernels.DISABLE_VARIABLE}=0 turns the "
-                "native kernel off)."
+                f"Block-sparse layers compute with torch on CPU ({DISABLE_VARIABLE}=0 turns the native kernel off)."
             )
-        elif (reason := native_kernels.unusable(path, SOURCE)) is not None:
+        elif (reason := unusable(path, SOURCE)) is not None:
             logger.warning(
                 f"Block-sparse layers compute with torch on CPU: {reason}. That is slower than the native kernel; "
                 "build it with `hf-sparse-ift build-kernels` (needs a C compiler)."
             )
         else:
             try:
-                lib = native_kernels.open_library(path, ABI_FUNCTION, KERNEL_ABI, declare)
+                lib = open_library(path, ABI_FUNCTION, KERNEL_ABI, declare)
                 logger.info(f"Block-sparse layers compute with the native kernel {path} on CPU.")
             except (OSError, AttributeError) as err:
                 logger.warning(
@@ -119,8 +118,8 @@ def kernel_info() -> dict | None:
     """Where the native kernel in use came from (path and build record), or None when the torch path runs."""
     if load_kernel() is None:
         return None
-    path = native_kernels.library_path(STEM, KERNEL_ABI)
-    return {"path": str(path), **native_kernels.build_record(path)}
+    path = library_path(STEM, KERNEL_ABI)
+    return {"path": str(path), **build_record(path)}
 
 
 def _native_for(blocks: torch.Tensor):

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from . import native_kernels
+from .native_kernels import DISABLE_VARIABLE, build_record, disabled, open_library, unusable
+from .native_kernels import library_path as cached_library_path
 
 logger = logging.get_logger(__name__)
 
@@ -26,7 +27,6 @@ SOURCE = Path(__file__).with_name("condensed_kernel.c")
 # (`condensed_kernel_abi`) and a library of another version is not used.
 KERNEL_ABI = 1
 ABI_FUNCTION = "condensed_kernel_abi"
-DISABLE_VARIABLE = native_kernels.DISABLE_VARIABLE
 
 _VOID = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -41,7 +41,7 @@ _library_lock = threading.Lock()
 
 def library_path() -> Path:
     """Where the build writes, and `load_kernel` looks for, this CPU's library."""
-    return native_kernels.library_path(STEM, KERNEL_ABI)
+    return cached_library_path(STEM, KERNEL_ABI)
 
 
 def declare(lib) -> None:
@@ -70,16 +70,16 @@ def load_kernel():
             return _library
         path = library_path()
         lib = None
-        if native_kernels.disabled():
+        if disabled():
             logger.info(f"Condensed layers compute with torch ({DISABLE_VARIABLE}=0 turns the native kernel off).")
-        elif (reason := native_kernels.unusable(path, SOURCE)) is not None:
+        elif (reason := unusable(path, SOURCE)) is not None:
             logger.warning(
                 f"Condensed layers compute with torch: {reason}. On CPU that is slower than the kernel; build it "
                 f"with `hf-sparse-ift build-kernels` (needs a C compiler)."
             )
         else:
             try:
-                lib = native_kernels.open_library(path, ABI_FUNCTION, KERNEL_ABI, declare)
+                lib = open_library(path, ABI_FUNCTION, KERNEL_ABI, declare)
                 logger.info(f"Condensed layers compute with the native kernel {path}.")
             except (OSError, AttributeError) as err:
                 logger.warning(
@@ -102,4 +102,4 @@ def kernel_info() -> dict | None:
     if load_kernel() is None:
         return None
     path = library_path()
-    return {"path": str(path), **native_kernels.build_record(path)}
+    return {"path": str(path), **build_record(path)}

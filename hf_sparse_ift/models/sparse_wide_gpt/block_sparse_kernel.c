@@ -124,7 +124,8 @@ static void forward_items(const void* ctx, int64_t i0, int64_t i1) {
         const int64_t r = i / s->token_tiles, t0 = (i % s->token_tiles) * s->tile_tokens;
         const int64_t t1 = t0 + s->tile_tokens < s->tokens ? t0 + s->tile_tokens : s->tokens;
         const int64_t first = s->crow[r], np = s->crow[r + 1] - first;
-        float* wt = (float*)malloc(sizeof(float) * (size_t)(np * bb) + 1);
+        /* 64-byte aligned: a row of B that straddles two cache lines costs two loads per vector */
+        float* wt = (float*)aligned_alloc(64, (sizeof(float) * (size_t)(np * bb) + 64) / 64 * 64);
         int64_t* a_off = (int64_t*)malloc(sizeof(int64_t) * (size_t)np + 1);
         const float** b_p = (const float**)malloc(sizeof(float*) * (size_t)(2 * np) + 1);
         for (int64_t p = 0; p < np; p++) {

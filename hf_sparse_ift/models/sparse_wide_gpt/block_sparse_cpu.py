@@ -40,12 +40,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from transformers.utils import logging
 
 from .block_sparse_layout import BlockSparseKernel, block_rows_of
 from .native_kernels import DISABLE_VARIABLE, build_record, disabled, library_path, open_library, unusable
 
-logger = logging.get_logger(__name__)
+
+def _logger():
+    # imported when first needed: importing transformers while this module loads (sparse_layers imports it) would
+    # start the package's Auto-class registration in the middle of the model folder's imports
+    from transformers.utils import logging
+
+    return logging.get_logger(__name__)
+
 
 # ----------------------------------------------------------------------------------------------
 # the native kernel
@@ -87,20 +93,20 @@ def load_kernel():
         path = library_path(STEM, KERNEL_ABI)
         lib = None
         if disabled():
-            logger.info(
+            _logger().info(
                 f"Block-sparse layers compute with torch on CPU ({DISABLE_VARIABLE}=0 turns the native kernel off)."
             )
         elif (reason := unusable(path, SOURCE)) is not None:
-            logger.warning(
+            _logger().warning(
                 f"Block-sparse layers compute with torch on CPU: {reason}. That is slower than the native kernel; "
                 "build it with `hf-sparse-ift build-kernels` (needs a C compiler)."
             )
         else:
             try:
                 lib = open_library(path, ABI_FUNCTION, KERNEL_ABI, declare)
-                logger.info(f"Block-sparse layers compute with the native kernel {path} on CPU.")
+                _logger().info(f"Block-sparse layers compute with the native kernel {path} on CPU.")
             except (OSError, AttributeError) as err:
-                logger.warning(
+                _logger().warning(
                     f"Block-sparse layers compute with torch on CPU: the native kernel {path} cannot be used ({err}). "
                     "Rebuild it with `hf-sparse-ift build-kernels`."
                 )

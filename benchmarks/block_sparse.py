@@ -60,15 +60,10 @@ from hf_sparse_ift.training.optimizer import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from condensed_inference import build as build_inference_model
-from condensed_inference import load_average, source_commit
+from condensed_inference import cpu_info, load_average, source_commit
 from condensed_inference import run as decode_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# the vector-instruction flags of /proc/cpuinfo that decide which kernels are fast
-VECTOR_FLAGS = (
-    "avx", "avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-    "amx_tile", "amx_bf16", "amx_int8",
-)  # fmt: skip
 BLOCK_KERNELS = ("native", "torch")
 DENSE = {"d_model": 768, "d_ff": 3072}  # GPT-3 Small
 SMOKE_DENSE = {"d_model": 32, "d_ff": 128}
@@ -458,7 +453,7 @@ def targets(report: dict) -> list[dict]:
 
 def write(report: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-{report['cpu_kind']}-{report['threads']}threads-{report['date']}-block-sparse"
+    stem = f"cpu-{report['cpu_kind']}-{report['threads']}threads-{report['date']}-block-sparse{report['tag']}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"# Block-sparse linears, training step and decode — cpu-{report['cpu_kind']}, {report['threads']} threads "
@@ -580,6 +575,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-block", type=int, default=64)
     parser.add_argument("--prefill", type=int, default=64)
     parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--tag", default="", help="appended to the results' file names (e.g. linears)")
     parser.add_argument("--notes", default="", help="recorded in the results (e.g. what was left out and why)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat (CI)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -628,6 +624,7 @@ def main(argv=None) -> int:
             f"{args.train_vocab}, {args.train_batch} x {args.train_seq} tokens, SW-75 blocks {args.train_block}"
         ),
         "notes": args.notes,
+        "tag": f"-{args.tag}" if args.tag else "",
         "load_average_before": load_average(),
         "gpu": f"not used: CPU benchmark (CUDA available: {torch.cuda.is_available()})",
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -645,30 +642,6 @@ def main(argv=None) -> int:
     report["targets"] = targets(report)
     write(report, Path(args.out))
     return 0
-
-
-def cpu_info() -> dict:
-    """The CPU model, its vector-instruction flags (of `VECTOR_FLAGS`) and a short kind for file names, e.g.
-    ``intel-xeon-avx512`` or ``amd-epyc-avx2``."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    lower = model.lower()
-    vendor = next((v for v in ("intel", "amd") if v in lower), platform.machine())
-    family = next((f for f in ("xeon", "epyc", "core", "ryzen") if f in lower), "")
-    isa = "amx" if "amx_tile" in flags else "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "novec"
-    return {
-        "model": model,
-        "cpus": os.cpu_count(),
-        "vector_flags": [f for f in VECTOR_FLAGS if f in flags],
-        "kind": "-".join(p for p in (vendor, family, isa) if p),
-    }
 
 
 if __name__ == "__main__":

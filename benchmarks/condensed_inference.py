@@ -182,6 +182,37 @@ def source_commit() -> str:
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
+# the vector-instruction flags of /proc/cpuinfo that decide which kernels are fast
+VECTOR_FLAGS = (
+    "avx", "avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+    "amx_tile", "amx_bf16", "amx_int8",
+)  # fmt: skip
+
+
+def cpu_info() -> dict:
+    """The CPU model, its vector-instruction flags (of `VECTOR_FLAGS`) and a short kind for file names, e.g.
+    ``intel-xeon-avx512`` or ``amd-epyc-avx2``."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    lower = model.lower()
+    vendor = next((v for v in ("intel", "amd") if v in lower), platform.machine())
+    family = next((f for f in ("xeon", "epyc", "core", "ryzen") if f in lower), "")
+    isa = "amx" if "amx_tile" in flags else "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "novec"
+    return {
+        "model": model,
+        "cpus": os.cpu_count(),
+        "vector_flags": [f for f in VECTOR_FLAGS if f in flags],
+        "kind": "-".join(p for p in (vendor, family, isa) if p),
+    }
+
+
 def load_average():
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -275,13 +306,16 @@ def main(argv=None) -> int:
     if args.smoke:
         args.prefill, args.decode, args.repeats = 16, 4, 1
     wanted = args.groups.split(",")
+    cpu = cpu_info()
     report = {
         "date": datetime.date.today().isoformat(),
         "threads": args.threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": f"{cpu['model']}, {cpu['cpus']} CPUs",
+        "cpu_kind": cpu["kind"],
+        "cpu_vector_flags": cpu["vector_flags"],
         "kernel": kernel_available(),
         "kernel_source": condensed_kernel.kernel_info(),  # the built library: path, compiler, flags, source hash
         "command": "condensed_inference.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -385,10 +419,10 @@ def add_ratios(report: dict) -> None:
 
 def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-{platform.machine()}-{report['threads']}threads-{report['date']}-condensed"
+    stem = f"cpu-{report['cpu_kind']}-{report['threads']}threads-{report['date']}-condensed"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
-        f"# Condensed inference — cpu-{platform.machine()}, {report['threads']} threads — {report['date']}",
+        f"# Condensed inference — cpu-{report['cpu_kind']}, {report['threads']} threads — {report['date']}",
         "",
         f"torch {report['torch']}, transformers {report['transformers']}, Python {report['python']}; batch 1, "
         f"prefill {report['prefill_tokens']} tokens, greedy decode {report['decode_tokens']} tokens, "

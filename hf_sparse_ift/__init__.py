@@ -9,8 +9,9 @@ naming both versions.
 The import itself is light: the public names are loaded on first use, and the registration waits for transformers,
 so that ``hf-sparse-ift --help`` and argument errors need neither torch nor transformers.
 
-Rooms (imports point down only): ``models`` (the model, self-contained for remote code) <- ``data`` / ``sparsity``
-(masks, dynamic sparse training) <- ``training`` / ``evaluation`` / ``hub`` <- ``study`` <- ``cli``.
+Rooms (imports point down only): ``models`` (the model, self-contained for remote code) <- ``data`` / ``kernels``
+(building the native CPU kernels) / ``sparsity`` (masks, dynamic sparse training) <- ``training`` / ``evaluation`` /
+``hub`` <- ``study`` <- ``cli``.
 """
 
 import importlib.abc

@@ -4,7 +4,7 @@ Wide checkpoints (between layouts, and to and from plain GPT-2), and build the c
 hf-sparse-ift compress   IN OUT [--overwrite] [--max-shard-size 5GB]   # plain -> bitmask-values-v1
 hf-sparse-ift decompress IN OUT [--overwrite]                          # bitmask-values-v1 -> plain
 hf-sparse-ift condense   IN OUT [--representation auto|csr|padded]     # masked (either layout) -> condensed-v1
-hf-sparse-ift build-kernels                                            # compile condensed_kernel.c for this CPU
+hf-sparse-ift build-kernels                                            # compile the CPU kernels for this CPU
 hf-sparse-ift export      IN OUT [--overwrite]                         # any layout -> plain transformers GPT-2
 hf-sparse-ift import-gpt2 IN OUT [--overwrite]                         # transformers GPT-2 -> dense Sparse Wide
 """
@@ -78,10 +78,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
     sub.add_parser(
         "build-kernels",
-        help="compile the condensed layers' CPU kernel for this machine (needs a C compiler; loading never compiles)",
-        description="Compile condensed_kernel.c with the system C compiler (CC, else cc, gcc or clang) for this CPU into "
-        "the kernel cache (HF_SPARSE_IFT_CACHE, else ~/.cache/hf_sparse_ift/kernels), where condensed layers find it. "
-        "Without it they compute with torch (slower on CPU). Prints where the library went and how it was built.",
+        help="compile the condensed and block-sparse layers' CPU kernels for this machine (needs a C compiler; loading "
+        "never compiles)",
+        description="Compile condensed_kernel.c and block_sparse_kernel.c with the system C compiler (CC, else cc, gcc "
+        "or clang) for this CPU into the kernel cache (HF_SPARSE_IFT_CACHE, else ~/.cache/hf_sparse_ift/kernels), where "
+        "condensed and block-sparse layers find them. Without them those layers compute with torch (slower on CPU). "
+        "Prints, one JSON line per kernel, where the library went and how it was built (with its size and sha256, "
+        "which loading checks).",
     )
 
 
@@ -128,13 +131,14 @@ def cmd_condense(args) -> int:
 
 def cmd_build_kernels(args) -> int:
     from ..errors import UsageError
-    from ..models.sparse_wide_gpt.condensed_kernel import build_kernel
+    from ..kernels.build import build_kernels
 
     try:
-        record = build_kernel()
+        records = build_kernels()
     except RuntimeError as err:
         raise UsageError(str(err)) from None
-    print(json.dumps(record))
+    for record in records:
+        print(json.dumps(record))
     return 0
 
 

@@ -15,6 +15,7 @@ LAYERS = {
     "checks": 1,
     "resources": 1,
     "data": 2,
+    "kernels": 2,
     "sparsity": 2,
     "training": 3,
     "evaluation": 3,

@@ -54,18 +54,29 @@ def test_data_loading_smoke(tmp_path):
 def test_block_sparse_smoke(tmp_path):
     report, table = run("block_sparse.py", tmp_path)
     parts = [(r["part"], r["variant"]) for r in report["results"]]
-    linear_variants = ["masked", "block-16-constant", "block-16-any", "iso-dense"]
+    # one variant per block kernel measured (native where built, and torch); the first keeps the plain name
+    kernels = report["block_kernels"]
+    assert kernels in (["native", "torch"], ["torch"]) and report["cpu_kind"] and report["cpu_vector_flags"] is not None
+    suffixes = [""] + [f"-{k}" for k in kernels[1:]]
+    linear_variants = ["masked", *(f"block-16-{f}{s}" for f in ("constant", "any") for s in suffixes), "iso-dense"]
+    block_train = [f"sw75-block16{s}" for s in suffixes]
     assert parts == (
         [("linears", v) for v in linear_variants] * 4  # (attention, MLP in) x (float32, bfloat16)
-        + [("train", v) for v in ["dense", "sw75-block16", "sw75-block16-constant", "sw75-masked"]]
-        + [("decode", v) for v in ["dense", "sw75-masked", "sw75-condensed", "sw75-block16"]]
+        + [("train", v) for v in ["dense", *block_train, "sw75-block16-constant", "sw75-masked"]]
+        + [("decode", v) for v in ["dense", "sw75-masked", "sw75-condensed", *block_train]]
     )
     for r in report["results"]:
         times = r.get("forward_backward_s") or r.get("step_s") or [r["decode_ms_per_token_median"]]
         assert min(times) > 0
     blocks = [r for r in report["results"] if r["part"] == "train" and "block" in r["variant"]]
     assert all(r["bytes_per_active_weight"] == 16.0 for r in blocks)  # fp32 weight, gradient, two Adam states
-    assert len(report["targets"]) == 5 and report["load_average_before"] is not None
+    # per block training variant: time and memory; per condensed or block decode variant: speed
+    assert len(report["targets"]) == 2 * (len(block_train) + 1) + 1 + len(block_train)
+    assert report["load_average_before"] is not None and set(report["load_average_parts"]) == {
+        "linears",
+        "train",
+        "decode",
+    }
     assert "| float32 | 0.75 | mlp_in | 256x64 | block-16-any |" in table and "## Batch-1 decode" in table
 
 

@@ -1,10 +1,16 @@
 """`block_sparse_linear`: outputs and gradients equal the masked dense layer's, on every path and input shape."""
 
+import os
+import shutil
+import sys
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_sparse_ift.models.sparse_wide_gpt import block_sparse, block_sparse_bsr, block_sparse_cpu
+from hf_sparse_ift.kernels.build import build_kernel
+from hf_sparse_ift.models.sparse_wide_gpt import block_sparse, block_sparse_bsr, block_sparse_cpu, native_kernels
 from hf_sparse_ift.models.sparse_wide_gpt.block_sparse import (
     block_sparse_linear,
     block_sparse_linear_reference,
@@ -44,16 +50,44 @@ CASES = [
     (48, 64, (8, 16), 0.4, "any", (3, 2, 5)),
     (48, 64, (16, 8), 0.6, "constant", (11,)),
     (128, 64, (32, 32), 0.1, "constant", (2, 9)),
+    (64, 128, (16, 32), 0.5, "any", (401,)),  # non-square blocks for the native kernel; tiles of 384 tokens and a tail
+    (96, 64, (32, 16), 0.5, "constant", (3,)),
 ]
 
 
-@pytest.fixture(params=["1thread", "2threads", "few-tokens"])
+@pytest.fixture(scope="session")
+def native_library(tmp_path_factory):
+    """The native block-sparse kernel, built by the explicit build step (as `hf-sparse-ift build-kernels` does) into
+    a kernel cache of its own."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler:
+        pytest.skip("no C compiler on this machine: the native kernel cannot be tested here")
+    folder = tmp_path_factory.mktemp("kernels")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_SPARSE_IFT_CACHE", str(folder))
+        patch.delenv("HF_SPARSE_IFT_KERNEL", raising=False)
+        build_kernel(block_sparse_cpu)  # a machine with a compiler must build the kernel
+        library = block_sparse_cpu.load_kernel()
+        block_sparse_cpu.forget()
+    assert library is not None
+    return folder, library
+
+
+PATHS = ["torch-1thread", "torch-2threads", "torch-few-tokens", "native-1thread", "native-2threads", "native-dot"]
+
+
+@pytest.fixture(params=PATHS)
 def threads(request, monkeypatch):
-    """The CPU paths: one GEMM per block on one torch thread (inline) or on two (the worker pool), and the
-    batched forward for few tokens; restores the caller's thread setting."""
+    """The CPU paths. Torch: one GEMM per block on one torch thread (inline) or on two (the worker pool), and the
+    batched forward for few tokens. Native (blocks whose sides are multiples of 16; others take the torch path):
+    register-tiled products on one or two threads, and the read-once dot forward. Restores the thread setting."""
     before = torch.get_num_threads()
-    monkeypatch.setattr(block_sparse_cpu, "FEW_TOKENS", 10**9 if request.param == "few-tokens" else 0)
-    torch.set_num_threads(2 if request.param == "2threads" else 1)
+    path, mode = request.param.split("-", 1)
+    library = request.getfixturevalue("native_library")[1] if path == "native" else None
+    monkeypatch.setattr(block_sparse_cpu, "_library", library)
+    monkeypatch.setattr(block_sparse_cpu, "FEW_TOKENS", 10**9 if mode == "few-tokens" else 0)
+    monkeypatch.setattr(block_sparse_cpu, "DOT_TOKENS", 10**9 if mode == "dot" else 0)
+    torch.set_num_threads(1 if mode == "1thread" else 2)
     yield request.param
     torch.set_num_threads(before)
 
@@ -82,8 +116,82 @@ def test_equals_masked_dense_fp32(case, with_bias, threads):
     masked = (masked[0], masked[1], masked_block_grad, *masked[3:])
     assert fast[0].shape == (*lead, out_features)
     for got, want_reference, want_masked in zip(fast, reference, masked, strict=True):
-        torch.testing.assert_close(got, want_reference, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got, want_masked, rtol=1e-5, atol=1e-5)
+        # fp32 sums in another order: a few units of fp32 rounding of the largest value (sums of up to 401 terms)
+        atol = 1e-5 * max(1.0, want_reference.abs().max().item())
+        torch.testing.assert_close(got, want_reference, rtol=1e-5, atol=atol)
+        torch.testing.assert_close(got, want_masked, rtol=1e-5, atol=atol)
+
+
+def test_empty_block_rows_and_columns(threads):
+    """Block-rows and block-columns without an active block: outputs are the bias, input gradients zero."""
+    blocks = torch.randn(3, 16, 16, requires_grad=True)
+    crow = torch.tensor([0, 0, 2, 2, 3])  # block-rows 0 and 2 empty
+    col = torch.tensor([1, 3, 1])  # block-columns 0 and 2 empty
+    x = torch.randn(7, 64, requires_grad=True)
+    bias = torch.randn(64, requires_grad=True)
+    grad_output = torch.randn(7, 64)
+    got = gradients(lambda x, b, c: block_sparse_linear(x, b, crow, col, 64, c), x, blocks, bias, grad_output)
+    want = gradients(
+        lambda x, b, c: block_sparse_linear_reference(x, b, crow, col, 64, c), x, blocks, bias, grad_output
+    )
+    assert torch.equal(got[0][:, :16], bias.detach()[:16].expand(7, 16))
+    assert torch.equal(got[1][:, :16], torch.zeros(7, 16)) and torch.equal(got[1][:, 32:48], torch.zeros(7, 16))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_native_kernel_computes_blocks_of_multiples_of_16(native_library, monkeypatch):
+    """With the built kernel, 16 x 32 blocks never reach the torch path; 8 x 16 blocks take it."""
+    monkeypatch.setattr(block_sparse_cpu, "_library", native_library[1])
+    torch_path = {}
+    for name in ("torch_forward", "torch_grad_input", "torch_grad_blocks"):
+        real = getattr(block_sparse_cpu, name)
+        monkeypatch.setattr(
+            block_sparse_cpu, name, lambda *a, _name=name, _real=real: torch_path.setdefault(_name, 0) or _real(*a)
+        )
+    for block, expected in (((16, 32), {}), ((8, 16), {"torch_forward", "torch_grad_input", "torch_grad_blocks"})):
+        torch_path.clear()
+        blocks, crow, col = random_blocks(64, 128, block, 0.5, "any")
+        blocks.requires_grad_()
+        x = torch.randn(9, 128, requires_grad=True)
+        block_sparse_linear(x, blocks, crow, col, 128).sum().backward()
+        assert set(torch_path) == set(expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_match_reference_on_every_path(threads, dtype):
+    blocks, crow, col = random_blocks(64, 96, (16, 16), 0.5, "any", dtype=dtype)
+    blocks.requires_grad_()
+    x = torch.randn(11, 96, dtype=dtype, requires_grad=True)
+    bias = torch.randn(64, dtype=dtype, requires_grad=True)
+    grad_output = torch.randn(11, 64, dtype=dtype)
+    got = gradients(lambda x, b, c: block_sparse_linear(x, b, crow, col, 96, c), x, blocks, bias, grad_output)
+    want = gradients(
+        lambda x, b, c: block_sparse_linear_reference(x, b, crow, col, 96, c), x, blocks, bias, grad_output
+    )
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype
+        bf16_close(g, w)
+
+
+def test_a_damaged_native_library_is_refused(native_library, tmp_path, monkeypatch, caplog):
+    """The loader compares the library with its build record before mapping it (a truncated one kills the process
+    with SIGBUS); block-sparse layers then compute with torch."""
+    cache = tmp_path / "cache"
+    shutil.copytree(native_library[0], cache)
+    monkeypatch.setenv("HF_SPARSE_IFT_CACHE", str(cache))
+    monkeypatch.delenv("HF_SPARSE_IFT_KERNEL", raising=False)
+    monkeypatch.setattr(block_sparse_cpu, "_library", block_sparse_cpu._UNSET)
+    library = native_kernels.library_path(block_sparse_cpu.STEM, block_sparse_cpu.KERNEL_ABI)
+    library.write_bytes(library.read_bytes()[:4096])
+    with caplog.at_level("WARNING", logger=block_sparse_cpu.__name__):
+        assert block_sparse_cpu.load_kernel() is None
+    assert "its build record says" in caplog.text and "hf-sparse-ift build-kernels" in caplog.text
+    blocks, crow, col = random_blocks(32, 48, (16, 16), 0.5, "constant")
+    x = torch.randn(4, 48)
+    torch.testing.assert_close(
+        block_sparse_linear(x, blocks, crow, col, 48), block_sparse_linear_reference(x, blocks, crow, col, 48)
+    )
 
 
 def test_empty_block_rows_give_bias_and_zero_gradients(threads):
@@ -167,15 +275,39 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x, b, c: block_sparse_linear(x, b, crow, col, 12, c), (x, blocks, bias))
 
 
-def test_worker_pool_leaves_the_thread_setting_alone():
+def test_worker_pool_changes_no_thread_setting_but_its_own(monkeypatch):
+    """Starting the torch path's worker pool never calls torch.set_num_threads (which also rewrites the default of
+    every thread started later): the caller, a thread started afterwards and the process default keep their
+    setting, and only the workers run single-threaded."""
+    if sys.platform == "linux":
+        assert block_sparse_cpu._worker_thread_setters() is not None  # torch's OpenMP (and MKL) are found
     before = torch.get_num_threads()
+    real_set = torch.set_num_threads
+    real_set(2)
+    calls = []
+    monkeypatch.setattr(
+        torch, "set_num_threads", lambda n: (calls.append(threading.current_thread().name), real_set(n))
+    )
+    monkeypatch.setattr(block_sparse_cpu, "_POOLS", {})
+    monkeypatch.setattr(block_sparse_cpu, "_library", None)
     try:
-        torch.set_num_threads(2)
         blocks, crow, col = random_blocks(64, 64, (16, 16), 0.5, "constant")
-        block_sparse_linear(torch.randn(4, 64), blocks, crow, col, 64)
-        assert torch.get_num_threads() == 2
+        x = torch.randn(40, 64)
+        torch.testing.assert_close(
+            block_sparse_linear(x, blocks, crow, col, 64), block_sparse_linear_reference(x, blocks, crow, col, 64)
+        )
+        assert calls == [] and torch.get_num_threads() == 2
+        seen = []
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        later.start()
+        later.join()
+        assert seen == [2]  # the process default, unchanged
+        if sys.platform == "linux":  # the pool exists there, and its workers alone are single-threaded
+            assert block_sparse_cpu._POOLS[2].submit(torch.get_num_threads).result() == 1
     finally:
-        torch.set_num_threads(before)
+        for pool in block_sparse_cpu._POOLS.values():
+            pool.shutdown()
+        real_set(before)
 
 
 @pytest.mark.parametrize("fan_in", ["constant", "any"])

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, pipeline
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
 from hf_sparse_ift.cli import main as cli_main
-from hf_sparse_ift.models.sparse_wide_gpt import condensed_kernel
+from hf_sparse_ift.kernels.build import build_kernel
+from hf_sparse_ift.models.sparse_wide_gpt import condensed_kernel, native_kernels
 from hf_sparse_ift.sparsity.checkpoint_layouts import (
     CondensedLinear,
     condensed_layers,
@@ -42,7 +43,7 @@ def built_kernel_cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("kernels")
     with pytest.MonkeyPatch.context() as patch:
         use_kernel_cache(patch, folder)
-        condensed_kernel.build_kernel()  # a machine with a compiler must build the kernel
+        build_kernel(condensed_kernel)  # a machine with a compiler must build the kernel
     return folder
 
 
@@ -343,12 +344,42 @@ def test_build_kernels_command_records_where_the_kernel_came_from(built_kernel_c
     use_kernel_cache(monkeypatch, built_kernel_cache)
     info = condensed_kernel.kernel_info()
     assert info["path"] == str(condensed_kernel.library_path()) and info["abi"] == condensed_kernel.KERNEL_ABI
-    assert info["source_sha256"] == __import__("hashlib").sha256(condensed_kernel.SOURCE.read_bytes()).hexdigest()
+    assert info["source_sha256"] == native_kernels.source_sha256(condensed_kernel.SOURCE)
+    assert info["library_bytes"] == condensed_kernel.library_path().stat().st_size
     use_kernel_cache(monkeypatch, tmp_path / "cache")
     monkeypatch.setenv("CC", "/bin/false")  # a "compiler" that always fails
     assert cli_main(["build-kernels"]) == 2
     assert "hf-sparse-ift build-kernels: error: could not compile the condensed kernel" in capsys.readouterr().err
     assert not condensed_kernel.library_path().exists() and not kernel_available()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "changed", "no-record"])
+def test_a_damaged_library_is_refused_before_it_is_loaded(built_kernel_cache, monkeypatch, tmp_path, caplog, damage):
+    """A truncated library, mapped by the dynamic loader, kills the process with SIGBUS at its first call: the
+    loader compares the file with the size and sha256 of its build record first, and the torch path runs."""
+    cache = tmp_path / "cache"
+    shutil.copytree(built_kernel_cache, cache)  # a new path: this process has not mapped that file
+    use_kernel_cache(monkeypatch, cache)
+    library = condensed_kernel.library_path()
+    data = library.read_bytes()
+    if damage == "truncated":
+        library.write_bytes(data[: len(data) // 2])
+    elif damage == "changed":
+        library.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    else:
+        library.with_suffix(".json").unlink()
+    lin = masked_linear(40, 24, fan_in=7)
+    layer = CondensedLinear.from_sparse(lin)
+    x = torch.randn(3, 40)
+    with torch.no_grad(), caplog.at_level("WARNING", logger=condensed_kernel.__name__):
+        assert not kernel_available()
+        torch.testing.assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-6)
+    reason = {
+        "truncated": "bytes, its build record says",
+        "changed": "does not match the sha256",
+        "no-record": "no build record",
+    }[damage]
+    assert reason in caplog.text and "hf-sparse-ift build-kernels" in caplog.text
 
 
 def test_a_condensed_model_refuses_training(tiny_model):

@@ -1,6 +1,8 @@
 """A saved checkpoint loads with trust_remote_code where hf_sparse_ift cannot be imported."""
 
+import ast
 import json
+from pathlib import Path
 
 import torch
 from helpers import run_without_the_package, tiny_config
@@ -76,7 +78,13 @@ def test_block_model_loads_with_trust_remote_code_without_the_package(tmp_path):
     model = SparseWideGPTForCausalLM(tiny_config(dense_hidden_size=32, sparsity_block=8)).eval()
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
-    for code in ("block_sparse.py", "block_sparse_layout.py", "block_sparse_cpu.py", "block_sparse_bsr.py"):
+    for code in (
+        "block_sparse.py",
+        "block_sparse_layout.py",
+        "block_sparse_cpu.py",
+        "block_sparse_bsr.py",
+        "native_kernels.py",
+    ):
         assert (ckpt / code).exists(), code  # the kernels travel with the model code
     x = torch.randint(0, 97, (2, 12))
     torch.save(x, tmp_path / "x.pt")
@@ -112,3 +120,25 @@ def test_remote_code_on_an_older_transformers_stops_with_one_sentence(tiny_model
         f"Sparse Wide GPT (hf-sparse-ift) needs 'transformers>={floor}' but found transformers 5.23.0: "
         f"run pip install --upgrade 'transformers>={floor}'"
     )
+
+
+MODEL_FOLDER = Path(__file__).resolve().parents[2] / "hf_sparse_ift" / "models" / "sparse_wide_gpt"
+
+
+def test_the_model_folder_starts_no_process():
+    """The model folder is copied into every checkpoint as remote code: no file there imports subprocess or calls
+    what starts a process (building kernels lives in hf_sparse_ift/kernels/build.py)."""
+    starters = {"system", "popen", "spawnl", "spawnv", "execv", "execl", "fork", "posix_spawn", "startfile"}
+    files = sorted(MODEL_FOLDER.glob("*.py"))
+    assert len(files) > 10
+    for path in files:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[0] in ("subprocess", "pty") for a in node.names), path.name
+            elif isinstance(node, ast.ImportFrom):
+                assert (node.module or "").split(".")[0] not in ("subprocess", "pty"), path.name
+            elif isinstance(node, ast.Attribute):
+                assert not (node.attr in starters or node.attr.startswith(("spawn", "exec"))), (path.name, node.attr)
+            elif isinstance(node, ast.Name):
+                assert node.id != "subprocess", path.name

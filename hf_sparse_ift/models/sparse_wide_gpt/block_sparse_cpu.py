@@ -1,62 +1,306 @@
-"""The CPU kernel of `block_sparse_linear`: one BLAS call per active block on contiguous column blocks of the input.
+"""The CPU kernel of `block_sparse_linear`: a native kernel built ahead of time, else the same products with torch.
 
-* forward ``Y[:, r] = sum_c X[:, c] W_rc^T``, with few tokens (decoding) one batched GEMM over all active blocks;
+* forward ``Y[:, r] = sum_c X[:, c] W_rc^T`` (block-row r, its blocks' columns c);
 * input gradient ``dX[:, c] = sum_r dY[:, r] W_rc``, through the transposed BSR index;
 * block gradients ``dW_rc = dY[:, r]^T X[:, c]``, at active blocks only.
 
-The block-rows (block-columns for ``dX``) are shared out to a pool of threads, one per torch thread, each running
-single-threaded GEMMs: torch releases the GIL inside them, and one thread per core beats letting every small GEMM
-spread over all cores (see ``benchmarks/block_sparse.py`` for the measurements). bf16/fp16 inputs are multiplied in
-fp32: products of bf16 values are exact in fp32 and the sums are fp32, as in a bf16 GEMM, only rounded once at the
-end; fp32 GEMMs are 4-15x faster than bf16 ones on CPUs without bf16 matrix instructions (measured on the 2-core AMD
-EPYC CI machine).
+Native kernel (``block_sparse_kernel.c``, fp32, blocks whose sides are multiples of 16). ``hf-sparse-ift
+build-kernels`` compiles it into the kernel cache; `load_kernel` opens it only if its build record vouches for it
+(`native_kernels`), and never compiles. Each product is a sum of small dense products computed by one register-tiled
+micro-kernel that keeps a tile of the result in vector registers while it sums over all of a block-row's (or
+block-column's, or tokens') terms, on block-major copies of the inputs; with at most `DOT_TOKENS` tokens (decoding)
+the forward reads every block once, in its stored layout. It runs on ``torch.get_num_threads()`` of the calling thread,
+on the library's own threads: it reads no torch or OpenMP setting other than that count and changes none.
+``HF_SPARSE_IFT_KERNEL=0`` turns it off. Without it (or for other block shapes) a one-time message says the layers
+compute with torch:
+
+Torch path. One BLAS call per active block on contiguous column blocks of the input; with few tokens (`FEW_TOKENS`)
+one batched GEMM over all blocks. The block-rows (block-columns for ``dX``) are shared out to a pool of worker threads,
+one per torch thread, each running single-threaded GEMMs (torch releases the GIL inside them; one thread per core
+beats letting every small GEMM spread over all cores). A worker makes itself single-threaded with the thread-local
+settings of the OpenMP and MKL libraries torch runs on (``omp_set_num_threads`` and ``mkl_set_num_threads_local``
+called on the worker's own thread): ``torch.set_num_threads``, which also rewrites the default every new thread of
+the process starts with, is never called, so no other thread's setting changes, now or later. Where those libraries
+cannot be found, there is no pool and the products run on the calling thread, threaded by torch as usual.
+
+bf16/fp16 inputs are multiplied in fp32 on both paths: products of bf16 values are exact in fp32 and the sums are
+fp32, as in a bf16 GEMM, only rounded once at the end (fp32 GEMMs are 4-15x faster than bf16 ones on CPUs without
+bf16 matrix instructions). Both paths give the reference's results up to the order of the fp32 sums.
 
 Every function takes 2-d operands (tokens, features) and returns results in the input's dtype; the autograd
-Function in `block_sparse.py` reshapes and calls them.
+Function in `block_sparse.py` reshapes and calls them. Measurements: ``benchmarks/block_sparse.py``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
 from .block_sparse_layout import BlockSparseKernel, block_rows_of
+from .native_kernels import DISABLE_VARIABLE, build_record, disabled, library_path, open_library, unusable
 
+
+def _logger():
+    # imported when first needed: importing transformers while this module loads (sparse_layers imports it) would
+    # start the package's Auto-class registration in the middle of the model folder's imports
+    from transformers.utils import logging
+
+    return logging.get_logger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# the native kernel
+# ----------------------------------------------------------------------------------------------
+STEM = "block-sparse"
+SOURCE = Path(__file__).with_name("block_sparse_kernel.c")
+# Bumped whenever a function's signature in block_sparse_kernel.c changes; the library reports its own
+# (`block_sparse_kernel_abi`) and a library of another version is not used.
+KERNEL_ABI = 1
+ABI_FUNCTION = "block_sparse_kernel_abi"
+# Up to this many tokens the native forward reads each block once and takes dot products (decoding); more tokens go
+# through the register-tiled products on block-major inputs.
+DOT_TOKENS = 4
+
+_UNSET = object()
+_library = _UNSET
+_library_lock = threading.Lock()
+
+
+def declare(lib) -> None:
+    """Argument and result types of the library's functions (ctypes passes them unchecked otherwise)."""
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    for name in ("bsr_forward", "bsr_forward_dot", "bsr_grad_input"):
+        getattr(lib, name).argtypes = [pointer] * 6 + [i64] * 5 + [ctypes.c_int]
+        getattr(lib, name).restype = None
+    lib.bsr_grad_blocks.argtypes = [pointer] * 5 + [i64] * 6 + [ctypes.c_int]
+    lib.bsr_grad_blocks.restype = None
+
+
+def load_kernel():
+    """The built native library, or None: disabled (``HF_SPARSE_IFT_KERNEL=0``), not built, damaged or unusable.
+    Never builds. Decided once per process, with one message saying which path block-sparse layers take on CPU."""
+    global _library
+    if _library is not _UNSET:
+        return _library
+    with _library_lock:
+        if _library is not _UNSET:
+            return _library
+        path = library_path(STEM, KERNEL_ABI)
+        lib = None
+        if disabled():
+            _logger().info(
+                f"Block-sparse layers compute with torch on CPU ({DISABLE_VARIABLE}=0 turns the native kernel off)."
+            )
+        elif (reason := unusable(path, SOURCE)) is not None:
+            _logger().warning(
+                f"Block-sparse layers compute with torch on CPU: {reason}. That is slower than the native kernel; "
+                "build it with `hf-sparse-ift build-kernels` (needs a C compiler)."
+            )
+        else:
+            try:
+                lib = open_library(path, ABI_FUNCTION, KERNEL_ABI, declare)
+                _logger().info(f"Block-sparse layers compute with the native kernel {path} on CPU.")
+            except (OSError, AttributeError) as err:
+                _logger().warning(
+                    f"Block-sparse layers compute with torch on CPU: the native kernel {path} cannot be used ({err}). "
+                    "Rebuild it with `hf-sparse-ift build-kernels`."
+                )
+        _library = lib
+    return _library
+
+
+def forget() -> None:
+    """Decide afresh at the next `load_kernel` (after a build)."""
+    global _library
+    _library = _UNSET
+
+
+def kernel_info() -> dict | None:
+    """Where the native kernel in use came from (path and build record), or None when the torch path runs."""
+    if load_kernel() is None:
+        return None
+    path = library_path(STEM, KERNEL_ABI)
+    return {"path": str(path), **build_record(path)}
+
+
+def _native_for(blocks: torch.Tensor):
+    """The native library when it computes with these blocks (sides multiples of 16, a float dtype), else None."""
+    block_rows, block_cols = blocks.shape[1:]
+    if block_rows % 16 or block_cols % 16 or blocks.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    return load_kernel()
+
+
+def _block_major(matrix: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(features / block_size, tokens, block_size): the column blocks of a (tokens, features) matrix, each contiguous."""
+    return matrix.view(matrix.shape[0], -1, block_size).transpose(0, 1).contiguous()
+
+
+def _native_forward(lib, x2, blocks, bias, crow_indices, col_indices) -> torch.Tensor:
+    n_rows = crow_indices.numel() - 1
+    _, block_rows, block_cols = blocks.shape
+    tokens, in_features = x2.shape
+    x = x2.to(torch.float32).contiguous()
+    weights = blocks.to(torch.float32).contiguous()
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    crow, col = crow_indices.contiguous(), col_indices.contiguous()
+    y = x.new_empty(tokens, n_rows * block_rows)
+    if tokens <= DOT_TOKENS:
+        function, x_arg = lib.bsr_forward_dot, x
+    else:
+        function, x_arg = lib.bsr_forward, _block_major(x, block_cols)
+    # the tensors stay referenced until the call returns (a data_ptr does not keep its tensor alive)
+    function(
+        x_arg.data_ptr(),
+        weights.data_ptr(),
+        crow.data_ptr(),
+        col.data_ptr(),
+        None if bias32 is None else bias32.data_ptr(),
+        y.data_ptr(),
+        tokens,
+        in_features,
+        n_rows,
+        block_rows,
+        block_cols,
+        torch.get_num_threads(),
+    )
+    return y.to(x2.dtype)
+
+
+def _native_grad_input(lib, gy, blocks, crow_indices, col_indices, in_features) -> torch.Tensor:
+    n_rows = crow_indices.numel() - 1
+    _, block_rows, block_cols = blocks.shape
+    tokens = gy.shape[0]
+    gy_blocks = _block_major(gy.to(torch.float32).contiguous(), block_rows)
+    weights = blocks.to(torch.float32).contiguous()
+    # the blocks of each block-column, in block-row order (stable sort): the transposed BSR index
+    by_column = torch.argsort(col_indices, stable=True)
+    column_starts = torch.cat(
+        [col_indices.new_zeros(1), torch.bincount(col_indices, minlength=in_features // block_cols).cumsum(0)]
+    )
+    block_row = block_rows_of(crow_indices)
+    grad_x = gy_blocks.new_empty(tokens, in_features)
+    lib.bsr_grad_input(
+        gy_blocks.data_ptr(),
+        weights.data_ptr(),
+        by_column.data_ptr(),
+        column_starts.data_ptr(),
+        block_row.data_ptr(),
+        grad_x.data_ptr(),
+        tokens,
+        in_features,
+        n_rows,
+        block_rows,
+        block_cols,
+        torch.get_num_threads(),
+    )
+    return grad_x.to(gy.dtype)
+
+
+def _native_grad_blocks(lib, gy, x2, blocks, crow_indices, col_indices) -> torch.Tensor:
+    n_rows = crow_indices.numel() - 1
+    n_active, block_rows, block_cols = blocks.shape
+    tokens, in_features = x2.shape
+    gy_blocks = _block_major(gy.to(torch.float32).contiguous(), block_rows)
+    x_blocks = _block_major(x2.to(torch.float32).contiguous(), block_cols)
+    col = col_indices.contiguous()
+    block_row = block_rows_of(crow_indices)
+    grad = gy_blocks.new_empty(blocks.shape)
+    lib.bsr_grad_blocks(
+        gy_blocks.data_ptr(),
+        x_blocks.data_ptr(),
+        col.data_ptr(),
+        block_row.data_ptr(),
+        grad.data_ptr(),
+        n_active,
+        tokens,
+        in_features,
+        n_rows,
+        block_rows,
+        block_cols,
+        torch.get_num_threads(),
+    )
+    return grad.to(blocks.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# the torch path
+# ----------------------------------------------------------------------------------------------
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
+_UNKNOWN = object()
+_thread_setters = _UNKNOWN
 
 
-def _single_threaded_worker() -> None:
-    # Each worker runs its GEMMs on one core; the pool has one worker per torch thread. `set_num_threads` also
-    # writes torch's process-wide default, which the creating thread restores in `_pool` once the workers are up.
-    torch.set_num_threads(1)
-    torch.get_num_threads()  # settles this thread's setting before the default is restored
+def _loaded_library(name: str) -> str | None:
+    """The path of a shared library of this process whose file name starts with `name`, or None (Linux only)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if path.startswith("/") and Path(path).name.startswith(name):
+                    return path
+    except OSError:
+        pass
+    return None
 
 
-def _pool(n_workers: int) -> ThreadPoolExecutor:
-    """The pool of `n_workers` single-threaded workers (made once per size, all workers started)."""
+def _worker_thread_setters():
+    """Functions that set the calling thread's own OpenMP and MKL thread counts in the libraries torch runs on, or
+    None where they cannot be found (then the torch path has no worker pool)."""
+    global _thread_setters
+    if _thread_setters is not _UNKNOWN:
+        return _thread_setters
+    setters = None
+    try:
+        omp = next(p for p in map(_loaded_library, ("libgomp", "libiomp5", "libomp")) if p)
+        setters = [ctypes.CDLL(omp).omp_set_num_threads]
+        if torch.backends.mkl.is_available():  # MKL keeps its own per-thread count, set when torch first runs here
+            setters.append(ctypes.CDLL(_loaded_library("libtorch_cpu")).MKL_Set_Num_Threads_Local)  # C interface
+    except (StopIteration, OSError, AttributeError, TypeError):
+        setters = None
+    _thread_setters = setters
+    return setters
+
+
+def _single_threaded_worker(setters) -> None:
+    # torch first initialises this thread's settings from the process default (doing it now keeps it from
+    # overriding what follows at the first parallel op), then the thread alone is made single-threaded
+    torch.get_num_threads()
+    for set_threads in setters:
+        set_threads(1)
+
+
+def _pool(n_workers: int) -> ThreadPoolExecutor | None:
+    """The pool of `n_workers` single-threaded workers (made once per size), or None where workers cannot be made
+    single-threaded without touching process-wide settings."""
+    setters = _worker_thread_setters()
+    if setters is None:
+        return None
     with _POOLS_LOCK:
         pool = _POOLS.get(n_workers)
         if pool is None:
-            threads = torch.get_num_threads()
-            started = threading.Barrier(n_workers)
-            pool = ThreadPoolExecutor(n_workers, thread_name_prefix="block_sparse", initializer=_single_threaded_worker)
-            # one task per worker, each waiting for all the others, so every worker runs its initializer now
-            for future in [pool.submit(started.wait) for _ in range(n_workers)]:
-                future.result()
-            torch.set_num_threads(threads)
+            pool = ThreadPoolExecutor(
+                n_workers,
+                thread_name_prefix="block_sparse",
+                initializer=_single_threaded_worker,
+                initargs=(setters,),
+            )
             _POOLS[n_workers] = pool
         return pool
 
 
 def _run_balanced(task, starts: list[int], n_groups: int) -> None:
     """``task(g0, g1)`` over groups [0, n_groups) (block-rows or block-columns, whose blocks start at ``starts``),
-    in chunks of about equal work shared out to the pool; inline when torch runs on one thread."""
+    in chunks of about equal work shared out to the pool; inline when torch runs on one thread or there is no pool."""
     n_workers = torch.get_num_threads()
-    if n_workers == 1 or n_groups == 1:
+    pool = None if n_workers == 1 or n_groups == 1 else _pool(n_workers)
+    if pool is None:
         task(0, n_groups)
         return
     # a few chunks per worker so a worker slowed down by other processes does not hold up the rest
@@ -70,7 +314,6 @@ def _run_balanced(task, starts: list[int], n_groups: int) -> None:
             bounds.append(g)
     bounds.append(n_groups)
     inference = torch.is_inference_mode_enabled()
-    pool = _pool(n_workers)
     futures = [pool.submit(_in_worker, task, a, b, inference) for a, b in itertools.pairwise(bounds) if b > a]
     for future in futures:
         future.result()
@@ -83,11 +326,10 @@ def _in_worker(task, start: int, end: int, inference: bool) -> None:
         task(start, end)
 
 
-def _block_major(matrix: torch.Tensor, block_size: int) -> tuple[torch.Tensor, ...]:
+def _column_blocks(matrix: torch.Tensor, block_size: int) -> tuple[torch.Tensor, ...]:
     """The column blocks of a (tokens, features) matrix as contiguous (tokens, block_size) matrices: one copy,
     after which every GEMM reads contiguous operands (strided ones made MKL's small GEMMs about 1.6x slower)."""
-    tokens = matrix.shape[0]
-    return matrix.view(tokens, -1, block_size).transpose(0, 1).contiguous().unbind(0)
+    return _block_major(matrix, block_size).unbind(0)
 
 
 # Up to this many tokens (decoding), the forward is a few batched ops over all blocks instead of one GEMM per block:
@@ -113,6 +355,30 @@ def _cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def forward(x2: torch.Tensor, blocks: torch.Tensor, bias, crow_indices, col_indices) -> torch.Tensor:
     """``x2 W^T + bias`` for the (tokens, in_features) input ``x2``."""
+    lib = _native_for(blocks)
+    if lib is not None:
+        return _native_forward(lib, x2, blocks, bias, crow_indices, col_indices)
+    return torch_forward(x2, blocks, bias, crow_indices, col_indices)
+
+
+def grad_input(gy: torch.Tensor, blocks: torch.Tensor, crow_indices, col_indices, in_features: int) -> torch.Tensor:
+    """``dX = dY W`` for the (tokens, out_features) output gradient ``gy``."""
+    lib = _native_for(blocks)
+    if lib is not None:
+        return _native_grad_input(lib, gy, blocks, crow_indices, col_indices, in_features)
+    return torch_grad_input(gy, blocks, crow_indices, col_indices, in_features)
+
+
+def grad_blocks(gy: torch.Tensor, x2: torch.Tensor, blocks: torch.Tensor, crow_indices, col_indices) -> torch.Tensor:
+    """``dW_rc = dY[:, r]^T X[:, c]`` at the active blocks, shaped and typed like ``blocks``."""
+    lib = _native_for(blocks)
+    if lib is not None:
+        return _native_grad_blocks(lib, gy, x2, blocks, crow_indices, col_indices)
+    return torch_grad_blocks(gy, x2, blocks, crow_indices, col_indices)
+
+
+def torch_forward(x2: torch.Tensor, blocks: torch.Tensor, bias, crow_indices, col_indices) -> torch.Tensor:
+    """`forward` with torch ops."""
     n_rows = crow_indices.numel() - 1
     _, block_rows, block_cols = blocks.shape
     compute = _cpu_compute_dtype(x2.dtype)
@@ -122,7 +388,7 @@ def forward(x2: torch.Tensor, blocks: torch.Tensor, bias, crow_indices, col_indi
     if tokens <= FEW_TOKENS:
         return _few_tokens_forward(x2, blocks.to(compute), crow_indices, col_indices, bias).to(out_dtype)
     starts, cols = crow_indices.tolist(), col_indices.tolist()
-    x_cols = _block_major(x2, block_cols)
+    x_cols = _column_blocks(x2, block_cols)
     weights_t = [w.t() for w in blocks.to(compute).unbind(0)]
     y = x2.new_empty(tokens, n_rows * block_rows)
     y_rows = y.view(tokens, n_rows, block_rows).unbind(1)
@@ -146,15 +412,17 @@ def forward(x2: torch.Tensor, blocks: torch.Tensor, bias, crow_indices, col_indi
     return y.to(out_dtype)
 
 
-def grad_input(gy: torch.Tensor, blocks: torch.Tensor, crow_indices, col_indices, in_features: int) -> torch.Tensor:
-    """``dX = dY W`` for the (tokens, out_features) output gradient ``gy``."""
+def torch_grad_input(
+    gy: torch.Tensor, blocks: torch.Tensor, crow_indices, col_indices, in_features: int
+) -> torch.Tensor:
+    """`grad_input` with torch ops."""
     _, block_rows, block_cols = blocks.shape
     n_cols = in_features // block_cols
     compute = _cpu_compute_dtype(gy.dtype)
     out_dtype = gy.dtype
     gy = gy.to(compute)
     tokens = gy.shape[0]
-    gy_rows = _block_major(gy, block_rows)
+    gy_rows = _column_blocks(gy, block_rows)
     weights = blocks.to(compute).unbind(0)
     # the blocks of each block-column, in block-row order (stable sort): the transposed BSR index
     by_column = torch.argsort(col_indices, stable=True).tolist()
@@ -180,12 +448,14 @@ def grad_input(gy: torch.Tensor, blocks: torch.Tensor, crow_indices, col_indices
     return grad_x2.to(out_dtype)
 
 
-def grad_blocks(gy: torch.Tensor, x2: torch.Tensor, blocks: torch.Tensor, crow_indices, col_indices) -> torch.Tensor:
-    """``dW_rc = dY[:, r]^T X[:, c]`` at the active blocks, shaped and typed like ``blocks``."""
+def torch_grad_blocks(
+    gy: torch.Tensor, x2: torch.Tensor, blocks: torch.Tensor, crow_indices, col_indices
+) -> torch.Tensor:
+    """`grad_blocks` with torch ops."""
     _, block_rows, block_cols = blocks.shape
     compute = _cpu_compute_dtype(gy.dtype)
-    gy_rows = _block_major(gy.to(compute), block_rows)
-    x_cols = _block_major(x2.to(compute), block_cols)
+    gy_rows = _column_blocks(gy.to(compute), block_rows)
+    x_cols = _column_blocks(x2.to(compute), block_cols)
     starts, cols = crow_indices.tolist(), col_indices.tolist()
     n_rows = len(starts) - 1
     grad = gy_rows[0].new_empty(blocks.shape) if gy_rows else gy.new_empty(blocks.shape, dtype=compute)

@@ -1,0 +1,114 @@
+"""Loading the native CPU kernels: libraries built ahead of time, checked, then opened; nothing here compiles.
+
+The kernels are C sources next to this file (``condensed_kernel.c``, ``block_sparse_kernel.c``, package data).
+``hf-sparse-ift build-kernels`` (`hf_sparse_ift.kernels.build`, outside this folder, which is copied into every
+checkpoint as remote code) compiles them into the kernel cache (``$HF_SPARSE_IFT_CACHE``, else
+``~/.cache/hf_sparse_ift``, folder ``kernels``), one library per kernel under a name that says its interface version
+and the CPU it was built for, with a JSON build record beside it: compiler, flags, source hash, and the size and
+sha256 of the library itself.
+
+`open_library` opens a library only if its record vouches for the file on disk: a library whose size or sha256
+differs from its record (a truncated copy, a full disk, an interrupted build) is refused before the dynamic loader
+maps it -- mapping a truncated library kills the process with SIGBUS at its first call, beyond any ``try``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DISABLE_VARIABLE = "HF_SPARSE_IFT_KERNEL"
+HEADERS = ("kernel_pool.h",)  # included by every kernel source: part of what a library was built from
+
+
+def cpu_identity() -> str:
+    """What a ``-march=native`` binary depends on: the CPU model and its instruction-set flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "|".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("HF_SPARSE_IFT_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "hf_sparse_ift")
+    return Path(root) / "kernels"
+
+
+def library_path(stem: str, abi: int) -> Path:
+    """Where the build writes, and the loader looks for, kernel `stem`'s library for this CPU."""
+    cpu = hashlib.sha256(cpu_identity().encode()).hexdigest()[:16]
+    return cache_dir() / f"{stem}-abi{abi}-{platform.machine()}-{cpu}.so"
+
+
+def disabled() -> bool:
+    """``HF_SPARSE_IFT_KERNEL=0`` (or false/no/off) turns every native kernel off."""
+    return os.environ.get(DISABLE_VARIABLE, "1").lower() in ("0", "false", "no", "off")
+
+
+def build_record(path: Path) -> dict:
+    record = path.with_suffix(".json")
+    try:
+        return json.loads(record.read_text()) if record.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_sha256(source: Path) -> str:
+    """The hash a build record keeps of what the library was built from: the source and the shared headers."""
+    digest = hashlib.sha256(source.read_bytes())
+    for header in HEADERS:
+        if (source.parent / header).is_file():
+            digest.update((source.parent / header).read_bytes())
+    return digest.hexdigest()
+
+
+def unusable(path: Path, source: Path) -> str | None:
+    """Why the library at `path` must not be opened, or None: missing, no build record, not the file its record
+    describes (size, sha256), or built from another version of `source` (checked when the source is here; remote
+    code has none, and the interface version still guards it)."""
+    if not path.is_file():
+        return f"no built native kernel at {path}"
+    record = build_record(path)
+    if "library_sha256" not in record or "library_bytes" not in record:
+        return f"{path} has no build record with its size and sha256 ({path.with_suffix('.json').name})"
+    size = path.stat().st_size
+    if size != record["library_bytes"]:
+        return f"{path} is {size} bytes, its build record says {record['library_bytes']} (damaged or truncated)"
+    if file_sha256(path) != record["library_sha256"]:
+        return f"{path} does not match the sha256 in its build record (damaged)"
+    if source.is_file() and record.get("source_sha256") != source_sha256(source):
+        return f"{path} was built from another version of {source.name}"
+    return None
+
+
+def open_library(path: Path, abi_function: str, abi: int, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
+    """Open the library (its record checked by the caller), check its interface version, declare its functions and
+    start its pool. Raises OSError or AttributeError when it cannot be used."""
+    lib = ctypes.CDLL(str(path))
+    getattr(lib, abi_function).restype = ctypes.c_int
+    found = getattr(lib, abi_function)()
+    if found != abi:
+        raise OSError(f"{path} implements kernel interface {found}, this code needs {abi}")
+    declare(lib)
+    lib.pool_init.argtypes = []
+    lib.pool_init.restype = None
+    lib.pool_init()
+    return lib

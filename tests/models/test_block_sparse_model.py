@@ -236,7 +236,8 @@ def test_to_block_model_refuses_masks_that_are_not_whole_blocks():
         to_block_model(masked, sparsity_block=8)
     with pytest.raises(ValueError, match="already masked"):
         to_masked_model(masked)
-    with pytest.raises(ValueError, match=r"derives widths 128/256, not the model's 64/256"):
+    # a block of 128 derives widths 128/256 with one block per attention linear: refused as not iso-FLOP first
+    with pytest.raises(ValueError, match=r"sparsity_block=128 is invalid: .* the widths d_model=128, d_ff=256"):
         to_block_model(masked, sparsity_block=128)
 
 

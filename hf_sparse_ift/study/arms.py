@@ -41,12 +41,23 @@ def arm_name(kind: ArmKind, sparsity: float = 0.0, method: str = "static", block
     and the dense arm given its wall-clock ``dense-iso-time-s75-block16``."""
     if kind is ArmKind.DENSE:
         return kind.value
-    percent = round(sparsity * 100)
+    percent = sparsity_tag(sparsity)
     if kind is ArmKind.SPARSE_WIDE:
         layout = "" if block == 1 else f"block{block:d}-"
-        return f"sw-s{percent:d}-{layout}{method}"
+        return f"sw-s{percent}-{layout}{method}"
     layout = "" if block == 1 else f"-block{block:d}"
-    return f"{kind.value}-s{percent:d}{layout}"
+    return f"{kind.value}-s{percent}{layout}"
+
+
+def sparsity_tag(sparsity: float) -> str:
+    """The sparsity in percent as arm names write it: a whole percent as an integer (0.75 -> ``75``, the names of
+    every shipped study), any other to the digits it needs (0.754 -> ``75.4``, 0.995 -> ``99.5``, 0.001 -> ``0.1``),
+    so that two sparsities of a study never share a name. Exact to 1e-6 percent; the study config refuses two
+    sparsities closer than that."""
+    percent = sparsity * 100
+    if abs(percent - round(percent)) < 1e-9:
+        return str(round(percent))
+    return f"{percent:.6f}".rstrip("0").rstrip(".")
 
 
 # DST methods that train block-sparse layers (SRigL's constant fan-in is per weight, not per block)
@@ -243,6 +254,10 @@ def build_arms(study: StudyConfig) -> list[Arm]:
                 arms.append(
                     Arm(ArmKind.DENSE_ISO_TIME, sparsity, "static", copy.deepcopy(dense_tree), None, block=block)
                 )
+    names = [arm.name for arm in arms]
+    if len(set(names)) != len(names):  # a run folder and a results row per arm: a shared name would merge two
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"study arms {twice} would share a name (and a run folder); change study.sparsities")
     return arms
 
 

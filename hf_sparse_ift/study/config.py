@@ -102,6 +102,16 @@ class StudySettings:
             checks.number("study.sparsities[]", s, low=0, high=1, low_open=True, high_open=True)
         if len(set(self.sparsities)) != len(self.sparsities):
             checks.invalid("study.sparsities", self.sparsities, "each sparsity may appear once")
+        from .arms import sparsity_tag  # arms imports this module
+
+        tags = [sparsity_tag(s) for s in self.sparsities]
+        if len(set(tags)) != len(tags):
+            checks.invalid(
+                "study.sparsities",
+                self.sparsities,
+                f"they name the arms s{', s'.join(tags)}: sparsities must differ by at least 1e-8 so that every arm "
+                "has a name of its own",
+            )
         if not isinstance(self.methods, list) or ("sparse-wide" in self.arms and not self.methods):
             checks.invalid("study.methods", self.methods, f"expected a non-empty list drawn from {sorted(METHODS)}")
         for m in self.methods:
@@ -218,7 +228,24 @@ def build_study_config(tree: dict, output_dir: str | None = None) -> StudyConfig
             checks.invalid(
                 "base.model.sparse_layers", model.sparse_layers, "Sparse Wide needs at least one sparse layer"
             )
+    _check_block_arms(settings, cfg)
     return StudyConfig(study=settings, base_tree=base, base=cfg)
+
+
+def _check_block_arms(settings: StudySettings, base: PretrainConfig) -> None:
+    """Every block arm must be iso-FLOP with the dense base: a block that the widths do not divide into enough
+    blocks cannot reach the FLOPs target (the model config refuses it), and such an arm is refused here, before any
+    run, instead of being compared as if it were."""
+    from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
+    from .arms import _model_values  # arms imports this module
+
+    values = _model_values(base)
+    for sparsity in settings.sparsities:
+        for block in settings.block_sizes:
+            try:
+                SparseWideGPTConfig(**{**values, "sparsity": float(sparsity), "sparsity_block": block})
+            except ValueError as err:
+                checks.invalid("study.block_sizes[]", block, f"at sparsity {sparsity}, {err}")
 
 
 def load_study_config(name_or_path: str, output_dir: str | None = None) -> StudyConfig:

@@ -181,19 +181,15 @@ def cmd_card(args) -> int:
 
     if not (Path(args.checkpoint) / "config.json").is_file():
         raise InputNotFoundError(f"{args.checkpoint}: not a save_pretrained folder (no config.json)")
+    from ..hub.push import check_hub_access, push_folder
+
     summaries = checked_summaries(args.checkpoint, args.results or [], args.allow_other_checkpoint)
+    if args.push_to_hub:
+        check_hub_access(args.push_to_hub)  # before the card is rewritten
     path = write_model_card(args.checkpoint, repo_id=args.repo_id or args.push_to_hub, summaries=summaries)
     print(f"wrote {path}")
     if args.push_to_hub:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(args.push_to_hub, private=args.private, exist_ok=True)
-        api.upload_folder(
-            folder_path=args.checkpoint,
-            repo_id=args.push_to_hub,
-            commit_message="Upload Sparse Wide GPT checkpoint (hf-sparse-ift)",
-        )
+        push_folder(args.checkpoint, args.push_to_hub, args.private)
         print(f"pushed {args.checkpoint} to https://huggingface.co/{args.push_to_hub}")
     return 0
 

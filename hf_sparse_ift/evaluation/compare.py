@@ -141,10 +141,17 @@ def raw_table(summary: dict) -> str:
 def compare(paths: list[str | Path], paper: bool = False, names: list[str] | None = None) -> str:
     """Tables of several `summary.json` files: one per suite and task set, in the order given; the first row of
     each is the baseline for deltas."""
+    if names is not None and len(names) != len(paths):
+        raise ValueError(
+            f"--names {','.join(names)!r} gives {len(names)} name(s) for {len(paths)} summaries: give one per "
+            "summary, in the same order, or leave --names out"
+        )
+    if names is not None and any(not name.strip() for name in names):
+        raise ValueError(f"--names {','.join(names)!r} holds an empty name: give one non-empty name per summary")
     summaries = []
     for i, p in enumerate(paths):
         s = load_summary(p)
-        if names and i < len(names):
+        if names:
             s["name"] = names[i]
         summaries.append(s)
     if not summaries:

@@ -162,6 +162,38 @@ CASES = [
         ["card", "{model}", "--results", "{other}"],
         ["{other}", "/elsewhere/hf", "not from this checkpoint", "--allow-other-checkpoint"],
     ),
+    # round 3: what would not run as recorded, a message blaming the wrong name, a half-applied option, the Hub
+    (
+        "a device torch does not know",
+        evaluate("--suite", "builtin", "--device", "tpu"),
+        ["--device 'tpu'", "cpu, cuda"],
+    ),
+    (
+        "a GPU this machine lacks",
+        evaluate("--suite", "builtin", "--device", "cuda:7"),
+        ["--device 'cuda:7'", "choose cpu"],
+    ),
+    (
+        "a fractional limit above one",
+        evaluate("--suite", "builtin", "--limit", "1.5"),
+        ["--limit 1.5", "whole number of examples", "0 < limit < 1", "--limit 1 for that"],
+    ),
+    ("negative few-shot", evaluate("--suite", "builtin", "--num-fewshot", "-1"), ["--num-fewshot -1", "0 or more"]),
+    (
+        "a suite among task names",
+        evaluate("--suite", "builtin,nope"),
+        ["'builtin' is a suite", "--suite builtin alone", "sparse_ift_docstring_mc"],
+    ),
+    (
+        "compare with fewer names than summaries",
+        ["compare", "{other}", "{other}", "--names", "a"],
+        ["--names 'a' gives 1 name(s) for 2 summaries", "one per summary"],
+    ),
+    (
+        "card pushed to the Hub offline",
+        ["card", "{model}", "--push-to-hub", OFFLINE_HUB_NAME],
+        [f"--push-to-hub {OFFLINE_HUB_NAME}", "nothing was written or uploaded"],  # README.md is left as it was
+    ),
 ]
 
 

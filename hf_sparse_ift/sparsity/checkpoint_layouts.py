@@ -162,5 +162,15 @@ def _check_conversion(src: Path, dst: Path, layout: str, overwrite: bool, repres
         )
     if dst.resolve() == src.resolve():
         raise UsageError(f"output {dst} is the input folder; write to another folder")
+    if dst.resolve() in src.resolve().parents:  # --overwrite would delete the input with the folder holding it
+        raise UsageError(
+            f"output {dst} holds the input folder {src}: replacing it would delete the input; write to a folder "
+            "outside the input"
+        )
+    if src.resolve() in dst.resolve().parents:  # the copy of the input's other files would copy the output too
+        raise UsageError(
+            f"output {dst} is inside the input folder {src}: the input's files are copied into the output, so it "
+            "would copy itself; write to a folder outside the input"
+        )
     if dst.exists() and not overwrite:
         raise OutputExistsError(f"{dst} already exists; pass --overwrite to replace it")

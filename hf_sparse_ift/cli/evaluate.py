@@ -51,6 +51,7 @@ def add_parsers(sub) -> None:
     c.add_argument("--names", help="comma-separated row names")
     c.add_argument("--paper", action="store_true", help="add the paper's Table 15 rows beside `paper` suite rows")
     c.add_argument("--output", help="also write the tables to this markdown file")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
     x = sub.add_parser("perplexity", help="validation loss / perplexity on held-out text")
     x.add_argument("--model", required=True, help="checkpoint folder (…/checkpoint-N/hf) or Hub name")
@@ -117,9 +118,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from ..evaluation.compare import compare
+    from ..evaluation.compare import check_output, compare
 
     if args.output:
+        check_output(args.output, args.summaries, args.overwrite)
         check_writable(Path(args.output).parent)
     table = compare(args.summaries, paper=args.paper, names=args.names.split(",") if args.names else None)
     print(table, end="")

@@ -46,6 +46,19 @@ def load_summary(path: str | Path) -> dict:
     return _upgrade(summary)
 
 
+def check_output(output: str | Path, summaries: list[str | Path], overwrite: bool = False) -> None:
+    """`output` may receive the tables: not one of the summaries read (it would be replaced by markdown), not a
+    folder, and not an existing file unless `overwrite`."""
+    out = Path(output)
+    inputs = {(Path(p) / "summary.json" if Path(p).is_dir() else Path(p)).resolve() for p in summaries}
+    if out.resolve() in inputs:
+        raise ValueError(f"--output {output} is one of the summaries compared: writing the tables would destroy it")
+    if out.is_dir():
+        raise ValueError(f"--output {output} is a folder; name the markdown file to write, e.g. {out / 'compare.md'}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
+
+
 def row_name(s: dict) -> str:
     if s.get("name"):
         name = s["name"]

@@ -162,6 +162,32 @@ CASES = [
         ["card", "{model}", "--results", "{other}"],
         ["{other}", "/elsewhere/hf", "not from this checkpoint", "--allow-other-checkpoint"],
     ),
+    (
+        "perplexity of a Hub dataset offline",  # it scored the built-in corpus instead
+        ["perplexity", "--model", "{model}", "--dataset", "nobody-xyz/no-dataset"],
+        ["--dataset='nobody-xyz/no-dataset'", "cannot reach the Hub"],
+    ),
+    (
+        "perplexity text column on the built-in corpus",  # it was ignored
+        ["perplexity", "--model", "{model}", "--text-column", "body"],
+        ["--text-column 'body'", "the built-in corpus has one column, text"],
+    ),
+    (
+        "a revision of a local folder",
+        evaluate("--suite", "builtin", "--revision", "v1"),
+        ["--revision v1", "local folder"],
+    ),
+    (
+        "compare writing over a summary it reads",  # the summary.json was replaced by markdown
+        ["compare", "{other}", "--output", "{other}"],
+        ["--output {other} is one of the summaries compared"],
+    ),
+    ("compare output is a folder", ["compare", "{other}", "--output", "{root}"], ["--output {root} is a folder"]),
+    (
+        "compare output exists",
+        ["compare", "{other}", "--output", "{root}/not-a-summary.json"],
+        ["--output {root}/not-a-summary.json already exists", "--overwrite"],
+    ),
     # round 3: what would not run as recorded, a message blaming the wrong name, a half-applied option, the Hub
     (
         "a device torch does not know",

@@ -81,7 +81,7 @@ def parse_yaml(text: str, where: str = "the text"):
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         context = getattr(err, "context", None)
-        raise ValueError(f"{where} is not valid YAML{at}: {problem}" + (f" ({context})" if context else "")) from None
+        raise UsageError(f"{where} is not valid YAML{at}: {problem}" + (f" ({context})" if context else "")) from None
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -89,7 +89,7 @@ def load_yaml(path: str | Path) -> dict:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         why = err.strerror if isinstance(err, OSError) else f"not UTF-8 text ({err.reason} at byte {err.start})"
-        raise ValueError(f"{path}: cannot read it as a YAML config: {why or err}") from None
+        raise UsageError(f"{path}: cannot read it as a YAML config: {why or err}") from None
     data = parse_yaml(text, where=str(path)) or {}
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")

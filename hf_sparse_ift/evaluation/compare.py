@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import InputNotFoundError, UsageError
+from ..errors import InputNotFoundError, OutputExistsError, UsageError
 from .suites import PAPER_SUITE, PAPER_TABLE15
 
 
@@ -52,11 +52,11 @@ def check_output(output: str | Path, summaries: list[str | Path], overwrite: boo
     out = Path(output)
     inputs = {(Path(p) / "summary.json" if Path(p).is_dir() else Path(p)).resolve() for p in summaries}
     if out.resolve() in inputs:
-        raise ValueError(f"--output {output} is one of the summaries compared: writing the tables would destroy it")
+        raise UsageError(f"--output {output} is one of the summaries compared: writing the tables would destroy it")
     if out.is_dir():
-        raise ValueError(f"--output {output} is a folder; name the markdown file to write, e.g. {out / 'compare.md'}")
+        raise UsageError(f"--output {output} is a folder; name the markdown file to write, e.g. {out / 'compare.md'}")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"--output {output} already exists; pass --overwrite to replace it")
 
 
 def row_name(s: dict) -> str:
@@ -155,12 +155,12 @@ def compare(paths: list[str | Path], paper: bool = False, names: list[str] | Non
     """Tables of several `summary.json` files: one per suite and task set, in the order given; the first row of
     each is the baseline for deltas."""
     if names is not None and len(names) != len(paths):
-        raise ValueError(
+        raise UsageError(
             f"--names {','.join(names)!r} gives {len(names)} name(s) for {len(paths)} summaries: give one per "
             "summary, in the same order, or leave --names out"
         )
     if names is not None and any(not name.strip() for name in names):
-        raise ValueError(f"--names {','.join(names)!r} holds an empty name: give one non-empty name per summary")
+        raise UsageError(f"--names {','.join(names)!r} holds an empty name: give one non-empty name per summary")
     summaries = []
     for i, p in enumerate(paths):
         s = load_summary(p)

@@ -51,7 +51,7 @@ def check_options(dtype: str, limit: float | None, batch_size: str | int) -> Non
             f"--limit {limit:g} must be positive: a number of examples per task (>= 1) or a fraction (0 < limit < 1)"
         )
     if limit is not None and limit >= 1 and limit != int(limit):  # lm-eval would score int(limit) examples
-        raise ValueError(
+        raise UsageError(
             f"--limit {limit:g} is neither a whole number of examples per task (1, 2, ...) nor a fraction of each "
             f"task (0 < limit < 1); lm-eval would score {int(limit)} per task: pass --limit {int(limit)} for that"
         )
@@ -65,7 +65,7 @@ def check_options(dtype: str, limit: float | None, batch_size: str | int) -> Non
 
 def check_num_fewshot(num_fewshot: int | None) -> None:
     if num_fewshot is not None and num_fewshot < 0:
-        raise ValueError(f"--num-fewshot {num_fewshot} is invalid: expected 0 or more examples in each prompt")
+        raise UsageError(f"--num-fewshot {num_fewshot} is invalid: expected 0 or more examples in each prompt")
 
 
 def check_device(device: str | None) -> str:
@@ -79,7 +79,7 @@ def check_device(device: str | None) -> str:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise ValueError(
+        raise UsageError(
             f"--device {device!r} is not a device torch knows: choose cpu, cuda or cuda:<index> (or mps, xpu)"
         ) from None
     if parsed.type == "cpu":
@@ -89,7 +89,7 @@ def check_device(device: str | None) -> str:
     count = backend.device_count() if available and hasattr(backend, "device_count") else 0
     if not available or (parsed.index is not None and parsed.index >= count):
         have = f"{count} {parsed.type} device(s)" if available else f"no {parsed.type} device"
-        raise ValueError(f"--device {device!r}: this machine has {have}; choose cpu or a device it has")
+        raise UsageError(f"--device {device!r}: this machine has {have}; choose cpu or a device it has")
     return device
 
 

@@ -156,7 +156,7 @@ def resolve_suite(suite_or_tasks: str, num_fewshot: int | None = None) -> Suite:
     suites = [name for name in names if name in SUITES]
     if suites:
         tasks = ",".join(spec.task for spec in SUITES[suites[0]].specs)
-        raise ValueError(
+        raise UsageError(
             f"--suite {suite_or_tasks!r}: {suites[0]!r} is a suite, and a suite cannot be combined with other names; "
             f"pass --suite {suites[0]} alone, or its tasks by name ({tasks}) with the others"
         )

@@ -159,7 +159,7 @@ def resolve_model(model: str, revision: str | None = None) -> dict:
                 "such as outputs/<run>/checkpoint-<N>/hf"
             )
         if revision is not None:  # a folder has one version: the revision would be recorded, never used
-            raise ValueError(
+            raise UsageError(
                 f"--revision {revision} applies to Hub models; --model {model} is a local folder, which has one "
                 "version: leave --revision out"
             )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 
+from ..errors import UsageError
+
 
 def _network_errors() -> tuple[type[Exception], ...]:
     """What the Hub client raises when it cannot connect: OSError (requests' ConnectionError is one), huggingface_hub's
@@ -33,16 +35,16 @@ def check_hub_access(repo_id: str) -> None:
     try:
         HfApi().whoami()
     except LocalTokenNotFoundError:
-        raise ValueError(
+        raise UsageError(
             f"--push-to-hub {repo_id}: no Hugging Face token is set, so nothing was written or uploaded; log in with "
             "`hf auth login` (or set HF_TOKEN), or leave --push-to-hub out to only write the card"
         ) from None
     except HfHubHTTPError as err:
-        raise ValueError(
+        raise UsageError(
             f"--push-to-hub {repo_id}: the Hub refused the token ({_reason(err)}); nothing was written or uploaded"
         ) from None
     except _network_errors() as err:
-        raise ValueError(
+        raise UsageError(
             f"--push-to-hub {repo_id}: cannot reach the Hub ({_reason(err)}); nothing was written or uploaded. Run "
             "online (HF_HUB_OFFLINE unset), or leave --push-to-hub out to only write the card"
         ) from None
@@ -60,7 +62,7 @@ def push_folder(folder, repo_id: str, private: bool = False) -> None:
             folder_path=str(folder), repo_id=repo_id, commit_message="Upload Sparse Wide GPT checkpoint (hf-sparse-ift)"
         )
     except (HfHubHTTPError, *_network_errors()) as err:
-        raise ValueError(
+        raise UsageError(
             f"--push-to-hub {repo_id}: the upload failed ({_reason(err)}); the card in {folder} is written, and "
             "running the command again retries the upload"
         ) from None

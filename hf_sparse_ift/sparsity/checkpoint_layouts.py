@@ -145,7 +145,7 @@ def _check_shard_size(max_shard_size: str | int) -> None:
     except ValueError:
         size = 0
     if size <= 0:
-        raise ValueError(
+        raise UsageError(
             f"--max-shard-size {max_shard_size!r} is invalid: expected a positive size with a unit, e.g. 500MB, 5GB"
         )
 

@@ -257,7 +257,7 @@ def build_arms(study: StudyConfig) -> list[Arm]:
     names = [arm.name for arm in arms]
     if len(set(names)) != len(names):  # a run folder and a results row per arm: a shared name would merge two
         twice = sorted({name for name in names if names.count(name) > 1})
-        raise ValueError(f"study arms {twice} would share a name (and a run folder); change study.sparsities")
+        raise UsageError(f"study arms {twice} would share a name (and a run folder); change study.sparsities")
     return arms
 
 

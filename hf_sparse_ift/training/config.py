@@ -234,7 +234,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     try:
         return key.strip().split("."), parse_yaml(raw, where=where)
     except ValueError as err:
-        raise ValueError(f"{err}; quote text values and close brackets, e.g. optim.betas=[0.9,0.95]") from None
+        raise UsageError(f"{err}; quote text values and close brackets, e.g. optim.betas=[0.9,0.95]") from None
 
 
 def _set_dotted(tree: dict, path: list[str], value) -> None:

@@ -53,6 +53,8 @@ class DSTConfig:
         """Refuse, from the model's config alone (before it is built: ``--print-config`` runs this too), a method
         that cannot train it: one that updates masks on a model without sparse layers, or one without block support
         on a block-sparse model. `DSTEngine` checks the same on the built layers."""
+        from .methods import METHODS
+
         method = METHODS[self.method]
         if method.updates_masks and not (model_config.sparsity > 0 and model_config.sparse_layers):
             checks.invalid(

@@ -32,7 +32,7 @@ from ..errors import UsageError
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
 from ..models.sparse_wide_gpt.iso_flop import count_flops, count_parameters
 from ..training.config import PretrainConfig, build_pretrain_config
-from .config import ArmKind, StudyConfig
+from .config import ArmKind, StudyConfig, sparsity_tag
 
 
 def arm_name(kind: ArmKind, sparsity: float = 0.0, method: str = "static", block: int = 1) -> str:
@@ -47,17 +47,6 @@ def arm_name(kind: ArmKind, sparsity: float = 0.0, method: str = "static", block
         return f"sw-s{percent}-{layout}{method}"
     layout = "" if block == 1 else f"-block{block:d}"
     return f"{kind.value}-s{percent}{layout}"
-
-
-def sparsity_tag(sparsity: float) -> str:
-    """The sparsity in percent as arm names write it: a whole percent as an integer (0.75 -> ``75``, the names of
-    every shipped study), any other to the digits it needs (0.754 -> ``75.4``, 0.995 -> ``99.5``, 0.001 -> ``0.1``),
-    so that two sparsities of a study never share a name. Exact to 1e-6 percent; the study config refuses two
-    sparsities closer than that."""
-    percent = sparsity * 100
-    if abs(percent - round(percent)) < 1e-9:
-        return str(round(percent))
-    return f"{percent:.6f}".rstrip("0").rstrip(".")
 
 
 # DST methods that train block-sparse layers (SRigL's constant fan-in is per weight, not per block)

@@ -44,6 +44,17 @@ class ArmKind(str, Enum):
     DENSE_ISO_TIME = "dense-iso-time"  # the base for as long as masked Sparse Wide takes on this hardware
 
 
+def sparsity_tag(sparsity: float) -> str:
+    """The sparsity in percent as arm names write it: a whole percent as an integer (0.75 -> ``75``, the names of
+    every shipped study), any other to the digits it needs (0.754 -> ``75.4``, 0.995 -> ``99.5``, 0.001 -> ``0.1``),
+    so that two sparsities of a study never share a name. Exact to 1e-6 percent; the study config refuses two
+    sparsities closer than that."""
+    percent = sparsity * 100
+    if abs(percent - round(percent)) < 1e-9:
+        return str(round(percent))
+    return f"{percent:.6f}".rstrip("0").rstrip(".")
+
+
 ARM_KINDS = tuple(kind.value for kind in ArmKind)
 # the kinds built once per Sparse Wide sparsity (so they need study.sparsities)
 PER_SPARSITY_KINDS = (
@@ -102,8 +113,6 @@ class StudySettings:
             checks.number("study.sparsities[]", s, low=0, high=1, low_open=True, high_open=True)
         if len(set(self.sparsities)) != len(self.sparsities):
             checks.invalid("study.sparsities", self.sparsities, "each sparsity may appear once")
-        from .arms import sparsity_tag  # arms imports this module
-
         tags = [sparsity_tag(s) for s in self.sparsities]
         if len(set(tags)) != len(tags):
             checks.invalid(
@@ -237,9 +246,8 @@ def _check_block_arms(settings: StudySettings, base: PretrainConfig) -> None:
     blocks cannot reach the FLOPs target (the model config refuses it), and such an arm is refused here, before any
     run, instead of being compared as if it were."""
     from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
-    from .arms import _model_values  # arms imports this module
 
-    values = _model_values(base)
+    values = base.model_config().dense_arguments()
     for sparsity in settings.sparsities:
         for block in settings.block_sizes:
             try:

@@ -287,3 +287,19 @@ def test_the_model_card_records_what_ran_and_what_was_decided(finished_run):
     assert "| precision | no |" in card  # what ran (train.mixed_precision=auto resolved on CPU), not "auto"
     assert "decided for this run" in card and "train.mixed_precision=auto: no" in card
     assert "dst.method=set makes no mask update in this run" in card  # 2 steps, dst.update_interval=3
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--mfu", "0"], "--mfu 0 is invalid: expected a fraction of the peak, 0 < mfu <= 1"),  # ZeroDivisionError
+        (["--mfu", "2"], "--mfu 2 is invalid"),  # 200% MFU was printed
+        (["--peak-tflops", "0"], "--peak-tflops 0 is invalid"),  # ZeroDivisionError
+        (["--paper-scale"], "--paper-scale applies to a study's arms: pass it with --study"),  # was ignored
+        (["--study", "study-cpu-small", "train.max_steps=3"], "overrides ['train.max_steps=3'] apply to one"),
+    ],
+)
+def test_plan_refuses_figures_it_cannot_compute_and_flags_it_would_ignore(argv, expected, capsys):
+    code = main(["plan", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "Traceback" not in err, err

@@ -58,8 +58,8 @@ def check_options(dtype: str, limit: float | None, batch_size: str | int) -> Non
     if (
         str(batch_size) != "auto"
         and not (str(batch_size).isdigit() and int(batch_size) > 0)
-        and not str(batch_size).startswith("auto:")
-    ):
+        and not (str(batch_size).startswith("auto:") and str(batch_size)[5:].isdigit() and int(str(batch_size)[5:]) > 0)
+    ):  # auto:<N>: re-detect the batch size N times (lm-eval parses N as a number after loading the model)
         raise UsageError(f"--batch-size {batch_size!r} must be a positive integer, auto or auto:<N>")
 
 

@@ -206,6 +206,11 @@ CASES = [
     ),
     ("negative few-shot", evaluate("--suite", "builtin", "--num-fewshot", "-1"), ["--num-fewshot -1", "0 or more"]),
     (
+        "auto batch size without a number",  # failed inside lm-eval after loading the model
+        evaluate("--suite", "builtin", "--batch-size", "auto:abc"),
+        ["'auto:abc'", "positive integer, auto or auto:<N>"],
+    ),
+    (
         "a suite among task names",
         evaluate("--suite", "builtin,nope"),
         ["'builtin' is a suite", "--suite builtin alone", "sparse_ift_docstring_mc"],

@@ -157,6 +157,11 @@ def resolve_run(
         decisions.append(
             "model.block_kernel=auto: " + ", ".join(f"{kernel} on {device}" for device, kernel in block_kernel.items())
         )
+    if cfg.train.attention_backend != "auto" and not _cuda_available():
+        decisions.append(
+            f"train.attention_backend={cfg.train.attention_backend} selects among CUDA kernels and has no effect "
+            "without a GPU: attention runs PyTorch's CPU kernel"
+        )
     total_steps = cfg.steps()
     no_update = dst_without_updates(cfg.dst, total_steps)
     if no_update:
@@ -179,6 +184,12 @@ def resolve_run(
     if previous is not None:
         run.resume_changes = resume_changes(previous, cfg, saved_model)
     return run
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def dst_without_updates(dst, total_steps: int) -> str | None:

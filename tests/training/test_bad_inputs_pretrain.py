@@ -215,6 +215,13 @@ def test_a_dst_schedule_without_an_update_is_recorded(capsys):
     assert not any("no mask update" in d for d in printed["resolved"]["decisions"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the backend choice is real on a GPU")
+def test_an_attention_backend_without_a_gpu_is_recorded(capsys):
+    assert main(["pretrain", "--print-config", *FAST, "train.attention_backend=flash"]) == 0
+    decisions = yaml.safe_load(capsys.readouterr().out)["resolved"]["decisions"]
+    assert any("train.attention_backend=flash selects among CUDA kernels and has no effect" in d for d in decisions)
+
+
 def test_memory_check_of_a_block_model_counts_its_active_blocks_only():
     from hf_sparse_ift.resources import model_config
     from hf_sparse_ift.training.run import training_memory_bytes

@@ -71,14 +71,26 @@ _YAMLLoader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str):
-    """A YAML document or scalar (``1e-4`` -> 0.0001, ``[a, b]`` -> list, ``null`` -> None)."""
-    return yaml.load(text, Loader=_YAMLLoader)
+def parse_yaml(text: str, where: str = "the text"):
+    """A YAML document or scalar (``1e-4`` -> 0.0001, ``[a, b]`` -> list, ``null`` -> None). Malformed YAML raises
+    ValueError naming `where` and the place and kind of the error."""
+    try:
+        return yaml.load(text, Loader=_YAMLLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        raise UsageError(f"{where} is not valid YAML{at}: {problem}" + (f" ({context})" if context else "")) from None
 
 
 def load_yaml(path: str | Path) -> dict:
-    with open(path) as f:
-        data = parse_yaml(f.read()) or {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        why = err.strerror if isinstance(err, OSError) else f"not UTF-8 text ({err.reason} at byte {err.start})"
+        raise UsageError(f"{path}: cannot read it as a YAML config: {why or err}") from None
+    data = parse_yaml(text, where=str(path)) or {}
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

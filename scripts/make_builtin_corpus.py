@@ -5,9 +5,14 @@ document per module / class / function, deduplicated; every 20th document goes t
 Tokenizer: byte-level BPE with 4096 entries trained on the train split, ``<|endoftext|>`` = id 0
 (GPT-2's scheme at a size a 2-core CPU can train against in minutes).
 
-    python scripts/make_builtin_corpus.py
+    python scripts/make_builtin_corpus.py --output-dir /tmp/builtin          # a new folder
+    python scripts/make_builtin_corpus.py --overwrite                        # replace the shipped files
+
+The docstrings differ between Python versions, so a rebuild under another version changes the corpus, the
+tokenizer and the tasks: the shipped folder is replaced only with --overwrite, and any existing output folder too.
 """
 
+import argparse
 import gzip
 import inspect
 import json
@@ -48,12 +53,12 @@ def docstrings():
                     yield doc
 
 
-def main():
+def main(out: Path = OUT):
     docs = list(docstrings())
     train = [d for i, d in enumerate(docs) if i % 20]
     validation = [d for i, d in enumerate(docs) if i % 20 == 0]
     for split, rows in (("train", train), ("validation", validation)):
-        with gzip.open(OUT / f"corpus-{split}.jsonl.gz", "wt", encoding="utf-8", compresslevel=9) as f:
+        with gzip.open(out / f"corpus-{split}.jsonl.gz", "wt", encoding="utf-8", compresslevel=9) as f:
             for text in rows:
                 f.write(json.dumps({"text": text}) + "\n")
     print(
@@ -78,24 +83,24 @@ def main():
         unk_token="<|endoftext|>",
         model_max_length=2048,
     )
-    fast.save_pretrained(OUT / "tokenizer")
+    fast.save_pretrained(out / "tokenizer")
     print("tokenizer:", len(fast), "tokens")
 
 
-def make_tasks():
+def make_tasks(out: Path = OUT):
     """Two small lm-eval tasks over the validation corpus, for offline evaluation tests:
     multiple choice (pick the true continuation of a docstring among 4) and generate-until (arithmetic)."""
     import random
 
     rng = random.Random(0)
-    with gzip.open(OUT / "corpus-validation.jsonl.gz", "rt") as validation:
+    with gzip.open(out / "corpus-validation.jsonl.gz", "rt") as validation:
         rows = [json.loads(line)["text"] for line in validation]
     pieces = []
     for text in rows:
         words = text.split()
         if len(words) >= 16:
             pieces.append((" ".join(words[:10]), " ".join(words[10:16])))
-    tasks = OUT / "tasks"
+    tasks = out / "tasks"
     tasks.mkdir(exist_ok=True)
     with open(tasks / "docstring_mc.jsonl", "w") as f:
         for i, (context, ending) in enumerate(pieces[:40]):
@@ -109,6 +114,28 @@ def make_tasks():
             f.write(json.dumps({"question": f"What is {a} plus {b}?", "answer": str(a + b)}) + "\n")
 
 
+def cli(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--output-dir", type=Path, default=OUT, help="where to write (default: the shipped %(default)s)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing output folder")
+    args = parser.parse_args(argv)
+    out = args.output_dir
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        print(
+            f"make_builtin_corpus.py: error: {out} already holds files (the shipped corpus, tokenizer and tasks when "
+            f"it is the default); this Python {sys.version.split()[0]} may build them differently. Pass --overwrite "
+            "to replace them, or --output-dir to write elsewhere",
+            file=sys.stderr,
+        )
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    main(out)
+    make_tasks(out)
+    print(f"written to {out} with Python {sys.version.split()[0]}")
+    return 0
+
+
 if __name__ == "__main__":
-    main()
-    make_tasks()
+    sys.exit(cli())

@@ -51,6 +51,7 @@ def add_parsers(sub) -> None:
     c.add_argument("--names", help="comma-separated row names")
     c.add_argument("--paper", action="store_true", help="add the paper's Table 15 rows beside `paper` suite rows")
     c.add_argument("--output", help="also write the tables to this markdown file")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
     x = sub.add_parser("perplexity", help="validation loss / perplexity on held-out text")
     x.add_argument("--model", required=True, help="checkpoint folder (…/checkpoint-N/hf) or Hub name")
@@ -117,9 +118,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from ..evaluation.compare import compare
+    from ..evaluation.compare import check_output, compare
 
     if args.output:
+        check_output(args.output, args.summaries, args.overwrite)
         check_writable(Path(args.output).parent)
     table = compare(args.summaries, paper=args.paper, names=args.names.split(",") if args.names else None)
     print(table, end="")
@@ -181,19 +183,15 @@ def cmd_card(args) -> int:
 
     if not (Path(args.checkpoint) / "config.json").is_file():
         raise InputNotFoundError(f"{args.checkpoint}: not a save_pretrained folder (no config.json)")
+    from ..hub.push import check_hub_access, push_folder
+
     summaries = checked_summaries(args.checkpoint, args.results or [], args.allow_other_checkpoint)
+    if args.push_to_hub:
+        check_hub_access(args.push_to_hub)  # before the card is rewritten
     path = write_model_card(args.checkpoint, repo_id=args.repo_id or args.push_to_hub, summaries=summaries)
     print(f"wrote {path}")
     if args.push_to_hub:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(args.push_to_hub, private=args.private, exist_ok=True)
-        api.upload_folder(
-            folder_path=args.checkpoint,
-            repo_id=args.push_to_hub,
-            commit_message="Upload Sparse Wide GPT checkpoint (hf-sparse-ift)",
-        )
+        push_folder(args.checkpoint, args.push_to_hub, args.private)
         print(f"pushed {args.checkpoint} to https://huggingface.co/{args.push_to_hub}")
     return 0
 

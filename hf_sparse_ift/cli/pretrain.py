@@ -72,9 +72,27 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def _check_plan_args(args) -> None:
+    """Refuse what plan would otherwise divide by, print as a nonsense figure, or ignore."""
+    from ..errors import UsageError
+
+    if not 0 < args.mfu <= 1:
+        raise UsageError(f"--mfu {args.mfu:g} is invalid: expected a fraction of the peak, 0 < mfu <= 1 (e.g. 0.4)")
+    if not args.peak_tflops > 0:
+        raise UsageError(f"--peak-tflops {args.peak_tflops:g} is invalid: expected the accelerator's peak, > 0")
+    if args.paper_scale and not args.study:
+        raise UsageError("--paper-scale applies to a study's arms: pass it with --study <study yaml>")
+    if args.study and args.overrides:
+        raise UsageError(
+            f"KEY=VALUE overrides {args.overrides} apply to one pretraining config, not to --study {args.study} "
+            "(they would be ignored): edit the study's base instead"
+        )
+
+
 def cmd_plan(args) -> int:
     from ..training import load_pretrain_config
 
+    _check_plan_args(args)
     if args.study:  # study: plan every arm of a study
         return study.cmd_plan_study(args)
 

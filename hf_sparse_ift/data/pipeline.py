@@ -63,7 +63,7 @@ class DataSource:
     def describe_validation(self) -> str:
         if self.holdout_every:
             return (
-                f"every {self.holdout_every}th document of split {self.train_split!r} held out "
+                f"every {_ordinal(self.holdout_every)} document of split {self.train_split!r} held out "
                 f"({100 / self.holdout_every:.2g}% of documents; not trained on)"
             )
         return f"split {self.validation_split!r}" if self.validation_split else "none"
@@ -232,12 +232,18 @@ def resolve_data_source(cfg: DataConfig) -> DataSource:
     if has_validation:
         return _check(replace(source, validation_split=cfg.validation_split))
     logger.warning(
-        "%s has no split %r: holding out every %dth training document for validation",
+        "%s has no split %r: holding out every %s training document for validation",
         source.dataset,
         cfg.validation_split,
-        cfg.holdout_every,
+        _ordinal(cfg.holdout_every),
     )
     return _check(replace(source, holdout_every=cfg.holdout_every))
+
+
+def _ordinal(n: int) -> str:
+    """2 -> 2nd, 3 -> 3rd, 11 -> 11th, 100 -> 100th."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _has_split(source: DataSource, split: str) -> bool:

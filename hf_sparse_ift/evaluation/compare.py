@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import InputNotFoundError, UsageError
+from ..errors import InputNotFoundError, OutputExistsError, UsageError
 from .suites import PAPER_SUITE, PAPER_TABLE15
 
 
@@ -44,6 +44,19 @@ def load_summary(path: str | Path) -> dict:
     if not isinstance(summary, dict) or "tasks" not in summary or "model" not in summary:
         raise UsageError(f"{file} is not a summary.json written by `hf-sparse-ift evaluate` (no 'model' and 'tasks')")
     return _upgrade(summary)
+
+
+def check_output(output: str | Path, summaries: list[str | Path], overwrite: bool = False) -> None:
+    """`output` may receive the tables: not one of the summaries read (it would be replaced by markdown), not a
+    folder, and not an existing file unless `overwrite`."""
+    out = Path(output)
+    inputs = {(Path(p) / "summary.json" if Path(p).is_dir() else Path(p)).resolve() for p in summaries}
+    if out.resolve() in inputs:
+        raise UsageError(f"--output {output} is one of the summaries compared: writing the tables would destroy it")
+    if out.is_dir():
+        raise UsageError(f"--output {output} is a folder; name the markdown file to write, e.g. {out / 'compare.md'}")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"--output {output} already exists; pass --overwrite to replace it")
 
 
 def row_name(s: dict) -> str:
@@ -141,10 +154,17 @@ def raw_table(summary: dict) -> str:
 def compare(paths: list[str | Path], paper: bool = False, names: list[str] | None = None) -> str:
     """Tables of several `summary.json` files: one per suite and task set, in the order given; the first row of
     each is the baseline for deltas."""
+    if names is not None and len(names) != len(paths):
+        raise UsageError(
+            f"--names {','.join(names)!r} gives {len(names)} name(s) for {len(paths)} summaries: give one per "
+            "summary, in the same order, or leave --names out"
+        )
+    if names is not None and any(not name.strip() for name in names):
+        raise UsageError(f"--names {','.join(names)!r} holds an empty name: give one non-empty name per summary")
     summaries = []
     for i, p in enumerate(paths):
         s = load_summary(p)
-        if names and i < len(names):
+        if names:
             s["name"] = names[i]
         summaries.append(s)
     if not summaries:

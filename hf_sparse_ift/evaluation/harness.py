@@ -50,12 +50,47 @@ def check_options(dtype: str, limit: float | None, batch_size: str | int) -> Non
         raise UsageError(
             f"--limit {limit:g} must be positive: a number of examples per task (>= 1) or a fraction (0 < limit < 1)"
         )
+    if limit is not None and limit >= 1 and limit != int(limit):  # lm-eval would score int(limit) examples
+        raise UsageError(
+            f"--limit {limit:g} is neither a whole number of examples per task (1, 2, ...) nor a fraction of each "
+            f"task (0 < limit < 1); lm-eval would score {int(limit)} per task: pass --limit {int(limit)} for that"
+        )
     if (
         str(batch_size) != "auto"
         and not (str(batch_size).isdigit() and int(batch_size) > 0)
-        and not str(batch_size).startswith("auto:")
-    ):
+        and not (str(batch_size).startswith("auto:") and str(batch_size)[5:].isdigit() and int(str(batch_size)[5:]) > 0)
+    ):  # auto:<N>: re-detect the batch size N times (lm-eval parses N as a number after loading the model)
         raise UsageError(f"--batch-size {batch_size!r} must be a positive integer, auto or auto:<N>")
+
+
+def check_num_fewshot(num_fewshot: int | None) -> None:
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UsageError(f"--num-fewshot {num_fewshot} is invalid: expected 0 or more examples in each prompt")
+
+
+def check_device(device: str | None) -> str:
+    """The device to score on: `device` as torch names it (cpu, cuda, cuda:N, mps, xpu...), present on this
+    machine; default cuda when a GPU is visible, else cpu. Refused otherwise, before anything is loaded (HFLM
+    would run an unknown name on CPU and record the name)."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(
+            f"--device {device!r} is not a device torch knows: choose cpu, cuda or cuda:<index> (or mps, xpu)"
+        ) from None
+    if parsed.type == "cpu":
+        return device
+    backend = getattr(torch, parsed.type, None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    count = backend.device_count() if available and hasattr(backend, "device_count") else 0
+    if not available or (parsed.index is not None and parsed.index >= count):
+        have = f"{count} {parsed.type} device(s)" if available else f"no {parsed.type} device"
+        raise UsageError(f"--device {device!r}: this machine has {have}; choose cpu or a device it has")
+    return device
 
 
 def model_tokenizer(identity: dict, tokenizer: str | None, vocab_size: int | None = None):
@@ -342,6 +377,8 @@ def evaluate(
     None, writes it with lm-eval's results to ``results_dir(...)`` (``summary["output_dir"]``)."""
     # 1. the request: checked before anything is loaded or written
     check_options(dtype, limit, batch_size)
+    check_num_fewshot(num_fewshot)
+    device = check_device(device)
     if include_path and not Path(include_path).is_dir():
         raise InputNotFoundError(f"--include-path {include_path}: no such folder of task YAMLs")
     the_suite = resolve_suite(suite, num_fewshot)
@@ -396,12 +433,10 @@ def evaluate(
 
 def _load_lm(identity: dict, dtype, batch_size, device, max_length, tokenizer=None):
     """lm-eval's `HFLM` on the model (with remote code, as ``lm_eval --model hf`` would load it)."""
-    import torch
     from lm_eval.models.huggingface import HFLM
 
     import hf_sparse_ift  # noqa: F401  (registers the model; remote code covers other environments)
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kwargs = dict(
         pretrained=identity.get("path") or identity["hub_id"],
         trust_remote_code=True,

@@ -9,7 +9,13 @@ from ..hub.identity import resolve_model
 
 
 def check_perplexity_args(
-    model: str, seq_len: int | None, batch_size: int, max_batches: int
+    model: str,
+    seq_len: int | None,
+    batch_size: int,
+    max_batches: int,
+    dataset: str = "builtin",
+    data_files: str | None = None,
+    text_column: str = "text",
 ) -> tuple[dict, int, int | None]:
     """The model's identity, the sequence length to use and the model's vocabulary size; a ValueError naming the
     bad value otherwise. Reads only the model's config."""
@@ -21,6 +27,11 @@ def check_perplexity_args(
         raise UsageError(f"--batch-size {batch_size} must be at least 1")
     if max_batches < 1:
         raise UsageError(f"--max-batches {max_batches} must be at least 1")
+    if text_column != "text" and dataset == "builtin" and data_files is None:
+        raise UsageError(
+            f"--text-column {text_column!r} applies to --data-files or a Hub --dataset; the built-in corpus has "
+            "one column, text"
+        )
     identity = resolve_model(model)
     config = AutoConfig.from_pretrained(
         identity.get("path") or identity["hub_id"], revision=identity.get("revision"), trust_remote_code=True
@@ -53,7 +64,7 @@ _FLAG_OF_KEY = {
 
 
 def _in_flags(err: Exception) -> Exception:
-    text = str(err)
+    text = str(err).replace(" and data.offline_fallback is false", "")  # perplexity never falls back
     for key, flag in _FLAG_OF_KEY.items():
         text = text.replace(key, flag)
     return type(err)(text)
@@ -73,7 +84,9 @@ def perplexity(
 ) -> dict:
     """Mean next-token loss and perplexity of `model` on held-out text, packed like training: the split `split` of
     `dataset`, or every document of `data_files` (read as split `split`)."""
-    identity, seq_len, vocab_size = check_perplexity_args(model, seq_len, batch_size, max_batches)
+    identity, seq_len, vocab_size = check_perplexity_args(
+        model, seq_len, batch_size, max_batches, dataset, data_files, text_column
+    )
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -96,6 +109,7 @@ def perplexity(
                 validation_split=split,
                 seq_len=seq_len,
                 bad_text=bad_text,
+                offline_fallback=False,  # a perplexity of another corpus than --dataset would be no answer
             )
         cfg.validate()
         data = resolve_data_source(cfg)

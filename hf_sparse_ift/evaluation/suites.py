@@ -153,6 +153,13 @@ def resolve_suite(suite_or_tasks: str, num_fewshot: int | None = None) -> Suite:
             suite = replace(suite, specs=tuple(replace(s, num_fewshot=num_fewshot) for s in suite.specs))
         return suite
     names = task_names(suite_or_tasks)
+    suites = [name for name in names if name in SUITES]
+    if suites:
+        tasks = ",".join(spec.task for spec in SUITES[suites[0]].specs)
+        raise UsageError(
+            f"--suite {suite_or_tasks!r}: {suites[0]!r} is a suite, and a suite cannot be combined with other names; "
+            f"pass --suite {suites[0]} alone, or its tasks by name ({tasks}) with the others"
+        )
     if not names:
         raise UsageError(
             f"--suite {suite_or_tasks!r} is empty: expected one of {sorted(SUITES)} or comma-separated "

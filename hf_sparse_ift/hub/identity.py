@@ -158,6 +158,11 @@ def resolve_model(model: str, revision: str | None = None) -> dict:
                 f"--model {model}: the folder has no config.json; expected a save_pretrained folder "
                 "such as outputs/<run>/checkpoint-<N>/hf"
             )
+        if revision is not None:  # a folder has one version: the revision would be recorded, never used
+            raise UsageError(
+                f"--revision {revision} applies to Hub models; --model {model} is a local folder, which has one "
+                "version: leave --revision out"
+            )
         return local_identity(path)
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or not HUB_ID.match(model):
         raise InputNotFoundError(f"--model {model}: no such checkpoint folder (and not a Hub name like org/name)")

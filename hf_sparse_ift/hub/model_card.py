@@ -49,7 +49,7 @@ def _recipe(training_config: dict | None) -> list[tuple[str, str]]:
             f"{optim.get('min_lr_ratio')} x peak",
         ),
         ("gradient clipping", optim.get("grad_clip")),
-        ("precision", train.get("mixed_precision")),
+        ("precision", resolved.get("mixed_precision", train.get("mixed_precision"))),  # what ran, not "auto"
         (
             "dynamic sparse training",
             f"{dst.get('method')}, drop fraction {dst.get('drop_fraction')} (cosine), "
@@ -57,6 +57,9 @@ def _recipe(training_config: dict | None) -> list[tuple[str, str]]:
             f"{dst.get('stop_fraction')} of training",
         ),
     ]
+    decided = list(resolved.get("decisions", [])) + list(resolved.get("resume_changes", []))
+    if decided:  # every decision the package took for the run (and every change a --resume applied)
+        rows.append(("decided for this run", "; ".join(decided).replace("|", "/")))
     return [(k, str(v)) for k, v in rows]
 
 

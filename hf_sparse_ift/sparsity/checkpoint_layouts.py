@@ -99,6 +99,7 @@ def convert_checkpoint(
 
     src, dst = Path(src), Path(dst)
     _check_conversion(src, dst, layout, overwrite, representation)
+    _check_shard_size(max_shard_size)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
@@ -132,6 +133,23 @@ def convert_checkpoint(
     return dst
 
 
+def _check_shard_size(max_shard_size: str | int) -> None:
+    """``--max-shard-size`` as save_pretrained reads it (a positive byte count, or digits and KB/MB/GB/TB), checked
+    before the model is loaded."""
+    try:  # the parser save_pretrained itself uses (not public: without it, save_pretrained checks)
+        from huggingface_hub.serialization._base import parse_size_to_int
+    except ImportError:
+        return
+    try:
+        size = max_shard_size if isinstance(max_shard_size, int) else parse_size_to_int(str(max_shard_size))
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise UsageError(
+            f"--max-shard-size {max_shard_size!r} is invalid: expected a positive size with a unit, e.g. 500MB, 5GB"
+        )
+
+
 def _check_conversion(src: Path, dst: Path, layout: str, overwrite: bool, representation: str) -> None:
     layouts = (PLAIN, BITMASK_FORMAT, CONDENSED_FORMAT)
     if layout not in layouts:
@@ -162,5 +180,15 @@ def _check_conversion(src: Path, dst: Path, layout: str, overwrite: bool, repres
         )
     if dst.resolve() == src.resolve():
         raise UsageError(f"output {dst} is the input folder; write to another folder")
+    if dst.resolve() in src.resolve().parents:  # --overwrite would delete the input with the folder holding it
+        raise UsageError(
+            f"output {dst} holds the input folder {src}: replacing it would delete the input; write to a folder "
+            "outside the input"
+        )
+    if src.resolve() in dst.resolve().parents:  # the copy of the input's other files would copy the output too
+        raise UsageError(
+            f"output {dst} is inside the input folder {src}: the input's files are copied into the output, so it "
+            "would copy itself; write to a folder outside the input"
+        )
     if dst.exists() and not overwrite:
         raise OutputExistsError(f"{dst} already exists; pass --overwrite to replace it")

@@ -32,7 +32,7 @@ from ..errors import UsageError
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
 from ..models.sparse_wide_gpt.iso_flop import count_flops, count_parameters
 from ..training.config import PretrainConfig, build_pretrain_config
-from .config import ArmKind, StudyConfig
+from .config import ArmKind, StudyConfig, sparsity_tag
 
 
 def arm_name(kind: ArmKind, sparsity: float = 0.0, method: str = "static", block: int = 1) -> str:
@@ -41,12 +41,12 @@ def arm_name(kind: ArmKind, sparsity: float = 0.0, method: str = "static", block
     and the dense arm given its wall-clock ``dense-iso-time-s75-block16``."""
     if kind is ArmKind.DENSE:
         return kind.value
-    percent = round(sparsity * 100)
+    percent = sparsity_tag(sparsity)
     if kind is ArmKind.SPARSE_WIDE:
         layout = "" if block == 1 else f"block{block:d}-"
-        return f"sw-s{percent:d}-{layout}{method}"
+        return f"sw-s{percent}-{layout}{method}"
     layout = "" if block == 1 else f"-block{block:d}"
-    return f"{kind.value}-s{percent:d}{layout}"
+    return f"{kind.value}-s{percent}{layout}"
 
 
 # DST methods that train block-sparse layers (SRigL's constant fan-in is per weight, not per block)
@@ -243,6 +243,10 @@ def build_arms(study: StudyConfig) -> list[Arm]:
                 arms.append(
                     Arm(ArmKind.DENSE_ISO_TIME, sparsity, "static", copy.deepcopy(dense_tree), None, block=block)
                 )
+    names = [arm.name for arm in arms]
+    if len(set(names)) != len(names):  # a run folder and a results row per arm: a shared name would merge two
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise UsageError(f"study arms {twice} would share a name (and a run folder); change study.sparsities")
     return arms
 
 

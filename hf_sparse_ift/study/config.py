@@ -44,6 +44,17 @@ class ArmKind(str, Enum):
     DENSE_ISO_TIME = "dense-iso-time"  # the base for as long as masked Sparse Wide takes on this hardware
 
 
+def sparsity_tag(sparsity: float) -> str:
+    """The sparsity in percent as arm names write it: a whole percent as an integer (0.75 -> ``75``, the names of
+    every shipped study), any other to the digits it needs (0.754 -> ``75.4``, 0.995 -> ``99.5``, 0.001 -> ``0.1``),
+    so that two sparsities of a study never share a name. Exact to 1e-6 percent; the study config refuses two
+    sparsities closer than that."""
+    percent = sparsity * 100
+    if abs(percent - round(percent)) < 1e-9:
+        return str(round(percent))
+    return f"{percent:.6f}".rstrip("0").rstrip(".")
+
+
 ARM_KINDS = tuple(kind.value for kind in ArmKind)
 # the kinds built once per Sparse Wide sparsity (so they need study.sparsities)
 PER_SPARSITY_KINDS = (
@@ -102,6 +113,14 @@ class StudySettings:
             checks.number("study.sparsities[]", s, low=0, high=1, low_open=True, high_open=True)
         if len(set(self.sparsities)) != len(self.sparsities):
             checks.invalid("study.sparsities", self.sparsities, "each sparsity may appear once")
+        tags = [sparsity_tag(s) for s in self.sparsities]
+        if len(set(tags)) != len(tags):
+            checks.invalid(
+                "study.sparsities",
+                self.sparsities,
+                f"they name the arms s{', s'.join(tags)}: sparsities must differ by at least 1e-8 so that every arm "
+                "has a name of its own",
+            )
         if not isinstance(self.methods, list) or ("sparse-wide" in self.arms and not self.methods):
             checks.invalid("study.methods", self.methods, f"expected a non-empty list drawn from {sorted(METHODS)}")
         for m in self.methods:
@@ -218,7 +237,23 @@ def build_study_config(tree: dict, output_dir: str | None = None) -> StudyConfig
             checks.invalid(
                 "base.model.sparse_layers", model.sparse_layers, "Sparse Wide needs at least one sparse layer"
             )
+    _check_block_arms(settings, cfg)
     return StudyConfig(study=settings, base_tree=base, base=cfg)
+
+
+def _check_block_arms(settings: StudySettings, base: PretrainConfig) -> None:
+    """Every block arm must be iso-FLOP with the dense base: a block that the widths do not divide into enough
+    blocks cannot reach the FLOPs target (the model config refuses it), and such an arm is refused here, before any
+    run, instead of being compared as if it were."""
+    from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
+
+    values = base.model_config().dense_arguments()
+    for sparsity in settings.sparsities:
+        for block in settings.block_sizes:
+            try:
+                SparseWideGPTConfig(**{**values, "sparsity": float(sparsity), "sparsity_block": block})
+            except ValueError as err:
+                checks.invalid("study.block_sizes[]", block, f"at sparsity {sparsity}, {err}")
 
 
 def load_study_config(name_or_path: str, output_dir: str | None = None) -> StudyConfig:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from .arms import Arm, FlopAccounting, arm_accounting, arm_name
+from ..models.sparse_wide_gpt.iso_flop import ISO_FLOP_TOLERANCE
+from .arms import Arm, FlopAccounting, arm_accounting, arm_name, flop_accounting
 from .config import ArmKind, StudyConfig
 
 VALIDATION_TAGS = ("val/loss", "val/running_seconds")
@@ -256,9 +257,18 @@ def collect(
                     run.source = "an earlier results.json (run folder gone)"
             if run is not None:
                 runs.append(run)
-        result = ArmResult(
-            arm.name, arm.kind, arm.sparsity, arm.method, list(arm.notes), accounting, runs, block=arm.block
-        )
+        ran = sorted({run.steps for run in runs})
+        notes = list(arm.notes)
+        if ran and ran != [arm.steps]:
+            # the runs' own records say what ran (a calibration redone after they finished gives other steps)
+            notes.append(
+                f"the runs did {' / '.join(map(str, ran))} steps (their train_summary.json); the study config and "
+                f"calibration now give {arm.steps}"
+            )
+            accounting = flop_accounting(
+                arm.model_config(), study.base.data.seq_len, study.base.train.global_batch_size, ran[-1]
+            )
+        result = ArmResult(arm.name, arm.kind, arm.sparsity, arm.method, notes, accounting, runs, block=arm.block)
         if arm.kind is ArmKind.DENSE_ISO_TIME and calibration:
             calibrated = calibration["arms"][arm.name]
             result.iso_time_reference = calibrated["reference_arm"]
@@ -357,6 +367,21 @@ class Verdict:
     comparisons: list[Comparison]
 
 
+def _flop_gap(kind: ComparisonKind, arm: ArmResult, control: ArmResult, reference: ArmResult) -> float | None:
+    """How far `arm`'s FLOPs are from those `kind` holds equal (None: within tolerance, or a comparison that holds no
+    FLOPs equal): for iso-block-FLOP the dense `control`'s block layers, for the iso-total-FLOP controls the total of
+    `reference`, the masked Sparse Wide arm the control was built to match (to a whole step or width)."""
+    if kind is ComparisonKind.ISO_BLOCK_FLOP:
+        mine = arm.accounting.flops_per_token.block_layers_forward
+        theirs = control.accounting.flops_per_token.block_layers_forward
+    elif kind in (ComparisonKind.ISO_TOTAL_FLOP_WIDER, ComparisonKind.ISO_TOTAL_FLOP_TOKENS):
+        mine, theirs = arm.accounting.training_flops_ideal, reference.accounting.training_flops_ideal
+    else:
+        return None
+    gap = mine / theirs - 1.0
+    return gap if abs(gap) > ISO_FLOP_TOLERANCE else None
+
+
 def verdict(arms: list[ArmResult], iso_time_method: str) -> Verdict:
     """Per sparsity: the best Sparse Wide arm against each control (iso-block-FLOP, iso-total-FLOP wider and
     more tokens, iso-time), then the best dynamic-mask arm against static masks."""
@@ -366,6 +391,18 @@ def verdict(arms: list[ArmResult], iso_time_method: str) -> Verdict:
     def add(kind: ComparisonKind, group: list[ArmResult], control: ArmResult | None, what: str) -> None:
         if control is None:
             return
+        # An equal-FLOPs comparison holds only for arms whose FLOPs are those the control was built to match (the
+        # masked Sparse Wide arm's; a block arm whose widths were rounded to its block may differ): the others are
+        # named, never compared.
+        reference = next((a for a in group if a.block == 1), control)
+        unequal = {a.name: _flop_gap(kind, a, control, reference) for a in group}
+        unequal = {name: gap for name, gap in unequal.items() if gap is not None}
+        if unequal:
+            lines.append(
+                f"{kind.value} — {what}: not compared, their FLOPs are not those of {control.name}: "
+                + ", ".join(f"{name} ({gap:+.1%})" for name, gap in unequal.items())
+            )
+            group = [a for a in group if a.name not in unequal]
         found = best_against(kind, group, control)
         if found:
             comparisons.extend(found)

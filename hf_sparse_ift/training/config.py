@@ -64,7 +64,8 @@ class TrainLoopConfig:
     """How long and how the loop runs.
 
     global_batch_size: sequences per optimizer step (all ranks; reached by gradient accumulation).
-    total_tokens or max_steps: training length (max_steps wins when both are set).
+    total_tokens or max_steps: training length (set one; a file or preset that sets only total_tokens leaves
+        max_steps unset).
     mixed_precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or no.
     peak_tflops: the accelerator's dense bf16 peak for MFU (auto: known GPUs, none on CPU).
     attention_backend: restrict PyTorch's SDPA to one kernel family on GPUs (auto keeps PyTorch's order).
@@ -110,6 +111,13 @@ class TrainLoopConfig:
             checks.number("train.total_tokens", self.total_tokens, low=0, low_open=True)
         if self.max_steps is None and self.total_tokens is None:
             checks.invalid("train.max_steps", None, "set train.max_steps or train.total_tokens")
+        if self.max_steps is not None and self.total_tokens is not None:
+            checks.invalid(
+                "train.total_tokens",
+                self.total_tokens,
+                f"train.max_steps={self.max_steps} is set too, and the two disagree about the length of training; "
+                "set one: train.max_steps=null to train for train.total_tokens, or train.total_tokens=null",
+            )
         checks.choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         checks.choice("train.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if not isinstance(self.trackers, list):
@@ -222,7 +230,11 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise UsageError(f"override {text!r} is invalid: expected section.key=value, e.g. train.max_steps=100")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), parse_yaml(raw)
+    where = f"override {text!r}: the value {raw!r}"
+    try:
+        return key.strip().split("."), parse_yaml(raw, where=where)
+    except ValueError as err:
+        raise UsageError(f"{err}; quote text values and close brackets, e.g. optim.betas=[0.9,0.95]") from None
 
 
 def _set_dotted(tree: dict, path: list[str], value) -> None:
@@ -262,5 +274,7 @@ def build_pretrain_config(tree: dict) -> PretrainConfig:
             raise UsageError(
                 f"unknown config key(s) {[f'{name}.{k}' for k in bad]}; valid keys in {name}: {sorted(known)}"
             )
+        if name == "train" and values.get("total_tokens") is not None and "max_steps" not in values:
+            values = {**values, "max_steps": None}  # the length given is total_tokens, not the default max_steps
         sections[name] = cls(**values)
     return PretrainConfig(model=tree["model"], **sections).validate()

@@ -46,9 +46,17 @@ def set_sdpa_backend(choice: str = "auto") -> None:
 
 
 def resolve_mixed_precision(setting: str) -> str:
-    """``auto`` -> bf16 on a GPU that has it, else fp32 ("no")."""
+    """``auto`` -> bf16 on a GPU that has it, else fp32 ("no"). fp16 without a GPU is refused: accelerate then
+    applies no autocast and no loss scaling, so the run would be fp32 recorded as fp16 (the Trainer refuses it too);
+    bf16 on CPU is real (torch's CPU autocast)."""
     import torch
 
+    if setting == "fp16" and not torch.cuda.is_available():
+        raise UsageError(
+            "train.mixed_precision='fp16' is invalid on this machine: fp16 mixed precision needs a CUDA GPU, and "
+            "without one accelerate would silently train in fp32; on CPU choose 'bf16' (CPU autocast), 'no' "
+            "(fp32) or 'auto'"
+        )
     if setting != "auto":
         return setting
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"

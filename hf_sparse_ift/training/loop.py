@@ -62,6 +62,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         cfg,
         int(os.environ.get("WORLD_SIZE", "1")),
         previous=yaml.safe_load((previous / RUN_CONFIG).read_text()) if previous else None,
+        saved_model=_saved_model(previous),
     )
     finished = previous is not None and checkpoint_step(previous) >= run.total_steps
     if finished and (out_dir / SUMMARY).exists():
@@ -86,6 +87,12 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
             return fit(session)
         finally:
             session.train_batches.close()
+
+
+def _saved_model(checkpoint: Path | None) -> dict | None:
+    """The model config.json of a checkpoint (None without one)."""
+    path = checkpoint / "hf" / "config.json" if checkpoint else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
 
 
 def _resume_point(out_dir: Path, resume: bool) -> Path | None:
@@ -330,9 +337,15 @@ class DeferredScalars:
 class StepLog:
     """Turns finished steps (loss and grad norm of the *same* step) into history, tracker logs and log lines."""
 
-    def __init__(self, s: Session):
+    def __init__(self, s: Session, clock=time.perf_counter):
         self.s = s
-        self.window_start, self.window_tokens = time.perf_counter(), 0
+        self.clock = clock
+        # Throughput is measured over windows of whole steps: from the end of the last recorded step to the end of
+        # the step being recorded (recorded one step late, and sometimes two at once), never over an empty window.
+        # Evaluation and checkpoint time is no training time: the clock read here leaves it out.
+        self.step_ends: dict[int, float] = {}
+        self.excluded = 0.0
+        self.window_step, self.window_start = s.progress.step, self.now()
         self.bar = None
         if s.accelerator.is_main_process and s.run.config.train.progress_bar:
             from tqdm.auto import tqdm
@@ -358,8 +371,9 @@ class StepLog:
         if step % s.run.config.train.log_interval and step != s.run.total_steps:
             return
         s.progress.train_loss.append((step, loss))
-        elapsed = time.perf_counter() - self.window_start
-        s.last_tokens_per_s = tok_s = self.window_tokens / max(elapsed, 1e-9)
+        end = self.step_ends.get(step, self.now())
+        tokens = (step - self.window_step) * s.run.tokens_per_step
+        s.last_tokens_per_s = tok_s = tokens / max(end - self.window_start, 1e-9)
         logs = {
             "train/loss": loss,
             "train/lr": lr,
@@ -393,7 +407,27 @@ class StepLog:
                 mfu,
                 time.strftime("%H:%M:%S", time.gmtime(remaining)),
             )
-        self.window_start, self.window_tokens = time.perf_counter(), 0
+        self.window_step, self.window_start = step, end
+        self.step_ends = {k: v for k, v in self.step_ends.items() if k > step}
+
+    def now(self) -> float:
+        """Training time so far on the clock: wall time less the evaluations and checkpoints."""
+        return self.clock() - self.excluded
+
+    @contextlib.contextmanager
+    def not_training(self):
+        begin = self.clock()
+        try:
+            yield
+        finally:
+            self.excluded += self.clock() - begin
+
+    def start(self) -> None:
+        """Training starts now (after the step-0 evaluation)."""
+        self.window_step, self.window_start = self.s.progress.step, self.now()
+
+    def step_done(self, step: int) -> None:
+        self.step_ends[step] = self.now()
 
     def validation(self, step: int, running_seconds: float) -> None:
         """Evaluate; `running_seconds`: the time this run has spent running so far (a stopped and resumed run's
@@ -447,6 +481,7 @@ def fit(s: Session) -> dict:
     log = StepLog(s)
     if progress.step == 0:
         log.validation(0, 0.0)
+    log.start()
     pending = DeferredScalars(accelerator.device)
     s.model.train()
     with stop_at_step_boundary() as stop_requested:
@@ -458,7 +493,7 @@ def fit(s: Session) -> dict:
             telemetry = s.engine.step()
             progress.step += 1
             progress.tokens += run.tokens_per_step
-            log.window_tokens += run.tokens_per_step
+            log.step_done(progress.step)
             if log.bar is not None:
                 log.bar.update(1)
             if finished is not None:
@@ -472,11 +507,13 @@ def fit(s: Session) -> dict:
             if (evaluate_now or save_now) and (finished := pending.flush()) is not None:
                 log.record(**finished)
             if evaluate_now:
-                log.validation(progress.step, progress.wall_seconds + time.time() - start)
+                with log.not_training():
+                    log.validation(progress.step, progress.wall_seconds + time.time() - start)
             if save_now:
                 progress.wall_seconds += time.time() - start
                 start = time.time()
-                save_checkpoint(accelerator, s.model, s.tokenizer, run, s.out_dir, progress.step)
+                with log.not_training():
+                    save_checkpoint(accelerator, s.model, s.tokenizer, run, s.out_dir, progress.step)
             if stop_requested():
                 raise KeyboardInterrupt
     log.close()

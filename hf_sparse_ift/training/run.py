@@ -108,17 +108,24 @@ class RunConfig:
 def training_memory_bytes(model: SparseWideGPTConfig, micro_batch: int, seq_len: int) -> int:
     """A lower bound of what training takes: fp32 weights, gradients and two Adam moments (16 bytes per
     parameter) and 1 byte per mask entry. Activations are left out on purpose: they depend on precision, the
-    attention kernel and recomputation, and a lower bound must never refuse a run that fits."""
+    attention kernel and recomputation, and a lower bound must never refuse a run that fits. A block-sparse model
+    stores only its active blocks (and a small block index), so only its active parameters count."""
     summary = model_summary(model, seq_len)
+    if model.uses_blocks:  # block-sparse layers store their active blocks only, and no mask
+        return 16 * summary["parameters_active"]
     return 16 * summary["parameters_total"] + summary["sparse_weights"]
 
 
-def resolve_run(cfg: PretrainConfig, processes: int, previous: dict | None = None) -> RunConfig:
+def resolve_run(
+    cfg: PretrainConfig, processes: int, previous: dict | None = None, saved_model: dict | None = None
+) -> RunConfig:
     """Everything the run will use, checked before any work. `previous`: the run config of the checkpoint a
-    --resume continues from (differences are applied and recorded, or refused, per `RESUME_MAY_CHANGE`)."""
+    --resume continues from (differences are applied and recorded, or refused, per `RESUME_MAY_CHANGE`);
+    `saved_model`: that checkpoint's model config.json (the resolved model must not differ from it)."""
     accumulation = cfg.accumulation_steps(processes)
     _, decisions = cfg.model_values()
     model = cfg.model_config()
+    cfg.dst.check_model(model)
     memory = training_memory_bytes(model, cfg.train.micro_batch_size, cfg.data.seq_len)
     if cfg.train.check_memory:
         available, where = available_memory_bytes()
@@ -150,7 +157,15 @@ def resolve_run(cfg: PretrainConfig, processes: int, previous: dict | None = Non
         decisions.append(
             "model.block_kernel=auto: " + ", ".join(f"{kernel} on {device}" for device, kernel in block_kernel.items())
         )
+    if cfg.train.attention_backend != "auto" and not _cuda_available():
+        decisions.append(
+            f"train.attention_backend={cfg.train.attention_backend} selects among CUDA kernels and has no effect "
+            "without a GPU: attention runs PyTorch's CPU kernel"
+        )
     total_steps = cfg.steps()
+    no_update = dst_without_updates(cfg.dst, total_steps)
+    if no_update:
+        decisions.append(no_update)
     warmup = cfg.warmup_steps()
     run = RunConfig(
         config=cfg,
@@ -167,13 +182,62 @@ def resolve_run(cfg: PretrainConfig, processes: int, previous: dict | None = Non
         decisions=decisions,
     )
     if previous is not None:
-        run.resume_changes = resume_changes(previous, cfg)
+        run.resume_changes = resume_changes(previous, cfg, saved_model)
     return run
 
 
-def resume_changes(previous: dict, cfg: PretrainConfig) -> list[str]:
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def dst_without_updates(dst, total_steps: int) -> str | None:
+    """A sentence for the records when `dst.method` updates masks but this run's schedule holds no update (the first
+    update step is not before the last), else None: the masks then stay as initialised, as with static."""
+    from ..sparsity.dst.methods import METHODS
+
+    if not METHODS[dst.method].updates_masks:
+        return None
+    last = int(dst.stop_fraction * total_steps)
+    if dst.drop_fraction == 0:
+        why, fix = "dst.drop_fraction=0 replaces no weight", "raise dst.drop_fraction"
+    elif dst.update_interval >= last:
+        why = (
+            f"its first update would be at step dst.update_interval={dst.update_interval}, and updates stop before "
+            f"step {last} (dst.stop_fraction={dst.stop_fraction} x {total_steps} steps)"
+        )
+        fix = f"set dst.update_interval below {last} or raise dst.stop_fraction" if last > 1 else "train longer"
+    else:
+        return None
+    return (
+        f"dst.method={dst.method} makes no mask update in this run: {why}; the masks stay as initialised, as with "
+        f"dst.method=static ({fix} for updates)"
+    )
+
+
+def model_changes(saved: dict, model: SparseWideGPTConfig) -> list[str]:
+    """``model.<key>: old -> new`` for every SparseWideGPTConfig argument in which `model` differs from `saved`, the
+    config.json of a checkpoint's model: what the config resolves to now (a preset file may have been edited since),
+    not how it is written."""
+    import inspect
+
+    keys = [k for k in inspect.signature(SparseWideGPTConfig.__init__).parameters if k not in ("self", "kwargs")]
+    keys.remove("sparse_format")  # how the weights are stored, not the model
+    # config.json leaves out values equal to the defaults: rebuild the config to read every one
+    before = SparseWideGPTConfig(**{k: saved[k] for k in keys if k in saved})
+    out = []
+    for key in keys:
+        old, new = getattr(before, key), getattr(model, key)
+        if old != new:
+            out.append(f"model.{key}: {old!r} -> {new!r}")
+    return out
+
+
+def resume_changes(previous: dict, cfg: PretrainConfig, saved_model: dict | None = None) -> list[str]:
     """Differences between the checkpoint's config and this one: those in `RESUME_MAY_CHANGE` are listed (they
-    apply), any other is refused with every offending key named."""
+    apply), any other is refused with every offending key named. `saved_model`: the checkpoint's model config.json,
+    compared with the model this config resolves to (the same YAML can name an edited preset file)."""
     before = build_pretrain_config({k: v for k, v in previous.items() if k != "resolved"}).to_dict()
     after = cfg.to_dict()
     changed, refused = [], []
@@ -184,6 +248,16 @@ def resume_changes(previous: dict, cfg: PretrainConfig) -> list[str]:
                 continue
             dotted = f"{section}.{key}"
             (changed if dotted in RESUME_MAY_CHANGE else refused).append(f"{dotted}: {old!r} -> {new!r}")
+    if saved_model is not None:
+        named = {change.split(":")[0] for change in refused}
+        resolved = [c for c in model_changes(saved_model, cfg.model_config()) if c.split(":")[0] not in named]
+        if resolved:
+            preset = cfg.model.get("preset")
+            refused.append(
+                f"the model the config resolves to differs from the checkpoint's ({'; '.join(resolved)}"
+                + (f"; model.preset={preset!r} was edited since?" if preset else "")
+                + ")"
+            )
     if refused:
         raise UsageError(
             f"--resume: {'; '.join(refused)} differ from the checkpoint's run config and cannot change "

@@ -162,6 +162,69 @@ CASES = [
         ["card", "{model}", "--results", "{other}"],
         ["{other}", "/elsewhere/hf", "not from this checkpoint", "--allow-other-checkpoint"],
     ),
+    (
+        "perplexity of a Hub dataset offline",  # it scored the built-in corpus instead
+        ["perplexity", "--model", "{model}", "--dataset", "nobody-xyz/no-dataset"],
+        ["--dataset='nobody-xyz/no-dataset'", "cannot reach the Hub"],
+    ),
+    (
+        "perplexity text column on the built-in corpus",  # it was ignored
+        ["perplexity", "--model", "{model}", "--text-column", "body"],
+        ["--text-column 'body'", "the built-in corpus has one column, text"],
+    ),
+    (
+        "a revision of a local folder",
+        evaluate("--suite", "builtin", "--revision", "v1"),
+        ["--revision v1", "local folder"],
+    ),
+    (
+        "compare writing over a summary it reads",  # the summary.json was replaced by markdown
+        ["compare", "{other}", "--output", "{other}"],
+        ["--output {other} is one of the summaries compared"],
+    ),
+    ("compare output is a folder", ["compare", "{other}", "--output", "{root}"], ["--output {root} is a folder"]),
+    (
+        "compare output exists",
+        ["compare", "{other}", "--output", "{root}/not-a-summary.json"],
+        ["--output {root}/not-a-summary.json already exists", "--overwrite"],
+    ),
+    # round 3: what would not run as recorded, a message blaming the wrong name, a half-applied option, the Hub
+    (
+        "a device torch does not know",
+        evaluate("--suite", "builtin", "--device", "tpu"),
+        ["--device 'tpu'", "cpu, cuda"],
+    ),
+    (
+        "a GPU this machine lacks",
+        evaluate("--suite", "builtin", "--device", "cuda:7"),
+        ["--device 'cuda:7'", "choose cpu"],
+    ),
+    (
+        "a fractional limit above one",
+        evaluate("--suite", "builtin", "--limit", "1.5"),
+        ["--limit 1.5", "whole number of examples", "0 < limit < 1", "--limit 1 for that"],
+    ),
+    ("negative few-shot", evaluate("--suite", "builtin", "--num-fewshot", "-1"), ["--num-fewshot -1", "0 or more"]),
+    (
+        "auto batch size without a number",  # failed inside lm-eval after loading the model
+        evaluate("--suite", "builtin", "--batch-size", "auto:abc"),
+        ["'auto:abc'", "positive integer, auto or auto:<N>"],
+    ),
+    (
+        "a suite among task names",
+        evaluate("--suite", "builtin,nope"),
+        ["'builtin' is a suite", "--suite builtin alone", "sparse_ift_docstring_mc"],
+    ),
+    (
+        "compare with fewer names than summaries",
+        ["compare", "{other}", "{other}", "--names", "a"],
+        ["--names 'a' gives 1 name(s) for 2 summaries", "one per summary"],
+    ),
+    (
+        "card pushed to the Hub offline",
+        ["card", "{model}", "--push-to-hub", OFFLINE_HUB_NAME],
+        [f"--push-to-hub {OFFLINE_HUB_NAME}", "nothing was written or uploaded"],  # README.md is left as it was
+    ),
 ]
 
 

@@ -236,7 +236,8 @@ def test_to_block_model_refuses_masks_that_are_not_whole_blocks():
         to_block_model(masked, sparsity_block=8)
     with pytest.raises(ValueError, match="already masked"):
         to_masked_model(masked)
-    with pytest.raises(ValueError, match=r"derives widths 128/256, not the model's 64/256"):
+    # a block of 128 derives widths 128/256 with one block per attention linear: refused as not iso-FLOP first
+    with pytest.raises(ValueError, match=r"sparsity_block=128 is invalid: .* the widths d_model=128, d_ff=256"):
         to_block_model(masked, sparsity_block=128)
 
 
@@ -360,3 +361,32 @@ def test_block_memory_benchmark_smoke(tmp_path):
     assert ratios.keys() == {"block-8", "block-8-constant", "masked"}
     assert ratios["block-8"] <= 1.1 and ratios["block-8-constant"] <= 1.1
     assert ratios["masked"] > 4.0
+
+
+def test_a_block_checkpoint_whose_block_count_differs_from_its_config_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from hf_sparse_ift.errors import UsageError
+
+    block_model().save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    q = "transformer.h.0.attn.q_proj"  # one active block fewer than the config derives
+    tensors[f"{q}.block_crow_indices"][-1] -= 1
+    tensors[f"{q}.block_col_indices"] = tensors[f"{q}.block_col_indices"][:-1].clone()
+    tensors[f"{q}.weight_blocks"] = tensors[f"{q}.weight_blocks"][:-1].clone()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UsageError, match="do not belong together") as err:
+        SparseWideGPTForCausalLM.from_pretrained(tmp_path)
+    assert "refused for the tensors of sparse layers" in str(err.value)
+    # with the flag, transformers re-initialised weight_blocks at random and kept the file's block index
+    with pytest.raises(
+        UsageError, match=rf"{q}.(weight_blocks|block_col_indices) .* does not fit the sparse layer .{q}."
+    ):
+        SparseWideGPTForCausalLM.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
+
+
+@pytest.mark.parametrize("layout", ["bitmask-values-v1", "plain", None])
+def test_save_pretrained_of_a_block_model_refuses_a_masked_layout(tmp_path, layout):
+    with pytest.raises(ValueError, match=f"sparse_format={layout!r} is invalid for a block-sparse model"):
+        block_model().save_pretrained(tmp_path / "out", sparse_format=layout)
+    assert not (tmp_path / "out").exists()

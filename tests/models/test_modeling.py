@@ -193,3 +193,14 @@ def test_training_forward_builds_no_kv_cache(tiny_model):
     assert tiny_model(x, labels=x).cache is None
     tiny_model.eval()
     assert tiny_model(x).cache is not None
+
+
+def test_an_input_longer_than_the_positions_is_one_sentence_not_an_index_error():
+    import pytest
+
+    from hf_sparse_ift.errors import UsageError
+
+    model = SparseWideGPTForCausalLM(tiny_config()).eval()  # 32 positions
+    assert model(torch.zeros(1, 32, dtype=torch.long)).logits.shape == (1, 32, 97)
+    with pytest.raises(UsageError, match=r"reaches position 40 \(0 cached \+ 40 new tokens\).*n_positions=32"):
+        model(torch.zeros(1, 40, dtype=torch.long))

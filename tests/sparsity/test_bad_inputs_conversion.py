@@ -70,6 +70,21 @@ CASES = [
         ["compress", "{root}/plain", "{root}/read-only/out"],
         ["output '{root}/read-only/out' is not writable", "choose a folder this process can create and write"],
     ),
+    (  # the error came from huggingface_hub after loading, naming no flag
+        "shard size without a unit",
+        ["decompress", "{root}/compressed", "{root}/out", "--max-shard-size", "0"],
+        ["--max-shard-size '0' is invalid", "5GB"],
+    ),
+    (  # --overwrite would delete the input with the folder holding it
+        "output holds the input",
+        ["decompress", "{root}/compressed", "{root}", "--overwrite"],
+        ["output {root} holds the input folder {root}/compressed", "would delete the input"],
+    ),
+    (
+        "output inside the input",
+        ["compress", "{root}/plain", "{root}/plain/out"],
+        ["output {root}/plain/out is inside the input folder {root}/plain", "would copy itself"],
+    ),
 ]
 
 

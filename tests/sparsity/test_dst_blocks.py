@@ -162,3 +162,18 @@ def test_static_keeps_the_blocks_and_reported_sparsity_counts_weights():
 def test_srigl_refuses_block_layers():
     with pytest.raises(ValueError, match=r"dst.method='srigl' does not work on block-sparse layers.*'rigl'"):
         make("srigl")
+
+
+def test_rigl_on_blocks_under_bf16_autocast_updates_masks():
+    # a GPU trains in bf16 by default: the dense-gradient observer mixed bf16 gradients with fp32 inputs and
+    # crashed at the first update ("expected m1 and m2 to have the same dtype")
+    model, opt, engine = make("rigl", interval=1)
+    before = block_masks(model)
+    x = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, labels=x).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    telemetry = engine.step()
+    assert telemetry is not None and any(not torch.equal(before[k], v) for k, v in block_masks(model).items())

@@ -320,6 +320,10 @@ def test_block_arms_have_their_own_iso_time_control_and_comparisons():
         ({"block_sizes": [1]}, "study.block_sizes[]=1 is invalid"),
         ({"block_sizes": [8, 8]}, "each block size may appear once"),
         ({"block_sizes": [8], "methods": ["srigl"], "iso_time_method": "srigl"}, "holds none of them"),
+        # round 3: a block the widths cannot hold iso-FLOP (widths 48/144 in 48-blocks: one block per attention
+        # linear, none active at the calibrated sparsity) is refused, never compared as if iso-FLOP
+        ({"block_sizes": [48]}, "study.block_sizes[]=48 is invalid: at sparsity 0.75, sparsity_block=48 is invalid"),
+        ({"block_sizes": [12]}, "widths d_model=36, d_ff=132 the sparse layers cost 1.031x the dense model's FLOPs"),
     ],
 )
 def test_bad_block_sizes_are_refused(change, message):
@@ -750,3 +754,66 @@ def test_a_stopped_and_resumed_run_logs_only_its_running_time(tmp_path):
         if "val/loss" in accumulator.Tags()["scalars"]:
             clock.update({e.step: e.wall_time for e in accumulator.Scalars("val/loss")})
     assert (clock[4] - clock[2]) - (running[4] - running[2]) > 3
+
+
+# ---------------------------------------------------------------------------------------------- round 3
+def test_arm_names_are_unique_and_exact_for_any_sparsity():
+    from hf_sparse_ift.study.arms import arm_name
+
+    names = {s: arm_name(ArmKind.SPARSE_WIDE, s, "set") for s in (0.75, 0.754, 0.995, 0.001, 0.5, 0.9)}
+    assert names == {
+        0.75: "sw-s75-set",  # whole percents keep the names of the shipped studies
+        0.754: "sw-s75.4-set",
+        0.995: "sw-s99.5-set",
+        0.001: "sw-s0.1-set",
+        0.5: "sw-s50-set",
+        0.9: "sw-s90-set",
+    }
+    study = build_study_config(tiny_study("unused", sparsities=[0.75, 0.754], arms=["sparse-wide", "dense-iso-time"]))
+    assert [arm.name for arm in build_arms(study)] == [
+        "sw-s75-set",
+        "dense-iso-time-s75",
+        "sw-s75.4-set",
+        "dense-iso-time-s75.4",
+    ]
+    with pytest.raises(ValueError, match=r"study.sparsities=\[0.75, 0.75000000001\] is invalid: they name the arms"):
+        build_study_config(tiny_study("unused", sparsities=[0.75, 0.75000000001]))
+
+
+def test_an_arm_whose_flops_differ_from_the_control_is_named_not_compared(tmp_path):
+    import dataclasses
+
+    study = build_study_config(
+        tiny_study(
+            tmp_path, arms=["dense", "dense-iso-flop", "sparse-wide"], methods=["static", "set"], block_sizes=[8]
+        )
+    )
+    rows = [
+        _arm(study, name, [3.9, 3.91])
+        for name in ("dense", "dense-iso-flop-s75", "sw-s75-set", "sw-s75-block8-set", "sw-s75-block8-static")
+    ]
+    block = rows[3]
+    more = dataclasses.replace(block.accounting, training_flops_ideal=1.4 * block.accounting.training_flops_ideal)
+    rows[3] = ArmResult(block.name, block.kind, block.sparsity, block.method, [], more, block.runs, block=8)
+    rows[4].block = 8
+    v = verdict(rows, iso_time_method="set")
+    wider = [c.arm for c in v.comparisons if c.kind is ComparisonKind.ISO_TOTAL_FLOP_WIDER]
+    assert "sw-s75-block8-set" not in wider and "sw-s75-set" in wider and "sw-s75-block8-static" in wider
+    assert any("not compared" in line and "sw-s75-block8-set (+40.0%)" in line for line in v.lines), v.lines
+
+
+def test_the_report_after_a_changed_calibration_gives_the_steps_that_ran(tmp_path):
+    from hf_sparse_ift.study.results import collect
+
+    study = build_study_config(tiny_study(tmp_path))
+    arms = build_arms(study)
+    iso_time = next(arm for arm in arms if arm.kind is ArmKind.DENSE_ISO_TIME)
+    iso_time.steps = 5  # what the new calibration gives
+    run = iso_time.run_dir(study, 0)
+    run.mkdir(parents=True)
+    summary = {"steps": 7, "tokens": 7 * 128, "wall_seconds": 1.0, "val_loss": [[7, 3.5]], "final_train_loss": 3.6}
+    (run / "train_summary.json").write_text(json.dumps(summary))
+    result = next(r for r in collect(study, arms, calibration=None) if r.name == iso_time.name)
+    assert result.accounting.steps == 7 and result.accounting.tokens == 7 * 128
+    assert result.runs[0].final_val_loss == 3.5
+    assert any("the runs did 7 steps" in note and "now give 5" in note for note in result.notes), result.notes

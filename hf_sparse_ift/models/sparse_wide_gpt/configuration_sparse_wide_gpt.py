@@ -17,7 +17,14 @@ from transformers.utils import logging
 from .block_sparse_layout import KERNEL_CHOICES as BLOCK_KERNELS
 from .compat import check_versions
 from .errors import UsageError
-from .iso_flop import BLOCK_LINEARS, GPTShape, calibrate_sparsity, sparse_wide_widths, stored_flops_mismatch
+from .iso_flop import (
+    BLOCK_LINEARS,
+    GPTShape,
+    calibrate_sparsity,
+    check_iso_flop,
+    sparse_wide_widths,
+    stored_flops_mismatch,
+)
 
 # The first module of the model that loads, in this package and as remote code: refuse unsupported releases here,
 # with one message, instead of failing later inside a forward pass.
@@ -224,6 +231,8 @@ class SparseWideGPTConfig(PretrainedConfig):
         self.attn_pdrop = _prob("attn_pdrop", attn_pdrop)
         self.use_cache = use_cache
         self._derive_widths()
+        if self.width_multiple is not None and self.sparsity and set(derived) != set(self.derived_keys):
+            check_iso_flop(self.dense_shape(), self.shape())  # calibrated here; a checkpoint's stored sizes load as is
         _check_given(self, derived)
         _check_aliases(self, aliases, {key: getattr(self, key) for key in self.derived_keys})
         super().__init__(

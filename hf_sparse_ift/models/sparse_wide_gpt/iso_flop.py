@@ -343,6 +343,42 @@ def stored_flops_mismatch(stored: GPTShape, derived: GPTShape, rtol: float = STO
     )
 
 
+# How far a block-sparse (or width-rounded) model's sparse-layer FLOPs may fall from the dense model's: masks hold
+# whole blocks, so calibration gets within one block per layer of the target, and a block too coarse for the widths
+# cannot get close at all. Every shipped configuration is within 0.2%.
+ISO_FLOP_TOLERANCE = 0.01
+
+
+def check_iso_flop(dense: GPTShape, wide: GPTShape, tolerance: float = ISO_FLOP_TOLERANCE) -> None:
+    """Refuse a calibrated `wide` model that is not iso-FLOP with `dense`: a sparse layer left without one active
+    weight (block), or sparse-layer FLOPs more than `tolerance` away from the dense model's. Raises UsageError naming
+    ``sparsity_block`` (or ``width_multiple``) and what would be valid."""
+    rows, cols = wide.sparsity_block
+    knob = (
+        f"sparsity_block={rows if rows == cols else [rows, cols]}"
+        if (rows, cols) != (1, 1)
+        else "width_multiple (the widths d_model, d_ff are rounded up to it)"
+    )
+    for name, (d_out, d_in) in linear_shapes(wide.d_model, wide.d_ff).items():
+        if name not in wide.sparse_layers:
+            continue
+        inactive = layer_inactive_weights(d_out, d_in, wide.layer_sparsity, wide.sparsity_block, wide.block_fan_in)
+        if inactive >= d_out * d_in:
+            raise UsageError(
+                f"{knob} is invalid: {name} ({d_out} x {d_in}) keeps no active weight at layer sparsity "
+                f"{wide.layer_sparsity:.4f}; choose a block that divides the widths d_model={wide.d_model}, "
+                f"d_ff={wide.d_ff} into more blocks (e.g. 16)"
+            )
+    dense_for_target = dataclasses.replace(dense, sparse_layers=tuple(wide.sparse_layers))
+    ratio = count_flops(wide).sparse_matmul / count_flops(dense_for_target).sparse_matmul
+    if abs(ratio - 1.0) > tolerance:
+        raise UsageError(
+            f"{knob} is invalid: with widths d_model={wide.d_model}, d_ff={wide.d_ff} the sparse layers cost "
+            f"{ratio:.3f}x the dense model's FLOPs at the nearest layer sparsity {wide.layer_sparsity:.4f} (iso-FLOP "
+            f"needs 1 +- {tolerance:g}); choose a block that divides the widths into more blocks (e.g. 16)"
+        )
+
+
 def chinchilla_tokens(num_params: float, tokens_per_param: float = 20.0) -> float:
     """Compute-optimal training tokens (Hoffmann et al. 2022: about 20 tokens per parameter)."""
     return tokens_per_param * num_params

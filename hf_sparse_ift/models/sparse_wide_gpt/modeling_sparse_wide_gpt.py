@@ -257,7 +257,14 @@ class SparseWideGPTModel(SparseWideGPTPreTrainedModel):
         past_seen = cache.get_seq_length() if cache is not None else 0
         packed = False
         if position_ids is None:
-            position_ids = torch.arange(past_seen, past_seen + inputs_embeds.shape[1], device=inputs_embeds.device)
+            end = past_seen + inputs_embeds.shape[1]
+            if end > self.config.n_positions:  # else an IndexError from the position embedding, naming nothing
+                raise UsageError(
+                    f"the input reaches position {end} ({past_seen} cached + {inputs_embeds.shape[1]} new tokens) but "
+                    f"the model has n_positions={self.config.n_positions}: give at most {self.config.n_positions} "
+                    f"tokens (tokenizer(..., truncation=True, max_length={self.config.n_positions}))"
+                )
+            position_ids = torch.arange(past_seen, end, device=inputs_embeds.device)
             position_ids = position_ids.unsqueeze(0)
         elif attention_mask is None and past_seen == 0:
             # Padding-free batches (DataCollatorWithFlattening): positions restart at 0 at each document, and a

@@ -100,6 +100,21 @@ def check_sparse_load(model, loading_info: dict) -> None:
             f"(transformers.conversion_mapping) did not apply, or this model's config does not match the checkpoint. "
             f"Refusing to return a model whose sparse layers would be randomly initialised."
         )
+    sparse_names = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (CondensedLinear, BlockSparseLinear)) or is_masked_layer(m)
+    ]
+    for entry in loading_info.get("mismatched_keys") or []:
+        key = entry[0] if isinstance(entry, (tuple, list)) else entry
+        layer_name = next((name for name in sparse_names if key.startswith(f"{name}.")), None)
+        if layer_name is not None:  # ignore_mismatched_sizes=True re-initialised it: values random, index from the file
+            shapes = f" ({entry[1]} in the checkpoint, {entry[2]} in the model)" if len(entry) == 3 else ""
+            raise UsageError(
+                f"the checkpoint's {key}{shapes} does not fit the sparse layer {layer_name!r} that its config.json "
+                "builds: ignore_mismatched_sizes cannot apply to a sparse layer (its tensors would be random while "
+                "the rest of its layout comes from the file); load these weights with the config they were saved with"
+            )
     missing = set(loading_info["missing_keys"])
     for layer_name, layer in model.named_modules():
         if isinstance(layer, CondensedLinear):
@@ -192,6 +207,13 @@ class SparseCheckpointMixin:
             except RuntimeError as err:
                 if errors:  # our conversion failed: say how, not only that it did
                     raise UsageError(errors[0]) from err
+                if "ignore_mismatched_sizes" in str(err):  # transformers' report of the keys is logged above
+                    raise UsageError(
+                        f"{pretrained_model_name_or_path}: tensors of the checkpoint do not have the shapes its "
+                        "config.json gives (the report above lists them): the weights and the config do not belong "
+                        "together. ignore_mismatched_sizes=True would re-initialise them at random, and is refused for "
+                        "the tensors of sparse layers"
+                    ) from None
                 raise
         check_sparse_load(model, loading_info)
         model._check_tensor_parallel()
@@ -246,6 +268,12 @@ class SparseCheckpointMixin:
         valid = ("auto", BITMASK_FORMAT, PLAIN)
         if wanted not in valid:
             raise UsageError(f"sparse_format={sparse_format!r} is invalid: expected one of {list(valid)} or None")
+        if wanted != "auto" and any(isinstance(m, BlockSparseLinear) for m in self.modules()):
+            raise UsageError(  # as `compress` refuses a block checkpoint: neither layout applies to its layers
+                f"sparse_format={sparse_format!r} is invalid for a block-sparse model: it stores only its active blocks "
+                "and their index, in its own layout; save it with sparse_format='auto', or convert it to the masked "
+                "layout first (hf_sparse_ift.sparsity.blocks.to_masked_model)"
+            )
         if held == CONDENSED_FORMAT and wanted != "auto":
             raise UsageError(
                 f"sparse_format={sparse_format!r} is invalid for a condensed model: it holds no masks "

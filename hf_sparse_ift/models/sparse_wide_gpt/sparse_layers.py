@@ -177,7 +177,10 @@ class _ObserveDenseGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
-        ctx.observer(grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]))
+        # In fp32: under autocast the output gradient is bf16/fp16 and the saved input fp32 (or the other way), and
+        # the ranking of blocks by gradient norm should not depend on the training precision.
+        dense_grad = grad.reshape(-1, grad.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()
+        ctx.observer(dense_grad)
         return grad, None, None
 
 

@@ -49,6 +49,29 @@ class DSTConfig:
         if not isinstance(self.spectral_gap, bool):
             checks.invalid("dst.spectral_gap", self.spectral_gap, "expected true or false")
 
+    def check_model(self, model_config) -> None:
+        """Refuse, from the model's config alone (before it is built: ``--print-config`` runs this too), a method
+        that cannot train it: one that updates masks on a model without sparse layers, or one without block support
+        on a block-sparse model. `DSTEngine` checks the same on the built layers."""
+        from .methods import METHODS
+
+        method = METHODS[self.method]
+        if method.updates_masks and not (model_config.sparsity > 0 and model_config.sparse_layers):
+            checks.invalid(
+                "dst.method",
+                self.method,
+                f"the model has no sparse layers (model.sparsity={model_config.sparsity}), so there is no mask to "
+                "update: use dst.method=static, or a sparse model",
+            )
+        if model_config.uses_blocks and not method.supports_blocks:
+            usable = sorted(name for name, m in METHODS.items() if m.supports_blocks)
+            checks.invalid(
+                "dst.method",
+                self.method,
+                f"it does not work on block-sparse layers (model.sparsity_block={model_config.sparsity_block}): use "
+                f"one of {usable}, or a model with sparsity_block=1",
+            )
+
     @classmethod
     def from_dict(cls, values: dict) -> DSTConfig:
         known = {f.name for f in fields(cls)}

@@ -14,6 +14,7 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as hf_logging
 
 from hf_sparse_ift import SparseWideGPTConfig, SparseWideGPTForCausalLM
+from hf_sparse_ift.errors import UsageError
 from hf_sparse_ift.models.sparse_wide_gpt import configuration_sparse_wide_gpt
 from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import STORED_FLOPS_RTOL, count_flops
 
@@ -101,7 +102,7 @@ def test_stored_sizes_that_do_not_make_a_model_are_refused():
 def test_a_stored_layer_sparsity_that_changes_the_active_block_count_is_refused_by_the_shapes(tmp_path):
     """Block layers store only their active blocks: a layer sparsity giving another count cannot hold the tensors."""
     folder = fixture_with(tmp_path, "block", layer_sparsity=0.6)
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+    with pytest.raises(UsageError, match=r"tensors of the checkpoint do not have the shapes its config\.json gives"):
         SparseWideGPTForCausalLM.from_pretrained(folder)
 
 

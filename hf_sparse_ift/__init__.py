@@ -27,17 +27,15 @@ check_versions(MINIMUM_VERSIONS)
 __version__ = "0.3.0"
 
 _MODEL = ".models.sparse_wide_gpt"
-__getattr__, __dir__ = lazy_exports(
-    __name__,
-    {
-        "BlockSparseLinear": _MODEL,
-        "SparseLinear": _MODEL,
-        "SparseWideGPTConfig": _MODEL,
-        "SparseWideGPTForCausalLM": _MODEL,
-        "SparseWideGPTModel": _MODEL,
-        "SparseWideGPTPreTrainedModel": _MODEL,
-    },
-)
+_EXPORTS = {
+    "BlockSparseLinear": _MODEL,
+    "SparseLinear": _MODEL,
+    "SparseWideGPTConfig": _MODEL,
+    "SparseWideGPTForCausalLM": _MODEL,
+    "SparseWideGPTModel": _MODEL,
+    "SparseWideGPTPreTrainedModel": _MODEL,
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 def register_auto_classes() -> None:
@@ -111,12 +109,4 @@ if "transformers" in sys.modules:
 if not _registered and not any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
     sys.meta_path.insert(0, _RegisterAfterImport("finder"))
 
-__all__ = [
-    "BlockSparseLinear",
-    "SparseLinear",
-    "SparseWideGPTConfig",
-    "SparseWideGPTForCausalLM",
-    "SparseWideGPTModel",
-    "SparseWideGPTPreTrainedModel",
-    "register_auto_classes",
-]
+__all__ = sorted(_EXPORTS) + ["register_auto_classes"]

@@ -3,5 +3,6 @@
 
 from .._lazy import lazy_exports
 
-__getattr__, __dir__ = lazy_exports(__name__, {"parameter_counts": ".masks", "sparse_layers": ".masks"})
-__all__ = ["parameter_counts", "sparse_layers"]
+_EXPORTS = {"parameter_counts": ".masks", "sparse_layers": ".masks"}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -7,28 +7,16 @@ The public entry points, which the CLI and the study use: `pretrain` (one run, s
 
 from .._lazy import lazy_exports
 
-__getattr__, __dir__ = lazy_exports(
-    __name__,
-    {
-        "RunLock": ".checkpoint",
-        "list_checkpoints": ".checkpoint",
-        "newest_complete_checkpoint": ".checkpoint",
-        "PretrainConfig": ".config",
-        "build_pretrain_config": ".config",
-        "load_pretrain_config": ".config",
-        "NonFiniteLossError": ".loop",
-        "pretrain": ".loop",
-        "time_training_steps": ".loop",
-    },
-)
-__all__ = [
-    "NonFiniteLossError",
-    "PretrainConfig",
-    "RunLock",
-    "build_pretrain_config",
-    "list_checkpoints",
-    "load_pretrain_config",
-    "newest_complete_checkpoint",
-    "pretrain",
-    "time_training_steps",
-]
+_EXPORTS = {
+    "RunLock": ".checkpoint",
+    "list_checkpoints": ".checkpoint",
+    "newest_complete_checkpoint": ".checkpoint",
+    "PretrainConfig": ".config",
+    "build_pretrain_config": ".config",
+    "load_pretrain_config": ".config",
+    "NonFiniteLossError": ".loop",
+    "pretrain": ".loop",
+    "time_training_steps": ".loop",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

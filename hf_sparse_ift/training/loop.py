@@ -127,7 +127,7 @@ class Session:
     val_batches: list
     progress: TrainingProgress
     out_dir: Path
-    flops_per_token: dict = field(default_factory=dict)
+    model_summary: dict = field(default_factory=dict)
     peak: float | None = None
     mask_checks: int = 0
     last_tokens_per_s: float | None = None
@@ -147,7 +147,7 @@ def setup(run: RunConfig, resume: bool) -> Session:
     set_seed(cfg.train.seed)
     set_sdpa_backend(cfg.train.attention_backend)
     tokenizer = run.tokenizer
-    model = SparseWideGPTForCausalLM(run.model)
+    model = SparseWideGPTForCausalLM(run.model_config)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.to(accelerator.device)
@@ -185,7 +185,7 @@ def setup(run: RunConfig, resume: bool) -> Session:
         accelerator.process_index,
         accelerator.num_processes,
     )
-    summary = run.to_dict()["resolved"]["model"]
+    summary = run.model_summary
     session = Session(
         run=run,
         accelerator=accelerator,
@@ -198,7 +198,7 @@ def setup(run: RunConfig, resume: bool) -> Session:
         val_batches=val,
         progress=progress,
         out_dir=out_dir,
-        flops_per_token=summary,
+        model_summary=summary,
         peak=peak_flops(cfg.train.peak_tflops),
     )
     _start_records(session)
@@ -385,8 +385,8 @@ class StepLog:
             logs["train/grad_norm"] = grad_norm
         mfu = ""
         if s.peak:
-            logs["train/mfu_active"] = tok_s * s.flops_per_token["training_flops_per_token"] / s.peak
-            logs["train/mfu_executed"] = tok_s * s.flops_per_token["training_flops_per_token_executed"] / s.peak
+            logs["train/mfu_active"] = tok_s * s.model_summary["training_flops_per_token"] / s.peak
+            logs["train/mfu_executed"] = tok_s * s.model_summary["training_flops_per_token_executed"] / s.peak
             mfu = f", MFU {logs['train/mfu_active']:.3f} active / {logs['train/mfu_executed']:.3f} executed"
         s.accelerator.log(logs, step=step)
         if self.bar is not None:

@@ -9,6 +9,7 @@ record: the summary, the tracker's hparams, the exported ``training_config.yaml`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import yaml
@@ -45,7 +46,7 @@ RESUME_MAY_CHANGE = frozenset(
 @dataclass
 class RunConfig:
     config: PretrainConfig
-    model: SparseWideGPTConfig
+    model_config: SparseWideGPTConfig
     data: DataSource
     processes: int
     accumulation: int
@@ -57,6 +58,12 @@ class RunConfig:
     tokenizer: object = field(default=None, repr=False)  # loaded once here, so a bad one fails before any work
     decisions: list[str] = field(default_factory=list)
     resume_changes: list[str] = field(default_factory=list)
+
+    @functools.cached_property
+    def model_summary(self) -> dict:
+        """`iso_flop.model_summary` of the model at the run's context length: computed once (setup, every record and
+        checkpoint read it)."""
+        return model_summary(self.model_config, self.data.seq_len)
 
     @property
     def tokens_per_step(self) -> int:
@@ -70,7 +77,7 @@ class RunConfig:
         return {
             **self.config.to_dict(),
             "resolved": {
-                "model": model_summary(self.model, self.data.seq_len),
+                "model": self.model_summary,
                 "data": self.data.to_dict(),
                 "processes": self.processes,
                 "accumulation": self.accumulation,
@@ -105,7 +112,7 @@ class RunConfig:
         return out
 
 
-def training_memory_bytes(model: SparseWideGPTConfig, micro_batch: int, seq_len: int) -> int:
+def training_memory_bytes(model: SparseWideGPTConfig, seq_len: int) -> int:
     """A lower bound of what training takes: fp32 weights, gradients and two Adam moments (16 bytes per
     parameter) and 1 byte per mask entry. Activations are left out on purpose: they depend on precision, the
     attention kernel and recomputation, and a lower bound must never refuse a run that fits. A block-sparse model
@@ -126,7 +133,7 @@ def resolve_run(
     _, decisions = cfg.model_values()
     model = cfg.model_config()
     cfg.dst.check_model(model)
-    memory = training_memory_bytes(model, cfg.train.micro_batch_size, cfg.data.seq_len)
+    memory = training_memory_bytes(model, cfg.data.seq_len)
     if cfg.train.check_memory:
         available, where = available_memory_bytes()
         if memory > available:
@@ -169,7 +176,7 @@ def resolve_run(
     warmup = cfg.warmup_steps()
     run = RunConfig(
         config=cfg,
-        model=model,
+        model_config=model,
         data=data,
         processes=processes,
         accumulation=accumulation,

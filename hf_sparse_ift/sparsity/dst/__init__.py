@@ -12,15 +12,13 @@ The engine is separate from the model and from the training loop; each method (s
 
 from ..._lazy import lazy_exports
 
-__getattr__, __dir__ = lazy_exports(
-    __name__,
-    {
-        "DSTConfig": ".config",
-        "DSTEngine": ".engine",
-        "summarize": ".engine",
-        "METHODS": ".methods",
-        "DSTMethod": ".methods",
-        "LayerUpdate": ".methods",
-    },
-)
-__all__ = ["METHODS", "DSTConfig", "DSTEngine", "DSTMethod", "LayerUpdate", "summarize"]
+_EXPORTS = {
+    "DSTConfig": ".config",
+    "DSTEngine": ".engine",
+    "summarize": ".engine",
+    "METHODS": ".methods",
+    "DSTMethod": ".methods",
+    "LayerUpdate": ".methods",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

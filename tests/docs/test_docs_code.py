@@ -172,7 +172,6 @@ def run_documents(paths: list[Path], cwd: Path, env: dict) -> None:
         _run([sys.executable, "-c", f"SCRIPTS = {scripts!r}\n{RUNNER}"], "the python blocks", cwd, env)
 
 
-@pytest.mark.slow
 def test_every_unmarked_block_runs(tmp_path):
     run_documents(documents(), tmp_path, _session(tmp_path))
 

@@ -248,7 +248,7 @@ def test_tokens_per_s_is_tokens_over_training_time_of_the_window():
         progress=SimpleNamespace(step=0, train_loss=[]),
         engine=SimpleNamespace(sparsity=lambda: 0.75),
         peak=1e12,
-        flops_per_token={"training_flops_per_token": 6e6, "training_flops_per_token_executed": 2.4e7},
+        model_summary={"training_flops_per_token": 6e6, "training_flops_per_token_executed": 2.4e7},
     )
     log = StepLog(session, clock=lambda: now[0])
     log.start()

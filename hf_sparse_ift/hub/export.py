@@ -81,13 +81,9 @@ def _temporary_folder(dst: Path) -> Path:
 
 
 def _move_into_place(tmp: Path, dst: Path) -> None:
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        dst.rename(old / dst.name)
-        tmp.rename(dst)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(dst)
+    from ..sparsity.checkpoint_layouts import replace_folder  # imports torch: only once an export has run
+
+    replace_folder(tmp, dst)
 
 
 def _has_tokenizer(folder: Path) -> bool:

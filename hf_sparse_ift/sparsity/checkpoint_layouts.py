@@ -120,13 +120,7 @@ def convert_checkpoint(
             if weights or (tmp / item.name).exists():
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            dst.rename(old / dst.name)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
+        replace_folder(tmp, dst)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -192,3 +186,15 @@ def _check_conversion(src: Path, dst: Path, layout: str, overwrite: bool, repres
         )
     if dst.exists() and not overwrite:
         raise OutputExistsError(f"{dst} already exists; pass --overwrite to replace it")
+
+
+def replace_folder(tmp: Path, dst: Path) -> None:
+    """Put the finished folder `tmp` at `dst` (a sibling of it), replacing an existing `dst` only once `tmp` is whole:
+    the old one is renamed aside first and deleted last, so a failure never leaves neither."""
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        dst.rename(old / dst.name)
+        tmp.rename(dst)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dst)

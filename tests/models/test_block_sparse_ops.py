@@ -52,6 +52,7 @@ CASES = [
     (128, 64, (32, 32), 0.1, "constant", (2, 9)),
     (64, 128, (16, 32), 0.5, "any", (401,)),  # non-square blocks for the native kernel; tiles of 384 tokens and a tail
     (96, 64, (32, 16), 0.5, "constant", (3,)),
+    (256, 192, (128, 64), 0.5, "any", (2, 70)),  # native: two 64-column panels per block-row, sub-tiles and a tail
 ]
 
 

@@ -6,10 +6,10 @@
 
 Native kernel (``block_sparse_kernel.c``, fp32, blocks whose sides are multiples of 16). ``hf-sparse-ift
 build-kernels`` compiles it into the kernel cache; `load_kernel` opens it only if its build record vouches for it
-(`native_kernels`), and never compiles. Each product is a sum of small dense products computed by one register-tiled
-micro-kernel that keeps a tile of the result in vector registers while it sums over all of a block-row's (or
-block-column's, or tokens') terms, on block-major copies of the inputs; with at most `DOT_TOKENS` tokens (decoding)
-the forward reads every block once, in its stored layout. It runs on ``torch.get_num_threads()`` of the calling thread,
+(`native_kernels`), and never compiles. Each product is a sum of small dense products, block by block, computed by
+one register-tiled micro-kernel on block-major copies of the inputs (made in the library, into scratch tensors
+allocated here) while the block stays in L1; the design and what it replaced are in the source's header. With at most
+`DOT_TOKENS` tokens (decoding) the forward reads every block once, in its stored layout. It runs on ``torch.get_num_threads()`` of the calling thread,
 on the library's own threads: it reads no torch or OpenMP setting other than that count and changes none.
 ``HF_SPARSE_IFT_KERNEL=0`` turns it off. Without it (or for other block shapes) a one-time message says the layers
 compute with torch:
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,7 +43,17 @@ from pathlib import Path
 import torch
 
 from .block_sparse_layout import BlockSparseKernel, block_rows_of
-from .native_kernels import DISABLE_VARIABLE, build_record, disabled, library_path, open_library, unusable
+from .native_kernels import (
+    DISABLE_VARIABLE,
+    OPENMP_RUNTIMES,
+    build_record,
+    disabled,
+    kernel_threads,
+    library_path,
+    loaded_library,
+    open_library,
+    unusable,
+)
 
 
 def _logger():
@@ -60,7 +71,7 @@ STEM = "block-sparse"
 SOURCE = Path(__file__).with_name("block_sparse_kernel.c")
 # Bumped whenever a function's signature in block_sparse_kernel.c changes; the library reports its own
 # (`block_sparse_kernel_abi`) and a library of another version is not used.
-KERNEL_ABI = 1
+KERNEL_ABI = 2
 ABI_FUNCTION = "block_sparse_kernel_abi"
 # Up to this many tokens the native forward reads each block once and takes dot products (decoding); more tokens go
 # through the register-tiled products on block-major inputs.
@@ -74,11 +85,15 @@ _library_lock = threading.Lock()
 def declare(lib) -> None:
     """Argument and result types of the library's functions (ctypes passes them unchecked otherwise)."""
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    for name in ("bsr_forward", "bsr_forward_dot", "bsr_grad_input"):
-        getattr(lib, name).argtypes = [pointer] * 6 + [i64] * 5 + [ctypes.c_int]
+    signatures = {
+        "bsr_forward": [pointer] * 8 + [i64] * 5,
+        "bsr_forward_dot": [pointer] * 6 + [i64] * 5,
+        "bsr_grad_input": [pointer] * 7 + [i64] * 5,
+        "bsr_grad_blocks": [pointer] * 7 + [i64] * 6,
+    }
+    for name, arguments in signatures.items():
+        getattr(lib, name).argtypes = [*arguments, ctypes.c_int]
         getattr(lib, name).restype = None
-    lib.bsr_grad_blocks.argtypes = [pointer] * 5 + [i64] * 6 + [ctypes.c_int]
-    lib.bsr_grad_blocks.restype = None
 
 
 def load_kernel():
@@ -105,7 +120,7 @@ def load_kernel():
             try:
                 lib = open_library(path, ABI_FUNCTION, KERNEL_ABI, declare)
                 _logger().info(f"Block-sparse layers compute with the native kernel {path} on CPU.")
-            except (OSError, AttributeError) as err:
+            except (OSError, AttributeError) as err:  # a bad HF_SPARSE_IFT_KERNEL_THREADS (ValueError) is raised
                 _logger().warning(
                     f"Block-sparse layers compute with torch on CPU: the native kernel {path} cannot be used ({err}). "
                     "Rebuild it with `hf-sparse-ift build-kernels`."
@@ -125,7 +140,7 @@ def kernel_info() -> dict | None:
     if load_kernel() is None:
         return None
     path = library_path(STEM, KERNEL_ABI)
-    return {"path": str(path), **build_record(path)}
+    return {"path": str(path), "threads": kernel_threads(path), **build_record(path)}
 
 
 def _native_for(blocks: torch.Tensor):
@@ -141,64 +156,83 @@ def _block_major(matrix: torch.Tensor, block_size: int) -> torch.Tensor:
     return matrix.view(matrix.shape[0], -1, block_size).transpose(0, 1).contiguous()
 
 
+# Scratch for the native kernel's block-major copies, kept per calling thread and reused: a fresh allocation this
+# large is mapped anew by the C allocator each call, and faulting its pages in cost about a third of a layer's
+# forward + backward (GPT-3 Small SW-75 shapes, 2048 tokens). Requests above the cap are allocated and dropped.
+WORKSPACE_CAP_BYTES = 512 * 2**20
+
+
+class _Workspace(threading.local):
+    buffer: torch.Tensor | None = None
+
+
+_WORKSPACE = _Workspace()
+
+
+def scratch(*shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    """fp32 tensors of these shapes, contents undefined, valid until this thread's next call (views of one buffer)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    needed = sum(sizes)
+    buffer = _WORKSPACE.buffer
+    if buffer is None or buffer.numel() < needed:
+        buffer = torch.empty(needed, dtype=torch.float32)
+        if needed * 4 <= WORKSPACE_CAP_BYTES:
+            _WORKSPACE.buffer = buffer
+    views, start = [], 0
+    for shape, size in zip(shapes, sizes, strict=True):
+        views.append(buffer[start : start + size].view(shape))
+        start += size
+    return views
+
+
+def release_workspace() -> None:
+    """Free this thread's scratch buffer (it is made again at the next call that needs one)."""
+    _WORKSPACE.buffer = None
+
+
+def _fp32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.float32).contiguous()
+
+
 def _native_forward(lib, x2, blocks, bias, crow_indices, col_indices) -> torch.Tensor:
     n_rows = crow_indices.numel() - 1
     _, block_rows, block_cols = blocks.shape
     tokens, in_features = x2.shape
-    x = x2.to(torch.float32).contiguous()
-    weights = blocks.to(torch.float32).contiguous()
-    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    x, weights = _fp32(x2), _fp32(blocks)
+    bias32 = None if bias is None else _fp32(bias)
     crow, col = crow_indices.contiguous(), col_indices.contiguous()
     y = x.new_empty(tokens, n_rows * block_rows)
-    if tokens <= DOT_TOKENS:
-        function, x_arg = lib.bsr_forward_dot, x
-    else:
-        function, x_arg = lib.bsr_forward, _block_major(x, block_cols)
+    bias_pointer = None if bias32 is None else bias32.data_ptr()
+    shape = (tokens, in_features, n_rows, block_rows, block_cols, torch.get_num_threads())
     # the tensors stay referenced until the call returns (a data_ptr does not keep its tensor alive)
-    function(
-        x_arg.data_ptr(),
-        weights.data_ptr(),
-        crow.data_ptr(),
-        col.data_ptr(),
-        None if bias32 is None else bias32.data_ptr(),
-        y.data_ptr(),
-        tokens,
-        in_features,
-        n_rows,
-        block_rows,
-        block_cols,
-        torch.get_num_threads(),
-    )
+    if tokens <= DOT_TOKENS:
+        lib.bsr_forward_dot(x.data_ptr(), weights.data_ptr(), crow.data_ptr(), col.data_ptr(), bias_pointer,
+                            y.data_ptr(), *shape)  # fmt: skip
+    else:
+        x_scratch, blocks_scratch = scratch(x.shape, weights.shape)  # block-major x, blocks transposed
+        lib.bsr_forward(x.data_ptr(), weights.data_ptr(), crow.data_ptr(), col.data_ptr(), bias_pointer, y.data_ptr(),
+                        x_scratch.data_ptr(), blocks_scratch.data_ptr(), *shape)  # fmt: skip
     return y.to(x2.dtype)
+
+
+def _transposed_index(crow_indices, col_indices, n_cols: int):
+    """The blocks of each block-column in block-row order (stable sort), where each column's start, each block's row."""
+    by_column = torch.argsort(col_indices, stable=True)
+    column_starts = torch.cat([col_indices.new_zeros(1), torch.bincount(col_indices, minlength=n_cols).cumsum(0)])
+    return by_column, column_starts, block_rows_of(crow_indices)
 
 
 def _native_grad_input(lib, gy, blocks, crow_indices, col_indices, in_features) -> torch.Tensor:
     n_rows = crow_indices.numel() - 1
     _, block_rows, block_cols = blocks.shape
     tokens = gy.shape[0]
-    gy_blocks = _block_major(gy.to(torch.float32).contiguous(), block_rows)
-    weights = blocks.to(torch.float32).contiguous()
-    # the blocks of each block-column, in block-row order (stable sort): the transposed BSR index
-    by_column = torch.argsort(col_indices, stable=True)
-    column_starts = torch.cat(
-        [col_indices.new_zeros(1), torch.bincount(col_indices, minlength=in_features // block_cols).cumsum(0)]
-    )
-    block_row = block_rows_of(crow_indices)
-    grad_x = gy_blocks.new_empty(tokens, in_features)
-    lib.bsr_grad_input(
-        gy_blocks.data_ptr(),
-        weights.data_ptr(),
-        by_column.data_ptr(),
-        column_starts.data_ptr(),
-        block_row.data_ptr(),
-        grad_x.data_ptr(),
-        tokens,
-        in_features,
-        n_rows,
-        block_rows,
-        block_cols,
-        torch.get_num_threads(),
-    )
+    gy32, weights = _fp32(gy), _fp32(blocks)
+    by_column, column_starts, block_row = _transposed_index(crow_indices, col_indices, in_features // block_cols)
+    grad_x = gy32.new_empty(tokens, in_features)
+    (gy_scratch,) = scratch(gy32.shape)  # block-major gy
+    lib.bsr_grad_input(gy32.data_ptr(), weights.data_ptr(), by_column.data_ptr(), column_starts.data_ptr(),
+                       block_row.data_ptr(), grad_x.data_ptr(), gy_scratch.data_ptr(),
+                       tokens, in_features, n_rows, block_rows, block_cols, torch.get_num_threads())  # fmt: skip
     return grad_x.to(gy.dtype)
 
 
@@ -206,25 +240,13 @@ def _native_grad_blocks(lib, gy, x2, blocks, crow_indices, col_indices) -> torch
     n_rows = crow_indices.numel() - 1
     n_active, block_rows, block_cols = blocks.shape
     tokens, in_features = x2.shape
-    gy_blocks = _block_major(gy.to(torch.float32).contiguous(), block_rows)
-    x_blocks = _block_major(x2.to(torch.float32).contiguous(), block_cols)
-    col = col_indices.contiguous()
-    block_row = block_rows_of(crow_indices)
-    grad = gy_blocks.new_empty(blocks.shape)
-    lib.bsr_grad_blocks(
-        gy_blocks.data_ptr(),
-        x_blocks.data_ptr(),
-        col.data_ptr(),
-        block_row.data_ptr(),
-        grad.data_ptr(),
-        n_active,
-        tokens,
-        in_features,
-        n_rows,
-        block_rows,
-        block_cols,
-        torch.get_num_threads(),
-    )
+    gy32, x = _fp32(gy), _fp32(x2)
+    col, block_row = col_indices.contiguous(), block_rows_of(crow_indices)
+    grad = gy32.new_empty(blocks.shape)
+    gy_scratch, x_scratch = scratch(gy32.shape, x.shape)  # block-major copies
+    lib.bsr_grad_blocks(gy32.data_ptr(), x.data_ptr(), col.data_ptr(), block_row.data_ptr(), grad.data_ptr(),
+                        gy_scratch.data_ptr(), x_scratch.data_ptr(), n_active, tokens, in_features, n_rows,
+                        block_rows, block_cols, torch.get_num_threads())  # fmt: skip
     return grad.to(blocks.dtype)
 
 
@@ -237,19 +259,6 @@ _UNKNOWN = object()
 _thread_setters = _UNKNOWN
 
 
-def _loaded_library(name: str) -> str | None:
-    """The path of a shared library of this process whose file name starts with `name`, or None (Linux only)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split()[-1]
-                if path.startswith("/") and Path(path).name.startswith(name):
-                    return path
-    except OSError:
-        pass
-    return None
-
-
 def _worker_thread_setters():
     """Functions that set the calling thread's own OpenMP and MKL thread counts in the libraries torch runs on, or
     None where they cannot be found (then the torch path has no worker pool)."""
@@ -258,10 +267,10 @@ def _worker_thread_setters():
         return _thread_setters
     setters = None
     try:
-        omp = next(p for p in map(_loaded_library, ("libgomp", "libiomp5", "libomp")) if p)
+        omp = next(p for p in map(loaded_library, OPENMP_RUNTIMES) if p)
         setters = [ctypes.CDLL(omp).omp_set_num_threads]
         if torch.backends.mkl.is_available():  # MKL keeps its own per-thread count, set when torch first runs here
-            setters.append(ctypes.CDLL(_loaded_library("libtorch_cpu")).MKL_Set_Num_Threads_Local)  # C interface
+            setters.append(ctypes.CDLL(loaded_library("libtorch_cpu")).MKL_Set_Num_Threads_Local)  # C interface
     except (StopIteration, OSError, AttributeError, TypeError):
         setters = None
     _thread_setters = setters
@@ -425,9 +434,7 @@ def torch_grad_input(
     gy_rows = _column_blocks(gy, block_rows)
     weights = blocks.to(compute).unbind(0)
     # the blocks of each block-column, in block-row order (stable sort): the transposed BSR index
-    by_column = torch.argsort(col_indices, stable=True).tolist()
-    column_starts = [0] + torch.bincount(col_indices, minlength=n_cols).cumsum(0).tolist()
-    block_row = block_rows_of(crow_indices).tolist()
+    by_column, column_starts, block_row = (t.tolist() for t in _transposed_index(crow_indices, col_indices, n_cols))
     grad_x2 = gy.new_empty(tokens, in_features)
     grad_x_cols = grad_x2.view(tokens, n_cols, block_cols).unbind(1)
 

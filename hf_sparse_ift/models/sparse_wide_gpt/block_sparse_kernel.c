@@ -3,11 +3,22 @@
    time by `hf-sparse-ift build-kernels`, never while a model loads; without a built library the same products run
    through torch (block_sparse_cpu.py), with equal results up to the order of the fp32 sums.
 
-   Every product is a sum of small dense products, computed by one register-tiled micro-kernel: a tile of MR rows x
-   up to 64 columns of the result stays in vector registers while it accumulates over all the blocks it sums (a
-   whole block-row of the forward, a whole block-column of the input gradient, all tokens of a block gradient), so
-   the result is written once and no partial product goes through memory. Columns come in vectors of 16 floats
-   (GCC vector extensions: one AVX-512 register, two AVX2 ones), so BR and BC must be multiples of 16.
+   Every product is a sum of small dense products A_p B_p, one per block, computed by one register-tiled
+   micro-kernel: a tile of MR rows x up to 64 columns of the result is held in vector registers over one block's K
+   (BR or BC, or a chunk of tokens), added to the tile's running sum and stored. The block loop is outside the row
+   loop, so a block's B (at most 64 columns of it, K x 64 floats: 16 KB for 64-blocks) stays in L1 while every row
+   of a sub-tile of tokens uses it; the running sums of a sub-tile (SUB_TOKENS rows) stay in an L1-sized buffer and
+   the block's last product writes the result. (Summing a whole block-row in registers instead, the first version,
+   streamed all of the row's blocks from L2 for every MR rows and ran at 55% of the FMA peak.) In this order the sums
+   are the same as before: block by block, k by k.
+
+   The token-major operands are first copied block-major, (features / block, tokens, block), in one pass that reads
+   the rows in order: then the rows of one block are contiguous. Read in place, rows 6 or 24 KB apart fall into a
+   few L1 sets and cross a page per row, where the hardware prefetchers stop; copying them per block and per use
+   took a fifth of the time. The forward also copies its blocks transposed once (each is read as K x BR).
+
+   Columns come in vectors of 16 floats (GCC vector extensions: one AVX-512 register, two AVX2 ones), so BR and BC
+   must be multiples of 16.
 
    With up to DOT_TOKENS tokens (decoding) the forward reads each block once, in its stored layout, and takes one
    dot product per output per token: decoding is memory-bound and this reads no byte twice.
@@ -28,82 +39,126 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));
 #define MR 2 /* a v16 is two AVX2 registers: 2 x 4 x 2 accumulators fill the 16 (not tuned: measured on AVX-512) */
 #endif
 #define DOT_TOKENS 4
+#define SUB_TOKENS 48   /* rows of a sub-tile: its running sums (48 x 64 floats, 12 KB) stay in L1 with a block */
+#define TILE_TOKENS 384 /* tokens of one work item (forward, input gradient) */
+#define GRAD_CHUNK 128  /* tokens summed per pass over a block gradient (its tiles reloaded once a pass) */
+#define CONVERT_TOKENS 16
 
 static inline v16 load16(const float* p) { return *(const v16u*)p; }
 static inline void store16(float* p, v16 v) { *(v16u*)p = v; }
 /* a broadcast (vbroadcastss from memory); `(v16){0} + v` would add 0.0 first, a port-5 instruction per use */
 static inline v16 splat(float v) { return (v16){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* C[m, n] (m < mr, n < 16 * nv) = init + sum_p sum_k A_p[m, k] * B_p[k, n], for p < np, k < K, where
-   A_p[m, k] = a[a_off[p] + m * a_m + k * a_k] and B_p[k, n] = b_p[p][k * ldb + n]. init: 0 (none), a row vector
-   broadcast over the rows (bias), or C itself (accumulate). MR_ and NV are constants after inlining, so the
-   accumulators stay in registers. */
-enum { INIT_ZERO, INIT_ROW, INIT_C };
-
-static inline __attribute__((always_inline)) void tile(
-    const int mr, const int nv, const float* a, const int64_t* a_off, int64_t a_m, int64_t a_k,
-    const float* const* b_p, int64_t ldb, int64_t np, int64_t K, int init, const float* row, float* c, int64_t ldc) {
+/* C[m, n] = C_in[m, n] + sum_{k < K} A[m, k] B[k, n] for m < mr, n < 16 nv, where A[m, k] = a[m * a_m + k * a_k],
+   B[k, n] = b[k * ldb + n], C[m, n] = c[m * ldc + n] and C_in[m, n] = c_in[m * ld_in + n] (zero when c_in is NULL;
+   ld_in = 0 adds one row, the bias, to every row). mr and nv are constants after inlining, so the accumulators stay
+   in registers. */
+static inline __attribute__((always_inline)) void tile(const int mr, const int nv, const float* a, int64_t a_m,
+                                                       int64_t a_k, const float* b, int64_t ldb, int64_t K,
+                                                       const float* c_in, int64_t ld_in, float* c, int64_t ldc) {
     v16 acc[6][4]; /* mr <= 6 */
     for (int m = 0; m < mr; m++)
-        for (int v = 0; v < nv; v++)
-            acc[m][v] = init == INIT_ROW ? load16(row + 16 * v) : init == INIT_C ? load16(c + m * ldc + 16 * v)
-                                                                                 : splat(0.f);
-    for (int64_t p = 0; p < np; p++) {
-        const float* ap = a + a_off[p];
-        const float* bp = b_p[p];
-        for (int64_t k = 0; k < K; k++) {
-            v16 bv[4];
-            for (int v = 0; v < nv; v++) bv[v] = load16(bp + k * ldb + 16 * v);
-            for (int m = 0; m < mr; m++) {
-                const v16 av = splat(ap[m * a_m + k * a_k]);
-                for (int v = 0; v < nv; v++) acc[m][v] += av * bv[v];
-            }
+        for (int v = 0; v < nv; v++) acc[m][v] = c_in ? load16(c_in + m * ld_in + 16 * v) : splat(0.f);
+    for (int64_t k = 0; k < K; k++) {
+        v16 bv[4];
+        for (int v = 0; v < nv; v++) bv[v] = load16(b + k * ldb + 16 * v);
+        for (int m = 0; m < mr; m++) {
+            const v16 av = splat(a[m * a_m + k * a_k]);
+            for (int v = 0; v < nv; v++) acc[m][v] += av * bv[v];
         }
     }
     for (int m = 0; m < mr; m++)
         for (int v = 0; v < nv; v++) store16(c + m * ldc + 16 * v, acc[m][v]);
 }
 
-#define TILE_CASES(MR_)                                                                                        \
-    switch (nv) {                                                                                              \
-        case 1: tile(MR_, 1, a, a_off, a_m, a_k, b_p, ldb, np, K, init, row, c, ldc); break;                   \
-        case 2: tile(MR_, 2, a, a_off, a_m, a_k, b_p, ldb, np, K, init, row, c, ldc); break;                   \
-        case 3: tile(MR_, 3, a, a_off, a_m, a_k, b_p, ldb, np, K, init, row, c, ldc); break;                   \
-        default: tile(MR_, 4, a, a_off, a_m, a_k, b_p, ldb, np, K, init, row, c, ldc); break;                  \
+#define TILE_CASES(MR_)                                                             \
+    switch (nv) {                                                                   \
+        case 1: tile(MR_, 1, a, a_m, a_k, b, ldb, K, c_in, ld_in, c, ldc); break;   \
+        case 2: tile(MR_, 2, a, a_m, a_k, b, ldb, K, c_in, ld_in, c, ldc); break;   \
+        case 3: tile(MR_, 3, a, a_m, a_k, b, ldb, K, c_in, ld_in, c, ldc); break;   \
+        default: tile(MR_, 4, a, a_m, a_k, b, ldb, K, c_in, ld_in, c, ldc); break;  \
     }
+#define TILE_FUNCTION(NAME, MR_)                                                                                  \
+    static void NAME(int nv, const float* a, int64_t a_m, int64_t a_k, const float* b, int64_t ldb, int64_t K, \
+                     const float* c_in, int64_t ld_in, float* c, int64_t ldc) {                                  \
+        TILE_CASES(MR_)                                                                                           \
+    }
+TILE_FUNCTION(tile_full, MR)
+TILE_FUNCTION(tile_four, 4)
+TILE_FUNCTION(tile_one, 1)
 
-static void tile_full(int nv, const float* a, const int64_t* a_off, int64_t a_m, int64_t a_k, const float* const* b_p,
-                      int64_t ldb, int64_t np, int64_t K, int init, const float* row, float* c, int64_t ldc) {
-    TILE_CASES(MR)
-}
-
-static void tile_four(int nv, const float* a, const int64_t* a_off, int64_t a_m, int64_t a_k, const float* const* b_p,
-                      int64_t ldb, int64_t np, int64_t K, int init, const float* row, float* c, int64_t ldc) {
-    TILE_CASES(4)
-}
-
-static void tile_one(int nv, const float* a, const int64_t* a_off, int64_t a_m, int64_t a_k, const float* const* b_p,
-                     int64_t ldb, int64_t np, int64_t K, int init, const float* row, float* c, int64_t ldc) {
-    TILE_CASES(1)
-}
-
-/* C (rows x n) = init + sum_p A_p B_p over all rows, in MR-row tiles (then 4 and 1 for the rest) and 64-column
-   panels. a_m: A's stride between result rows; c's rows are ldc apart. For init == INIT_ROW, row has n entries.
-   shifted: room for np pointers. */
-static void product(int64_t rows, int64_t n, const float* a, const int64_t* a_off, int64_t a_m, int64_t a_k,
-                    const float* const* b_p, int64_t ldb, int64_t np, int64_t K, int init, const float* row,
-                    float* c, int64_t ldc, const float** shifted) {
+/* C (rows x n) = C_in + A B, in 64-column panels and MR-row tiles (then 4 and 1 for the rest); the operands as for
+   `tile`, C_in rows ld_in apart. */
+static void product(int64_t rows, int64_t n, const float* a, int64_t a_m, int64_t a_k, const float* b, int64_t ldb,
+                    int64_t K, const float* c_in, int64_t ld_in, float* c, int64_t ldc) {
     for (int64_t n0 = 0; n0 < n; n0 += 64) {
-        const int nv = (int)((n - n0 < 64 ? n - n0 : 64) / 16);
-        for (int64_t p = 0; p < np; p++) shifted[p] = b_p[p] + n0;
-        const float* row0 = row ? row + n0 : NULL;
+        const int nv = (int)(min64(n - n0, 64) / 16);
+        const float* bn = b + n0;
         int64_t m = 0;
-        for (; m + MR <= rows; m += MR)
-            tile_full(nv, a + m * a_m, a_off, a_m, a_k, shifted, ldb, np, K, init, row0, c + m * ldc + n0, ldc);
-        for (; MR > 4 && m + 4 <= rows; m += 4)
-            tile_four(nv, a + m * a_m, a_off, a_m, a_k, shifted, ldb, np, K, init, row0, c + m * ldc + n0, ldc);
-        for (; m < rows; m++)
-            tile_one(nv, a + m * a_m, a_off, a_m, a_k, shifted, ldb, np, K, init, row0, c + m * ldc + n0, ldc);
+#define AT(M) a + (M) * a_m, a_m, a_k, bn, ldb, K, c_in ? c_in + (M) * ld_in + n0 : NULL, ld_in, c + (M) * ldc + n0, ldc
+        for (; m + MR <= rows; m += MR) tile_full(nv, AT(m));
+        for (; MR > 4 && m + 4 <= rows; m += 4) tile_four(nv, AT(m));
+        for (; m < rows; m++) tile_one(nv, AT(m));
+#undef AT
+    }
+}
+
+/* rows x n of c (rows ldc apart) = row (n entries) in every row, or zero when row is NULL */
+static void fill(int64_t rows, int64_t n, const float* row, float* c, int64_t ldc) {
+    for (int64_t m = 0; m < rows; m++) {
+        if (row)
+            memcpy(c + m * ldc, row, sizeof(float) * (size_t)n);
+        else
+            memset(c + m * ldc, 0, sizeof(float) * (size_t)n);
+    }
+}
+
+static void* alloc_floats(int64_t n) { return aligned_alloc(64, ((size_t)n * sizeof(float) + 63) / 64 * 64); }
+
+/* ---- layout copies */
+typedef struct {
+    const float* src;
+    float* dst;
+    int64_t tokens, features, block;
+} copy_t;
+
+/* dst (features / block, tokens, block) = the column blocks of src (tokens, features), CONVERT_TOKENS rows at a time:
+   those rows (in L1/L2) are read block by block, each block's rows written as one contiguous run */
+static void block_major_items(const void* ctx, int64_t i0, int64_t i1) {
+    const copy_t* s = (const copy_t*)ctx;
+    const int64_t nb = s->features / s->block;
+    const size_t bytes = sizeof(float) * (size_t)s->block;
+    for (int64_t i = i0; i < i1; i++) {
+        const int64_t t0 = i * CONVERT_TOKENS, t1 = min64(t0 + CONVERT_TOKENS, s->tokens);
+        for (int64_t c = 0; c < nb; c++)
+            for (int64_t t = t0; t < t1; t++)
+                memcpy(s->dst + (c * s->tokens + t) * s->block, s->src + t * s->features + c * s->block, bytes);
+    }
+}
+
+static void block_major(const float* src, float* dst, int64_t tokens, int64_t features, int64_t block, int threads) {
+    const copy_t s = {src, dst, tokens, features, block};
+    parallel_run(block_major_items, &s, (tokens + CONVERT_TOKENS - 1) / CONVERT_TOKENS, 1, threads);
+}
+
+typedef struct {
+    const float* w;
+    float* wt;
+    int64_t br, bc;
+} transpose_t;
+
+/* wt[j] (bc x br) = w[j]^T for blocks [j0, j1), in 16 x 16 pieces */
+static void transpose_items(const void* ctx, int64_t j0, int64_t j1) {
+    const transpose_t* s = (const transpose_t*)ctx;
+    const int64_t br = s->br, bc = s->bc, bb = br * bc;
+    for (int64_t j = j0; j < j1; j++) {
+        const float* w = s->w + j * bb;
+        float* t = s->wt + j * bb;
+        for (int64_t a0 = 0; a0 < br; a0 += 16)
+            for (int64_t b0 = 0; b0 < bc; b0 += 16)
+                for (int64_t a = a0; a < a0 + 16; a++)
+                    for (int64_t b = b0; b < b0 + 16; b++) t[b * br + a] = w[a * bc + b];
     }
 }
 
@@ -111,37 +166,45 @@ typedef struct {
     const float *x, *w, *bias, *gy;
     float* out;
     const int64_t *crow, *col, *order, *cstart, *row_of;
-    int64_t tokens, in, outf, n_rows, n_cols, br, bc, token_tiles, tile_tokens;
+    int64_t tokens, in, outf, n_rows, n_cols, br, bc, token_tiles;
 } args_t;
 
-/* ---- forward: item = (block-row r, token tile). The input comes block-major, x_bm (in / bc, tokens, bc), so that a
-   tile's rows are contiguous; the row's blocks are transposed into a buffer once per item (bc x br each) so that a
-   result row's columns are contiguous in B. */
+/* ---- forward: item = (token tile, block-row r), token-major, so the tile's input is reused across block-rows.
+   Y[t, r] = bias_r + sum_p X[t, col_p] W_p^T over the row's blocks: x block-major (in / bc, tokens, bc), the blocks
+   transposed, wt (n_active, bc, br). */
 static void forward_items(const void* ctx, int64_t i0, int64_t i1) {
     const args_t* s = (const args_t*)ctx;
     const int64_t br = s->br, bc = s->bc, bb = br * bc;
+    float* sum = (float*)alloc_floats(SUB_TOKENS * br);
     for (int64_t i = i0; i < i1; i++) {
-        const int64_t r = i / s->token_tiles, t0 = (i % s->token_tiles) * s->tile_tokens;
-        const int64_t t1 = t0 + s->tile_tokens < s->tokens ? t0 + s->tile_tokens : s->tokens;
-        const int64_t first = s->crow[r], np = s->crow[r + 1] - first;
-        /* 64-byte aligned: a row of B that straddles two cache lines costs two loads per vector */
-        float* wt = (float*)aligned_alloc(64, (sizeof(float) * (size_t)(np * bb) + 64) / 64 * 64);
-        int64_t* a_off = (int64_t*)malloc(sizeof(int64_t) * (size_t)np + 1);
-        const float** b_p = (const float**)malloc(sizeof(float*) * (size_t)(2 * np) + 1);
-        for (int64_t p = 0; p < np; p++) {
-            const float* w = s->w + (first + p) * bb;
-            float* t = wt + p * bb;
-            for (int64_t a = 0; a < br; a++)
-                for (int64_t b = 0; b < bc; b++) t[b * br + a] = w[a * bc + b];
-            a_off[p] = s->col[first + p] * s->tokens * bc;
-            b_p[p] = t;
+        const int64_t r = i % s->n_rows, t0 = (i / s->n_rows) * TILE_TOKENS, t1 = min64(t0 + TILE_TOKENS, s->tokens);
+        const int64_t first = s->crow[r], last = s->crow[r + 1] - 1;
+        const float* bias = s->bias ? s->bias + r * br : NULL;
+        for (int64_t u = t0; u < t1; u += SUB_TOKENS) {
+            const int64_t rows = min64(t1 - u, SUB_TOKENS);
+            float* y = s->out + u * s->outf + r * br;
+            if (last < first) fill(rows, br, bias, y, s->outf);
+            for (int64_t p = first; p <= last; p++)
+                product(rows, br, s->x + (s->col[p] * s->tokens + u) * bc, bc, 1, s->w + p * bb, br, bc,
+                        p > first ? sum : bias, p > first ? br : 0, p < last ? sum : y, p < last ? br : s->outf);
         }
-        product(t1 - t0, br, s->x + t0 * bc, a_off, bc, 1, b_p, br, np, bc, s->bias ? INIT_ROW : INIT_ZERO,
-                s->bias ? s->bias + r * br : NULL, s->out + t0 * s->outf + r * br, s->outf, b_p + np);
-        free(wt);
-        free(a_off);
-        free(b_p);
     }
+    free(sum);
+}
+
+/* y (tokens x n_rows*br) = x W^T + bias. x: (tokens, in); w: (n_active, br, bc); crow: n_rows + 1; col: n_active;
+   bias: NULL or n_rows*br. Scratch: x_bm, tokens * in floats; wt, n_active * br * bc floats. */
+void bsr_forward(const float* x, const float* w, const int64_t* crow, const int64_t* col, const float* bias, float* y,
+                 float* x_bm, float* wt, int64_t tokens, int64_t in, int64_t n_rows, int64_t br, int64_t bc,
+                 int threads) {
+    block_major(x, x_bm, tokens, in, bc, threads);
+    const transpose_t t = {w, wt, br, bc};
+    parallel_run(transpose_items, &t, crow[n_rows], 8, threads);
+    args_t s = {0};
+    s.x = x_bm, s.w = wt, s.bias = bias, s.out = y, s.crow = crow, s.col = col;
+    s.tokens = tokens, s.in = in, s.outf = n_rows * br, s.n_rows = n_rows, s.br = br, s.bc = bc;
+    s.token_tiles = (tokens + TILE_TOKENS - 1) / TILE_TOKENS;
+    parallel_run(forward_items, &s, n_rows * s.token_tiles, 1, threads);
 }
 
 /* ---- forward with few tokens: item = block-row; each block is read once in its stored layout (BR x BC), and
@@ -188,82 +251,65 @@ void bsr_forward_dot(const float* x, const float* w, const int64_t* crow, const 
     parallel_run(forward_dot_items, &s, n_rows, 1, threads);
 }
 
-/* y (tokens x n_rows*br) = x W^T + bias, x given block-major: x_bm (in / bc, tokens, bc). w: (n_active, br, bc);
-   crow: n_rows + 1; col: n_active. */
-void bsr_forward(const float* x_bm, const float* w, const int64_t* crow, const int64_t* col, const float* bias,
-                 float* y, int64_t tokens, int64_t in, int64_t n_rows, int64_t br, int64_t bc, int threads) {
-    args_t s = {0};
-    s.x = x_bm, s.w = w, s.bias = bias, s.out = y, s.crow = crow, s.col = col;
-    s.tokens = tokens, s.in = in, s.outf = n_rows * br, s.n_rows = n_rows, s.br = br, s.bc = bc;
-    s.tile_tokens = 16 * MR * 4; /* a tile's result rows times up to 64 columns stay within L2 */
-    s.token_tiles = (tokens + s.tile_tokens - 1) / s.tile_tokens;
-    parallel_run(forward_items, &s, n_rows * s.token_tiles, 1, threads);
-}
-
-/* ---- input gradient: item = (block-column c, token tile); dX[:, c] = sum over the column's blocks dY[:, r] W_rc,
-   with W_rc (br x bc) read in its stored layout and dY given block-major, gy_bm (n_rows, tokens, br). order: the blocks by column (stable), cstart: n_cols + 1,
-   row_of: each block's block-row. */
+/* ---- input gradient: item = (token tile, block-column c), token-major. dX[:, c] = sum over the column's blocks of
+   dY[:, r] W_rc, W_rc (br x bc) read in its stored layout, dY block-major, gy_bm (n_rows, tokens, br). order: the
+   blocks by column (stable), cstart: n_cols + 1, row_of: each block's block-row. */
 static void grad_input_items(const void* ctx, int64_t i0, int64_t i1) {
     const args_t* s = (const args_t*)ctx;
     const int64_t br = s->br, bc = s->bc, bb = br * bc;
+    float* sum = (float*)alloc_floats(SUB_TOKENS * bc);
     for (int64_t i = i0; i < i1; i++) {
-        const int64_t c = i / s->token_tiles, t0 = (i % s->token_tiles) * s->tile_tokens;
-        const int64_t t1 = t0 + s->tile_tokens < s->tokens ? t0 + s->tile_tokens : s->tokens;
-        const int64_t first = s->cstart[c], np = s->cstart[c + 1] - first;
-        float* dst = s->out + t0 * s->in + c * bc;
-        if (np == 0) {
-            for (int64_t t = t0; t < t1; t++) memset(dst + (t - t0) * s->in, 0, sizeof(float) * (size_t)bc);
-            continue;
+        const int64_t c = i % s->n_cols, t0 = (i / s->n_cols) * TILE_TOKENS, t1 = min64(t0 + TILE_TOKENS, s->tokens);
+        const int64_t first = s->cstart[c], last = s->cstart[c + 1] - 1;
+        for (int64_t u = t0; u < t1; u += SUB_TOKENS) {
+            const int64_t rows = min64(t1 - u, SUB_TOKENS);
+            float* dx = s->out + u * s->in + c * bc;
+            if (last < first) fill(rows, bc, NULL, dx, s->in);
+            for (int64_t q = first; q <= last; q++) {
+                const int64_t j = s->order[q];
+                product(rows, bc, s->gy + (s->row_of[j] * s->tokens + u) * br, br, 1, s->w + j * bb, bc, br,
+                        q > first ? sum : NULL, bc, q < last ? sum : dx, q < last ? bc : s->in);
+            }
         }
-        int64_t* a_off = (int64_t*)malloc(sizeof(int64_t) * (size_t)np);
-        const float** b_p = (const float**)malloc(sizeof(float*) * (size_t)(2 * np));
-        for (int64_t p = 0; p < np; p++) {
-            const int64_t j = s->order[first + p];
-            a_off[p] = s->row_of[j] * s->tokens * br;
-            b_p[p] = s->w + j * bb;
-        }
-        product(t1 - t0, bc, s->gy + t0 * br, a_off, br, 1, b_p, bc, np, br, INIT_ZERO, NULL, dst, s->in, b_p + np);
-        free(a_off);
-        free(b_p);
     }
+    free(sum);
 }
 
-void bsr_grad_input(const float* gy_bm, const float* w, const int64_t* order, const int64_t* cstart,
-                    const int64_t* row_of, float* dx, int64_t tokens, int64_t in, int64_t n_rows, int64_t br,
-                    int64_t bc, int threads) {
+/* dx (tokens x in) = gy W. gy: (tokens, n_rows*br). Scratch: gy_bm, tokens * n_rows*br floats. */
+void bsr_grad_input(const float* gy, const float* w, const int64_t* order, const int64_t* cstart, const int64_t* row_of,
+                    float* dx, float* gy_bm, int64_t tokens, int64_t in, int64_t n_rows, int64_t br, int64_t bc,
+                    int threads) {
+    block_major(gy, gy_bm, tokens, n_rows * br, br, threads);
     args_t s = {0};
     s.gy = gy_bm, s.w = w, s.out = dx, s.order = order, s.cstart = cstart, s.row_of = row_of;
     s.tokens = tokens, s.in = in, s.outf = n_rows * br, s.n_cols = in / bc, s.br = br, s.bc = bc;
-    s.tile_tokens = 16 * MR * 4;
-    s.token_tiles = (tokens + s.tile_tokens - 1) / s.tile_tokens;
+    s.token_tiles = (tokens + TILE_TOKENS - 1) / TILE_TOKENS;
     parallel_run(grad_input_items, &s, s.n_cols * s.token_tiles, 1, threads);
 }
 
 /* ---- block gradients: item = active block j (row r, column c); dW_j = dY[:, r]^T X[:, c] (br x bc), from gy_bm
-   and x_bm (block-major), summed over the tokens in chunks that stay in L1 (the result is reloaded once a chunk). */
-#define GRAD_CHUNK 64
+   and x_bm (block-major), summed over the tokens GRAD_CHUNK at a time (A[m, k] = dY[t0 + k, r * br + m]: rows 1
+   apart, tokens br apart). */
 static void grad_blocks_items(const void* ctx, int64_t j0, int64_t j1) {
     const args_t* s = (const args_t*)ctx;
     const int64_t br = s->br, bc = s->bc, bb = br * bc;
-    const int64_t zero = 0;
     for (int64_t j = j0; j < j1; j++) {
-        const int64_t r = s->row_of[j], c = s->col[j];
+        const float* gy = s->gy + s->row_of[j] * s->tokens * br;
+        const float* x = s->x + s->col[j] * s->tokens * bc;
         float* dw = s->out + j * bb;
         if (s->tokens == 0) memset(dw, 0, sizeof(float) * (size_t)bb);
-        for (int64_t t0 = 0; t0 < s->tokens; t0 += GRAD_CHUNK) {
-            const int64_t k = s->tokens - t0 < GRAD_CHUNK ? s->tokens - t0 : GRAD_CHUNK;
-            const float* b = s->x + (c * s->tokens + t0) * bc;
-            const float* shifted[1];
-            /* A[m, k] = dY[t0 + k, r * br + m]: rows 1 apart, tokens br apart in gy_bm */
-            product(br, bc, s->gy + (r * s->tokens + t0) * br, &zero, 1, br, &b, bc, 1, k,
-                    t0 == 0 ? INIT_ZERO : INIT_C, NULL, dw, bc, shifted);
-        }
+        for (int64_t t0 = 0; t0 < s->tokens; t0 += GRAD_CHUNK)
+            product(br, bc, gy + t0 * br, 1, br, x + t0 * bc, bc, min64(s->tokens - t0, GRAD_CHUNK), t0 ? dw : NULL,
+                    bc, dw, bc);
     }
 }
 
-void bsr_grad_blocks(const float* gy_bm, const float* x_bm, const int64_t* col, const int64_t* row_of, float* dw,
-                     int64_t n_active, int64_t tokens, int64_t in, int64_t n_rows, int64_t br, int64_t bc,
-                     int threads) {
+/* dw (n_active, br, bc) = the active blocks of gy^T x. Scratch: gy_bm (tokens * n_rows*br floats), x_bm (tokens * in). */
+void bsr_grad_blocks(const float* gy, const float* x, const int64_t* col, const int64_t* row_of, float* dw,
+                     float* gy_bm, float* x_bm, int64_t n_active, int64_t tokens, int64_t in, int64_t n_rows,
+                     int64_t br, int64_t bc, int threads) {
+    block_major(gy, gy_bm, tokens, n_rows * br, br, threads);
+    block_major(x, x_bm, tokens, in, bc, threads);
     args_t s = {0};
     s.gy = gy_bm, s.x = x_bm, s.out = dw, s.col = col, s.row_of = row_of;
     s.tokens = tokens, s.in = in, s.outf = n_rows * br, s.br = br, s.bc = bc;
@@ -271,4 +317,4 @@ void bsr_grad_blocks(const float* gy_bm, const float* x_bm, const int64_t* col, 
 }
 
 /* The interface version the Python side checks before using a library (block_sparse_cpu.py: KERNEL_ABI). */
-int block_sparse_kernel_abi(void) { return 1; }
+int block_sparse_kernel_abi(void) { return 2; }

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from .native_kernels import DISABLE_VARIABLE, build_record, disabled, open_library, unusable
+from .native_kernels import DISABLE_VARIABLE, build_record, disabled, kernel_threads, open_library, unusable
 from .native_kernels import library_path as cached_library_path
 
 logger = logging.get_logger(__name__)
@@ -97,9 +97,9 @@ def forget() -> None:
 
 
 def kernel_info() -> dict | None:
-    """Where the kernel in use came from (path, compiler, flags, source and library hashes, build time), or None
-    without one."""
+    """Where the kernel in use came from (path, compiler, flags, source and library hashes, build time) and the threads
+    it runs on, or None without one."""
     if load_kernel() is None:
         return None
     path = library_path()
-    return {"path": str(path), **build_record(path)}
+    return {"path": str(path), "threads": kernel_threads(path), **build_record(path)}

@@ -1,8 +1,18 @@
-/* The work-sharing pool of the native CPU kernels (condensed_kernel.c, block_sparse_kernel.c), included by each: the
-   calling thread works through chunks of a job and helper threads (woken for it) take chunks too; the caller waits
-   only for chunks a helper has started. On a machine shared with other processes a helper the OS has not scheduled
-   yet simply takes no chunk, where an OpenMP region would wait for it at its join. The helpers are this library's own
-   pthreads: no torch or OpenMP thread setting is read or changed. */
+/* The work sharing of the native CPU kernels (condensed_kernel.c, block_sparse_kernel.c), included by each. A job is
+   a range of items taken in chunks, through an atomic counter, by every thread that works on it, so faster threads
+   take more chunks. Two ways to supply the threads:
+
+   - torch's OpenMP runtime (default where the Python side finds it, `pool_use_openmp`): each job is one parallel
+     region of that runtime, through its GOMP_parallel, so the kernels run on the threads torch's own ops run on,
+     already awake after them. With a pool of its own, torch's OpenMP threads (spinning after each op by default)
+     and the pool's threads took turns on the same cores: on 2 cores a SW-75 training step of block layers took
+     1.4x as long (benchmarks/block_sparse.py, 2026-12-03).
+   - this library's own pthreads (`HF_SPARSE_IFT_KERNEL_THREADS=own`, or no OpenMP runtime found): the calling thread
+     works through the chunks and helpers, woken for the job, take chunks too; the caller waits only for chunks a
+     helper has started, so on a machine loaded by other processes a helper the OS has not scheduled yet takes no
+     chunk, where an OpenMP region waits for every thread at its join.
+
+   Neither reads or changes a torch or OpenMP thread setting: the thread count is the caller's. */
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -63,9 +73,31 @@ static void after_fork_in_child(void) {  /* helpers do not survive fork */
 
 void pool_init(void) { pthread_atfork(NULL, NULL, after_fork_in_child); }  /* called once, from Python */
 
+/* libgomp's entry point of a parallel region (LLVM's and Intel's OpenMP runtimes export it too) */
+typedef void (*gomp_parallel_t)(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
+static gomp_parallel_t pool_openmp = NULL;
+
+/* Run jobs on the threads of the OpenMP runtime whose GOMP_parallel this is (NULL: this library's own threads);
+   called from Python when the library is opened. */
+void pool_use_openmp(void* gomp_parallel) { pool_openmp = (gomp_parallel_t)gomp_parallel; }
+
+static void openmp_member(void* job) { job_work((job_t*)job); }
+
 static void parallel_run(chunk_fn fn, const void* ctx, int64_t total, int64_t chunk, int threads) {
     if (threads <= 1 || total <= chunk) {
         fn(ctx, 0, total);
+        return;
+    }
+    if (pool_openmp) {
+        job_t job;
+        job.fn = fn;
+        job.ctx = ctx;
+        job.total = total;
+        job.chunk = chunk;
+        atomic_init(&job.next, 0);
+        atomic_init(&job.done, 0);
+        atomic_init(&job.refs, 1);
+        pool_openmp(openmp_member, &job, (unsigned)threads, 0);
         return;
     }
     job_t* j = (job_t*)malloc(sizeof(job_t));

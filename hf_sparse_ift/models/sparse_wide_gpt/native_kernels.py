@@ -10,6 +10,10 @@ sha256 of the library itself.
 `open_library` opens a library only if its record vouches for the file on disk: a library whose size or sha256
 differs from its record (a truncated copy, a full disk, an interrupted build) is refused before the dynamic loader
 maps it -- mapping a truncated library kills the process with SIGBUS at its first call, beyond any ``try``.
+
+The kernels share their work out on the threads of the OpenMP runtime torch computes with (found among the process's
+libraries), or on threads of their own where there is none or ``HF_SPARSE_IFT_KERNEL_THREADS=own`` asks for them
+(``kernel_pool.h`` says when each is faster); `kernel_threads` says which a library uses.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DISABLE_VARIABLE = "HF_SPARSE_IFT_KERNEL"
+THREADS_VARIABLE = "HF_SPARSE_IFT_KERNEL_THREADS"
+THREAD_CHOICES = ("openmp", "own")
+OPENMP_RUNTIMES = ("libgomp", "libiomp5", "libomp")
 HEADERS = ("kernel_pool.h",)  # included by every kernel source: part of what a library was built from
 
 
@@ -99,9 +106,56 @@ def unusable(path: Path, source: Path) -> str | None:
     return None
 
 
+def loaded_library(name: str) -> str | None:
+    """The path of a shared library of this process whose file name starts with `name`, or None (Linux only)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.split()[-1]
+                if path.startswith("/") and Path(path).name.startswith(name):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _openmp_parallel() -> tuple[str, int] | None:
+    """(path, address of GOMP_parallel) of the OpenMP runtime torch's CPU ops run on, or None."""
+    import torch
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    for name in OPENMP_RUNTIMES:
+        path = loaded_library(name)
+        if path:
+            try:
+                return path, ctypes.cast(ctypes.CDLL(path).GOMP_parallel, ctypes.c_void_p).value
+            except (OSError, AttributeError):
+                continue
+    return None
+
+
+def requested_threads() -> str:
+    """``HF_SPARSE_IFT_KERNEL_THREADS``: "openmp" (default) or "own"; anything else is refused."""
+    value = os.environ.get(THREADS_VARIABLE, "openmp").strip().lower()
+    if value not in THREAD_CHOICES:
+        raise ValueError(f"{THREADS_VARIABLE}={value!r}: expected one of {list(THREAD_CHOICES)}")
+    return value
+
+
+_threads_of: dict[str, str] = {}
+
+
+def kernel_threads(path: Path) -> str | None:
+    """Which threads the opened library at `path` shares its work on: "openmp <runtime path>" or "own"."""
+    return _threads_of.get(str(path))
+
+
 def open_library(path: Path, abi_function: str, abi: int, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
     """Open the library (its record checked by the caller), check its interface version, declare its functions and
-    start its pool. Raises OSError or AttributeError when it cannot be used."""
+    start its pool: on torch's OpenMP threads where found (unless ``HF_SPARSE_IFT_KERNEL_THREADS=own``), else its
+    own. Raises OSError or AttributeError when it cannot be used, ValueError for a bad thread setting."""
+    threads = requested_threads()
     lib = ctypes.CDLL(str(path))
     getattr(lib, abi_function).restype = ctypes.c_int
     found = getattr(lib, abi_function)()
@@ -111,4 +165,9 @@ def open_library(path: Path, abi_function: str, abi: int, declare: Callable[[cty
     lib.pool_init.argtypes = []
     lib.pool_init.restype = None
     lib.pool_init()
+    openmp = _openmp_parallel() if threads == "openmp" else None
+    lib.pool_use_openmp.argtypes = [ctypes.c_void_p]
+    lib.pool_use_openmp.restype = None
+    lib.pool_use_openmp(None if openmp is None else openmp[1])
+    _threads_of[str(path)] = "own" if openmp is None else f"openmp {openmp[0]}"
     return lib

@@ -107,6 +107,27 @@ def test_variable_fan_in_layer(representation, compute_path):
             torch.testing.assert_close(c(x), lin(x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("representation", ["auto", "csr", "padded"])
+def test_one_token_kernel_path_reads_each_rows_inputs_from_a_bit_mask(representation, built_kernel_cache, monkeypatch):
+    """Batch 1, fp32, AVX-512: the kernel takes each row's active inputs from a bit mask built from col_indices
+    (padding slots excluded); the mask is the layer's mask, and the outputs those of the masked layer."""
+    use_kernel_cache(monkeypatch, built_kernel_cache)
+    lin = masked_linear(130, 40, fan_in=None if representation == "csr" else 23, density=0.3, ablate=(5,))
+    if representation == "padded":  # rows of different fan-ins, padded
+        lin = masked_linear(130, 40, density=0.3, ablate=(5,))
+    c = CondensedLinear.from_sparse(lin, representation)
+    x = torch.randn(1, 130)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), lin(x), rtol=0, atol=1e-5)
+    if not condensed_kernel.load_kernel().gemv_mask_native():
+        pytest.skip("this CPU has no AVX-512: the one-token path reads an index per weight (tested above)")
+    words = c._row_input_masks()
+    assert words.shape == (c.row_ids.numel(), 3)
+    bits = (words.unsqueeze(-1) >> torch.arange(64)) & 1  # (rows, words, 64), bit c % 64 of word c // 64
+    assert torch.equal(bits.reshape(words.shape[0], -1)[:, :130].bool(), lin.weight_mask[c.row_ids])
+    assert c._input_masks[1] is words  # built once, kept
+
+
 def test_bf16_layer_within_rounding(compute_path):
     lin = masked_linear(64, 48, fan_in=16, dtype=torch.bfloat16)
     c = CondensedLinear.from_sparse(lin)

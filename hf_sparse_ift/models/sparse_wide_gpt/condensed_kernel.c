@@ -3,9 +3,9 @@
    `hf-sparse-ift build-kernels` (condensed_kernel.py), never while a model loads; without a built library the layer
    computes the same sums with torch.
 
-   Batch 1 uses one dot product per row; more tokens use tiles of 16 or 64 tokens so that each stored weight is read
-   once per tile. Work is shared through a small pthread pool whose caller never waits for a helper that has not
-   started (an OpenMP join would, and on a machine shared with other processes that wait costs more than the work). */
+   Batch 1 uses one dot product per row (fp32 values on AVX-512: the row's inputs as a bit mask, `gemv_mask_f32`);
+   more tokens use tiles of 16 or 64 tokens so that each stored weight is read once per tile. Work is shared as
+   kernel_pool.h says. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +14,9 @@ static inline float from_f32(float v) { return v; }
 static inline float from_bf16(uint16_t v) { uint32_t u = ((uint32_t)v) << 16; float f; memcpy(&f, &u, 4); return f; }
 
 #include "kernel_pool.h"
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 typedef struct {
     const float* x;
@@ -127,5 +130,66 @@ SPMM(spmm64_f32_i32, float, int32_t, from_f32, 64)
 SPMM(spmm64_bf16_i16, uint16_t, int16_t, from_bf16, 64)
 SPMM(spmm64_bf16_i32, uint16_t, int32_t, from_bf16, 64)
 
+/* One token, fp32 values, each row's inputs given by a bit mask (rows x words uint64, bit c of a row: input c is
+   active) instead of an index per weight: 1 bit per input read instead of 16 per active weight, which at 75%
+   sparsity is 4.5 instead of 6 bytes per active weight. The row's values are its active inputs' in input order, from
+   starts[r]. For 16 inputs at a time an expanding load places the next popcount(bits) values in the active lanes and
+   one FMA multiplies them with the 16 inputs (masked loads: inactive inputs are not read, so the last word may reach
+   past the input). Batch-1 decoding is memory-bound: this path read the sparse layers of SW-75 GPT-3 Small 1.34x
+   faster than the int16 one (one thread, 2026-12-03, Intel Xeon with AVX-512). AVX-512 only (`gemv_mask_native`
+   says whether this build has it; the fallback is the same sums, one input at a time). */
+typedef struct {
+    const float *x, *val;
+    const uint64_t* mask;
+    const int64_t *starts, *row_ids;
+    const float* bias;
+    float* y;
+    int64_t words;
+} mask_args_t;
+
+static void gemv_mask_rows(const void* ctx, int64_t r0, int64_t r1) {
+    const mask_args_t* a = (const mask_args_t*)ctx;
+    for (int64_t r = r0; r < r1; r++) {
+        const float* v = a->val + a->starts[r];
+        const uint64_t* bits = a->mask + r * a->words;
+#if defined(__AVX512F__)
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int64_t w = 0; w < a->words; w++) {
+            const uint64_t word = bits[w];
+            const float* xw = a->x + 64 * w;
+            for (int q = 0; q < 4; q += 2) {
+                const __mmask16 m0 = (__mmask16)(word >> (16 * q)), m1 = (__mmask16)(word >> (16 * q + 16));
+                acc0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m0, v), _mm512_maskz_loadu_ps(m0, xw + 16 * q), acc0);
+                v += __builtin_popcount(m0);
+                acc1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m1, v), _mm512_maskz_loadu_ps(m1, xw + 16 * q + 16),
+                                       acc1);
+                v += __builtin_popcount(m1);
+            }
+        }
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#else
+        float s = 0.f;
+        for (int64_t w = 0; w < a->words; w++)
+            for (uint64_t word = bits[w]; word; word &= word - 1) s += *v++ * a->x[64 * w + __builtin_ctzll(word)];
+#endif
+        const int64_t o = a->row_ids[r];
+        a->y[o] = s + (a->bias ? a->bias[o] : 0.f);
+    }
+}
+
+void gemv_mask_f32(const float* x, const float* val, const uint64_t* mask, const int64_t* starts, const int64_t* row_ids,
+                   const float* bias, float* y, int64_t rows, int64_t words, int threads) {
+    const mask_args_t a = {x, val, mask, starts, row_ids, bias, y, words};
+    parallel_run(gemv_mask_rows, &a, rows, 32, threads);
+}
+
+int gemv_mask_native(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* The interface version the Python side checks before using a library (condensed_kernel.py: KERNEL_ABI). */
-int condensed_kernel_abi(void) { return 1; }
+int condensed_kernel_abi(void) { return 2; }

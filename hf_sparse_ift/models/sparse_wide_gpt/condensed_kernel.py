@@ -25,7 +25,7 @@ STEM = "condensed"
 SOURCE = Path(__file__).with_name("condensed_kernel.c")
 # Bumped whenever a function's signature in condensed_kernel.c changes; the library reports its own
 # (`condensed_kernel_abi`) and a library of another version is not used.
-KERNEL_ABI = 1
+KERNEL_ABI = 2
 ABI_FUNCTION = "condensed_kernel_abi"
 
 _VOID = ctypes.c_void_p
@@ -55,6 +55,10 @@ def declare(lib) -> None:
                 spmm = getattr(lib, f"spmm{tile}_{values}_{index}")
                 spmm.argtypes = [_VOID] * 7 + [_I64] * 4 + [_INT]
                 spmm.restype = None
+    lib.gemv_mask_f32.argtypes = [_VOID] * 7 + [_I64, _I64, _INT]
+    lib.gemv_mask_f32.restype = None
+    lib.gemv_mask_native.argtypes = []
+    lib.gemv_mask_native.restype = _INT
 
 
 def load_kernel():

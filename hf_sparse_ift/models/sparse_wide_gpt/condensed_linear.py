@@ -16,7 +16,9 @@ A condensed model's ``config.sparse_format`` lists each condensed layer's sizes 
 ``from_pretrained`` builds the condensed layers before loading and every tensor loads under its own name and dtype.
 
 Compute. On CPU the native kernel (``condensed_kernel.c``, built ahead of time by ``hf-sparse-ift build-kernels``; see
-`condensed_kernel.py`) walks the rows on ``torch.get_num_threads()`` threads. Without a built kernel, with
+`condensed_kernel.py`) walks the rows on ``torch.get_num_threads()`` threads. For one token with fp32 values it reads
+each row's inputs from a bit mask (built from ``col_indices`` at the first such call and kept with the layer, not
+saved) where the library has the AVX-512 form of that path: fewer bytes per token than an index per weight. Without a built kernel, with
 ``HF_SPARSE_IFT_KERNEL=0``, off the CPU, or when a gradient is needed, the layer computes the same sums with torch: a
 CSR matmul (`torch.sparse.mm`), or `torch.nn.functional.embedding_bag` when a gradient is needed; on CPU both are
 slower than the kernel. The values are frozen: a condensed layer is for inference and refuses ``train()``.
@@ -98,6 +100,7 @@ class CondensedLinear(nn.Module):
         else:
             self.bias = None
         self._constant_row_ptr = None
+        self._input_masks = None  # (key, masks) for the one-token kernel path, see `_row_input_masks`
         self.train(False)
 
     # -- construction ---------------------------------------------------------------------------
@@ -199,6 +202,26 @@ class CondensedLinear(nn.Module):
             self._constant_row_ptr = cached
         return cached
 
+    def _row_input_masks(self) -> torch.Tensor:
+        """(rows, ceil(in / 64)) int64 words: bit c of row r's words is set when input c is one of the row's active
+        weights (padding slots of the ``padded`` form are not). Built once per set of indices and kept."""
+        key = (self.col_indices.data_ptr(), self.col_indices._version, self.col_indices.shape)
+        if self._input_masks is not None and self._input_masks[0] == key:
+            return self._input_masks[1]
+        rows, words = self.row_ids.numel(), -(-self.in_features // 64)
+        cols = self.col_indices.reshape(-1).long().cpu().numpy()
+        row_ptr = self._row_ptr().cpu().numpy()
+        row = np.repeat(np.arange(rows), np.diff(row_ptr))
+        keep = np.ones(cols.shape, dtype=bool)
+        if self.fan_in is not None:  # padding slots: input 0 anywhere but a row's first slot (columns are sorted)
+            keep = ~((cols == 0) & (np.arange(cols.size) % max(self.fan_in, 1) > 0))
+        masks = np.zeros(rows * words, dtype=np.uint64)
+        bits = np.left_shift(np.uint64(1), (cols[keep] % 64).astype(np.uint64))
+        np.bitwise_or.at(masks, row[keep] * words + cols[keep] // 64, bits)
+        tensor = torch.from_numpy(masks.view(np.int64)).view(rows, words)
+        self._input_masks = (key, tensor)
+        return tensor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or self.values.requires_grad or (self.bias is not None and self.bias.requires_grad)
@@ -233,7 +256,11 @@ class CondensedLinear(nn.Module):
                 bias.data_ptr() if bias is not None else None,
             )
             threads = torch.get_num_threads()
-            if tokens == 1:
+            if tokens == 1 and value_type == "f32" and lib.gemv_mask_native():
+                masks = self._row_input_masks()
+                lib.gemv_mask_f32(x2.data_ptr(), args[0], masks.data_ptr(), *args[2:], y.data_ptr(), rows,
+                                  masks.shape[1], threads)  # fmt: skip
+            elif tokens == 1:
                 gemv = getattr(lib, f"gemv_{value_type}_{index_type}")
                 gemv(x2.data_ptr(), *args, y.data_ptr(), rows, threads)
             else:

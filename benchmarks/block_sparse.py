@@ -537,7 +537,10 @@ def write(report: dict, out: Path) -> Path:
 def _library_source(info: dict | None) -> str:
     if info is None:
         return "none built: the torch path"
-    return f"{info['path']}, built {info.get('built_at')} by {info.get('compiler')} {' '.join(info.get('flags', []))}"
+    return (
+        f"{info['path']}, built {info.get('built_at')} by {info.get('compiler')} {' '.join(info.get('flags', []))}, "
+        f"running on {info.get('threads')} threads"
+    )
 
 
 def comma_list(kind):

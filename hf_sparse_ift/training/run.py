@@ -123,6 +123,20 @@ def training_memory_bytes(model: SparseWideGPTConfig, seq_len: int) -> int:
     return 16 * summary["parameters_total"] + summary["sparse_weights"]
 
 
+def _cpu_block_kernel_decision() -> str:
+    """Which code the "cpu" block kernel runs here: the built native library (and the threads it shares work on) or
+    the torch path. Decided by what is built, so every record says it."""
+    from hf_sparse_ift.models.sparse_wide_gpt import block_sparse_cpu
+
+    info = block_sparse_cpu.kernel_info()
+    if info is None:
+        return "block-sparse layers on CPU compute with the torch path (no usable native kernel built here)"
+    return (
+        f"block-sparse layers on CPU compute with the native kernel {info['path']} (sha256 "
+        f"{info.get('library_sha256', '?')[:16]}, built {info.get('built_at')}), on {info.get('threads')} threads"
+    )
+
+
 def resolve_run(
     cfg: PretrainConfig, processes: int, previous: dict | None = None, saved_model: dict | None = None
 ) -> RunConfig:
@@ -164,6 +178,8 @@ def resolve_run(
         decisions.append(
             "model.block_kernel=auto: " + ", ".join(f"{kernel} on {device}" for device, kernel in block_kernel.items())
         )
+    if block_kernel is not None and block_kernel.get("cpu") == "cpu":
+        decisions.append(_cpu_block_kernel_decision())
     if cfg.train.attention_backend != "auto" and not _cuda_available():
         decisions.append(
             f"train.attention_backend={cfg.train.attention_backend} selects among CUDA kernels and has no effect "

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_sparse_ift import BlockSparseLinear, SparseWideGPTForCausalLM
 from hf_sparse_ift.errors import UsageError
+from hf_sparse_ift.models.sparse_wide_gpt import block_sparse_cpu
 from hf_sparse_ift.sparsity import sparse_layers
 from hf_sparse_ift.training.config import load_pretrain_config
 from hf_sparse_ift.training.loop import NonFiniteLossError, pretrain
@@ -56,6 +57,10 @@ def test_block_sparse_preset_trains_and_exports_a_block_model(tmp_path):
     assert summary["steps"] == 6
     resolved = summary["run_config"]["resolved"]  # the kernel auto chose, in every record
     assert resolved["block_kernel"] == {"cpu": "cpu"} and "model.block_kernel=auto: cpu on cpu" in resolved["decisions"]
+    # and which code that kernel ran: the built library (path, hash, threads) or the torch path
+    info = block_sparse_cpu.kernel_info()
+    want = "torch path" if info is None else f"native kernel {info['path']}"
+    assert any(d.startswith("block-sparse layers on CPU compute with") and want in d for d in resolved["decisions"])
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-6" / "hf")
     layers = sparse_layers(model)
     assert len(layers) == 12 and all(isinstance(m, BlockSparseLinear) for m in layers.values())

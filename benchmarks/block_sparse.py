@@ -49,7 +49,7 @@ import torch
 import transformers
 
 from hf_sparse_ift import SparseWideGPTConfig, SparseWideGPTForCausalLM
-from hf_sparse_ift.models.sparse_wide_gpt import block_sparse_cpu, condensed_kernel
+from hf_sparse_ift.models.sparse_wide_gpt import block_sparse_cpu, condensed_kernel, native_kernels
 from hf_sparse_ift.models.sparse_wide_gpt.block_sparse import block_sparse_linear
 from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import model_summary, round_up, sparse_wide_factor
 from hf_sparse_ift.models.sparse_wide_gpt.sparse_layers import SparseLinear
@@ -64,7 +64,9 @@ from condensed_inference import cpu_info, load_average, source_commit
 from condensed_inference import run as decode_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-BLOCK_KERNELS = ("native", "torch")
+# native-own-threads: the native kernel with its jobs on the library's own pthreads instead of torch's OpenMP threads
+# (what HF_SPARSE_IFT_KERNEL_THREADS=own selects for a whole process), switched per variant so both run in turns
+BLOCK_KERNELS = ("native", "native-own-threads", "torch")
 DENSE = {"d_model": 768, "d_ff": 3072}  # GPT-3 Small
 SMOKE_DENSE = {"d_model": 32, "d_ff": 128}
 
@@ -120,13 +122,19 @@ def block_kernel(kind: str):
     """Block-sparse layers on CPU compute with the built native kernel ("native") or the torch path ("torch", what
     runs without a built kernel or with HF_SPARSE_IFT_KERNEL=0) inside this block."""
     library = block_sparse_cpu.load_kernel()
-    if kind == "native" and library is None:
+    native = kind is not None and kind.startswith("native")
+    if native and library is None:
         raise SystemExit("the native block-sparse kernel is not built: run `hf-sparse-ift build-kernels`")
-    block_sparse_cpu._library = library if kind == "native" else None
+    block_sparse_cpu._library = library if native else None
+    openmp = native_kernels.openmp_parallel_entry() if library is not None and kind == "native-own-threads" else None
+    if openmp is not None:
+        library.pool_use_openmp(None)
     try:
         yield
     finally:
         block_sparse_cpu._library = library
+        if openmp is not None:
+            library.pool_use_openmp(openmp[1])
 
 
 def kernel_for(kernels: dict, name: str):
@@ -563,8 +571,9 @@ def main(argv=None) -> int:
         type=comma_list(str),
         default=None,
         help="block-sparse CPU kernels to measure, in turns: native (the built kernel; `hf-sparse-ift build-kernels`) "
-        "and/or torch (the torch path); the first is the plain variant name, the others get a suffix. Default: "
-        "native,torch where the native kernel is built, else torch (the report says which ran)",
+        "native-own-threads (the same on the library's own threads instead of torch's OpenMP ones) and/or torch "
+        "(the torch path); the first is the plain variant name, the others get a suffix. Default: native,torch where "
+        "the native kernel is built, else torch (the report says which ran)",
     )
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per linear call (T)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -587,11 +596,11 @@ def main(argv=None) -> int:
         if name not in DTYPES:
             parser.error(f"--dtypes: {name!r} is not one of {sorted(DTYPES)}")
     if args.block_kernels is None:
-        args.block_kernels = list(BLOCK_KERNELS) if block_sparse_cpu.load_kernel() is not None else ["torch"]
+        args.block_kernels = ["native", "torch"] if block_sparse_cpu.load_kernel() is not None else ["torch"]
     for kind in args.block_kernels:
         if kind not in BLOCK_KERNELS:
             parser.error(f"--block-kernels: {kind!r} is not one of {', '.join(BLOCK_KERNELS)}")
-    if "native" in args.block_kernels and block_sparse_cpu.load_kernel() is None:
+    if any(k.startswith("native") for k in args.block_kernels) and block_sparse_cpu.load_kernel() is None:
         parser.error("--block-kernels native: no usable native kernel; run `hf-sparse-ift build-kernels` first")
     for part in args.parts:
         if part not in ("linears", "train", "decode"):

@@ -4,50 +4,60 @@
    through torch (block_sparse_cpu.py), with equal results up to the order of the fp32 sums.
 
    Every product is a sum of small dense products A_p B_p, one per block, computed by one register-tiled
-   micro-kernel: a tile of MR rows x up to 64 columns of the result is held in vector registers over one block's K
-   (BR or BC, or a chunk of tokens), added to the tile's running sum and stored. The block loop is outside the row
-   loop, so a block's B (at most 64 columns of it, K x 64 floats: 16 KB for 64-blocks) stays in L1 while every row
-   of a sub-tile of tokens uses it; the running sums of a sub-tile (SUB_TOKENS rows) stay in an L1-sized buffer and
-   the block's last product writes the result. (Summing a whole block-row in registers instead, the first version,
-   streamed all of the row's blocks from L2 for every MR rows and ran at 55% of the FMA peak.) In this order the sums
-   are the same as before: block by block, k by k.
+   micro-kernel: a tile of MR rows x up to PANEL columns of the result (64 on AVX-512, 16 on AVX2) is held in vector
+   registers over one block's K (BR or BC, or a chunk of tokens), added to the tile's running sum and stored. The
+   block loop is outside the row loop, so a block's B (a PANEL-wide slice of it: 16 KB for 64-blocks on AVX-512)
+   stays in L1 while every row of a sub-tile of tokens uses it; the running sums of a sub-tile (SUB_TOKENS rows)
+   stay in an L1-sized buffer and the block's last product writes the result. (Summing a whole block-row in
+   registers instead, the first version, streamed all of the row's blocks from L2 for every MR rows and ran at 55%
+   of the FMA peak.) In this order the sums are the same as before: block by block, k by k.
 
    The token-major operands are first copied block-major, (features / block, tokens, block), in one pass that reads
    the rows in order: then the rows of one block are contiguous. Read in place, rows 6 or 24 KB apart fall into a
    few L1 sets and cross a page per row, where the hardware prefetchers stop; copying them per block and per use
    took a fifth of the time. The forward also copies its blocks transposed once (each is read as K x BR).
 
-   Columns come in vectors of 16 floats (GCC vector extensions: one AVX-512 register, two AVX2 ones), so BR and BC
-   must be multiples of 16.
+   BR and BC must be multiples of 16 (one AVX-512 vector, a PANEL on AVX2).
 
    With up to DOT_TOKENS tokens (decoding) the forward reads each block once, in its stored layout, and takes one
    dot product per output per token: decoding is memory-bound and this reads no byte twice.
 
-   Work is shared through the pool of kernel_pool.h (this library's own threads; no torch setting is touched). */
+   Work is shared as kernel_pool.h says (torch's OpenMP threads, or the library's own). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernel_pool.h"
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-
+/* A tile is MR rows x NV vectors of VW floats of accumulators, NV <= NV_MAX: PANEL columns. The vectors are the
+   machine's own (GCC vector extensions): wider ones, split by the compiler, put the accumulators on the stack
+   (AVX2 with 16-float vectors: 11-13 GFLOP/s where 8-float ones give 85, 97% of the AVX2 FMA peak; built with
+   -mavx2 -mfma and run on an AVX-512 machine, one thread, 2026-12-03). */
+#define MR 6
 #if defined(__AVX512F__)
-#define MR 6 /* 6 x 4 accumulators + 4 loaded vectors + 1 broadcast fit the 32 AVX-512 registers */
+#define VW 16
+#define NV_MAX 4 /* 6 x 4 accumulators + 4 loaded vectors + 1 broadcast fit the 32 AVX-512 registers */
+typedef float vec __attribute__((vector_size(64)));
+typedef float vecu __attribute__((vector_size(64), aligned(4)));
+/* a broadcast (vbroadcastss from memory); `(vec){0} + v` would add 0.0 first, a port-5 instruction per use */
+static inline vec splat(float v) { return (vec){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
 #else
-#define MR 2 /* a v16 is two AVX2 registers: 2 x 4 x 2 accumulators fill the 16 (not tuned: measured on AVX-512) */
+#define VW 8
+#define NV_MAX 2 /* 6 x 2 accumulators + 2 loaded + 1 broadcast fit the 16 AVX2 registers (the 6 x 16 tile of AVX2 BLAS
+                    kernels); not yet measured on an AVX2-only CPU */
+typedef float vec __attribute__((vector_size(32)));
+typedef float vecu __attribute__((vector_size(32), aligned(4)));
+static inline vec splat(float v) { return (vec){v, v, v, v, v, v, v, v}; }
 #endif
+#define PANEL (VW * NV_MAX)
 #define DOT_TOKENS 4
 #define SUB_TOKENS 48   /* rows of a sub-tile: its running sums (48 x 64 floats, 12 KB) stay in L1 with a block */
 #define TILE_TOKENS 384 /* tokens of one work item (forward, input gradient) */
 #define GRAD_CHUNK 128  /* tokens summed per pass over a block gradient (its tiles reloaded once a pass) */
 #define CONVERT_TOKENS 16
 
-static inline v16 load16(const float* p) { return *(const v16u*)p; }
-static inline void store16(float* p, v16 v) { *(v16u*)p = v; }
-/* a broadcast (vbroadcastss from memory); `(v16){0} + v` would add 0.0 first, a port-5 instruction per use */
-static inline v16 splat(float v) { return (v16){v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v}; }
+static inline vec load(const float* p) { return *(const vecu*)p; }
+static inline void store(float* p, vec v) { *(vecu*)p = v; }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* C[m, n] = C_in[m, n] + sum_{k < K} A[m, k] B[k, n] for m < mr, n < 16 nv, where A[m, k] = a[m * a_m + k * a_k],
@@ -57,21 +67,22 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline __attribute__((always_inline)) void tile(const int mr, const int nv, const float* a, int64_t a_m,
                                                        int64_t a_k, const float* b, int64_t ldb, int64_t K,
                                                        const float* c_in, int64_t ld_in, float* c, int64_t ldc) {
-    v16 acc[6][4]; /* mr <= 6 */
+    vec acc[MR][NV_MAX]; /* mr <= MR, nv <= NV_MAX */
     for (int m = 0; m < mr; m++)
-        for (int v = 0; v < nv; v++) acc[m][v] = c_in ? load16(c_in + m * ld_in + 16 * v) : splat(0.f);
+        for (int v = 0; v < nv; v++) acc[m][v] = c_in ? load(c_in + m * ld_in + VW * v) : splat(0.f);
     for (int64_t k = 0; k < K; k++) {
-        v16 bv[4];
-        for (int v = 0; v < nv; v++) bv[v] = load16(b + k * ldb + 16 * v);
+        vec bv[NV_MAX];
+        for (int v = 0; v < nv; v++) bv[v] = load(b + k * ldb + VW * v);
         for (int m = 0; m < mr; m++) {
-            const v16 av = splat(a[m * a_m + k * a_k]);
+            const vec av = splat(a[m * a_m + k * a_k]);
             for (int v = 0; v < nv; v++) acc[m][v] += av * bv[v];
         }
     }
     for (int m = 0; m < mr; m++)
-        for (int v = 0; v < nv; v++) store16(c + m * ldc + 16 * v, acc[m][v]);
+        for (int v = 0; v < nv; v++) store(c + m * ldc + VW * v, acc[m][v]);
 }
 
+#if NV_MAX == 4
 #define TILE_CASES(MR_)                                                             \
     switch (nv) {                                                                   \
         case 1: tile(MR_, 1, a, a_m, a_k, b, ldb, K, c_in, ld_in, c, ldc); break;   \
@@ -79,6 +90,13 @@ static inline __attribute__((always_inline)) void tile(const int mr, const int n
         case 3: tile(MR_, 3, a, a_m, a_k, b, ldb, K, c_in, ld_in, c, ldc); break;   \
         default: tile(MR_, 4, a, a_m, a_k, b, ldb, K, c_in, ld_in, c, ldc); break;  \
     }
+#else
+#define TILE_CASES(MR_)                                                           \
+    if (nv == 1)                                                                  \
+        tile(MR_, 1, a, a_m, a_k, b, ldb, K, c_in, ld_in, c, ldc);                \
+    else                                                                          \
+        tile(MR_, 2, a, a_m, a_k, b, ldb, K, c_in, ld_in, c, ldc);
+#endif
 #define TILE_FUNCTION(NAME, MR_)                                                                                  \
     static void NAME(int nv, const float* a, int64_t a_m, int64_t a_k, const float* b, int64_t ldb, int64_t K, \
                      const float* c_in, int64_t ld_in, float* c, int64_t ldc) {                                  \
@@ -88,17 +106,17 @@ TILE_FUNCTION(tile_full, MR)
 TILE_FUNCTION(tile_four, 4)
 TILE_FUNCTION(tile_one, 1)
 
-/* C (rows x n) = C_in + A B, in 64-column panels and MR-row tiles (then 4 and 1 for the rest); the operands as for
-   `tile`, C_in rows ld_in apart. */
+/* C (rows x n) = C_in + A B, in PANEL-column panels and MR-row tiles (then 4 and 1 for the rest); the operands as
+   for `tile`, C_in rows ld_in apart. */
 static void product(int64_t rows, int64_t n, const float* a, int64_t a_m, int64_t a_k, const float* b, int64_t ldb,
                     int64_t K, const float* c_in, int64_t ld_in, float* c, int64_t ldc) {
-    for (int64_t n0 = 0; n0 < n; n0 += 64) {
-        const int nv = (int)(min64(n - n0, 64) / 16);
+    for (int64_t n0 = 0; n0 < n; n0 += PANEL) {
+        const int nv = (int)(min64(n - n0, PANEL) / VW);
         const float* bn = b + n0;
         int64_t m = 0;
 #define AT(M) a + (M) * a_m, a_m, a_k, bn, ldb, K, c_in ? c_in + (M) * ld_in + n0 : NULL, ld_in, c + (M) * ldc + n0, ldc
         for (; m + MR <= rows; m += MR) tile_full(nv, AT(m));
-        for (; MR > 4 && m + 4 <= rows; m += 4) tile_four(nv, AT(m));
+        for (; m + 4 <= rows; m += 4) tile_four(nv, AT(m));
         for (; m < rows; m++) tile_one(nv, AT(m));
 #undef AT
     }
@@ -209,15 +227,15 @@ void bsr_forward(const float* x, const float* w, const int64_t* crow, const int6
 
 /* ---- forward with few tokens: item = block-row; each block is read once in its stored layout (BR x BC), and
    every output is one dot product per token over the row's blocks. */
-static inline float hsum16(v16 v) {
+static inline float hsum(vec v) {
     float s = 0.f;
-    for (int k = 0; k < 16; k++) s += v[k];
+    for (int k = 0; k < VW; k++) s += v[k];
     return s;
 }
 
 static void forward_dot_items(const void* ctx, int64_t r0, int64_t r1) {
     const args_t* s = (const args_t*)ctx;
-    const int64_t br = s->br, bc = s->bc, bb = br * bc, nv = bc / 16;
+    const int64_t br = s->br, bc = s->bc, bb = br * bc, nv = bc / VW;
     for (int64_t r = r0; r < r1; r++) {
         const int64_t first = s->crow[r], end = s->crow[r + 1];
         for (int64_t t0 = 0; t0 < s->tokens; t0 += DOT_TOKENS) {
@@ -225,18 +243,18 @@ static void forward_dot_items(const void* ctx, int64_t r0, int64_t r1) {
             const float* x0 = s->x + t0 * s->in;
             float* y0 = s->out + t0 * s->outf + r * br;
             for (int64_t a = 0; a < br; a++) {
-                v16 acc[DOT_TOKENS];
+                vec acc[DOT_TOKENS];
                 for (int64_t t = 0; t < nt; t++) acc[t] = splat(0.f);
                 for (int64_t p = first; p < end; p++) {
                     const float* w = s->w + p * bb + a * bc;
                     const float* x = x0 + s->col[p] * bc;
                     for (int64_t v = 0; v < nv; v++) {
-                        const v16 wv = load16(w + 16 * v);
-                        for (int64_t t = 0; t < nt; t++) acc[t] += wv * load16(x + t * s->in + 16 * v);
+                        const vec wv = load(w + VW * v);
+                        for (int64_t t = 0; t < nt; t++) acc[t] += wv * load(x + t * s->in + VW * v);
                     }
                 }
                 const float b = s->bias ? s->bias[r * br + a] : 0.f;
-                for (int64_t t = 0; t < nt; t++) y0[t * s->outf + a] = hsum16(acc[t]) + b;
+                for (int64_t t = 0; t < nt; t++) y0[t * s->outf + a] = hsum(acc[t]) + b;
             }
         }
     }

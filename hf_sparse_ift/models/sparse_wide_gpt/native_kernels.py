@@ -119,7 +119,7 @@ def loaded_library(name: str) -> str | None:
     return None
 
 
-def _openmp_parallel() -> tuple[str, int] | None:
+def openmp_parallel_entry() -> tuple[str, int] | None:
     """(path, address of GOMP_parallel) of the OpenMP runtime torch's CPU ops run on, or None."""
     import torch
 
@@ -165,7 +165,7 @@ def open_library(path: Path, abi_function: str, abi: int, declare: Callable[[cty
     lib.pool_init.argtypes = []
     lib.pool_init.restype = None
     lib.pool_init()
-    openmp = _openmp_parallel() if threads == "openmp" else None
+    openmp = openmp_parallel_entry() if threads == "openmp" else None
     lib.pool_use_openmp.argtypes = [ctypes.c_void_p]
     lib.pool_use_openmp.restype = None
     lib.pool_use_openmp(None if openmp is None else openmp[1])

@@ -109,23 +109,30 @@ def test_variable_fan_in_layer(representation, compute_path):
 
 @pytest.mark.parametrize("representation", ["auto", "csr", "padded"])
 def test_one_token_kernel_path_reads_each_rows_inputs_from_a_bit_mask(representation, built_kernel_cache, monkeypatch):
-    """Batch 1, fp32, AVX-512: the kernel takes each row's active inputs from a bit mask built from col_indices
-    (padding slots excluded); the mask is the layer's mask, and the outputs those of the masked layer."""
+    """Batch 1, fp32: the kernel's bit-mask path (AVX-512 expanding loads; elsewhere the same sums one input at a
+    time) gives the masked layer's outputs from masks built from col_indices (padding slots excluded), which are the
+    layer's mask; the layer takes that path where the library has the AVX-512 form."""
     use_kernel_cache(monkeypatch, built_kernel_cache)
     lin = masked_linear(130, 40, fan_in=None if representation == "csr" else 23, density=0.3, ablate=(5,))
     if representation == "padded":  # rows of different fan-ins, padded
         lin = masked_linear(130, 40, density=0.3, ablate=(5,))
     c = CondensedLinear.from_sparse(lin, representation)
-    x = torch.randn(1, 130)
-    with torch.no_grad():
-        torch.testing.assert_close(c(x), lin(x), rtol=0, atol=1e-5)
-    if not condensed_kernel.load_kernel().gemv_mask_native():
-        pytest.skip("this CPU has no AVX-512: the one-token path reads an index per weight (tested above)")
     words = c._row_input_masks()
     assert words.shape == (c.row_ids.numel(), 3)
     bits = (words.unsqueeze(-1) >> torch.arange(64)) & 1  # (rows, words, 64), bit c % 64 of word c // 64
     assert torch.equal(bits.reshape(words.shape[0], -1)[:, :130].bool(), lin.weight_mask[c.row_ids])
-    assert c._input_masks[1] is words  # built once, kept
+    x = torch.randn(1, 130)
+    lib = condensed_kernel.load_kernel()
+    y = lin.bias.detach().expand(1, -1).clone()
+    lib.gemv_mask_f32(x.data_ptr(), c.values.data_ptr(), words.data_ptr(), c._row_ptr().data_ptr(),
+                      c.row_ids.data_ptr(), c.bias.data_ptr(), y.data_ptr(), c.row_ids.numel(), 3, 2)  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(y, lin(x), rtol=0, atol=1e-5)
+        c._input_masks = None
+        torch.testing.assert_close(c(x), lin(x), rtol=0, atol=1e-5)
+    assert (c._input_masks is not None) == bool(lib.gemv_mask_native())  # the path the layer took
+    if c._input_masks is not None:
+        assert c._input_masks[1] is c._row_input_masks()  # built once, kept
 
 
 def test_bf16_layer_within_rounding(compute_path):

@@ -5,8 +5,9 @@
    - torch's OpenMP runtime (default where the Python side finds it, `pool_use_openmp`): each job is one parallel
      region of that runtime, through its GOMP_parallel, so the kernels run on the threads torch's own ops run on,
      already awake after them. With a pool of its own, torch's OpenMP threads (spinning after each op by default)
-     and the pool's threads took turns on the same cores: on 2 cores a SW-75 training step of block layers took
-     1.4x as long (benchmarks/block_sparse.py, 2026-12-03).
+     and the pool's threads took turns on the same cores: on 2 idle cores the products of a d_model-512 SW-75 layer
+     at 1024 tokens took 1.1-1.5x as long, a whole SW-75 training step 1.04x (benchmarks/block_sparse.py, variant
+     native-own-threads, Intel Xeon, 2026-12-03).
    - this library's own pthreads (`HF_SPARSE_IFT_KERNEL_THREADS=own`, or no OpenMP runtime found): the calling thread
      works through the chunks and helpers, woken for the job, take chunks too; the caller waits only for chunks a
      helper has started, so on a machine loaded by other processes a helper the OS has not scheduled yet takes no

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_sparse_ift.errors import UsageError
 from hf_sparse_ift.kernels.build import build_kernel
 from hf_sparse_ift.models.sparse_wide_gpt import block_sparse, block_sparse_bsr, block_sparse_cpu, native_kernels
 from hf_sparse_ift.models.sparse_wide_gpt.block_sparse import (
@@ -74,17 +75,31 @@ def native_library(tmp_path_factory):
     return folder, library
 
 
-PATHS = ["torch-1thread", "torch-2threads", "torch-few-tokens", "native-1thread", "native-2threads", "native-dot"]
+PATHS = [
+    "torch-1thread",
+    "torch-2threads",
+    "torch-few-tokens",
+    "native-1thread",
+    "native-2threads",
+    "native-own-2threads",
+    "native-dot",
+]
 
 
 @pytest.fixture(params=PATHS)
 def threads(request, monkeypatch):
     """The CPU paths. Torch: one GEMM per block on one torch thread (inline) or on two (the worker pool), and the
     batched forward for few tokens. Native (blocks whose sides are multiples of 16; others take the torch path):
-    register-tiled products on one or two threads, and the read-once dot forward. Restores the thread setting."""
+    register-tiled products on one or two threads (torch's OpenMP ones, or the library's own), and the read-once dot
+    forward. Restores the thread setting."""
     before = torch.get_num_threads()
     path, mode = request.param.split("-", 1)
     library = request.getfixturevalue("native_library")[1] if path == "native" else None
+    if mode.startswith("own-"):
+        openmp = native_kernels.openmp_parallel_entry()
+        library.pool_use_openmp(None)
+        request.addfinalizer(lambda: library.pool_use_openmp(None if openmp is None else openmp[1]))
+        mode = mode.removeprefix("own-")
     monkeypatch.setattr(block_sparse_cpu, "_library", library)
     monkeypatch.setattr(block_sparse_cpu, "FEW_TOKENS", 10**9 if mode == "few-tokens" else 0)
     monkeypatch.setattr(block_sparse_cpu, "DOT_TOKENS", 10**9 if mode == "dot" else 0)
@@ -173,6 +188,24 @@ def test_half_inputs_match_reference_on_every_path(threads, dtype):
     for g, w in zip(got, want, strict=True):
         assert g.dtype == dtype
         bf16_close(g, w)
+
+
+def test_a_bad_kernel_threads_setting_is_refused_naming_it(native_library, monkeypatch):
+    monkeypatch.setenv("HF_SPARSE_IFT_CACHE", str(native_library[0]))
+    monkeypatch.setenv("HF_SPARSE_IFT_KERNEL_THREADS", "hyper")
+    monkeypatch.setattr(block_sparse_cpu, "_library", block_sparse_cpu._UNSET)
+    with pytest.raises(UsageError, match=r"HF_SPARSE_IFT_KERNEL_THREADS='hyper' is invalid.*'openmp', 'own'"):
+        block_sparse_cpu.load_kernel()
+
+
+def test_the_native_kernel_says_which_threads_it_runs_on(native_library, monkeypatch):
+    monkeypatch.setenv("HF_SPARSE_IFT_CACHE", str(native_library[0]))
+    for setting, want in (("own", "own"), ("openmp", "openmp ")):
+        monkeypatch.setenv("HF_SPARSE_IFT_KERNEL_THREADS", setting)
+        monkeypatch.setattr(block_sparse_cpu, "_library", block_sparse_cpu._UNSET)
+        block_sparse_cpu.load_kernel()
+        threads = block_sparse_cpu.kernel_info()["threads"]
+        assert threads == want if setting == "own" else threads.startswith(want), threads
 
 
 def test_a_damaged_native_library_is_refused(native_library, tmp_path, monkeypatch, caplog):

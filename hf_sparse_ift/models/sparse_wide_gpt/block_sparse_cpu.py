@@ -120,7 +120,7 @@ def load_kernel():
             try:
                 lib = open_library(path, ABI_FUNCTION, KERNEL_ABI, declare)
                 _logger().info(f"Block-sparse layers compute with the native kernel {path} on CPU.")
-            except (OSError, AttributeError) as err:  # a bad HF_SPARSE_IFT_KERNEL_THREADS (ValueError) is raised
+            except (OSError, AttributeError) as err:  # a bad HF_SPARSE_IFT_KERNEL_THREADS (UsageError) is raised
                 _logger().warning(
                     f"Block-sparse layers compute with torch on CPU: the native kernel {path} cannot be used ({err}). "
                     "Rebuild it with `hf-sparse-ift build-kernels`."

@@ -26,6 +26,8 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import UsageError
+
 HERE = Path(__file__).resolve().parent
 DISABLE_VARIABLE = "HF_SPARSE_IFT_KERNEL"
 THREADS_VARIABLE = "HF_SPARSE_IFT_KERNEL_THREADS"
@@ -136,10 +138,10 @@ def openmp_parallel_entry() -> tuple[str, int] | None:
 
 
 def requested_threads() -> str:
-    """``HF_SPARSE_IFT_KERNEL_THREADS``: "openmp" (default) or "own"; anything else is refused."""
+    """``HF_SPARSE_IFT_KERNEL_THREADS``: "openmp" (default) or "own"; anything else is refused (UsageError)."""
     value = os.environ.get(THREADS_VARIABLE, "openmp").strip().lower()
     if value not in THREAD_CHOICES:
-        raise ValueError(f"{THREADS_VARIABLE}={value!r}: expected one of {list(THREAD_CHOICES)}")
+        raise UsageError(f"{THREADS_VARIABLE}={value!r} is invalid: expected one of {list(THREAD_CHOICES)}")
     return value
 
 
@@ -154,7 +156,7 @@ def kernel_threads(path: Path) -> str | None:
 def open_library(path: Path, abi_function: str, abi: int, declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
     """Open the library (its record checked by the caller), check its interface version, declare its functions and
     start its pool: on torch's OpenMP threads where found (unless ``HF_SPARSE_IFT_KERNEL_THREADS=own``), else its
-    own. Raises OSError or AttributeError when it cannot be used, ValueError for a bad thread setting."""
+    own. Raises OSError or AttributeError when it cannot be used, UsageError for a bad thread setting."""
     threads = requested_threads()
     lib = ctypes.CDLL(str(path))
     getattr(lib, abi_function).restype = ctypes.c_int

@@ -9,8 +9,10 @@ build-kernels`` compiles it into the kernel cache; `load_kernel` opens it only i
 (`native_kernels`), and never compiles. Each product is a sum of small dense products, block by block, computed by
 one register-tiled micro-kernel on block-major copies of the inputs (made in the library, into scratch tensors
 allocated here) while the block stays in L1; the design and what it replaced are in the source's header. With at most
-`DOT_TOKENS` tokens (decoding) the forward reads every block once, in its stored layout. It runs on ``torch.get_num_threads()`` of the calling thread,
-on the library's own threads: it reads no torch or OpenMP setting other than that count and changes none.
+`DOT_TOKENS` tokens (decoding) the forward reads every block once, in its stored layout. It runs on
+``torch.get_num_threads()`` threads of the calling thread: torch's OpenMP threads, or the library's own with
+``HF_SPARSE_IFT_KERNEL_THREADS=own`` (``kernel_pool.h``); it reads no torch or OpenMP setting other than that count
+and changes none.
 ``HF_SPARSE_IFT_KERNEL=0`` turns it off. Without it (or for other block shapes) a one-time message says the layers
 compute with torch:
 

@@ -123,11 +123,16 @@ def training_memory_bytes(model: SparseWideGPTConfig, seq_len: int) -> int:
     return 16 * summary["parameters_total"] + summary["sparse_weights"]
 
 
-def _cpu_block_kernel_decision() -> str:
-    """Which code the "cpu" block kernel runs here: the built native library (and the threads it shares work on) or
-    the torch path. Decided by what is built, so every record says it."""
+def _cpu_block_kernel_decision(block_shape: tuple[int, int]) -> str:
+    """Which code the "cpu" block kernel runs here for blocks of `block_shape`: the built native library (and the
+    threads it shares work on) or the torch path. Decided by what is built and by the blocks, so every record says it."""
     from hf_sparse_ift.models.sparse_wide_gpt import block_sparse_cpu
 
+    refused = block_sparse_cpu.native_refuses(tuple(block_shape))
+    if refused is not None:
+        return (
+            f"block-sparse layers on CPU compute with the torch path: the native kernel does not take them ({refused})"
+        )
     info = block_sparse_cpu.kernel_info()
     if info is None:
         return "block-sparse layers on CPU compute with the torch path (no usable native kernel built here)"
@@ -179,7 +184,7 @@ def resolve_run(
             "model.block_kernel=auto: " + ", ".join(f"{kernel} on {device}" for device, kernel in block_kernel.items())
         )
     if block_kernel is not None and block_kernel.get("cpu") == "cpu":
-        decisions.append(_cpu_block_kernel_decision())
+        decisions.append(_cpu_block_kernel_decision(model.block_shape))
     if cfg.train.attention_backend != "auto" and not _cuda_available():
         decisions.append(
             f"train.attention_backend={cfg.train.attention_backend} selects among CUDA kernels and has no effect "

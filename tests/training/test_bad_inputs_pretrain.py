@@ -133,6 +133,20 @@ def test_bad_input_is_refused_with_a_sentence_before_any_work(name, files, finis
     assert {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()} == before
 
 
+def test_a_bad_kernel_threads_setting_is_refused_before_any_work(finished_run, tmp_path, capsys, monkeypatch):
+    """HF_SPARSE_IFT_KERNEL_THREADS is read when the run decides what its CPU block kernel runs, built or not."""
+    from hf_sparse_ift.models.sparse_wide_gpt import block_sparse_cpu
+
+    monkeypatch.setenv("HF_SPARSE_IFT_KERNEL_THREADS", "hyper")
+    monkeypatch.setattr(block_sparse_cpu, "_library", block_sparse_cpu._UNSET)  # decided afresh
+    fresh = tmp_path / "fresh"
+    block = ["model.preset=tiny-sw75-block16", f"train.output_dir={fresh}"]
+    code, err = run_case(capsys, [*FAST, *block])
+    assert code == 2 and "Traceback" not in err, err
+    assert "HF_SPARSE_IFT_KERNEL_THREADS='hyper' is invalid" in err and "'openmp', 'own'" in err, err
+    assert not fresh.exists()
+
+
 def test_resume_with_a_changed_recipe_is_refused_naming_each_key(finished_run, capsys):
     before = {p: p.read_bytes() for p in finished_run.rglob("*") if p.is_file()}
     code, err = run_case(

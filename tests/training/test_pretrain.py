@@ -18,6 +18,7 @@ from hf_sparse_ift import BlockSparseLinear, SparseWideGPTForCausalLM
 from hf_sparse_ift.errors import UsageError
 from hf_sparse_ift.models.sparse_wide_gpt import block_sparse_cpu
 from hf_sparse_ift.sparsity import sparse_layers
+from hf_sparse_ift.training import run as run_module
 from hf_sparse_ift.training.config import load_pretrain_config
 from hf_sparse_ift.training.loop import NonFiniteLossError, pretrain
 
@@ -61,6 +62,9 @@ def test_block_sparse_preset_trains_and_exports_a_block_model(tmp_path):
     info = block_sparse_cpu.kernel_info()
     want = "torch path" if info is None else f"native kernel {info['path']}"
     assert any(d.startswith("block-sparse layers on CPU compute with") and want in d for d in resolved["decisions"])
+    # blocks the native kernel does not take run the torch path, and the record says so even where it is built
+    refused = run_module._cpu_block_kernel_decision((8, 8))
+    assert "torch path" in refused and "8x8" in refused, refused
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint-6" / "hf")
     layers = sparse_layers(model)
     assert len(layers) == 12 and all(isinstance(m, BlockSparseLinear) for m in layers.values())

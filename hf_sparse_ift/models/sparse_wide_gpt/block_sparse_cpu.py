@@ -54,6 +54,7 @@ from .native_kernels import (
     library_path,
     loaded_library,
     open_library,
+    requested_threads,
     unusable,
 )
 
@@ -109,6 +110,7 @@ def load_kernel():
             return _library
         path = library_path(STEM, KERNEL_ABI)
         lib = None
+        requested_threads()  # a bad HF_SPARSE_IFT_KERNEL_THREADS is refused whether or not a library is built
         if disabled():
             _logger().info(
                 f"Block-sparse layers compute with torch on CPU ({DISABLE_VARIABLE}=0 turns the native kernel off)."
@@ -145,10 +147,20 @@ def kernel_info() -> dict | None:
     return {"path": str(path), "threads": kernel_threads(path), **build_record(path)}
 
 
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def native_refuses(block_shape: tuple[int, int]) -> str | None:
+    """Why the native kernel does not compute with blocks of this shape (the torch path does), or None."""
+    block_rows, block_cols = block_shape
+    if block_rows % 16 or block_cols % 16:
+        return f"its blocks' sides must be multiples of 16, these are {block_rows}x{block_cols}"
+    return None
+
+
 def _native_for(blocks: torch.Tensor):
-    """The native library when it computes with these blocks (sides multiples of 16, a float dtype), else None."""
-    block_rows, block_cols = blocks.shape[1:]
-    if block_rows % 16 or block_cols % 16 or blocks.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    """The native library when it computes with these blocks (`native_refuses`, a float dtype), else None."""
+    if native_refuses(tuple(blocks.shape[1:])) is not None or blocks.dtype not in NATIVE_DTYPES:
         return None
     return load_kernel()
 
@@ -159,8 +171,8 @@ def _block_major(matrix: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 # Scratch for the native kernel's block-major copies, kept per calling thread and reused: a fresh allocation this
-# large is mapped anew by the C allocator each call, and faulting its pages in cost about a third of a layer's
-# forward + backward (GPT-3 Small SW-75 shapes, 2048 tokens). Requests above the cap are allocated and dropped.
+# large is mapped anew by the C allocator each call, and faulting its pages in cost a fifth of the input and block
+# gradients' time (GPT-3 Small SW-75 MLP-in, 2048 tokens, 2026-12-03). Requests above the cap are allocated and dropped.
 WORKSPACE_CAP_BYTES = 512 * 2**20
 
 

@@ -60,7 +60,7 @@ static inline vec load(const float* p) { return *(const vecu*)p; }
 static inline void store(float* p, vec v) { *(vecu*)p = v; }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* C[m, n] = C_in[m, n] + sum_{k < K} A[m, k] B[k, n] for m < mr, n < 16 nv, where A[m, k] = a[m * a_m + k * a_k],
+/* C[m, n] = C_in[m, n] + sum_{k < K} A[m, k] B[k, n] for m < mr, n < VW nv, where A[m, k] = a[m * a_m + k * a_k],
    B[k, n] = b[k * ldb + n], C[m, n] = c[m * ldc + n] and C_in[m, n] = c_in[m * ld_in + n] (zero when c_in is NULL;
    ld_in = 0 adds one row, the bias, to every row). mr and nv are constants after inlining, so the accumulators stay
    in registers. */

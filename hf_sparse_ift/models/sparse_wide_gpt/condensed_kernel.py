@@ -16,7 +16,15 @@ from pathlib import Path
 
 from transformers.utils import logging
 
-from .native_kernels import DISABLE_VARIABLE, build_record, disabled, kernel_threads, open_library, unusable
+from .native_kernels import (
+    DISABLE_VARIABLE,
+    build_record,
+    disabled,
+    kernel_threads,
+    open_library,
+    requested_threads,
+    unusable,
+)
 from .native_kernels import library_path as cached_library_path
 
 logger = logging.get_logger(__name__)
@@ -74,6 +82,7 @@ def load_kernel():
             return _library
         path = library_path()
         lib = None
+        requested_threads()  # a bad HF_SPARSE_IFT_KERNEL_THREADS is refused whether or not a library is built
         if disabled():
             logger.info(f"Condensed layers compute with torch ({DISABLE_VARIABLE}=0 turns the native kernel off).")
         elif (reason := unusable(path, SOURCE)) is not None:

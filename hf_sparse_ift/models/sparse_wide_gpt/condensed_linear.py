@@ -18,10 +18,10 @@ A condensed model's ``config.sparse_format`` lists each condensed layer's sizes 
 Compute. On CPU the native kernel (``condensed_kernel.c``, built ahead of time by ``hf-sparse-ift build-kernels``; see
 `condensed_kernel.py`) walks the rows on ``torch.get_num_threads()`` threads. For one token with fp32 values it reads
 each row's inputs from a bit mask (built from ``col_indices`` at the first such call and kept with the layer, not
-saved) where the library has the AVX-512 form of that path: fewer bytes per token than an index per weight. Without a built kernel, with
-``HF_SPARSE_IFT_KERNEL=0``, off the CPU, or when a gradient is needed, the layer computes the same sums with torch: a
-CSR matmul (`torch.sparse.mm`), or `torch.nn.functional.embedding_bag` when a gradient is needed; on CPU both are
-slower than the kernel. The values are frozen: a condensed layer is for inference and refuses ``train()``.
+saved) where the library has the AVX-512 form of that path: fewer bytes per token than an index per weight. Without a
+built kernel, with ``HF_SPARSE_IFT_KERNEL=0``, off the CPU, or when a gradient is needed, the layer computes the same
+sums with torch: a CSR matmul (`torch.sparse.mm`), or `torch.nn.functional.embedding_bag` when a gradient is needed;
+on CPU both are slower than the kernel. The values are frozen: a condensed layer is for inference and refuses ``train()``.
 """
 
 from __future__ import annotations

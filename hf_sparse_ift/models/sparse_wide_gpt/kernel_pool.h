@@ -84,6 +84,16 @@ void pool_use_openmp(void* gomp_parallel) { pool_openmp = (gomp_parallel_t)gomp_
 
 static void openmp_member(void* job) { job_work((job_t*)job); }
 
+static void job_init(job_t* j, chunk_fn fn, const void* ctx, int64_t total, int64_t chunk) {
+    j->fn = fn;
+    j->ctx = ctx;
+    j->total = total;
+    j->chunk = chunk;
+    atomic_init(&j->next, 0);
+    atomic_init(&j->done, 0);
+    atomic_init(&j->refs, 1);
+}
+
 static void parallel_run(chunk_fn fn, const void* ctx, int64_t total, int64_t chunk, int threads) {
     if (threads <= 1 || total <= chunk) {
         fn(ctx, 0, total);
@@ -91,13 +101,7 @@ static void parallel_run(chunk_fn fn, const void* ctx, int64_t total, int64_t ch
     }
     if (pool_openmp) {
         job_t job;
-        job.fn = fn;
-        job.ctx = ctx;
-        job.total = total;
-        job.chunk = chunk;
-        atomic_init(&job.next, 0);
-        atomic_init(&job.done, 0);
-        atomic_init(&job.refs, 1);
+        job_init(&job, fn, ctx, total, chunk);
         pool_openmp(openmp_member, &job, (unsigned)threads, 0);
         return;
     }
@@ -106,13 +110,7 @@ static void parallel_run(chunk_fn fn, const void* ctx, int64_t total, int64_t ch
         fn(ctx, 0, total);
         return;
     }
-    j->fn = fn;
-    j->ctx = ctx;
-    j->total = total;
-    j->chunk = chunk;
-    atomic_init(&j->next, 0);
-    atomic_init(&j->done, 0);
-    atomic_init(&j->refs, 1);
+    job_init(j, fn, ctx, total, chunk);
     pthread_mutex_lock(&pool_mu);
     while (pool_helpers < threads - 1 && pool_helpers < 255) {
         pthread_t t;

@@ -174,6 +174,71 @@ def test_native_kernel_computes_blocks_of_multiples_of_16(native_library, monkey
         assert set(torch_path) == set(expected)
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (192, 256, (64, 64), 0.4, "any", 250),  # steps of 96 tokens and a tail; the first block-row empty
+        (256, 384, (32, 64), 0.3, "constant", 97),
+        (64, 192, (16, 16), 0.2, "any", 1),
+        (64, 192, (16, 16), 0.5, "any", 0),
+    ],
+    ids=lambda c: f"{c[0]}x{c[1]}-b{c[2][0]}x{c[2][1]}-{c[4]}-{c[5]}tokens" if isinstance(c, tuple) else c,
+)
+def test_fused_native_backward_gives_the_bits_of_the_two_passes(native_library, monkeypatch, case, n_threads):
+    """`bsr_backward` (both gradients in one pass) against `bsr_grad_input` and `bsr_grad_blocks`: the same sums in
+    the same order, so equal bits; block-columns without blocks get a zero input gradient."""
+    out_features, in_features, block, density, fan_in, tokens = case
+    monkeypatch.setattr(block_sparse_cpu, "_library", native_library[1])
+    blocks, crow, col = random_blocks(out_features, in_features, block, density, fan_in)
+    empty_columns = torch.bincount(col, minlength=in_features // block[1]) == 0
+    x, gy = torch.randn(tokens, in_features), torch.randn(tokens, out_features)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        fused = block_sparse_cpu._native_backward(native_library[1], gy, x, blocks, crow, col, in_features)
+        separate = (
+            block_sparse_cpu.grad_input(gy, blocks, crow, col, in_features),
+            block_sparse_cpu.grad_blocks(gy, x, blocks, crow, col),
+        )
+    finally:
+        torch.set_num_threads(before)
+    for got, want in zip(fused, separate, strict=True):
+        assert got.shape == want.shape and torch.equal(got, want)
+    assert torch.equal(
+        fused[0].view(tokens, in_features // block[1], block[1])[:, empty_columns],
+        torch.zeros(tokens, int(empty_columns.sum()), block[1]),
+    )
+    reference = dense_from_blocks(blocks, crow, col, in_features)
+    torch.testing.assert_close(fused[0], gy @ reference, rtol=1e-5, atol=1e-4)
+
+
+def test_autograd_takes_the_fused_backward_where_there_are_columns_enough(native_library, monkeypatch):
+    """Both gradients wanted and at least FUSED_BACKWARD_COLUMNS_PER_THREAD block-columns per thread: one fused pass;
+    fewer columns, or one gradient only: the separate passes."""
+    monkeypatch.setattr(block_sparse_cpu, "_library", native_library[1])
+    calls = []
+    for name in ("_native_backward", "_native_grad_input", "_native_grad_blocks"):
+        real = getattr(block_sparse_cpu, name)
+        monkeypatch.setattr(block_sparse_cpu, name, lambda *a, _n=name, _r=real: calls.append(_n) or _r(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for in_features, x_grad, expected in (
+            (96, True, ["_native_backward"]),  # 6 columns of 16: 3 per thread
+            (80, True, ["_native_grad_input", "_native_grad_blocks"]),  # 5 columns
+            (96, False, ["_native_grad_blocks"]),
+        ):
+            calls.clear()
+            blocks, crow, col = random_blocks(64, in_features, (16, 16), 0.5, "constant")
+            blocks.requires_grad_()
+            x = torch.randn(40, in_features, requires_grad=x_grad)
+            block_sparse_linear(x, blocks, crow, col, in_features).sum().backward()
+            assert calls == expected, (in_features, x_grad)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_match_reference_on_every_path(threads, dtype):
     blocks, crow, col = random_blocks(64, 96, (16, 16), 0.5, "any", dtype=dtype)

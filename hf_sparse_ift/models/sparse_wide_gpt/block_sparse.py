@@ -18,7 +18,8 @@ imports and the blocks are square of 16, 32, 64 or 128, else ``torch-bsr`` where
 tensors, DTensors, other devices) -> ``reference``. A named kernel that cannot compute on the operands is refused
 with an error, never replaced.
 
-A kernel is three functions on 2-d operands, each returning its result in the input's dtype (`BlockSparseKernel`);
+A kernel is three functions on 2-d operands, each returning its result in the input's dtype (`BlockSparseKernel`),
+and optionally a fourth computing both gradients in one pass (the CPU kernel's, bit for bit the other two's results);
 each kernel module ends with its ``KERNEL``. The bias gradient is the same for all: a sum over tokens, in fp32 for
 16-bit inputs.
 
@@ -211,6 +212,27 @@ def _(grad_output, x2, blocks, crow_indices, col_indices, kernel):
     return torch.empty_like(blocks, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op(f"{_NAMESPACE}::linear_backward", mutates_args=())
+def _grad_input_and_blocks(
+    grad_output: torch.Tensor,
+    x2: torch.Tensor,
+    blocks: torch.Tensor,
+    crow_indices: torch.Tensor,
+    col_indices: torch.Tensor,
+    in_features: int,
+    kernel: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return KERNELS[kernel].backward(grad_output, x2, blocks, crow_indices, col_indices, in_features)
+
+
+@_grad_input_and_blocks.register_fake
+def _(grad_output, x2, blocks, crow_indices, col_indices, in_features, kernel):
+    return (
+        grad_output.new_empty(grad_output.shape[0], in_features),
+        torch.empty_like(blocks, memory_format=torch.contiguous_format),
+    )
+
+
 def _setup_context(ctx, inputs, output):
     x, blocks, _bias, crow_indices, col_indices, in_features, kernel = inputs
     ctx.save_for_backward(x, blocks, crow_indices, col_indices)
@@ -223,10 +245,16 @@ def _backward(ctx, grad_output):
     kernel, in_features = ctx.kernel, ctx.in_features
     gy = grad_output.reshape(-1, grad_output.shape[-1])
     grad_x = grad_blocks = grad_bias = None
-    if need_x:
-        grad_x = _grad_input(gy, blocks, crow_indices, col_indices, in_features, kernel).view(x.shape)
-    if need_blocks:
-        grad_blocks = _grad_blocks(gy, x.reshape(-1, in_features), blocks, crow_indices, col_indices, kernel)
+    if need_x and need_blocks and KERNELS[kernel].backward is not None:
+        grad_x, grad_blocks = _grad_input_and_blocks(
+            gy, x.reshape(-1, in_features), blocks, crow_indices, col_indices, in_features, kernel
+        )
+        grad_x = grad_x.view(x.shape)
+    else:
+        if need_x:
+            grad_x = _grad_input(gy, blocks, crow_indices, col_indices, in_features, kernel).view(x.shape)
+        if need_blocks:
+            grad_blocks = _grad_blocks(gy, x.reshape(-1, in_features), blocks, crow_indices, col_indices, kernel)
     if need_bias:
         # the sum in fp32 for half inputs, as the CPU kernel always did
         grad_bias = gy.sum(0, dtype=torch.float32 if gy.dtype in (torch.float16, torch.bfloat16) else None)

@@ -74,7 +74,7 @@ STEM = "block-sparse"
 SOURCE = Path(__file__).with_name("block_sparse_kernel.c")
 # Bumped whenever a function's signature in block_sparse_kernel.c changes; the library reports its own
 # (`block_sparse_kernel_abi`) and a library of another version is not used.
-KERNEL_ABI = 2
+KERNEL_ABI = 3
 ABI_FUNCTION = "block_sparse_kernel_abi"
 # Up to this many tokens the native forward reads each block once and takes dot products (decoding); more tokens go
 # through the register-tiled products on block-major inputs.
@@ -93,6 +93,7 @@ def declare(lib) -> None:
         "bsr_forward_dot": [pointer] * 6 + [i64] * 5,
         "bsr_grad_input": [pointer] * 7 + [i64] * 5,
         "bsr_grad_blocks": [pointer] * 7 + [i64] * 6,
+        "bsr_backward": [pointer] * 11 + [i64] * 6,
     }
     for name, arguments in signatures.items():
         getattr(lib, name).argtypes = [*arguments, ctypes.c_int]
@@ -236,6 +237,31 @@ def _transposed_index(crow_indices, col_indices, n_cols: int):
     return by_column, column_starts, block_rows_of(crow_indices)
 
 
+# The fused backward (`bsr_backward`) shares work out by block-column, one column per item: with fewer than this many
+# columns per thread the last items leave threads idle, and the two separate passes (token tiles x columns, blocks)
+# run instead. Both give the same bits.
+FUSED_BACKWARD_COLUMNS_PER_THREAD = 3
+
+
+def _native_backward(lib, gy, x2, blocks, crow_indices, col_indices, in_features):
+    n_rows = crow_indices.numel() - 1
+    n_active, block_rows, block_cols = blocks.shape
+    tokens = gy.shape[0]
+    n_cols = in_features // block_cols
+    gy32, x, weights = _fp32(gy), _fp32(x2), _fp32(blocks)
+    by_column, column_starts, block_row = _transposed_index(crow_indices, col_indices, n_cols)
+    # the longest columns first, so the items left at the end are short ones
+    columns = torch.argsort(column_starts.diff(), descending=True, stable=True)
+    grad_x = gy32.new_empty(tokens, in_features)
+    grad = gy32.new_empty(blocks.shape)
+    gy_scratch, x_scratch = scratch(gy32.shape, x.shape)  # block-major copies
+    lib.bsr_backward(gy32.data_ptr(), x.data_ptr(), weights.data_ptr(), by_column.data_ptr(), column_starts.data_ptr(),
+                     block_row.data_ptr(), columns.data_ptr(), grad_x.data_ptr(), grad.data_ptr(),
+                     gy_scratch.data_ptr(), x_scratch.data_ptr(), n_active, tokens, in_features, n_rows, block_rows,
+                     block_cols, torch.get_num_threads())  # fmt: skip
+    return grad_x.to(gy.dtype), grad.to(blocks.dtype)
+
+
 def _native_grad_input(lib, gy, blocks, crow_indices, col_indices, in_features) -> torch.Tensor:
     n_rows = crow_indices.numel() - 1
     _, block_rows, block_cols = blocks.shape
@@ -262,6 +288,18 @@ def _native_grad_blocks(lib, gy, x2, blocks, crow_indices, col_indices) -> torch
                         gy_scratch.data_ptr(), x_scratch.data_ptr(), n_active, tokens, in_features, n_rows,
                         block_rows, block_cols, torch.get_num_threads())  # fmt: skip
     return grad.to(blocks.dtype)
+
+
+def backward(gy: torch.Tensor, x2: torch.Tensor, blocks: torch.Tensor, crow_indices, col_indices, in_features: int):
+    """``(grad_input(...), grad_blocks(...))`` in one pass where the native kernel takes them (the same bits)."""
+    lib = _native_for(blocks)
+    n_cols = in_features // blocks.shape[2]
+    if lib is not None and n_cols >= FUSED_BACKWARD_COLUMNS_PER_THREAD * torch.get_num_threads():
+        return _native_backward(lib, gy, x2, blocks, crow_indices, col_indices, in_features)
+    return (
+        grad_input(gy, blocks, crow_indices, col_indices, in_features),
+        grad_blocks(gy, x2, blocks, crow_indices, col_indices),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,4 +529,4 @@ def torch_grad_blocks(
     return grad.to(blocks.dtype)
 
 
-KERNEL = BlockSparseKernel("cpu", forward, grad_input, grad_blocks)
+KERNEL = BlockSparseKernel("cpu", forward, grad_input, grad_blocks, backward)

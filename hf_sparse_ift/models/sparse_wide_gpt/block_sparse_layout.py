@@ -57,3 +57,6 @@ class BlockSparseKernel(NamedTuple):
     forward: Callable  # (x2, blocks, bias, crow_indices, col_indices) -> y2
     grad_input: Callable  # (gy, blocks, crow_indices, col_indices, in_features) -> dx2
     grad_blocks: Callable  # (gy, x2, blocks, crow_indices, col_indices) -> d_blocks, shaped like blocks
+    # both gradients at once, (gy, x2, blocks, crow_indices, col_indices, in_features) -> (dx2, d_blocks), where a
+    # kernel computes them faster together than apart; None: the two functions above
+    backward: Callable | None = None

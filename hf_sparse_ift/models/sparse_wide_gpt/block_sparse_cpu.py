@@ -9,7 +9,9 @@ build-kernels`` compiles it into the kernel cache; `load_kernel` opens it only i
 (`native_kernels`), and never compiles. Each product is a sum of small dense products, block by block, computed by
 one register-tiled micro-kernel on block-major copies of the inputs (made in the library, into scratch tensors
 allocated here) while the block stays in L1; the design and what it replaced are in the source's header. With at most
-`DOT_TOKENS` tokens (decoding) the forward reads every block once, in its stored layout. It runs on
+`DOT_TOKENS` tokens (decoding) the forward reads every block once, in its stored layout. `backward` computes both
+gradients in one pass over the block-columns (the bits of the two separate passes) where there are enough block-columns
+for the threads. It runs on
 ``torch.get_num_threads()`` threads of the calling thread: torch's OpenMP threads, or the library's own with
 ``HF_SPARSE_IFT_KERNEL_THREADS=own`` (``kernel_pool.h``); it reads no torch or OpenMP setting other than that count
 and changes none.

@@ -15,7 +15,9 @@ Parts (``--parts``, default all three):
 * ``train``: a whole training step (forward + loss, backward, clip, AdamW; no DST update) of a small model (--train-*)
   dense vs SW-75 with 64 x 64 blocks vs SW-75 masked, fp32; with the ideal total-FLOP ratio of `plan`
   (``flop_ratio_to_dense``) for the target "block step <= 1.25 x dense step x that ratio", and the bytes of the
-  sparse layers' parameters, gradients and Adam states per active weight's.
+  sparse layers' parameters, gradients and Adam states per active weight's. A turn is two steps of one variant: the
+  second, after a step of the same model as in training, is the step time; the first, after another variant's step,
+  is recorded beside it with the page faults of each.
 * ``decode``: batch-1 greedy decode, fp32: dense GPT-3 Small vs SW-75 with 64 x 64 blocks vs SW-75 condensed vs SW-75
   masked (random weights, SRigL-style masks for masked/condensed, as `condensed_inference.py`).
 
@@ -36,10 +38,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import argparse
 import contextlib
 import copy
+import ctypes
 import datetime
 import gc
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -139,6 +143,34 @@ def block_kernel(kind: str):
 
 def kernel_for(kernels: dict, name: str):
     return block_kernel(kernels[name]) if name in kernels else contextlib.nullcontext()
+
+
+# mallopt parameters (glibc's malloc.h) for --malloc. With the defaults, glibc raises its mmap threshold as buffers
+# are freed (up to 32 MiB) and gives the top of the heap back to the system once more than twice that is free, so a
+# training step that frees its activations faults their pages in again at the next step.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MALLOC_SETTINGS = {
+    "glibc-default": {},
+    "keep-freed": {"M_TRIM_THRESHOLD": 2**31 - 1, "M_MMAP_THRESHOLD": 32 * 2**20},
+}
+
+
+def set_malloc(setting: str) -> None:
+    """Apply a `MALLOC_SETTINGS` entry to this process's C allocator (glibc only)."""
+    parameters = MALLOC_SETTINGS[setting]
+    if not parameters:
+        return
+    if platform.libc_ver()[0] != "glibc":
+        raise SystemExit(f"--malloc {setting}: sets glibc's malloc, and this process runs on {platform.libc_ver()}")
+    libc = ctypes.CDLL(None)
+    for name, value in parameters.items():
+        if libc.mallopt(globals()[name], value) != 1:
+            raise SystemExit(f"--malloc {setting}: mallopt({name}, {value}) was refused")
+
+
+def minor_page_faults() -> int:
+    """The process's minor page faults so far (all threads): pages the kernel mapped in on first touch."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def time_call(fn, *args) -> float:
@@ -300,12 +332,26 @@ def measure_training(args, report: dict) -> None:
                 step()  # warm-up; creates the Adam states
             steps[variant], models[variant] = step, (model, optimizer)
             kernels[variant], configs_of[variant] = kind, config
+    # Each turn runs two steps of one variant and times both. The second follows a step of the same model, as every
+    # step of a training loop does: it is the step time. The first follows another variant's step, whose heap the C
+    # allocator has partly given back to the system, so a model that needs more memory than the one before pays for
+    # faulting pages in again (tens of thousands of page faults per SW-75 step, 2026-12-04); it is recorded next to
+    # the step time, with the page faults of both.
     times = {name: [] for name in steps}
+    after_other = {name: [] for name in steps}
+    faults = {name: [] for name in steps}
+    faults_after_other = {name: [] for name in steps}
     names = list(steps)
     for r in range(args.repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             with kernel_for(kernels, name):
+                before = minor_page_faults()
+                after_other[name].append(time_call(steps[name]))
+                middle = minor_page_faults()
                 times[name].append(time_call(steps[name]))
+                faults_after_other[name].append(middle - before)
+                faults[name].append(minor_page_faults() - middle)
+    dense_after_other = statistics.median(after_other["dense"])
     dense_median = statistics.median(times["dense"])
     for name, config in configs_of.items():
         summary = model_summary(config, args.train_seq)
@@ -323,6 +369,11 @@ def measure_training(args, report: dict) -> None:
             "step_s_median": statistics.median(times[name]),
             "step_s_min": min(times[name]),
             "step_vs_dense": statistics.median(times[name]) / dense_median,
+            "page_faults": faults[name],
+            "step_after_other_model_s": after_other[name],
+            "step_after_other_model_s_median": statistics.median(after_other[name]),
+            "step_after_other_model_vs_dense": statistics.median(after_other[name]) / dense_after_other,
+            "page_faults_after_other_model": faults_after_other[name],
         }
         row["step_vs_dense_over_flop_ratio"] = row["step_vs_dense"] / summary["flop_ratio_to_dense"]
         if config.sparsity > 0:
@@ -330,7 +381,8 @@ def measure_training(args, report: dict) -> None:
         report["results"].append(row)
         print(
             f"train {name}: step {row['step_s_median']:.3f} s = {row['step_vs_dense']:.2f}x dense "
-            f"(ideal FLOP ratio {row['flop_ratio_to_dense']:.3f})",
+            f"(ideal FLOP ratio {row['flop_ratio_to_dense']:.3f}); after another model's step "
+            f"{row['step_after_other_model_s_median']:.3f} s = {row['step_after_other_model_vs_dense']:.2f}x dense",
             flush=True,
         )
     del models, steps
@@ -469,6 +521,7 @@ def write(report: dict, out: Path) -> Path:
         "",
         f"CPU: {report['cpu']}, vector flags {' '.join(report['cpu_vector_flags'])}; torch {report['torch']}, transformers {report['transformers']}, Python "
         f"{report['python']}; torch threads {report['threads']}; OMP_WAIT_POLICY={report['omp_wait_policy']}; "
+        f"C allocator {report['malloc']['setting']} {report['malloc']['mallopt'] or ''}; "
         f"{report['repeats']} repeats per variant, variants in turns. GPU: {report['gpu']}.",
         "",
         f"Load average (1, 5, 15 min) at start / end: {report['load_average_before']} / "
@@ -510,16 +563,23 @@ def write(report: dict, out: Path) -> Path:
             "",
             f"## Training step (fp32, {train[0]['tokens_per_step']} tokens per step; {report['train_model']})",
             "",
+            "Each turn runs two steps of one variant. The step time is the second's, which follows a step of the same "
+            "model as in a training loop; the first follows another variant's step, after which the C allocator "
+            "faults in the pages the bigger model needs again (its time and page faults are in the last columns).",
+            "",
             "| variant | d_model/d_ff | step s (median) | step s (min) | vs dense | ideal FLOP ratio | vs dense / ratio "
-            "| sparse-layer state bytes per active weight |",
-            "|---|---|---|---|---|---|---|---|",
+            "| sparse-layer state bytes per active weight | page faults (median) | after another model: step s, vs "
+            "dense, page faults |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in train:
             per_weight = f"{r['bytes_per_active_weight']:.1f}" if "bytes_per_active_weight" in r else "–"
             lines.append(
                 f"| {r['variant']} | {r['d_model']}/{r['d_ff']} | {r['step_s_median']:.3f} | {r['step_s_min']:.3f} | "
                 f"{r['step_vs_dense']:.2f}x | {r['flop_ratio_to_dense']:.3f} | "
-                f"{r['step_vs_dense_over_flop_ratio']:.2f} | {per_weight} |"
+                f"{r['step_vs_dense_over_flop_ratio']:.2f} | {per_weight} | {statistics.median(r['page_faults']):.0f} | "
+                f"{r['step_after_other_model_s_median']:.3f}, {r['step_after_other_model_vs_dense']:.2f}x, "
+                f"{statistics.median(r['page_faults_after_other_model']):.0f} |"
             )
     decode = [r for r in report["results"] if r["part"] == "decode"]
     if decode:
@@ -589,6 +649,14 @@ def main(argv=None) -> int:
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--tag", default="", help="appended to the results' file names (e.g. linears)")
     parser.add_argument("--notes", default="", help="recorded in the results (e.g. what was left out and why)")
+    parser.add_argument(
+        "--malloc",
+        choices=sorted(MALLOC_SETTINGS),
+        default="glibc-default",
+        help="the C allocator's settings for this process: glibc-default (it gives freed heap back to the system, so "
+        "steps fault pages in again) or keep-freed (M_TRIM_THRESHOLD 2 GiB - 1, M_MMAP_THRESHOLD 32 MiB, through "
+        "mallopt, before any model is built: freed memory is kept for reuse, as jemalloc and tcmalloc do)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat (CI)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
@@ -611,6 +679,7 @@ def main(argv=None) -> int:
         args.tokens, args.repeats, args.prefill, args.decode = 64, 1, 8, 3
         args.train_d_model, args.train_layers, args.train_heads, args.train_vocab = 32, 2, 2, 97
         args.train_seq, args.train_batch, args.train_block = 32, 2, 16
+    set_malloc(args.malloc)
     torch.set_num_threads(args.threads)
     cpu = cpu_info()
     report = {
@@ -640,6 +709,7 @@ def main(argv=None) -> int:
         "load_average_before": load_average(),
         "gpu": f"not used: CPU benchmark (CUDA available: {torch.cuda.is_available()})",
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "malloc": {"setting": args.malloc, "mallopt": MALLOC_SETTINGS[args.malloc]},
         "results": [],
     }
     started = time.perf_counter()

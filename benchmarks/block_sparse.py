@@ -333,10 +333,10 @@ def measure_training(args, report: dict) -> None:
             steps[variant], models[variant] = step, (model, optimizer)
             kernels[variant], configs_of[variant] = kind, config
     # Each turn runs two steps of one variant and times both. The second follows a step of the same model, as every
-    # step of a training loop does: it is the step time. The first follows another variant's step, whose heap the C
-    # allocator has partly given back to the system, so a model that needs more memory than the one before pays for
-    # faulting pages in again (tens of thousands of page faults per SW-75 step, 2026-12-04); it is recorded next to
-    # the step time, with the page faults of both.
+    # step of a training loop does: it is the step time. The first follows another variant's step; it is recorded
+    # beside it. With glibc's default settings the heap is given back to the system at irregular points and the next
+    # step faults those pages in again (thousands to tens of thousands of faults in some SW-75 steps, none in others,
+    # 2026-12-04), so the page faults of both steps are recorded too (--malloc keep-freed keeps the heap).
     times = {name: [] for name in steps}
     after_other = {name: [] for name in steps}
     faults = {name: [] for name in steps}
@@ -564,8 +564,8 @@ def write(report: dict, out: Path) -> Path:
             f"## Training step (fp32, {train[0]['tokens_per_step']} tokens per step; {report['train_model']})",
             "",
             "Each turn runs two steps of one variant. The step time is the second's, which follows a step of the same "
-            "model as in a training loop; the first follows another variant's step, after which the C allocator "
-            "faults in the pages the bigger model needs again (its time and page faults are in the last columns).",
+            "model as in a training loop; the first follows another variant's step (last column). Page faults: pages "
+            "the system mapped in during the step, after the C allocator had given them back.",
             "",
             "| variant | d_model/d_ff | step s (median) | step s (min) | vs dense | ideal FLOP ratio | vs dense / ratio "
             "| sparse-layer state bytes per active weight | page faults (median) | after another model: step s, vs "

@@ -8,9 +8,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(script, tmp_path):
+def run(script, tmp_path, *arguments):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(tmp_path), *arguments],
         capture_output=True,
         text=True,
         timeout=600,
@@ -78,6 +78,22 @@ def test_block_sparse_smoke(tmp_path):
         "decode",
     }
     assert "| float32 | 0.75 | mlp_in | 256x64 | block-16-any |" in table and "## Batch-1 decode" in table
+    # every turn times a step after another variant's and one after the same model's, with the page faults of each
+    train = [r for r in report["results"] if r["part"] == "train"]
+    for r in train:
+        assert len(r["step_s"]) == len(r["step_after_other_model_s"]) == report["repeats"]
+        assert len(r["page_faults"]) == len(r["page_faults_after_other_model"]) == report["repeats"]
+        assert all(isinstance(f, int) and f >= 0 for f in r["page_faults"] + r["page_faults_after_other_model"])
+    assert report["malloc"] == {"setting": "glibc-default", "mallopt": {}}
+
+
+def test_block_sparse_keep_freed_heap_is_recorded(tmp_path):
+    report, table = run("block_sparse.py", tmp_path, "--parts", "train", "--malloc", "keep-freed")
+    assert report["malloc"] == {
+        "setting": "keep-freed",
+        "mallopt": {"M_TRIM_THRESHOLD": 2**31 - 1, "M_MMAP_THRESHOLD": 32 * 2**20},
+    }
+    assert "C allocator keep-freed" in table and {r["part"] for r in report["results"]} == {"train"}
 
 
 def test_gpu_block_sparse_smoke(tmp_path):

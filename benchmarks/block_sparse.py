@@ -145,10 +145,10 @@ def kernel_for(kernels: dict, name: str):
     return block_kernel(kernels[name]) if name in kernels else contextlib.nullcontext()
 
 
-# mallopt parameters (glibc's malloc.h) for --malloc. With the defaults, glibc raises its mmap threshold as buffers
-# are freed (up to 32 MiB) and gives the top of the heap back to the system once more than twice that is free, so a
-# training step that frees its activations faults their pages in again at the next step.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+# mallopt parameters (their numbers in glibc's malloc.h) for --malloc. With the defaults, glibc raises its mmap
+# threshold as buffers are freed (up to 32 MiB) and gives the top of the heap back to the system once more than twice
+# that is free, so a step after one that freed its activations may fault their pages in again.
+MALLOPT_PARAMETERS = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}
 MALLOC_SETTINGS = {
     "glibc-default": {},
     "keep-freed": {"M_TRIM_THRESHOLD": 2**31 - 1, "M_MMAP_THRESHOLD": 32 * 2**20},
@@ -164,7 +164,7 @@ def set_malloc(setting: str) -> None:
         raise SystemExit(f"--malloc {setting}: sets glibc's malloc, and this process runs on {platform.libc_ver()}")
     libc = ctypes.CDLL(None)
     for name, value in parameters.items():
-        if libc.mallopt(globals()[name], value) != 1:
+        if libc.mallopt(MALLOPT_PARAMETERS[name], value) != 1:
             raise SystemExit(f"--malloc {setting}: mallopt({name}, {value}) was refused")
 
 

@@ -24,7 +24,7 @@ from ..data.config import DataConfig
 from ..errors import UsageError
 from ..resources import load_yaml, parse_yaml, resolve_config_path
 from ..sparsity.dst.config import DSTConfig
-from .hardware import ATTENTION_BACKENDS, MIXED_PRECISION
+from .hardware import ATTENTION_BACKENDS, CPU_ALLOCATORS, MIXED_PRECISION
 
 if TYPE_CHECKING:
     from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
@@ -69,6 +69,8 @@ class TrainLoopConfig:
     mixed_precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or no.
     peak_tflops: the accelerator's dense bf16 peak for MFU (auto: known GPUs, none on CPU).
     attention_backend: restrict PyTorch's SDPA to one kernel family on GPUs (auto keeps PyTorch's order).
+    cpu_allocator: auto (on CPU with glibc, keep freed memory for the next step: keep-freed), keep-freed or
+        unchanged (leave the process's C allocator as it is).
     check_memory: refuse, before allocating anything, a model whose estimated training memory exceeds the
         machine's (set false to try anyway).
     """
@@ -91,6 +93,7 @@ class TrainLoopConfig:
     project_name: str = "hf-sparse-ift"
     peak_tflops: float | str | None = "auto"
     attention_backend: str = "auto"
+    cpu_allocator: str = "auto"
     progress_bar: bool = True
     check_memory: bool = True
 
@@ -120,6 +123,7 @@ class TrainLoopConfig:
             )
         checks.choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         checks.choice("train.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        checks.choice("train.cpu_allocator", self.cpu_allocator, CPU_ALLOCATORS)
         if not isinstance(self.trackers, list):
             checks.invalid("train.trackers", self.trackers, "expected a list such as [tensorboard] or []")
         if self.peak_tflops not in ("auto", None):

@@ -42,7 +42,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import PretrainConfig
-from .hardware import peak_flops, set_sdpa_backend
+from .hardware import apply_cpu_allocator, peak_flops, set_sdpa_backend
 from .optimizer import build_optimizer, build_scheduler
 from .run import RunConfig, resolve_run
 
@@ -135,6 +135,7 @@ class Session:
 
 def setup(run: RunConfig, resume: bool) -> Session:
     cfg = run.config
+    apply_cpu_allocator(run.cpu_allocator)  # before the model and the first step allocate
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=run.mixed_precision,

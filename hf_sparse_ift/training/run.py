@@ -19,7 +19,7 @@ from ..errors import UsageError
 from ..models.sparse_wide_gpt.configuration_sparse_wide_gpt import SparseWideGPTConfig
 from ..models.sparse_wide_gpt.iso_flop import model_summary
 from .config import PretrainConfig, build_pretrain_config
-from .hardware import available_memory_bytes, resolve_block_kernel, resolve_mixed_precision
+from .hardware import available_memory_bytes, resolve_block_kernel, resolve_cpu_allocator, resolve_mixed_precision
 
 # Keys that may differ on --resume: they change how the run is watched or how fast it goes, or extend it.
 # Any other difference is refused: the checkpointed optimizer, schedule, masks and data would not match it.
@@ -36,6 +36,7 @@ RESUME_MAY_CHANGE = frozenset(
         "train.compile",
         "train.gradient_checkpointing",
         "train.attention_backend",
+        "train.cpu_allocator",
         "train.peak_tflops",
         "train.check_memory",
         "data.prefetch_batches",
@@ -55,6 +56,7 @@ class RunConfig:
     warmup_steps: int
     memory_estimate_bytes: int
     block_kernel: dict[str, str] | None = None  # the block-sparse layers' kernel by device type; None: no block layers
+    cpu_allocator: str = "unchanged"  # hardware.CPU_ALLOCATORS, resolved
     tokenizer: object = field(default=None, repr=False)  # loaded once here, so a bad one fails before any work
     decisions: list[str] = field(default_factory=list)
     resume_changes: list[str] = field(default_factory=list)
@@ -84,6 +86,7 @@ class RunConfig:
                 "micro_batch_size": self.config.train.micro_batch_size,
                 "mixed_precision": self.mixed_precision,
                 "block_kernel": self.block_kernel,
+                "cpu_allocator": self.cpu_allocator,
                 "tokens_per_step": self.tokens_per_step,
                 "total_steps": self.total_steps,
                 "total_tokens": self.total_tokens,
@@ -190,6 +193,9 @@ def resolve_run(
             f"train.attention_backend={cfg.train.attention_backend} selects among CUDA kernels and has no effect "
             "without a GPU: attention runs PyTorch's CPU kernel"
         )
+    cpu_allocator, allocator_decision = resolve_cpu_allocator(cfg.train.cpu_allocator, _cuda_available())
+    if allocator_decision:
+        decisions.append(allocator_decision)
     total_steps = cfg.steps()
     no_update = dst_without_updates(cfg.dst, total_steps)
     if no_update:
@@ -206,6 +212,7 @@ def resolve_run(
         warmup_steps=warmup,
         memory_estimate_bytes=memory,
         block_kernel=block_kernel,
+        cpu_allocator=cpu_allocator,
         tokenizer=tokenizer,
         decisions=decisions,
     )

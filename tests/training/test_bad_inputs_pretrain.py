@@ -3,6 +3,7 @@ traceback, no work started, and earlier outputs byte-for-byte unchanged. Each ca
 folder (which must stay absent) and as --resume of a finished run (whose files must not change)."""
 
 import json
+import platform
 from types import SimpleNamespace
 
 import helpers
@@ -69,6 +70,7 @@ CASES = {
     ),
     "lr not a number": (["optim.lr=fast"], ["optim.lr='fast'", "expected a number"]),
     "unknown precision": (["train.mixed_precision=fp8"], ["train.mixed_precision='fp8'", "'bf16'"]),
+    "unknown allocator": (["train.cpu_allocator=jemalloc"], ["train.cpu_allocator='jemalloc'", "'keep-freed'"]),
     "unknown DST method": (["dst.method=prune"], ["dst.method='prune'", "'set'", "'srigl'"]),
     "misspelt key": (["train.max_stpes=3"], ["train.max_stpes", "max_steps"]),
     "batch not a multiple": (["train.global_batch_size=10"], ["train.global_batch_size=10", "multiple"]),
@@ -236,6 +238,42 @@ def test_an_attention_backend_without_a_gpu_is_recorded(capsys):
     assert any("train.attention_backend=flash selects among CUDA kernels and has no effect" in d for d in decisions)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto leaves the allocator of a GPU run unchanged")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep-freed tunes glibc's malloc")
+def test_the_cpu_allocator_auto_decides_and_records_it(capsys, monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        monkeypatch.delenv(name, raising=False)
+
+    def printed(*overrides):
+        assert main(["pretrain", "--print-config", *FAST, *overrides]) == 0
+        return yaml.safe_load(capsys.readouterr().out)["resolved"]
+
+    resolved = printed()
+    assert resolved["cpu_allocator"] == "keep-freed"
+    assert any(d.startswith("train.cpu_allocator=auto: keep-freed (glibc mallopt") for d in resolved["decisions"])
+    resolved = printed("train.cpu_allocator=unchanged")  # what the user chose is no decision
+    assert resolved["cpu_allocator"] == "unchanged"
+    assert not any("cpu_allocator" in d for d in resolved["decisions"])
+    # a process started with its allocator tuned or replaced keeps it, and the records say why
+    for name, value in (("MALLOC_MMAP_THRESHOLD_", "65536"), ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")):
+        monkeypatch.setenv(name, value)
+        resolved = printed()
+        assert resolved["cpu_allocator"] == "unchanged"
+        assert f"train.cpu_allocator=auto: unchanged, because the environment sets the allocator ({name}" in (
+            " ".join(resolved["decisions"])
+        )
+        monkeypatch.delenv(name)
+
+
+def test_keep_freed_without_glibc_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("musl", "1.2"))
+    code, err = run_case(capsys, [*FAST, f"train.output_dir={tmp_path / 'run'}", "train.cpu_allocator=keep-freed"])
+    assert code == 2 and "train.cpu_allocator='keep-freed' is invalid here" in err and "musl" in err, err
+    assert "'unchanged'" in err and not (tmp_path / "run").exists()
+
+
 def test_memory_check_of_a_block_model_counts_its_active_blocks_only():
     from hf_sparse_ift.resources import model_config
     from hf_sparse_ift.training.run import training_memory_bytes
@@ -307,6 +345,8 @@ def test_the_model_card_records_what_ran_and_what_was_decided(finished_run):
     card = (finished_run / "checkpoint-2" / "hf" / "README.md").read_text()
     assert "| precision | no |" in card  # what ran (train.mixed_precision=auto resolved on CPU), not "auto"
     assert "decided for this run" in card and "train.mixed_precision=auto: no" in card
+    if not torch.cuda.is_available() and platform.libc_ver()[0] == "glibc":
+        assert "train.cpu_allocator=auto: keep-freed (glibc mallopt M_TRIM_THRESHOLD=2147483647" in card
     assert "dst.method=set makes no mask update in this run" in card  # 2 steps, dst.update_interval=3
 
 

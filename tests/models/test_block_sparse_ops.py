@@ -328,6 +328,23 @@ def test_inference_without_grad():
     torch.testing.assert_close(out, block_sparse_linear_reference(x, blocks, crow, col, 48), rtol=1e-5, atol=1e-5)
 
 
+def test_without_gradients_the_operator_runs_undispatched_with_its_bits(threads, monkeypatch):
+    blocks, crow, col = random_blocks(64, 96, (16, 16), 0.5, "any")
+    x, bias = torch.randn(2, 5, 96), torch.randn(64)
+    dispatched = block_sparse._linear(x, blocks, bias, crow, col, 96, "cpu")
+    calls = []
+    monkeypatch.setattr(block_sparse, "_linear", lambda *a: calls.append(a) or dispatched)
+    with torch.no_grad():
+        eager = block_sparse_linear(x, blocks, crow, col, 96, bias, kernel="cpu")
+    with torch.inference_mode():
+        inference = block_sparse_linear(x, blocks, crow, col, 96, bias, kernel="cpu")
+    frozen = block_sparse_linear(x, blocks, crow, col, 96, bias, kernel="cpu")  # grad mode, nothing requires it
+    assert not calls and all(torch.equal(out, dispatched) for out in (eager, inference, frozen))
+    # anything that requires a gradient goes through the operator and its autograd registration
+    block_sparse_linear(x, blocks.requires_grad_(), crow, col, 96, bias, kernel="cpu")
+    assert len(calls) == 1
+
+
 def bf16_close(got, want):
     """Equal within bf16 rounding: a few units of bf16's last place (2^-8 relative) of the largest value."""
     scale = want.float().abs().max().item()

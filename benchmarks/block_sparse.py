@@ -38,7 +38,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import argparse
 import contextlib
 import copy
-import ctypes
 import datetime
 import gc
 import json
@@ -53,6 +52,7 @@ import torch
 import transformers
 
 from hf_sparse_ift import SparseWideGPTConfig, SparseWideGPTForCausalLM
+from hf_sparse_ift.errors import UsageError
 from hf_sparse_ift.models.sparse_wide_gpt import block_sparse_cpu, condensed_kernel, native_kernels
 from hf_sparse_ift.models.sparse_wide_gpt.block_sparse import block_sparse_linear
 from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import model_summary, round_up, sparse_wide_factor
@@ -60,6 +60,7 @@ from hf_sparse_ift.models.sparse_wide_gpt.sparse_layers import SparseLinear
 from hf_sparse_ift.resources import model_config
 from hf_sparse_ift.sparsity.masks import sparse_layers
 from hf_sparse_ift.training.config import OptimConfig
+from hf_sparse_ift.training.hardware import CPU_ALLOCATORS, KEEP_FREED, apply_cpu_allocator, resolve_cpu_allocator
 from hf_sparse_ift.training.optimizer import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -143,29 +144,6 @@ def block_kernel(kind: str):
 
 def kernel_for(kernels: dict, name: str):
     return block_kernel(kernels[name]) if name in kernels else contextlib.nullcontext()
-
-
-# mallopt parameters (their numbers in glibc's malloc.h) for --malloc. With the defaults, glibc raises its mmap
-# threshold as buffers are freed (up to 32 MiB) and gives the top of the heap back to the system once more than twice
-# that is free, so a step after one that freed its activations may fault their pages in again.
-MALLOPT_PARAMETERS = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}
-MALLOC_SETTINGS = {
-    "glibc-default": {},
-    "keep-freed": {"M_TRIM_THRESHOLD": 2**31 - 1, "M_MMAP_THRESHOLD": 32 * 2**20},
-}
-
-
-def set_malloc(setting: str) -> None:
-    """Apply a `MALLOC_SETTINGS` entry to this process's C allocator (glibc only)."""
-    parameters = MALLOC_SETTINGS[setting]
-    if not parameters:
-        return
-    if platform.libc_ver()[0] != "glibc":
-        raise SystemExit(f"--malloc {setting}: sets glibc's malloc, and this process runs on {platform.libc_ver()}")
-    libc = ctypes.CDLL(None)
-    for name, value in parameters.items():
-        if libc.mallopt(MALLOPT_PARAMETERS[name], value) != 1:
-            raise SystemExit(f"--malloc {setting}: mallopt({name}, {value}) was refused")
 
 
 def minor_page_faults() -> int:
@@ -521,7 +499,7 @@ def write(report: dict, out: Path) -> Path:
         "",
         f"CPU: {report['cpu']}, vector flags {' '.join(report['cpu_vector_flags'])}; torch {report['torch']}, transformers {report['transformers']}, Python "
         f"{report['python']}; torch threads {report['threads']}; OMP_WAIT_POLICY={report['omp_wait_policy']}; "
-        f"C allocator {report['malloc']['setting']} {report['malloc']['mallopt'] or ''}; "
+        f"C allocator {report['malloc']['setting']}: {report['malloc']['applied']} {report['malloc']['mallopt'] or ''}; "
         f"{report['repeats']} repeats per variant, variants in turns. GPU: {report['gpu']}.",
         "",
         f"Load average (1, 5, 15 min) at start / end: {report['load_average_before']} / "
@@ -538,6 +516,8 @@ def write(report: dict, out: Path) -> Path:
         f"{_library_source(report['condensed_kernel_native'])}.",
         "",
     ]
+    if report["malloc"]["decision"]:
+        lines += [f"C allocator: {report['malloc']['decision']}.", ""]
     if report.get("notes"):
         lines += [f"Notes: {report['notes']}", ""]
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
@@ -651,11 +631,13 @@ def main(argv=None) -> int:
     parser.add_argument("--notes", default="", help="recorded in the results (e.g. what was left out and why)")
     parser.add_argument(
         "--malloc",
-        choices=sorted(MALLOC_SETTINGS),
-        default="glibc-default",
-        help="the C allocator's settings for this process: glibc-default (it gives freed heap back to the system, so "
-        "steps fault pages in again) or keep-freed (M_TRIM_THRESHOLD 2 GiB - 1, M_MMAP_THRESHOLD 32 MiB, through "
-        "mallopt, before any model is built: freed memory is kept for reuse, as jemalloc and tcmalloc do)",
+        choices=CPU_ALLOCATORS,
+        default="auto",
+        help="the C allocator for this process, as train.cpu_allocator sets it for a training run (the same "
+        "function decides): auto (keep-freed on CPU with glibc unless the environment tunes or replaces malloc; the "
+        "decision is recorded), keep-freed (mallopt M_TRIM_THRESHOLD 2 GiB - 1, M_MMAP_THRESHOLD 32 MiB before any "
+        "model is built: freed memory is kept for reuse, as jemalloc and tcmalloc do) or unchanged (glibc's "
+        "defaults give freed heap back to the system, so steps fault pages in again)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat (CI)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -679,7 +661,11 @@ def main(argv=None) -> int:
         args.tokens, args.repeats, args.prefill, args.decode = 64, 1, 8, 3
         args.train_d_model, args.train_layers, args.train_heads, args.train_vocab = 32, 2, 2, 97
         args.train_seq, args.train_batch, args.train_block = 32, 2, 16
-    set_malloc(args.malloc)
+    try:
+        allocator, allocator_decision = resolve_cpu_allocator(args.malloc, on_gpu=False)
+    except UsageError as error:
+        parser.error(f"--malloc: {error}")
+    apply_cpu_allocator(allocator)
     torch.set_num_threads(args.threads)
     cpu = cpu_info()
     report = {
@@ -709,7 +695,12 @@ def main(argv=None) -> int:
         "load_average_before": load_average(),
         "gpu": f"not used: CPU benchmark (CUDA available: {torch.cuda.is_available()})",
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "malloc": {"setting": args.malloc, "mallopt": MALLOC_SETTINGS[args.malloc]},
+        "malloc": {
+            "setting": args.malloc,
+            "applied": allocator,
+            "decision": allocator_decision,
+            "mallopt": KEEP_FREED if allocator == "keep-freed" else {},
+        },
         "results": [],
     }
     started = time.perf_counter()

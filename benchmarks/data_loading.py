@@ -39,6 +39,9 @@ from hf_sparse_ift.data.config import DataConfig
 from hf_sparse_ift.data.pipeline import Batches, PackedStream, load_tokenizer, resolve_data_source
 from hf_sparse_ift.resources import builtin_dir
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_files
+
 # (name, documents per tokenizer call, batches made ahead); the first is the pipeline before prefetching.
 SETTINGS = [
     ("on demand, 1000 docs per tokenizer call", 1000, 0),
@@ -126,8 +129,12 @@ def main(argv=None) -> int:
     parser.add_argument("--launch-ms", type=float, default=5.0, help="host Python time per step, GIL held")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    results_files.add_arguments(parser)
     args = parser.parse_args(argv)
+    machine = f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+    today = datetime.date.today().isoformat()
+    stem = results_files.tagged(f"{machine}-{today}-data-loading", args.tag)
+    results_files.refuse_existing(args.out, stem, args.overwrite)
     if args.smoke:
         args.seq, args.micro_batch, args.step_ms, args.launch_ms, args.steps = 256, 4, 5.0, 1.0, 20
 
@@ -185,8 +192,6 @@ def main(argv=None) -> int:
                     flush=True,
                 )
 
-    machine = f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
-    today = datetime.date.today().isoformat()
     command = "data_loading.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {
         "machine": machine,
@@ -205,10 +210,6 @@ def main(argv=None) -> int:
         "accelerator_tokens_per_s": ideal,
         "results": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{machine}-{today}-data-loading"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     lines = [
         f"# Data loading against a simulated accelerator — {machine} ({os.cpu_count()} cores) — {today}",
         "",
@@ -229,8 +230,9 @@ def main(argv=None) -> int:
             f"{r['fraction_of_accelerator_rate']:.1%} | {r['idle_fraction']:.1%} | "
             f"{r['mean_batch_wait_ms']:.1f} | {r['worst_batch_wait_ms']:.0f} |"
         )
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem}.json and .md")
+    texts = {".json": json.dumps(report, indent=1), ".md": "\n".join(lines) + "\n"}
+    written = results_files.write(args.out, stem, texts, args.overwrite)
+    print(f"wrote {written['.json']} and {written['.md']}")
     return 0
 
 

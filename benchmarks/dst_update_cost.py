@@ -30,6 +30,7 @@ from hf_sparse_ift.training.config import OptimConfig
 from hf_sparse_ift.training.optimizer import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_files
 from train_throughput import sync, training_step
 
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", default="set,rigl,srigl")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    results_files.add_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     overrides = {}
@@ -55,9 +56,14 @@ def main(argv=None) -> int:
         if device.type == "cuda"
         else f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
     )
+    date = datetime.date.today().isoformat()
+    stem = results_files.tagged(
+        f"{name.replace(' ', '-')}-{date}-dst-update" + ("-smoke" if args.smoke else ""), args.tag
+    )
+    results_files.refuse_existing(args.out, stem, args.overwrite)
     report = {
         "device": name,
-        "date": datetime.date.today().isoformat(),
+        "date": date,
         "torch": torch.__version__,
         "preset": args.preset,
         "d_model": config.hidden_size,
@@ -111,11 +117,8 @@ def main(argv=None) -> int:
         lines.append(
             f"| {r['method']} | {r['update_s']:.4f} | {r['train_step_s']:.3f} | {r['overhead_pct_at_dT100']:.3f}% |"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{name.replace(' ', '-')}-{report['date']}-dst-update" + ("-smoke" if args.smoke else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    texts = {".json": json.dumps(report, indent=1), ".md": "\n".join(lines) + "\n"}
+    results_files.write(args.out, stem, texts, args.overwrite)
     print("\n".join(lines))
     return 0
 

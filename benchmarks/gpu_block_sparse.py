@@ -51,6 +51,7 @@ from hf_sparse_ift.training.config import OptimConfig
 from hf_sparse_ift.training.optimizer import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_files
 from condensed_inference import load_average, source_commit
 
 BLOCK_KERNELS = ("triton", "torch-bsr")
@@ -323,11 +324,12 @@ def targets(report: dict) -> list[dict]:
     return found
 
 
-def write(report: dict, out: Path, smoke: bool) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    gpu = report["gpu"].replace(" ", "-").replace("/", "-")
-    stem = f"{gpu}-{report['date']}-block-sparse-gpu" + ("-smoke" if smoke else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+def results_stem(gpu: str, date: str, smoke: bool, tag: str) -> str:
+    gpu = gpu.replace(" ", "-").replace("/", "-")
+    return results_files.tagged(f"{gpu}-{date}-block-sparse-gpu" + ("-smoke" if smoke else ""), tag)
+
+
+def write(report: dict, out: Path, smoke: bool, stem: str, overwrite: bool) -> Path:
     lines = [
         f"# Block-sparse training kernels vs cuBLAS — {report['gpu']} — {report['date']}",
         "",
@@ -373,14 +375,13 @@ def write(report: dict, out: Path, smoke: bool) -> Path:
             )
     if smoke:
         lines += ["", "Smoke run: CPU, Triton's interpreter, tiny shapes; the numbers say nothing about speed."]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    return out / f"{stem}.json"
+    texts = {".json": json.dumps(report, indent=2) + "\n", ".md": "\n".join(lines) + "\n"}
+    return results_files.write(out, stem, texts, overwrite)[".json"]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--parts", nargs="+", choices=["linears", "train"], default=["linears", "train"])
     parser.add_argument("--sparsities", type=float, nargs="+", default=None, help="default 0.5 0.75 0.9 (smoke: 0.75)")
     parser.add_argument("--blocks", type=int, nargs="+", default=None, help="default 64 128 (smoke: 32)")
@@ -390,6 +391,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=None, help="training sequence length (default 2048; smoke 16)")
     parser.add_argument("--train-block", type=int, default=None, help="default 128 (smoke: 32)")
     parser.add_argument("--train-steps", type=int, default=None, help="timed steps (default 10; smoke 1)")
+    results_files.add_arguments(parser)
     args = parser.parse_args(argv)
     smoke = args.smoke
     defaults = dict(sparsities=[0.75] if smoke else [0.5, 0.75, 0.9], blocks=[32] if smoke else [64, 128])
@@ -404,6 +406,10 @@ def main(argv=None) -> None:
         if not torch.cuda.is_available():
             raise SystemExit("gpu_block_sparse.py measures a GPU and none is visible; --smoke runs on CPU")
         device, dtype, measure = torch.device("cuda"), torch.bfloat16, timer(torch.device("cuda"), 20, 5)
+    date = datetime.date.today().isoformat()
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{platform.machine()}"
+    stem = results_stem(gpu, date, smoke, args.tag)
+    results_files.refuse_existing(args.out, stem, args.overwrite)
     try:
         import triton
 
@@ -411,10 +417,10 @@ def main(argv=None) -> None:
     except ImportError:
         triton_version = None
     report = {
-        "date": datetime.date.today().isoformat(),
+        "date": date,
         "command": "gpu_block_sparse.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "commit": source_commit(),
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{platform.machine()}",
+        "gpu": gpu,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,
@@ -433,7 +439,7 @@ def main(argv=None) -> None:
         measure_training(args, device, dtype, report)
     report["targets"] = targets(report)
     report["load_average_after"] = load_average()
-    print(write(report, args.out, smoke))
+    print(write(report, Path(args.out), smoke, stem, args.overwrite))
 
 
 if __name__ == "__main__":

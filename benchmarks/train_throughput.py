@@ -38,6 +38,9 @@ from hf_sparse_ift.training.config import OptimConfig
 from hf_sparse_ift.training.hardware import PEAK_TFLOPS, set_sdpa_backend
 from hf_sparse_ift.training.optimizer import build_optimizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_files
+
 VARIANTS = {
     "dense": dict(sparsity=0.0),
     "dense-vocab50304": dict(sparsity=0.0, vocab_size=50304),  # vocabulary padded to a multiple of 128
@@ -326,12 +329,15 @@ def main(argv=None) -> int:
         default=None,
         help="default: the known peak of this GPU (hardware.PEAK_TFLOPS), 1 on CPU",
     )
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--render", metavar="JSON", help="only re-render the markdown of an existing results file")
+    results_files.add_arguments(parser)
+    parser.add_argument(
+        "--render", metavar="JSON", help="only re-render the markdown of an existing results file (beside it)"
+    )
     args = parser.parse_args(argv)
     if args.render:
         report = json.loads(Path(args.render).read_text())
-        Path(args.render).with_suffix(".md").write_text(markdown(report))
+        results = Path(args.render)
+        results_files.write(results.parent, results.stem, {".md": markdown(report)}, args.overwrite)
         print(markdown(report))
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -340,13 +346,18 @@ def main(argv=None) -> int:
         dims = dict(n_layer=2, n_head=2, d_model=32, d_ff=128, vocab=256)
         args.seq, args.micro_batch, args.steps, args.warmup, args.compile = 64, 2, 2, 1, False
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{platform.machine()}"
+    date = datetime.date.today().isoformat()
+    stem = results_files.tagged(
+        f"{gpu.replace(' ', '-').replace('/', '-')}-{date}" + ("-smoke" if args.smoke else ""), args.tag
+    )
+    results_files.refuse_existing(args.out, stem, args.overwrite)
     if args.peak_tflops is None:
         args.peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), 1.0)
     import transformers
 
     report = {
         "gpu": gpu,
-        "date": datetime.date.today().isoformat(),
+        "date": date,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "hf_sparse_ift": hf_sparse_ift.__version__,
@@ -374,13 +385,10 @@ def main(argv=None) -> int:
         torch._dynamo.reset()
     ok = [r for r in report["results"] if "error" not in r]
     report["results"] = ok
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{gpu.replace(' ', '-').replace('/', '-')}-{report['date']}" + ("-smoke" if args.smoke else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (out / f"{stem}.md").write_text(markdown(report))
+    texts = {".json": json.dumps(report, indent=1), ".md": markdown(report)}
+    written = results_files.write(args.out, stem, texts, args.overwrite)
     print(markdown(report))
-    print(f"wrote {out / stem}.json and .md")
+    print(f"wrote {written['.json']} and {written['.md']}")
     return 0
 
 

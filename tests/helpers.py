@@ -138,6 +138,22 @@ def read_only(folder: Path):
         folder.chmod(0o755)
 
 
+def assert_benchmark_rerun_refused(command: list[str], out: Path, env: dict | None = None) -> None:
+    """Run a benchmark `command` that has just written its results to `out` once more: it must stop before any work
+    with one message naming the files it would replace and the ways out (--tag, --out, --overwrite), and leave the
+    bytes and modification time of every file in `out` as they were."""
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.iterdir()) if p.is_file()}
+    results = [p for p in before if p.suffix in (".json", ".md")]
+    assert results, f"no results in {out}"
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    message = proc.stderr.strip().splitlines()[-1]
+    for text in [str(p) for p in results] + ["already exist", "--tag", "--out", "--overwrite"]:
+        assert text in message, f"{text!r} not in {message!r}"
+    assert "Traceback" not in proc.stderr and proc.stdout == "", proc.stdout  # nothing measured
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.iterdir()) if p.is_file()} == before
+
+
 def run_refused(
     ctx: dict, argv: list[str], expected: list[str], loaders, monkeypatch, capsys, absent: list[str] = ()
 ) -> int:

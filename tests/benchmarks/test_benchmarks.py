@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from helpers import assert_benchmark_rerun_refused
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -14,16 +17,15 @@ ALLOCATOR_ENVIRONMENT = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MA
 
 
 def run(script, tmp_path, *arguments):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(tmp_path), *arguments],
-        env={k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENVIRONMENT and k != "GLIBC_TUNABLES"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """Run a benchmark's smoke mode into `tmp_path`, then check that running it again is refused (its results stay)."""
+    command = [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(tmp_path), *arguments]
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENVIRONMENT and k != "GLIBC_TUNABLES"}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     [result] = tmp_path.glob("*.json")
-    return json.loads(result.read_text()), next(tmp_path.glob("*.md")).read_text()
+    report, table = json.loads(result.read_text()), next(tmp_path.glob("*.md")).read_text()
+    assert_benchmark_rerun_refused(command, tmp_path, env)
+    return report, table
 
 
 def test_train_throughput_smoke(tmp_path):
@@ -124,3 +126,41 @@ def test_gpu_block_sparse_smoke(tmp_path):
     assert agreement["target"].startswith("every block kernel's forward, dX and dW agree") and agreement["met"]
     assert report["triton"] and report["commit"] and report["gpu"].startswith("cpu-")
     assert "| target | measured | met |" in table and "| sw75-block32 |" in table and "Smoke run" in table
+
+
+def test_results_are_replaced_only_with_overwrite_and_atomically(tmp_path):
+    """benchmarks/results_files.py, which every benchmark writes through."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import results_files
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    stem = "cpu-x-2threads-2026-12-04-thing"
+    written = results_files.write(tmp_path, stem, {".json": "{}\n", ".md": "# one\n"}, overwrite=False)
+    assert written == {".json": tmp_path / f"{stem}.json", ".md": tmp_path / f"{stem}.md"}
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    with pytest.raises(SystemExit) as refused:
+        results_files.write(tmp_path, stem, {".json": "{}\n", ".md": "# two\n"}, overwrite=False)
+    assert str(tmp_path / f"{stem}.json") in str(refused.value) and "--overwrite" in str(refused.value)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()} == before
+    # one file of the pair is enough to refuse, and the message names just that one
+    (tmp_path / f"{stem}.json").unlink()
+    with pytest.raises(SystemExit, match=r"thing\.md already exists"):
+        results_files.refuse_existing(tmp_path, stem, overwrite=False)
+    results_files.write(tmp_path, stem, {".json": "[]\n", ".md": "# two\n"}, overwrite=True)
+    assert (tmp_path / f"{stem}.md").read_text() == "# two\n" and (tmp_path / f"{stem}.json").read_text() == "[]\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.json", f"{stem}.md"]  # no partial files left
+    assert results_files.tagged(stem, "") == stem and results_files.tagged(stem, "rerun") == f"{stem}-rerun"
+
+
+def test_a_benchmark_replaces_its_results_with_overwrite(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "block_memory.py"), "--smoke", "--out", str(tmp_path)]
+    assert subprocess.run(command, capture_output=True, timeout=300).returncode == 0
+    [result] = tmp_path.glob("*.json")
+    result.write_text("not the results")
+    proc = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(result.read_text())["smoke"] is True
+    # --tag names the files apart
+    assert subprocess.run([*command, "--tag", "second"], capture_output=True, timeout=300).returncode == 0
+    assert (tmp_path / f"{result.stem}-second.json").exists() and (tmp_path / f"{result.stem}-second.md").exists()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import assert_benchmark_rerun_refused, tiny_config
 
 from hf_sparse_ift import BlockSparseLinear, SparseLinear, SparseWideGPTConfig, SparseWideGPTForCausalLM
 from hf_sparse_ift.models.sparse_wide_gpt.iso_flop import count_flops, layer_inactive_weights, num_inactive_blocks
@@ -356,6 +356,7 @@ def test_block_memory_benchmark_smoke(tmp_path):
         [sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_benchmark_rerun_refused(proc.args, tmp_path)
     [result] = tmp_path.glob("*.json")
     ratios = {r["variant"]: r["sparse_layer_ratio_to_active"] for r in json.loads(result.read_text())["results"]}
     assert ratios.keys() == {"block-8", "block-8-constant", "masked"}

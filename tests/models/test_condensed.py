@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import assert_benchmark_rerun_refused, tiny_config
 from transformers import AutoModelForCausalLM, pipeline
 
 from hf_sparse_ift import SparseWideGPTForCausalLM
@@ -287,6 +287,7 @@ def test_condensed_inference_benchmark_smoke(tmp_path, built_kernel_cache):
         f"GPU: not used: this script measures CPU inference (CUDA available: {torch.cuda.is_available()})"
         in next(tmp_path.glob("*-condensed.md")).read_text()
     )
+    assert_benchmark_rerun_refused(proc.args, tmp_path, env)
     proc = subprocess.run(
         [
             sys.executable,
@@ -302,6 +303,7 @@ def test_condensed_inference_benchmark_smoke(tmp_path, built_kernel_cache):
         env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_benchmark_rerun_refused(proc.args, tmp_path / "torch-path", env)
     rows = json.loads(next((tmp_path / "torch-path").glob("*-condensed-torch-path.json")).read_text())["results"]
     assert [r["dtype"] for r in rows] == ["float32", "bfloat16"]
     assert all(r[f"{k}_ms_per_token"] > 0 for r in rows for k in ("masked", "condensed-kernel", "condensed-torch-path"))
@@ -315,6 +317,7 @@ def test_compressed_checkpoints_benchmark_smoke(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_benchmark_rerun_refused(proc.args, tmp_path)
     report = json.loads(next(tmp_path.glob("*-compressed.json")).read_text())
     assert [r["preset"] for r in report["results"]] == ["gpt3-small-sw50", "gpt3-small-sw75", "gpt3-small-sw90"]
     for r in report["results"]:
